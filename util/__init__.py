@@ -1,0 +1,1 @@
+"""Pure helpers: alignment, image and mesh I/O, visualisation, asset checks."""

@@ -1,0 +1,90 @@
+"""Detection files: ``<folder>/detections/<stem>.txt``, 5 lines ``x y`` in image pixels (y down).
+
+Point order (the original's): left eye, right eye, nose tip, left mouth corner, right mouth corner.
+When every face of a photo is written (process_images.py --all-faces), the chosen face keeps
+``<stem>.txt`` and the others get ``<stem>__face02.txt``, ``<stem>__face03.txt``, ...; test.py
+reconstructs each of them, naming its outputs after the detection file.
+With --recursive the layout under ``detections/`` mirrors the sub-folders of the photos.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import numpy as np
+
+DETECTIONS_DIR = "detections"
+LANDMARKS_DIR = "landmarks"
+FACE_SUFFIX = "__face"
+_EXTRA_FACE = re.compile(r"^(?P<stem>.+)__face(?P<k>\d{2,})$")
+
+
+class DetectionFileError(ValueError):
+    """A detection file exists but does not hold 5 points of 2 finite numbers."""
+
+
+def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DETECTIONS_DIR) -> str:
+    """Where the detection of face ``face`` (1-based) of ``folder/rel_image`` lives."""
+    rel_dir, name = os.path.split(rel_image)
+    stem = os.path.splitext(name)[0]
+    if face > 1:
+        stem = f"{stem}{FACE_SUFFIX}{face:02d}"
+    return os.path.join(folder, subdir, rel_dir, stem + ".txt")
+
+
+def face_detection_files(folder: str, rel_image: str) -> list[tuple[str, str]]:
+    """All detection files of one photo as ``(output name, path)``, the chosen face first.
+
+    The output name is the detection file's stem (``photo`` or ``photo__face02``).
+    """
+    main = detection_path(folder, rel_image)
+    out = [(os.path.splitext(os.path.basename(main))[0], main)] if os.path.isfile(main) else []
+    det_dir = os.path.dirname(main)
+    stem = os.path.splitext(os.path.basename(rel_image))[0]
+    if os.path.isdir(det_dir):
+        extra = []
+        for f in os.listdir(det_dir):
+            m = _EXTRA_FACE.match(os.path.splitext(f)[0])
+            if f.endswith(".txt") and m and m.group("stem") == stem:
+                extra.append((int(m.group("k")), os.path.splitext(f)[0], os.path.join(det_dir, f)))
+        out += [(name, path) for _, name, path in sorted(extra)]
+    return out
+
+
+def read_points(path: str, n: int = 5) -> np.ndarray:
+    """Read ``n`` lines of ``x y`` -> float32 array (n, 2); raise DetectionFileError otherwise."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            rows = [line.split() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise DetectionFileError(f"{path}: not a text file of 'x y' lines") from None
+    if len(rows) != n or any(len(r) != 2 for r in rows):
+        raise DetectionFileError(
+            f"{path}: expected {n} lines of 'x y', found {len(rows)} line(s)"
+            + ("" if all(len(r) == 2 for r in rows) else " (some without exactly 2 numbers)")
+            + "; re-run ./process_images.sh on the folder")
+    try:
+        pts = np.array(rows, dtype=np.float64)
+    except ValueError:
+        raise DetectionFileError(f"{path}: non-numeric values; re-run ./process_images.sh on the folder") from None
+    if not np.all(np.isfinite(pts)):
+        raise DetectionFileError(f"{path}: non-finite coordinates")
+    return pts.astype(np.float32)
+
+
+def write_points(path: str, points: np.ndarray) -> None:
+    """Write (n, 2) points as ``x y`` lines atomically (temp file in the same folder, then rename)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".txt", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for x, y in points:
+                f.write(f"{x:.4f} {y:.4f}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
