@@ -1,0 +1,99 @@
+"""A folder of photos with their 5-point detections, aligned to the regressor's 224x224 crop.
+
+One item per detected face (``photo.txt``, ``photo__face02.txt``, ...). Photos without a
+detection file are reported by :func:`scan_folder`, not silently dropped. An item that fails to
+load (corrupt photo, malformed detection file) comes back with ``error`` set instead of raising, so
+one bad file never stops a run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, face_detection_files, read_points
+from util.image_io import is_image_file, load_image
+from util.preprocess import AlignTransform, align_img, flip_y, image_to_array
+
+SKIP_DIRS = {DETECTIONS_DIR, LANDMARKS_DIR}
+
+
+@dataclass(frozen=True)
+class FaceEntry:
+    """One face to reconstruct: ``name`` names its outputs (``photo`` or ``photo__face02``)."""
+
+    image_path: str
+    det_path: str
+    name: str
+    rel_dir: str  # sub-folder of the photo relative to the image folder ('' at top level)
+
+
+def list_images(folder: str, recursive: bool = False) -> list[str]:
+    """Photos under ``folder`` as sorted relative paths, skipping the tool's own output folders."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    out = []
+    for root, dirs, files in os.walk(folder):
+        rel_root = os.path.relpath(root, folder)
+        if rel_root == ".":
+            rel_root = ""
+            dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
+        if not recursive:
+            dirs[:] = []
+        dirs.sort()
+        out += [os.path.join(rel_root, f) for f in sorted(files) if is_image_file(f) and not f.startswith(".")]
+    return out
+
+
+def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], list[str]]:
+    """Return (faces to reconstruct, photos without any detection file)."""
+    entries, missing = [], []
+    for rel in list_images(folder, recursive):
+        faces = face_detection_files(folder, rel)
+        if not faces:
+            missing.append(os.path.join(folder, rel))
+        entries += [FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel)) for name, path in faces]
+    return entries, missing
+
+
+def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, AlignTransform]:
+    """Photo + detection -> ((3,224,224) float32 0..1, (5,2) crop landmarks y up, transform)."""
+    img = load_image(entry.image_path)
+    lm = read_points(entry.det_path, 5)
+    lm = flip_y(lm, img.size[1])
+    transform, crop, lm_crop = align_img(img, lm, lm3d)
+    return image_to_array(crop), lm_crop.astype(np.float32), transform
+
+
+class AlignedFaces(Dataset):
+    """Items: dict(index, name, rel_dir, image_path, image (3,224,224) float32, lm (5,2) float32
+    crop pixels y up, transform AlignTransform | None, error str | None)."""
+
+    def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray):
+        self.entries, self.lm3d = entries, lm3d
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.entries[i]
+        item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None)
+        try:
+            item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
+        except Exception as err:  # reported per face by the caller; never stops the run
+            item["error"] = str(err)
+        return item
+
+
+def collate_faces(items: list[dict]) -> dict:
+    """Batch the good items (tensors 'image' (B,3,H,W), 'lm' (B,5,2)); keep failed ones in 'failed'."""
+    good = [it for it in items if it["error"] is None]
+    batch = {"failed": [it for it in items if it["error"] is not None],
+             "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
+    if good:
+        batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
+        batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))
+    return batch

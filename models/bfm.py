@@ -1,0 +1,280 @@
+"""The Basel Face Model as used by Deep3DFaceRecon: file conversion and coefficients -> mesh.
+
+Conversion (:func:`convert_bfm09`) turns the licensed ``01_MorphableModel.mat`` (BFM 2009) and
+``Exp_Pca.bin`` (Guo et al.) into ``BFM_model_front.mat``: the 35709-vertex front crop with 80
+identity, 64 expression and 80 texture bases, in decimetres, plus triangles and index tables from
+``facemodel_info.mat``. It reproduces the original's ``transferBFM09`` key for key.
+
+:class:`ParametricFaceModel` is an ``nn.Module`` whose bases are buffers. Coordinate conventions:
+model space is x right, y up, z towards the camera; the camera sits at z = ``camera_distance``
+looking down -z, and camera space has z' = camera_distance - z (positive in front). Projected
+points are pixels of the 224x224 crop with **y up** (row = 223 - y); outputs that go to disk
+flip them to y down.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.coeffs import COEFFS, CoeffLayout
+from util.assets import BFM_HELP, require_file
+
+log = logging.getLogger(__name__)
+
+N_VERTEX_FULL = 53490  # vertices of BFM 2009
+N_VERTEX_EXP = 53215  # vertices of the expression basis (BFM_exp_idx.mat trimIndex)
+FRONT_MODEL_KEYS = ("meanshape", "meantex", "idBase", "exBase", "texBase", "tri", "point_buf",
+                    "tri_mask2", "keypoints", "frontmask2_idx", "skinmask")
+AUX_FILES = ("BFM_front_idx.mat", "BFM_exp_idx.mat", "facemodel_info.mat", "std_exp.txt")
+
+
+# --------------------------------------------------------------------------- conversion
+def load_exp_basis(bfm_folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``Exp_Pca.bin`` and ``std_exp.txt``.
+
+    Returns:
+        exp_pc: (3*53215, n_exp) float32, columns are components, xyz interleaved per vertex.
+        exp_ev: (n_exp,) float64 standard deviations.
+    """
+    path = require_file(os.path.join(bfm_folder, "Exp_Pca.bin"), "Expression basis Exp_Pca.bin",
+                        BFM_HELP.format(folder=bfm_folder))
+    with open(path, "rb") as f:
+        n_exp = int(np.fromfile(f, dtype=np.int32, count=1)[0])
+        np.fromfile(f, dtype=np.float32, count=3 * N_VERTEX_EXP)  # mean expression, unused
+        exp_pc = np.fromfile(f, dtype=np.float32, count=3 * N_VERTEX_EXP * n_exp)
+    if exp_pc.size != 3 * N_VERTEX_EXP * n_exp:
+        raise ValueError(f"{path} is truncated: expected {n_exp} components of {3 * N_VERTEX_EXP} floats")
+    exp_pc = exp_pc.reshape(n_exp, -1).T
+    exp_ev = np.loadtxt(require_file(os.path.join(bfm_folder, "std_exp.txt"), "std_exp.txt",
+                                     "It ships with this project in BFM/; copy it into the BFM folder."))
+    return exp_pc, exp_ev
+
+
+def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str:
+    """Write ``bfm_folder/out_name`` from the BFM 2009 files, exactly as the original does.
+
+    Units: shape bases and mean are divided by 1e5 (micrometres -> decimetres); bases are scaled
+    by their standard deviations; texture stays in 0..255. Returns the written path.
+    """
+    from scipy.io import loadmat, savemat
+
+    help_ = BFM_HELP.format(folder=bfm_folder)
+    for name in AUX_FILES:
+        require_file(os.path.join(bfm_folder, name), f"BFM auxiliary file {name}",
+                     "It ships with this project in BFM/; copy the BFM/ auxiliary files into that folder.")
+    src = require_file(os.path.join(bfm_folder, "01_MorphableModel.mat"), "Basel Face Model 01_MorphableModel.mat",
+                       help_)
+    log.info("converting %s and Exp_Pca.bin to %s (once)", src, out_name)
+    bfm = loadmat(src)
+    missing = [k for k in ("shapePC", "shapeEV", "shapeMU", "texPC", "texEV", "texMU") if k not in bfm]
+    if missing:
+        raise ValueError(f"{src} is not BFM 2009's 01_MorphableModel.mat: keys {missing} are missing")
+    exp_pc, exp_ev = load_exp_basis(bfm_folder)
+
+    n_id, n_exp, n_tex = COEFFS.id, COEFFS.exp, COEFFS.tex
+    id_base = (bfm["shapePC"] * bfm["shapeEV"].reshape(1, -1) / 1e5)[:, :n_id]
+    ex_base = (exp_pc * exp_ev.reshape(1, -1) / 1e5)[:, :n_exp]
+    tex_base = (bfm["texPC"] * bfm["texEV"].reshape(1, -1))[:, :n_tex]
+
+    # front crop: indices into the expression model's 53215 vertices, then into BFM's 53490
+    index_exp = loadmat(os.path.join(bfm_folder, "BFM_front_idx.mat"))["idx"].astype(np.int32) - 1
+    index_shape = loadmat(os.path.join(bfm_folder, "BFM_exp_idx.mat"))["trimIndex"].astype(np.int32) - 1
+    index_shape = index_shape[index_exp]  # (35709, 1, 1): kept as the original's fancy indexing
+
+    def crop(basis: np.ndarray, index: np.ndarray) -> np.ndarray:
+        k = basis.shape[1]
+        return basis.reshape(-1, 3, k)[index.ravel()].reshape(-1, k)
+
+    id_base, tex_base = crop(id_base, index_shape), crop(tex_base, index_shape)
+    ex_base = crop(ex_base, index_exp)
+    meanshape = (bfm["shapeMU"].reshape(-1, 3) / 1e5)[index_shape.ravel()].reshape(1, -1)
+    meantex = bfm["texMU"].reshape(-1, 3)[index_shape.ravel()].reshape(1, -1)
+
+    info = loadmat(os.path.join(bfm_folder, "facemodel_info.mat"))
+    out = os.path.join(bfm_folder, out_name)
+    tmp = out + ".tmp.mat"
+    savemat(tmp, {
+        "meanshape": meanshape, "meantex": meantex, "idBase": id_base, "exBase": ex_base,
+        "texBase": tex_base, "tri": info["tri"], "point_buf": info["point_buf"],
+        "tri_mask2": info["tri_mask2"], "keypoints": info["keypoints"],
+        "frontmask2_idx": info["frontmask2_idx"], "skinmask": info["skinmask"],
+    })
+    os.replace(tmp, out)
+    return out
+
+
+def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat") -> dict[str, np.ndarray]:
+    """Load ``bfm_folder/name``, converting it from the BFM 2009 files on first use."""
+    from scipy.io import loadmat
+
+    path = os.path.join(bfm_folder, name)
+    if not os.path.isfile(path):
+        if name != "BFM_model_front.mat" and not os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat")):
+            require_file(path, "Face model", BFM_HELP.format(folder=bfm_folder))
+        convert_bfm09(bfm_folder, name)
+    model = loadmat(path)
+    missing = [k for k in FRONT_MODEL_KEYS if k not in model]
+    if missing:
+        raise ValueError(f"{path} is not a BFM_model_front.mat: keys {missing} are missing; "
+                         "delete it to convert it again from 01_MorphableModel.mat")
+    return model
+
+
+# --------------------------------------------------------------------------- face model
+SH_A = (np.pi, 2 * np.pi / np.sqrt(3.0), 2 * np.pi / np.sqrt(8.0))
+SH_C = (1 / np.sqrt(4 * np.pi), np.sqrt(3.0) / np.sqrt(4 * np.pi), 3 * np.sqrt(5.0) / np.sqrt(12 * np.pi))
+INIT_LIGHT = (0.8, 0, 0, 0, 0, 0, 0, 0, 0)  # added to each colour's 9 SH coefficients
+
+
+@dataclass(frozen=True)
+class FaceOutput:
+    """Result of :meth:`ParametricFaceModel.forward` for B faces of N vertices.
+
+    vertex:   (B, N, 3) camera space (z = distance in front of the camera), for rendering.
+    texture:  (B, N, 3) albedo in 0..1.
+    color:    (B, N, 3) SH-lit vertex colours (albedo times irradiance), not clipped.
+    landmark: (B, 68, 2) projected landmarks, pixels of the crop, y up.
+    shape:    (B, N, 3) model-space shape before pose (identity + expression).
+    rotation: (B, 3, 3) row-vector rotation: posed = shape @ rotation + trans.
+    """
+
+    vertex: torch.Tensor
+    texture: torch.Tensor
+    color: torch.Tensor
+    landmark: torch.Tensor
+    shape: torch.Tensor
+    rotation: torch.Tensor
+
+
+class ParametricFaceModel(nn.Module):
+    """Coefficients (B, 257) -> posed, lit, projected face mesh (see module docstring).
+
+    Args:
+        model: the dict of :func:`load_front_model` (or a small synthetic one with the same keys).
+        recenter: subtract the mean shape's centroid (the original always does).
+        camera_distance, focal, center: the pinhole camera (defaults: 10 dm, 1015 px, 112 px).
+    """
+
+    def __init__(self, model: dict[str, np.ndarray], recenter: bool = True, camera_distance: float = 10.0,
+                 focal: float = 1015.0, center: float = 112.0, layout: CoeffLayout = COEFFS):
+        super().__init__()
+        self.layout = layout
+        self.camera_distance = float(camera_distance)
+        self.focal, self.center = float(focal), float(center)
+        mean_shape = np.asarray(model["meanshape"], np.float32).reshape(-1, 3)
+        if recenter:
+            mean_shape = mean_shape - mean_shape.mean(axis=0, keepdims=True)
+
+        def f32(key):
+            return torch.from_numpy(np.ascontiguousarray(model[key], dtype=np.float32))
+
+        def idx(key):
+            return torch.from_numpy(np.asarray(model[key]).astype(np.int64) - 1)
+
+        self.register_buffer("mean_shape", torch.from_numpy(mean_shape.reshape(-1)))  # (3N,)
+        self.register_buffer("id_base", f32("idBase"))  # (3N, 80)
+        self.register_buffer("exp_base", f32("exBase"))  # (3N, 64)
+        self.register_buffer("mean_tex", f32("meantex").reshape(-1))  # (3N,) 0..255
+        self.register_buffer("tex_base", f32("texBase"))  # (3N, 80)
+        self.register_buffer("face_buf", idx("tri"))  # (F, 3) 0-based
+        self.register_buffer("point_buf", idx("point_buf"))  # (N, 8) triangle ids, F = padding
+        self.register_buffer("keypoints", idx("keypoints").reshape(-1))  # (68,)
+        self.register_buffer("front_mask", idx("frontmask2_idx").reshape(-1))
+        self.register_buffer("front_face_buf", idx("tri_mask2"))
+        self.register_buffer("skin_mask", torch.from_numpy(np.asarray(model["skinmask"], np.float32).reshape(-1)))
+        self.register_buffer("init_lit", torch.tensor(INIT_LIGHT, dtype=torch.float32).reshape(1, 1, 9))
+        for key, n in (("id_base", layout.id), ("exp_base", layout.exp), ("tex_base", layout.tex)):
+            if getattr(self, key).shape[1] != n:
+                raise ValueError(f"face model {key} has {getattr(self, key).shape[1]} components, expected {n}")
+
+    @classmethod
+    def from_folder(cls, bfm_folder: str, bfm_model: str = "BFM_model_front.mat", **kw) -> "ParametricFaceModel":
+        return cls(load_front_model(bfm_folder, bfm_model), **kw)
+
+    @property
+    def n_vertex(self) -> int:
+        return self.mean_shape.shape[0] // 3
+
+    # -- geometry ------------------------------------------------------------------------
+    def compute_shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
+        """(B,80), (B,64) -> (B, N, 3) model-space shape."""
+        shape = id_coeff @ self.id_base.T + exp_coeff @ self.exp_base.T + self.mean_shape
+        return shape.reshape(id_coeff.shape[0], -1, 3)
+
+    def compute_texture(self, tex_coeff: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B,80) -> (B, N, 3) albedo, in 0..1 when ``normalize`` (else 0..255)."""
+        tex = tex_coeff @ self.tex_base.T + self.mean_tex
+        if normalize:
+            tex = tex / 255.0
+        return tex.reshape(tex_coeff.shape[0], -1, 3)
+
+    def compute_norm(self, shape: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) -> (B, N, 3) unit vertex normals: the normalised sum of the unit normals
+        of the (up to 8) triangles around each vertex, triangle normal = (v1-v2) x (v2-v3)."""
+        v1, v2, v3 = (shape[:, self.face_buf[:, k]] for k in range(3))
+        face_norm = F.normalize(torch.cross(v1 - v2, v2 - v3, dim=-1), dim=-1, p=2)
+        face_norm = torch.cat([face_norm, face_norm.new_zeros(face_norm.shape[0], 1, 3)], dim=1)
+        return F.normalize(face_norm[:, self.point_buf].sum(dim=2), dim=-1, p=2)
+
+    @staticmethod
+    def compute_rotation(angles: torch.Tensor) -> torch.Tensor:
+        """(B, 3) Euler angles (x, y, z) in radians -> (B, 3, 3) matrix R^T with R = Rz @ Ry @ Rx,
+        to be applied to row vectors (``points @ rot``)."""
+        x, y, z = angles.unbind(dim=1)
+        one, zero = torch.ones_like(x), torch.zeros_like(x)
+        rot_x = torch.stack([one, zero, zero, zero, x.cos(), -x.sin(), zero, x.sin(), x.cos()], 1)
+        rot_y = torch.stack([y.cos(), zero, y.sin(), zero, one, zero, -y.sin(), zero, y.cos()], 1)
+        rot_z = torch.stack([z.cos(), -z.sin(), zero, z.sin(), z.cos(), zero, zero, zero, one], 1)
+        rot = rot_z.view(-1, 3, 3) @ rot_y.view(-1, 3, 3) @ rot_x.view(-1, 3, 3)
+        return rot.transpose(1, 2)
+
+    def compute_color(self, texture: torch.Tensor, normal: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """Lambertian SH lighting: (B,N,3) albedo, (B,N,3) posed normals, (B,27) gamma -> (B,N,3).
+
+        gamma is read as 3 colours x 9 SH coefficients, plus ``INIT_LIGHT`` (0.8 ambient)."""
+        b = gamma.shape[0]
+        gamma = (gamma.reshape(b, 3, 9) + self.init_lit.to(gamma.dtype)).permute(0, 2, 1)  # (B, 9, 3)
+        a, c = SH_A, SH_C
+        nx, ny, nz = normal[..., 0:1], normal[..., 1:2], normal[..., 2:3]
+        sh = torch.cat([
+            a[0] * c[0] * torch.ones_like(nx),
+            -a[1] * c[1] * ny,
+            a[1] * c[1] * nz,
+            -a[1] * c[1] * nx,
+            a[2] * c[2] * nx * ny,
+            -a[2] * c[2] * ny * nz,
+            0.5 * a[2] * c[2] / np.sqrt(3.0) * (3 * nz ** 2 - 1),
+            -a[2] * c[2] * nx * nz,
+            0.5 * a[2] * c[2] * (nx ** 2 - ny ** 2),
+        ], dim=-1)  # (B, N, 9)
+        return (sh @ gamma) * texture
+
+    def to_camera(self, points: torch.Tensor) -> torch.Tensor:
+        """Model/world (B,N,3) -> camera space: z' = camera_distance - z (a new tensor)."""
+        return torch.cat([points[..., :2], self.camera_distance - points[..., 2:]], dim=-1)
+
+    def project(self, vertex: torch.Tensor) -> torch.Tensor:
+        """Camera space (B,N,3) -> (B,N,2) pixels, y up: (focal*x/z + center, focal*y/z + center).
+
+        Evaluated as the original does, ((focal*x + center*z) / z), to keep its float32 rounding."""
+        z = vertex[..., 2:]
+        return (self.focal * vertex[..., :2] + self.center * z) / z
+
+    def forward(self, coeffs: torch.Tensor) -> FaceOutput:
+        """(B, 257) coefficients -> :class:`FaceOutput`."""
+        c = self.layout.split(coeffs)
+        shape = self.compute_shape(c["id"], c["exp"])
+        rotation = self.compute_rotation(c["angle"])
+        vertex = self.to_camera(shape @ rotation + c["trans"].unsqueeze(1))
+        landmark = self.project(vertex[:, self.keypoints])
+        texture = self.compute_texture(c["tex"])
+        normal = self.compute_norm(shape) @ rotation
+        color = self.compute_color(texture, normal, c["gamma"])
+        return FaceOutput(vertex=vertex, texture=texture, color=color, landmark=landmark, shape=shape,
+                          rotation=rotation)

@@ -1,0 +1,65 @@
+"""The reconstruction model: regressor -> face model -> renderer, composed (no hidden state).
+
+``FaceReconModel(images)`` returns a :class:`Reconstruction` with every tensor the outputs need.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.bfm import FaceOutput, ParametricFaceModel
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """For a batch of B aligned 224x224 faces.
+
+    coeffs: (B, 257) float32.  face: :class:`FaceOutput` (vertices (B,N,3) camera space, colours,
+    landmarks (B,68,2) crop pixels y up).  mask: (B,1,H,W) {0,1}.  render: (B,3,H,W) lit face
+    colours where covered, 0 elsewhere.
+    """
+
+    coeffs: torch.Tensor
+    face: FaceOutput
+    mask: torch.Tensor
+    render: torch.Tensor
+
+
+class FaceReconModel(nn.Module):
+    """Compose a regressor (``net``), a :class:`ParametricFaceModel` and a renderer.
+
+    Args:
+        amp: None, 'bf16' or 'fp16': autocast for the network only (CUDA); the face model and the
+            renderer always run in float32.
+    """
+
+    def __init__(self, net: nn.Module, face_model: ParametricFaceModel, renderer: nn.Module,
+                 amp: str | None = None, channels_last: bool = False):
+        super().__init__()
+        self.net, self.face_model, self.renderer = net, face_model, renderer
+        self.amp = None if amp in (None, "none") else amp
+        self.channels_last = channels_last
+
+    def predict_coeffs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) RGB 0..1 -> (B, 257) float32."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        ctx = contextlib.nullcontext()
+        if self.amp is not None:
+            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+            ctx = torch.autocast(device_type=images.device.type, dtype=dtype)
+        with ctx:
+            coeffs = self.net(images)
+        return coeffs.float()
+
+    def reconstruct(self, coeffs: torch.Tensor) -> Reconstruction:
+        """Coefficients (B, 257) -> mesh and render (differentiable; used by fitting too)."""
+        face = self.face_model(coeffs)
+        out = self.renderer(face.vertex, self.face_model.face_buf, feat=face.color)
+        return Reconstruction(coeffs=coeffs, face=face, mask=out.mask, render=out.image)
+
+    def forward(self, images: torch.Tensor) -> Reconstruction:
+        return self.reconstruct(self.predict_coeffs(images))

@@ -1,0 +1,183 @@
+"""The coefficient regressor: a ResNet (18/34/50) backbone with one 1x1-conv head per coefficient group.
+
+Parameter names follow the original Deep3DFaceRecon_pytorch (and torchvision's ResNet), so its
+``epoch_N.pth`` files load unchanged: ``{'net_recon': {'backbone.conv1.weight', ...,
+'final_layers.0.weight' ... 'final_layers.6.bias'}}``. Written here so the project does not
+depend on torchvision.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.coeffs import COEFFS, CoeffLayout
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=bias)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv1x1(planes, planes * 4), nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet without the classifier unless ``use_last_fc``.
+
+    forward: (B, 3, H, W) -> (B, C, 1, 1) pooled features, or (B, num_classes) with ``use_last_fc``.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000,
+                 use_last_fc: bool = False):
+        super().__init__()
+        self.use_last_fc = use_last_fc
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.out_dim = 512 * block.expansion
+        if use_last_fc:
+            self.fc = nn.Linear(self.out_dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        if self.use_last_fc:
+            x = self.fc(torch.flatten(x, 1))
+        return x
+
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ReconNet(nn.Module):
+    """Image (B, 3, 224, 224) RGB in 0..1 -> coefficients (B, 257).
+
+    Args:
+        net_recon: 'resnet18' | 'resnet34' | 'resnet50'.
+        use_last_fc: the original's alternative head (the backbone's fc predicts all 257).
+    """
+
+    def __init__(self, net_recon: str = "resnet50", use_last_fc: bool = False, layout: CoeffLayout = COEFFS):
+        super().__init__()
+        if net_recon not in ARCHITECTURES:
+            raise ValueError(f"unknown --net_recon {net_recon!r}; choose one of {sorted(ARCHITECTURES)}")
+        block, layers = ARCHITECTURES[net_recon]
+        self.use_last_fc = use_last_fc
+        self.backbone = ResNet(block, layers, num_classes=layout.total, use_last_fc=use_last_fc)
+        if not use_last_fc:
+            self.final_layers = nn.ModuleList(
+                [conv1x1(self.backbone.out_dim, n, bias=True) for n in layout.head_sizes])
+            for m in self.final_layers:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(x)
+        if self.use_last_fc:
+            return x
+        return torch.cat([head(x) for head in self.final_layers], dim=1).flatten(1)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the network."""
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing or bad files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Expected the original's checkpoints/<name>/epoch_<N>.pth "
+            "(e.g. the authors' epoch_20.pth) or run `python -m util.standin` for the stand-in model.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of other objects, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}. "
+                              "Is the file complete (re-download it) and a Deep3DFaceRecon epoch_N.pth?") from None
+    if not isinstance(ckpt, dict) or "net_recon" not in ckpt:
+        keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a Deep3DFaceRecon checkpoint: expected a dict with key "
+                              f"'net_recon' (the regressor's state dict), found {keys}")
+    return ckpt
+
+
+def load_recon_net(path: str, net_recon: str = "resnet50", use_last_fc: bool = False) -> ReconNet:
+    """Build a :class:`ReconNet` and load ``path``'s ``net_recon`` state dict strictly."""
+    net = ReconNet(net_recon, use_last_fc=use_last_fc)
+    state = load_checkpoint(path)["net_recon"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path} does not fit --net_recon {net_recon} --use_last_fc {use_last_fc}: "
+                              + " ".join(lines[1:3])[:300]) from None
+    return net.eval()

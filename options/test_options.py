@@ -1,0 +1,31 @@
+"""Options of test.py: the original's plus batching, output switches and device choice."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from options.base_options import BaseOptions, opt, parse_options
+
+
+@dataclass
+class TestOptions(BaseOptions):
+    phase: str = opt("test", "phase (test)")
+    dataset_mode: str = opt("None", "unused at test time (kept for the original's command lines)")
+    img_folder: str = opt("examples", "folder of photos; detections are read from <img_folder>/detections/")
+    # new in this project
+    batch_size: int = opt(8, "images per batch through the network, face model and renderer")
+    num_threads: int = opt(2, "DataLoader worker processes for decoding and alignment (0 = in the main process)")
+    save_mesh: bool = opt(True, "write <name>.obj")
+    save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
+    save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")
+    recursive: bool = opt(False, "also process photos in sub-folders (detections mirrored under detections/)")
+    results_dir: str = opt("", "where results go; default checkpoints/<name>/results/<folder name>/epoch_<E>_000000")
+    amp: str = opt("none", "network precision: none (float32) | bf16 | fp16 (CUDA autocast)",
+                   choices=["none", "bf16", "fp16"])
+    channels_last: bool = opt(False, "run the network in channels_last memory format")
+    compile: bool = opt(False, "torch.compile the network (CUDA; first batch slower)")
+    write_workers: int = opt(2, "threads writing .obj/.png/.mat off the critical path")
+    fit_steps: int = opt(0, "refine each face's coefficients with N steps of landmark+photometric fitting (0 = off)")
+
+
+def parse_test_options(argv: list[str] | None = None) -> TestOptions:
+    return parse_options(TestOptions, argv, description="Reconstruct 3D faces from a folder of photos.")

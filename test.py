@@ -1,0 +1,84 @@
+"""Reconstruct 3D faces from a folder of photos (same command line as Deep3DFaceRecon_pytorch).
+
+    python test.py --name=<model> --epoch=20 --img_folder=<folder>
+
+reads <folder>/detections/<stem>.txt (written by ./process_images.sh) and writes
+checkpoints/<model>/results/<folder name>/epoch_20_000000/<stem>.{png,obj,mat}.
+Several GPUs: torchrun --nproc_per_node=N test.py ... (or --gpu_ids 0,1) shards the folder.
+Exit code: 0 when every detected face was reconstructed, 1 when some failed or none was found,
+2 when the run could not start (the message says what is missing).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool):
+    import torch.distributed as dist
+
+    from models.inference import RunSummary, resolve_device, run_folder
+
+    if world > 1 and not dist.is_initialized():
+        if spawned:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(opt.ddp_port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = resolve_device(opt.device, opt.gpu_ids, local_rank)
+    summary = run_folder(opt, device, rank=rank, world=world, progress=rank == 0 or opt.verbose)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, summary)
+        total = RunSummary(out_dir=summary.out_dir)
+        for p in parts:
+            total.merge(p)
+        summary = total
+        dist.destroy_process_group()
+    return summary
+
+
+def _spawned_main(rank: int, world: int, opt, queue) -> None:
+    queue.put((rank, _run_rank(rank, world, opt, rank, spawned=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from options.test_options import parse_test_options
+
+    opt = parse_test_options(argv)
+    logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from models.inference import SetupError
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # launched by torchrun
+            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+            summary = _run_rank(rank, world, opt, local_rank, spawned=False)
+            if rank != 0:
+                return summary.exit_code
+        else:
+            ids = [i for i in opt.gpu_ids.split(",") if i.strip() and int(i) >= 0]
+            import torch
+
+            if len(ids) > 1 and opt.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+                import torch.multiprocessing as mp
+
+                ctx = mp.get_context("spawn")
+                queue = ctx.SimpleQueue()
+                mp.start_processes(_spawned_main, args=(len(ids), opt, queue), nprocs=len(ids),
+                                   start_method="spawn")
+                summary = dict(queue.get() for _ in ids)[0]
+            else:
+                summary = _run_rank(0, 1, opt, None, spawned=False)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: files already written are complete; re-run to redo the rest", file=sys.stderr)
+        return 130
+    print(summary.report())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Alignment of a photo to the 224x224 crop the regressor expects (the original's ``align_img``).
+
+The 5 detected points are fitted to the 5 standard 3D landmarks of ``similarity_Lm3D_all.mat`` by
+least squares (a scaled orthographic camera, "POS"), giving a scale ``s`` and translation ``t``.
+The photo is then resized by ``s`` with PIL bicubic and cropped to 224x224, with the original's
+integer truncations, because the regressor's numbers hinge on exactly those pixels.
+
+Coordinates: detections on disk are image pixels with y down. Like the original, the point
+arrays inside alignment are y up (``y_up = H - 1 - y_down``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from util.assets import require_file
+
+TARGET_SIZE = 224
+RESCALE_FACTOR = 102.0
+# 1-based indices into the 68 landmarks: nose tip, eye corners (2+2), mouth corners
+_LM68_TO_5 = np.array([31, 37, 40, 43, 46, 49, 55]) - 1
+
+
+def extract_5p(lm68: np.ndarray) -> np.ndarray:
+    """(68, D) landmarks -> (5, D): left eye centre, right eye centre, nose tip, mouth corners."""
+    i = _LM68_TO_5
+    five = np.stack([lm68[i[0]], lm68[i[[1, 2]]].mean(0), lm68[i[[3, 4]]].mean(0), lm68[i[5]], lm68[i[6]]], 0)
+    return five[[1, 2, 0, 3, 4]]
+
+
+def load_lm3d(bfm_folder: str) -> np.ndarray:
+    """The 5 standard 3D landmarks (5, 3) float32 from ``bfm_folder/similarity_Lm3D_all.mat``."""
+    from scipy.io import loadmat
+
+    path = require_file(os.path.join(bfm_folder, "similarity_Lm3D_all.mat"), "Standard landmarks",
+                        "It ships with this project in BFM/; point --bfm_folder at a folder holding it.")
+    return extract_5p(loadmat(path)["lm"])
+
+
+def pos(xp: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares scaled orthographic fit of 3D points to 2D points.
+
+    Args:
+        xp: (2, n) image points (y up).  x: (3, n) model points.
+    Returns:
+        t: (2,) translation in image pixels; s: scale (mean norm of the two projection rows).
+    """
+    n = xp.shape[1]
+    a = np.zeros([2 * n, 8])
+    a[0::2, 0:3] = x.T
+    a[0::2, 3] = 1
+    a[1::2, 4:7] = x.T
+    a[1::2, 7] = 1
+    b = np.reshape(xp.T, [2 * n, 1])
+    k = np.linalg.lstsq(a, b, rcond=None)[0]
+    s = (np.linalg.norm(k[0:3]) + np.linalg.norm(k[4:7])) / 2
+    return np.array([k[3, 0], k[7, 0]]), float(s)
+
+
+@dataclass(frozen=True)
+class AlignTransform:
+    """How a photo of size (w0, h0) became the 224 crop: resize to (w, h), crop at (left, up).
+
+    ``s`` is the original's scale and (tx, ty) its translation (``trans_params`` of the original
+    are ``[w0, h0, s, tx, ty]``).
+    """
+
+    w0: int
+    h0: int
+    s: float
+    tx: float
+    ty: float
+    w: int
+    h: int
+    left: int
+    up: int
+
+    @property
+    def trans_params(self) -> np.ndarray:
+        return np.array([self.w0, self.h0, self.s, self.tx, self.ty])
+
+    def crop_to_image(self, pts: np.ndarray) -> np.ndarray:
+        """(..., 2) crop pixels, y down -> photo pixels, y down (inverse of PIL's resize + crop)."""
+        pts = np.asarray(pts, dtype=np.float64)
+        x = (pts[..., 0] + self.left + 0.5) * (self.w0 / self.w) - 0.5
+        y = (pts[..., 1] + self.up + 0.5) * (self.h0 / self.h) - 0.5
+        return np.stack([x, y], axis=-1)
+
+
+def _int32(v) -> int:
+    """numpy ``astype(np.int32)`` semantics (truncation toward zero), as the original uses."""
+    return int(np.asarray(v, dtype=np.float64).astype(np.int32))
+
+
+def align_img(img: Image.Image, lm: np.ndarray, lm3d: np.ndarray, target_size: float = TARGET_SIZE,
+              rescale_factor: float = RESCALE_FACTOR) -> tuple[AlignTransform, Image.Image, np.ndarray]:
+    """Align a photo to the standard face crop.
+
+    Args:
+        img: RGB PIL image (W0 x H0).
+        lm: (5, 2) or (68, 2) landmarks in photo pixels, **y up** (``H0 - 1 - y_down``).
+        lm3d: (5, 3) standard landmarks from :func:`load_lm3d`.
+    Returns:
+        transform, the (target_size x target_size) RGB crop, and ``lm`` in crop pixels, y up.
+    """
+    w0, h0 = img.size
+    lm5 = lm if lm.shape[0] == 5 else extract_5p(lm)
+    t, s = pos(lm5.T, lm3d.T)
+    s = rescale_factor / s
+    w, h = _int32(w0 * s), _int32(h0 * s)
+    if w < 1 or h < 1:
+        raise ValueError(f"alignment scale {s:.4g} shrinks the {w0}x{h0} photo to nothing; "
+                         "are the landmarks those of a face?")
+    left = _int32(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
+    up = _int32(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
+    size = int(target_size)
+    crop = img.resize((w, h), resample=Image.Resampling.BICUBIC).crop((left, up, left + size, up + size))
+    lm_new = np.stack([lm[:, 0] - t[0] + w0 / 2, lm[:, 1] - t[1] + h0 / 2], axis=1) * s
+    lm_new = lm_new - np.array([[w / 2 - target_size / 2, h / 2 - target_size / 2]])
+    return AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up), crop, lm_new
+
+
+def flip_y(points: np.ndarray, height: int) -> np.ndarray:
+    """Convert (..., 2) points between y-down and y-up pixel conventions: y' = height - 1 - y."""
+    out = np.array(points, copy=True)
+    out[..., 1] = height - 1 - out[..., 1]
+    return out
+
+
+def image_to_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> (3, H, W) float32 in 0..1, computed as the original (float64 / 255, then float32)."""
+    return (np.asarray(img, dtype=np.uint8) / 255.0).astype(np.float32).transpose(2, 0, 1).copy()

@@ -1,0 +1,132 @@
+"""Build the stand-in model for demos and tests: ``python -m util.standin``.
+
+Writes, into git-ignored places,
+  standin/BFM/01_MorphableModel.mat + Exp_Pca.bin   stand-ins in the licensed files' exact formats
+                                                    (plus the project's auxiliary BFM files), and
+  checkpoints/standin/epoch_20.pth                  a deterministic, untrained regressor.
+
+What it shows: the whole pipeline (file conversion, alignment, network, face model, rendering and
+every output file) runs end to end. What it does not: a real reconstruction. The mean face is the
+real BFM mean shape (``BFM/standin_mean_shape_53490_dm.npy``), but the identity, expression and
+texture bases are smooth random fields, and the network was never trained, so every face comes
+out as a plausible but arbitrary variation of the mean face. Real results need the real BFM and a
+trained checkpoint (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MEAN_SHAPE = os.path.join(ROOT, "BFM", "standin_mean_shape_53490_dm.npy")
+AUX = ("BFM_front_idx.mat", "BFM_exp_idx.mat", "facemodel_info.mat", "select_vertex_id.mat",
+       "similarity_Lm3D_all.mat", "std_exp.txt")
+N_SHAPE, N_EXP, N_VERT_EXP = 199, 79, 53215
+
+
+def _smooth_basis(points: np.ndarray, n: int, rng: np.random.Generator, n_centres: int = 24,
+                  width: float = 0.35) -> np.ndarray:
+    """(V,3) points -> (3V, n) orthonormal columns: each a sum of Gaussian bumps moving vertices
+    (or colours) along random directions; smooth over the face like a real PCA basis."""
+    v = points.shape[0]
+    out = np.empty((3 * v, n), dtype=np.float64)
+    lo, hi = points.min(0), points.max(0)
+    for k in range(n):
+        centres = rng.uniform(lo, hi, size=(n_centres, 3))
+        dirs = rng.normal(size=(n_centres, 3))
+        w = width / (1 + 0.03 * k)  # later components vary faster, as PCA bases do
+        d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+        out[:, k] = (np.exp(-d2 / (2 * w * w)) @ dirs).reshape(-1)
+    q, _ = np.linalg.qr(out)
+    return q
+
+
+def make_standin_bfm(out_dir: str, seed: int = 0) -> None:
+    """Write stand-in ``01_MorphableModel.mat`` and ``Exp_Pca.bin`` (exact formats) + aux files."""
+    from scipy.io import loadmat, savemat
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name in AUX:
+        shutil.copyfile(os.path.join(ROOT, "BFM", name), os.path.join(out_dir, name))
+    rng = np.random.default_rng(seed)
+    mean = np.load(MEAN_SHAPE).astype(np.float64)  # (53490, 3) decimetres
+    # BFM stores micrometres and is not centred: the converter and face model must cope
+    shape_mu = (mean + np.array([0.02, 0.15, -0.3])) * 1e5
+    shape_pc = _smooth_basis(mean, N_SHAPE, rng)
+    shape_ev = 8e5 / np.arange(1, N_SHAPE + 1) ** 0.75
+    skin = np.array([200.0, 155.0, 130.0])
+    tex_mu = np.tile(skin, (mean.shape[0], 1)) * (1 - 0.15 * np.clip(mean[:, 2:3] - 0.3, -1, 1))
+    tex_pc = _smooth_basis(mean, N_SHAPE, rng, width=0.25)
+    tex_ev = 2000.0 / np.arange(1, N_SHAPE + 1) ** 0.6
+    savemat(os.path.join(out_dir, "01_MorphableModel.mat"), {
+        "shapeMU": shape_mu.reshape(-1, 1).astype(np.float32), "shapePC": shape_pc.astype(np.float32),
+        "shapeEV": shape_ev.reshape(-1, 1).astype(np.float32), "texMU": tex_mu.reshape(-1, 1).astype(np.float32),
+        "texPC": tex_pc.astype(np.float32), "texEV": tex_ev.reshape(-1, 1).astype(np.float32)})
+    trim = loadmat(os.path.join(ROOT, "BFM", "BFM_exp_idx.mat"))["trimIndex"].ravel().astype(np.int64) - 1
+    exp_pc = _smooth_basis(mean[trim], N_EXP, rng, width=0.2)  # (3*53215, 79)
+    with open(os.path.join(out_dir, "Exp_Pca.bin"), "wb") as f:
+        np.array([N_EXP], np.int32).tofile(f)
+        np.zeros(3 * N_VERT_EXP, np.float32).tofile(f)  # mean expression (unused)
+        exp_pc.T.astype(np.float32).tofile(f)  # row-major (n_exp, 3*53215)
+
+
+# head output scales of the stand-in regressor: id, exp, tex, angle, gamma, txy, tz
+HEAD_STD = (0.4, 0.3, 0.4, 0.08, 0.05, 0.05, 0.0)
+
+
+def make_standin_checkpoint(path: str, seed: int = 0) -> None:
+    """Write a deterministic untrained ResNet-50 regressor in the original checkpoint format.
+
+    Backbone: seeded Kaiming init. Heads: seeded random weights scaled so that coefficients vary
+    from photo to photo with the spread of ``HEAD_STD`` around zero (the mean face, frontal,
+    centred), measured on seeded calibration inputs.
+    """
+    import torch
+
+    from models.networks import ReconNet
+
+    torch.manual_seed(seed)
+    net = ReconNet("resnet50").eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    calib = torch.rand(8, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        feat = net.backbone(calib).flatten(1)  # (8, 2048)
+        mu, sd = feat.mean(0), feat.std(0).clamp_min(1e-6)
+        for head, std in zip(net.final_layers, HEAD_STD):
+            w = torch.randn(head.out_channels, feat.shape[1], generator=gen) / feat.shape[1] ** 0.5 / sd
+            w = w * std
+            head.weight.copy_(w.view_as(head.weight))
+            head.bias.copy_(-(w @ mu))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"net_recon": net.state_dict(), "epoch": 20}, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bfm_folder", default=os.path.join(ROOT, "standin", "BFM"))
+    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints", "standin", "epoch_20.pth"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild even if the files exist")
+    a = ap.parse_args(argv)
+    if a.force or not all(os.path.isfile(os.path.join(a.bfm_folder, f)) for f in
+                          ("01_MorphableModel.mat", "Exp_Pca.bin", "similarity_Lm3D_all.mat")):
+        print(f"writing stand-in BFM files to {a.bfm_folder} (~300 MB, ~20 s) ...", flush=True)
+        make_standin_bfm(a.bfm_folder, a.seed)
+        stale = os.path.join(a.bfm_folder, "BFM_model_front.mat")
+        if os.path.exists(stale):
+            os.remove(stale)
+    if a.force or not os.path.isfile(a.checkpoint):
+        print(f"writing stand-in checkpoint {a.checkpoint} ...", flush=True)
+        make_standin_checkpoint(a.checkpoint, a.seed)
+    print("stand-in ready: python test.py --name=standin --epoch=20 --img_folder=examples "
+          f"--bfm_folder={os.path.relpath(a.bfm_folder)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
