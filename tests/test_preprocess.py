@@ -1,0 +1,85 @@
+"""Alignment: the original's POS fit, resize and crop reproduced to the pixel on real photos."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DATA, SHARED_FACES, golden_lm5
+from util.preprocess import align_img, extract_5p, flip_y, image_to_array, load_lm3d, pos
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lm3d():
+    return load_lm3d(os.path.join(ROOT, "BFM"))
+
+
+def test_standard_landmarks(lm3d):
+    assert lm3d.shape == (5, 3)
+    # image-left eye (subject's right) has the smaller x; eyes above the nose, nose above the mouth
+    assert lm3d[0, 0] < lm3d[1, 0] and lm3d[3, 0] < lm3d[4, 0]
+    assert lm3d[0, 1] > lm3d[2, 1] > lm3d[3, 1]
+
+
+def test_pos_recovers_a_known_similarity(lm3d):
+    s, t = 123.4, np.array([56.7, -8.9])
+    xp = s * lm3d[:, :2].T + t[:, None]
+    t_fit, s_fit = pos(xp, lm3d.T)
+    np.testing.assert_allclose(t_fit, t, atol=1e-6)
+    assert s_fit == pytest.approx(s, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["000002.jpg", "emma.jpg", "vd006.png"])
+def test_alignment_matches_the_original_on_real_photos(name, lm3d):
+    """Golden values were computed with the original implementation's align_img (tests/data)."""
+    gold = json.load(open(os.path.join(DATA, "align_golden.json")))[name]
+    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    lm = flip_y(np.array(golden_lm5()[name], np.float32), img.size[1])
+    tr, crop, lm_crop = align_img(img, lm, lm3d)
+    assert crop.size == (224, 224)
+    assert tr.s == pytest.approx(gold["s"], rel=1e-12)
+    assert (tr.tx, tr.ty) == pytest.approx((gold["tx"], gold["ty"]), rel=1e-12)
+    np.testing.assert_allclose(lm_crop, gold["lm_crop_yup"], atol=1e-9)
+    assert hashlib.sha256(np.asarray(crop).tobytes()).hexdigest() == gold["crop_sha256"]
+
+
+def test_rounding_is_truncation_toward_zero(lm3d):
+    """The crop offsets use numpy int32 truncation: a face near the left edge gives negative left."""
+    img = Image.new("RGB", (300, 300), (128, 128, 128))
+    lm = np.array([[20, 150], [60, 150], [40, 130], [25, 105], [55, 105]], np.float32)  # y up
+    tr, crop, _ = align_img(img, lm, lm3d)
+    expected_left = w_half = tr.w / 2 - 112 + (tr.tx - 150) * tr.s
+    assert tr.left == int(np.float64(expected_left).astype(np.int32)) and expected_left < 0
+    assert tr.left == int(np.trunc(w_half))
+    assert np.asarray(crop)[:, 0].sum() == 0  # outside the photo: black, as PIL's crop pads
+
+
+def test_crop_to_image_inverts_alignment(lm3d):
+    name = "000002.jpg"
+    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    lm_down = np.array(golden_lm5()[name], np.float32)
+    tr, _, lm_crop = align_img(img, flip_y(lm_down, img.size[1]), lm3d)
+    back = tr.crop_to_image(flip_y(lm_crop, 224))
+    # the landmarks come back to where they were detected (within the half-pixel conventions)
+    np.testing.assert_allclose(back, lm_down, atol=1.0)
+
+
+def test_extract_5p_from_68():
+    lm68 = np.random.default_rng(0).normal(size=(68, 2))
+    five = extract_5p(lm68)
+    np.testing.assert_allclose(five[0], (lm68[36] + lm68[39]) / 2)
+    np.testing.assert_allclose(five[2], lm68[30])
+    np.testing.assert_allclose(five[4], lm68[54])
+
+
+def test_image_to_array_matches_original_division():
+    img = Image.fromarray(np.arange(224 * 224 * 3, dtype=np.uint32).reshape(224, 224, 3).astype(np.uint8))
+    arr = image_to_array(img)
+    assert arr.shape == (3, 224, 224) and arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, (np.asarray(img) / 255.0).astype(np.float32).transpose(2, 0, 1))
