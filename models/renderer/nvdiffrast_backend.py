@@ -1,0 +1,148 @@
+"""nvdiffrast backends: its CUDA rasterizer ('cuda') or its OpenGL/EGL context ('opengl').
+
+This is the only module of the project that imports nvdiffrast, and only on first use.
+Users install the PyPI build ``pip install diffrp-nvdiffrast==0.3.3.1`` (module
+``nvdiffrast.torch``), which JIT-compiles its plugin with ``torch.utils.cpp_extension`` the
+first time a context is created (~25 s, needs the CUDA toolkit and ninja).
+
+Known problem handled here: with recent PyTorch, ``torch.utils.cpp_extension`` loads a built
+extension by file path without putting its build folder on ``sys.path``, while nvdiffrast then
+imports the plugin by name, which fails with ``ModuleNotFoundError: No module named
+'nvdiffrast_plugin_...'``. We then add the plugin's build folder(s) to ``sys.path`` and retry
+once.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import sys
+
+import torch
+
+from .base import Rasterizer
+
+logger = logging.getLogger(__name__)
+
+PIP_PACKAGE = "diffrp-nvdiffrast==0.3.3.1"
+CONTEXTS = ("cuda", "opengl")
+_PLUGIN_PREFIX = "nvdiffrast_plugin"
+
+
+class NvdiffrastUnavailableError(RuntimeError):
+    """nvdiffrast is missing, cannot be built or loaded, or its context cannot be created."""
+
+
+def nvdiffrast_available() -> bool:
+    """True if the nvdiffrast package can be found (it is not imported)."""
+    return importlib.util.find_spec("nvdiffrast") is not None
+
+
+def _import_nvdiffrast():
+    try:
+        import nvdiffrast.torch as dr
+    except ImportError as exc:
+        raise NvdiffrastUnavailableError(
+            f"the 'cuda' and 'opengl' renderers need nvdiffrast: `pip install {PIP_PACKAGE}` (builds its CUDA "
+            f"plugin on first use; needs the CUDA toolkit and ninja), or render on the CPU with `--device cpu` "
+            f"({type(exc).__name__}: {exc})") from exc
+    return dr
+
+
+def plugin_build_dirs(module_name: str) -> list[str]:
+    """Folders where ``torch.utils.cpp_extension`` may have built the extension ``module_name``.
+
+    That is ``<root>/<module_name>`` and ``<root>/<pyXY_cuZZZ>/<module_name>`` for root =
+    ``$TORCH_EXTENSIONS_DIR`` and torch's default build root (``~/.cache/torch_extensions``);
+    torch's own answer (``_get_build_directory``) comes first. Only existing folders are returned.
+    """
+    from torch.utils import cpp_extension
+
+    candidates = []
+    get_build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private; may change
+    if get_build_directory is not None:
+        try:
+            candidates.append(get_build_directory(module_name, False))
+        except Exception:  # noqa: BLE001 - only a hint; the globs below cover the same places
+            pass
+    roots = [os.environ.get("TORCH_EXTENSIONS_DIR"), cpp_extension.get_default_build_root()]
+    for root in filter(None, roots):
+        candidates.append(os.path.join(root, module_name))
+        candidates += sorted(glob.glob(os.path.join(glob.escape(root), "*", module_name)))
+    found = []
+    for path in candidates:
+        if os.path.isdir(path) and path not in found:
+            found.append(path)
+    return found
+
+
+def _with_plugin_path_retry(create, what: str):
+    """Call ``create()``; on a missing nvdiffrast plugin module, extend sys.path once and retry."""
+    try:
+        return create()
+    except ModuleNotFoundError as exc:
+        name = exc.name or ""
+        if not name.startswith(_PLUGIN_PREFIX):
+            raise
+        dirs = plugin_build_dirs(name)
+        added = [d for d in dirs if d not in sys.path]
+        sys.path.extend(added)
+        logger.info("nvdiffrast plugin %r was built but not importable; added %s to sys.path and retrying",
+                    name, added or "nothing")
+        try:
+            return create()
+        except ModuleNotFoundError as exc2:
+            raise NvdiffrastUnavailableError(
+                f"nvdiffrast built its plugin {name!r} but Python cannot import it, even after adding its build "
+                f"folder(s) {dirs or '(none found)'} to sys.path; delete the folder to force a rebuild, check "
+                f"TORCH_EXTENSIONS_DIR, or render on the CPU with `--device cpu` ({what})") from exc2
+
+
+class NvdiffrastRasterizer(Rasterizer):
+    """Rasterize with nvdiffrast, exactly as the original renderer does (instance mode, no AA).
+
+    Args:
+        context: 'cuda' (``RasterizeCudaContext``, needs no display or EGL) or 'opengl'
+            (``RasterizeGLContext``, needs EGL). Contexts are created on first use, one per device.
+    """
+
+    def __init__(self, context: str = "cuda"):
+        if context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        self.name = context
+        self._contexts: dict[torch.device, object] = {}
+
+    def _context(self, dr, device: torch.device):
+        ctx = self._contexts.get(device)
+        if ctx is not None:
+            return ctx
+        if self.name == "cuda":
+            create, what = (lambda: dr.RasterizeCudaContext(device=device)), "CUDA rasterizer"
+            advice = "render on the CPU with `--device cpu`"
+        else:
+            create, what = (lambda: dr.RasterizeGLContext(device=device)), "OpenGL rasterizer"
+            advice = ("it needs EGL and an NVIDIA driver with OpenGL; use nvdiffrast's CUDA rasterizer with "
+                      "`--use_opengl False` (or the CPU with `--device cpu`)")
+        try:
+            ctx = _with_plugin_path_retry(create, what)
+        except NvdiffrastUnavailableError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - build, EGL and driver failures surface as assorted types
+            raise NvdiffrastUnavailableError(
+                f"could not create nvdiffrast's {what} context on {device} ({type(exc).__name__}: {exc}); "
+                f"{advice}") from exc
+        logger.info("created nvdiffrast %s context on %s", self.name, device)
+        self._contexts[device] = ctx
+        return ctx
+
+    def rasterize_interpolate(self, clip, tri, attr, size):
+        if clip.device.type != "cuda":
+            raise ValueError(f"the {self.name!r} renderer needs CUDA tensors, got vertices on {clip.device}; "
+                             f"move the inputs to the GPU or use the 'cpu' renderer (`--device cpu`)")
+        dr = _import_nvdiffrast()
+        ctx = self._context(dr, clip.device)
+        tri32 = tri.to(torch.int32).contiguous()
+        rast, _ = dr.rasterize(ctx, clip.float().contiguous(), tri32, resolution=list(size))
+        attr_image, _ = dr.interpolate(attr.float().contiguous(), rast, tri32)
+        return rast[..., 3] > 0, attr_image.to(attr.dtype)
