@@ -33,12 +33,13 @@ def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DET
     return os.path.join(folder, subdir, rel_dir, stem + ".txt")
 
 
-def face_detection_files(folder: str, rel_image: str) -> list[tuple[str, str]]:
+def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_DIR) -> list[tuple[str, str]]:
     """All detection files of one photo as ``(output name, path)``, the chosen face first.
 
     The output name is the detection file's stem (``photo`` or ``photo__face02``).
+    ``subdir=LANDMARKS_DIR`` lists the 68-point landmark files instead.
     """
-    main = detection_path(folder, rel_image)
+    main = detection_path(folder, rel_image, subdir=subdir)
     out = [(os.path.splitext(os.path.basename(main))[0], main)] if os.path.isfile(main) else []
     det_dir = os.path.dirname(main)
     stem = os.path.splitext(os.path.basename(rel_image))[0]

@@ -1,15 +1,53 @@
 """The one image loader shared by the detector (process_images.py) and test.py.
 
-Both sides see exactly the same pixels: a PIL image in mode 'RGB', 8 bits per channel,
-EXIF orientation applied. The file on disk is only ever read.
+Both sides see exactly the same pixels: :func:`load_image` returns a PIL image in mode 'RGB',
+8 bits per channel, EXIF orientation applied. The file on disk is only ever opened for reading;
+every normalisation happens in memory:
+
+- EXIF orientation is applied (a photo shot in portrait comes out upright);
+- grayscale, bilevel and palette images are expanded to RGB; CMYK and YCbCr are converted
+  by PIL's standard formulas (no colour management, embedded ICC profiles are ignored);
+- transparency (RGBA, LA, PA, palette with a transparent colour) is composited over
+  :data:`ALPHA_BACKGROUND` (white);
+- 16-bit images are reduced to 8 bits by ``round(v / 257)`` (65535 -> 255); 32-bit integer
+  images ('I') are taken as 16-bit data; float images ('F') are taken as [0, 1] when their
+  maximum is <= 1, else as [0, 255], and clipped;
+- multi-frame files (GIF, TIFF, animated WebP) give their first frame.
+
+Files that cannot be used raise :class:`ImageLoadError` whose ``reason`` is one of
+:data:`LOAD_REASONS`.
 """
 from __future__ import annotations
 
 import os
+import stat
+import struct
+import warnings
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Pillow decoders tried on a file, whatever its extension says. Restricting them keeps a
+# stray PostScript file named .jpg from reaching an external interpreter. (JPEG covers MPO.)
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF", "GIF")
+ALPHA_BACKGROUND = (255, 255, 255)
+DEBUG_VIS_DIR = "debug_vis"
+# Folders written by process_images.py; never listed as photo folders, at any depth.
+OUTPUT_DIRS = (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR)
+
+LOAD_REASONS = {
+    "missing": "the file does not exist (or is a broken symbolic link)",
+    "not_a_file": "the path is a folder or a special file, not a regular file",
+    "permission_denied": "the file cannot be opened for reading",
+    "empty_file": "the file is 0 bytes long",
+    "not_an_image": "the content is not a JPEG/PNG/BMP/WebP/TIFF/GIF image",
+    "truncated": "the image data ends early (incomplete download or copy)",
+    "corrupt": "the image data cannot be decoded",
+    "too_large": "the image has more pixels than Pillow's decompression-bomb limit",
+}
 
 
 class ImageLoadError(ValueError):
@@ -21,17 +59,120 @@ class ImageLoadError(ValueError):
 
 
 def is_image_file(name: str) -> bool:
+    """True when ``name`` ends with one of :data:`IMAGE_EXTENSIONS`, in any letter case."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def list_images(folder: str, recursive: bool = False) -> list[str]:
+    """Photos under ``folder`` as sorted relative paths (``/``-separated on every OS).
+
+    Skips hidden entries (names starting with '.'), non-image extensions and the output folders
+    :data:`OUTPUT_DIRS` at any depth. Symbolic links to files are listed (and read through);
+    with ``recursive``, links to folders are followed once each (cycles are cut).
+    Raises ``NotADirectoryError`` when ``folder`` is not a folder.
+    """
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"not a folder: {folder}")
+    found: list[str] = []
+    seen_dirs = {os.path.realpath(folder)}
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        with os.scandir(os.path.join(folder, rel_dir)) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if recursive and e.name not in OUTPUT_DIRS:
+                    real = os.path.realpath(e.path)
+                    if real not in seen_dirs:
+                        seen_dirs.add(real)
+                        pending.append(rel)
+            elif is_image_file(e.name):
+                found.append(rel)
+    return sorted(found)
+
+
 def load_image(path: str) -> Image.Image:
-    """Read ``path`` and return an RGB uint8 PIL image with EXIF orientation applied."""
+    """Read ``path`` and return an RGB uint8 PIL image with EXIF orientation applied.
+
+    Raises :class:`ImageLoadError` (reason in :data:`LOAD_REASONS`) for any file that is not
+    a decodable image; never modifies the file.
+    """
+    _check_regular_file(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=PIL_FORMATS) as im:
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # a broken EXIF block must not make a good photo unusable
+                    pass
+                return _to_rgb8(im)
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
         raise ImageLoadError(path, "missing") from None
-    except Exception as e:  # PIL raises many types for bad files
-        raise ImageLoadError(path, "unreadable", str(e)) from None
+    except PermissionError as e:
+        raise ImageLoadError(path, "permission_denied", str(e)) from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, "too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not_an_image", LOAD_REASONS["not_an_image"]) from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        msg = str(e)
+        reason = "truncated" if ("truncated" in msg or "ended prematurely" in msg
+                                 or isinstance(e, EOFError)) else "corrupt"
+        raise ImageLoadError(path, reason, msg) from None
+
+
+def load_image_array(path: str) -> np.ndarray:
+    """:func:`load_image` as a contiguous ``(H, W, 3)`` uint8 RGB array (row 0 = top)."""
+    return np.ascontiguousarray(np.asarray(load_image(path), dtype=np.uint8))
+
+
+def _check_regular_file(path: str) -> None:
+    try:
+        st = os.stat(path)  # follows symbolic links
+    except FileNotFoundError:
+        detail = "broken symbolic link" if os.path.islink(path) else ""
+        raise ImageLoadError(path, "missing", detail) from None
+    except PermissionError as e:
+        raise ImageLoadError(path, "permission_denied", str(e)) from None
+    except OSError as e:
+        raise ImageLoadError(path, "missing", str(e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(path, "not_a_file", LOAD_REASONS["not_a_file"])
+    if st.st_size == 0:
+        raise ImageLoadError(path, "empty_file", LOAD_REASONS["empty_file"])
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 'RGB' 8-bit, following the rules in the module docstring."""
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+        else:
+            a = np.clip(a, 0, 65535) / 257.0
+        g = np.clip(np.nan_to_num(np.round(a)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2)), "RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "RGBa"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
