@@ -1,0 +1,150 @@
+"""Prepare a folder of photos for test.py: find 5 facial points in each, never touching the photos.
+
+    ./process_images.sh <folder> [--all-faces] [--landmarks68] [--workers 2] [--debug-vis] ...
+
+Writes <folder>/detections/<stem>.txt (5 lines "x y"), optional landmarks/ and debug_vis/
+folders and <folder>/process_report.json; see docs/process_images.md and util/prepare.py.
+
+Exit status: 0 when the run completed (photos without a face are reported, not errors);
+1 when nothing could be processed (no photo found or none readable) or, with --strict, when
+any photo was skipped; 2 for a usage or set-up error (bad option, missing folder, detector
+package or dlib predictor); 130 when interrupted (Ctrl-C / SIGTERM) - the report then lists the
+photos done so far and a re-run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtcnn_detector import DETECTORS
+
+    p = argparse.ArgumentParser(
+        prog="process_images",
+        description="Detect 5 facial landmarks in every photo of a folder for test.py. "
+                    "Photos are only read; outputs go to <folder>/detections, landmarks/, debug_vis/ "
+                    "and <folder>/process_report.json.")
+    p.add_argument("folder", nargs="?", help="folder of photos (.jpg .jpeg .png .bmp .webp .tif .tiff)")
+    p.add_argument("--img_folder", dest="img_folder", help="same as the positional folder (test.py's name)")
+    p.add_argument("--recursive", action="store_true", help="also process sub-folders (mirrored output layout)")
+    p.add_argument("--detector", default="mtcnn", choices=sorted(DETECTORS),
+                   help="face detector backend (default: mtcnn)")
+    p.add_argument("--all-faces", "--all_faces", dest="all_faces", action="store_true",
+                   help="write every face: the chosen one as <stem>.txt, others as <stem>__face02.txt, ...")
+    p.add_argument("--landmarks68", action="store_true",
+                   help="also write dlib 68-point landmarks to <folder>/landmarks/<stem>.txt")
+    p.add_argument("--dlib_predictor", "--dlib-predictor", dest="dlib_predictor", metavar="PATH",
+                   help="dlib shape_predictor_68_face_landmarks.dat (default: the copy in the "
+                        "face_recognition_models package)")
+    p.add_argument("--min_score", "--min-score", dest="min_score", type=float, default=None,
+                   help="faces scoring lower are weak and not written (default: 0.9 for mtcnn/torch, 0 for dlib)")
+    p.add_argument("--max_side", "--max-side", dest="max_side", type=int, default=1600,
+                   help="detect on a copy downscaled to this longer side; coordinates stay in original pixels")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes, each loading the detector once (default 1)")
+    p.add_argument("--force", action="store_true", help="recompute photos whose outputs are up to date")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any photo was skipped")
+    p.add_argument("--debug-vis", "--debug_vis", dest="debug_vis", action="store_true",
+                   help="draw boxes and points on each photo, saved to <folder>/debug_vis/<stem>.jpg")
+    p.add_argument("--report", metavar="PATH", help="report file (default <folder>/process_report.json)")
+    p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each skipped photo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    folder = args.folder or args.img_folder
+    if args.folder and args.img_folder and args.folder != args.img_folder:
+        parser.error("give the folder once: positionally or with --img_folder")
+    if not folder:
+        parser.error("the folder of photos is required")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    from mtcnn_detector import DetectorUnavailableError
+    from util.prepare import PrepareOptions, plan_folder, run_plan
+
+    options = PrepareOptions(
+        detector=args.detector, all_faces=args.all_faces, landmarks68=args.landmarks68,
+        dlib_predictor=args.dlib_predictor, min_score=args.min_score, max_side=args.max_side,
+        recursive=args.recursive, force=args.force, debug_vis=args.debug_vis, workers=args.workers)
+    try:
+        if args.max_side < 64:
+            raise ValueError(f"--max_side must be >= 64, got {args.max_side}")
+        plan = plan_folder(folder, options, report_path=args.report)
+    except (ValueError, NotADirectoryError, FileNotFoundError, DetectorUnavailableError) as e:
+        print(f"process_images: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not plan.rows and not plan.todo:
+        print(f"process_images: no photos found in {folder} "
+              "(.jpg .jpeg .png .bmp .webp .tif .tiff; --recursive for sub-folders)", file=sys.stderr)
+        return EXIT_NOTHING
+
+    bar = None
+    if args.progress and plan.todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan.todo), unit="img", desc="detecting", file=sys.stderr, dynamic_ncols=True)
+
+    def on_result(row: dict) -> None:
+        if row["status"] != "ok":
+            logging.getLogger("process_images").info("%s: %s (%s)", row["path"], row["reason"], row["detail"])
+        if bar is not None:
+            bar.update(1)
+
+    restore = _sigterm_as_interrupt()
+    try:
+        report = run_plan(plan, on_result=on_result)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"\nprocess_images: interrupted; report of the photos done so far: {plan.report_path} "
+              "(run again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DetectorUnavailableError, FileNotFoundError) as e:
+        if bar is not None:
+            bar.close()
+        print(f"process_images: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        restore()
+    if bar is not None:
+        bar.close()
+
+    s = report.summary
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
+    print(f"process_images: {s['images']} photos, {s['ok']} with a face, {s['faces_written']} detection "
+          f"file(s), {s['reused']} up to date (kept), skipped: {skipped}. {s['seconds']:.1f} s")
+    print(f"process_images: report: {report.path}")
+    if s["loaded"] == 0 and s["reused"] == 0:
+        print("process_images: error: no photo could be read", file=sys.stderr)
+        return EXIT_NOTHING
+    if args.strict and s["skipped"]:
+        print("process_images: --strict: some photos were skipped (see the report)", file=sys.stderr)
+        return EXIT_NOTHING
+    return EXIT_OK
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C while running (report written, no half files); returns an undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Folder preparation for test.py: detect 5 facial points in every photo of a folder.
+
+Library side of ``process_images.py``. Photos are only read (through util.image_io, the loader
+test.py uses); everything written goes under the folder's output sub-folders:
+
+- ``detections/<stem>.txt``: 5 lines ``x y`` of the chosen face (util.detections_io format);
+  with ``all_faces`` the other faces as ``detections/<stem>__face02.txt``, ``__face03``, ...;
+- ``landmarks/<stem>.txt`` (and ``__faceNN``): dlib 68 points, with ``landmarks68``;
+- ``debug_vis/<stem>.jpg``: the photo with boxes and points drawn, with ``debug_vis``;
+- ``process_report.json``: one row per photo (see :func:`make_row`) and a summary.
+
+With ``recursive`` the layout below each output folder mirrors the photo sub-folders.
+Every file is written to a temporary name in its final folder and renamed into place.
+
+Face choice: faces with a score below ``min_score`` are weak and never written. Among the
+others the chosen face (``<stem>.txt``) maximises :func:`face_priority`, the box area times
+``1 - 0.5 d / R`` (``d`` the distance from the box centre to the image centre, ``R`` half the
+image diagonal): the largest face wins unless a smaller one is more central - a face in a corner
+needs twice the area of a face in the centre. Extra faces are numbered in decreasing priority.
+
+Re-runs: a photo whose report row has the same size, modification time and settings, and whose
+outputs all exist, is not processed again (unless ``force``).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from util.detections_io import (DETECTIONS_DIR, LANDMARKS_DIR, detection_path, face_detection_files,
+                                write_points)
+from util.image_io import DEBUG_VIS_DIR, ImageLoadError, list_images, load_image_array
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "process_report.json"
+REPORT_TOOL = "process_images"
+REPORT_FORMAT = 1
+MIN_IMAGE_SIDE = 20  # MTCNN's smallest face size; a smaller photo cannot hold a usable face
+TEMP_PREFIX = ".tmp_"
+# Reasons a photo gets no detection file, besides util.image_io.LOAD_REASONS.
+SKIP_REASONS = {
+    "no_face": "no face found",
+    "low_confidence": "faces found, but all below --min_score",
+    "too_small": f"the image is smaller than {MIN_IMAGE_SIDE} pixels on a side",
+    "duplicate_stem": "another photo in the same folder has the same name stem",
+    "name_clash": "the name looks like an extra-face name (<stem>__faceNN) of another photo",
+    "detector_error": "the detector raised an error on this image",
+}
+_FACE_NAME = re.compile(r"^(?P<base>.+)__face\d{2,}$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What process_images does; defaults are the CLI's."""
+
+    detector: str = "mtcnn"
+    all_faces: bool = False
+    landmarks68: bool = False
+    dlib_predictor: str | None = None
+    min_score: float | None = None  # None: the detector's default (mtcnn/torch 0.9, dlib 0.0)
+    max_side: int = 1600
+    recursive: bool = False
+    force: bool = False
+    debug_vis: bool = False
+    workers: int = 1
+
+    def settings(self, min_score: float) -> dict:
+        """The options that change the outputs; a report row is reused only when they match."""
+        return {"detector": self.detector, "all_faces": self.all_faces, "landmarks68": self.landmarks68,
+                "min_score": min_score, "max_side": self.max_side}
+
+
+@dataclass
+class Plan:
+    """Photos of a folder split into rows already final (skips, reused) and work to do."""
+
+    folder: str
+    options: PrepareOptions
+    report_path: str
+    min_score: float
+    rows: dict[str, dict] = field(default_factory=dict)  # rel path -> report row
+    todo: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Result of :func:`run_plan`: the rows (sorted by path), the summary, whether interrupted."""
+
+    path: str
+    rows: list[dict]
+    summary: dict
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and geometry
+
+def face_priority(box: np.ndarray, width: int, height: int) -> float:
+    """Box area times ``1 - 0.5 d / R``: ``d`` box centre to image centre, ``R`` half the diagonal."""
+    x, y, w, h = (float(v) for v in box)
+    d = np.hypot(x + w / 2 - width / 2, y + h / 2 - height / 2)
+    r = 0.5 * np.hypot(width, height)
+    return max(w, 0.0) * max(h, 0.0) * (1.0 - 0.5 * min(d / r, 1.0))
+
+
+def order_faces(faces: list, width: int, height: int) -> list:
+    """Faces (anything with ``.box``) sorted by decreasing :func:`face_priority` (stable)."""
+    return sorted(faces, key=lambda f: -face_priority(f.box, width, height))
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+def plan_folder(folder: str, options: PrepareOptions, report_path: str | None = None) -> Plan:
+    """List the photos of ``folder`` and decide which need processing.
+
+    Raises NotADirectoryError for a missing folder, ValueError for an existing report file that
+    process_images did not write, DetectorUnavailableError/FileNotFoundError for a missing
+    backend or dlib predictor (checked here, before any work).
+    """
+    import mtcnn_detector as md
+
+    if options.detector not in md.DETECTORS:
+        raise ValueError(f"unknown detector {options.detector!r}; choose one of {sorted(md.DETECTORS)}")
+    if options.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {options.workers}")
+    if options.landmarks68 or options.detector == "dlib":
+        md.resolve_predictor_path(options.dlib_predictor)
+    min_score = options.min_score
+    if min_score is None:
+        min_score = md.DETECTORS[options.detector].default_min_score
+    report_path = report_path or os.path.join(folder, REPORT_NAME)
+    images = list_images(folder, recursive=options.recursive)
+    previous = read_report(report_path)
+    plan = Plan(folder=folder, options=options, report_path=report_path, min_score=float(min_score))
+    settings = options.settings(plan.min_score)
+    clashes = _name_clashes(images)
+    for rel in images:
+        if rel in clashes:
+            reason, detail = clashes[rel]
+            plan.rows[rel] = make_row(rel, status="skipped", reason=reason, detail=detail,
+                                      stat=_stat(os.path.join(folder, rel)), settings=settings)
+            continue
+        old = previous.get(rel)
+        if not options.force and old is not None and _reusable(folder, rel, old, settings, options):
+            plan.rows[rel] = dict(old, reused=True)
+        else:
+            plan.todo.append(rel)
+    return plan
+
+
+def _name_clashes(images: list[str]) -> dict[str, tuple[str, str]]:
+    """Photos whose detection files would collide with another photo's: rel -> (reason, detail)."""
+    out: dict[str, tuple[str, str]] = {}
+    by_stem: dict[tuple[str, str], str] = {}
+    for rel in images:  # sorted: the first of a group keeps its name
+        d, name = os.path.split(rel)
+        key = (d, os.path.splitext(name)[0].casefold())
+        if key in by_stem:
+            first = by_stem[key]
+            out[rel] = ("duplicate_stem", f"same name stem as {first}; detection files are named by stem, "
+                                          "so rename one of them")
+        else:
+            by_stem[key] = rel
+    for rel in images:
+        d, name = os.path.split(rel)
+        m = _FACE_NAME.match(os.path.splitext(name)[0])
+        if rel not in out and m and (d, m.group("base").casefold()) in by_stem:
+            other = by_stem[(d, m.group("base").casefold())]
+            out[rel] = ("name_clash", f"'<stem>__faceNN' names the extra faces of {other}; rename this photo")
+    return out
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _reusable(folder: str, rel: str, row: dict, settings: dict, options: PrepareOptions) -> bool:
+    st = _stat(os.path.join(folder, rel))
+    if st is None or row.get("size_bytes") != st.st_size or row.get("mtime_ns") != st.st_mtime_ns:
+        return False
+    if row.get("settings") != settings or row.get("status") not in ("ok", "skipped"):
+        return False
+    if row.get("reason") in ("detector_error", "duplicate_stem", "name_clash"):
+        return False  # not a property of the photo alone: try again
+    outputs = list(row.get("outputs", []))
+    if options.debug_vis and row.get("seconds") is not None:  # the detector ran: a picture is due
+        if not row.get("debug_vis"):
+            return False
+        outputs.append(row["debug_vis"])
+    return all(os.path.isfile(os.path.join(folder, p)) for p in outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# one photo
+
+def make_row(rel: str, status: str, reason: str = "", detail: str = "", stat: os.stat_result | None = None,
+             settings: dict | None = None, **extra) -> dict:
+    """One report row. Keys:
+
+    path (relative, '/'-separated), status ('ok' | 'skipped'), reason ('' or a key of
+    SKIP_REASONS / util.image_io.LOAD_REASONS), detail (human text), faces (faces at or above
+    min_score), weak_faces (below it), confidence (chosen face's score), box (chosen face's
+    [x, y, w, h], pixels), width, height, outputs (files written, relative to the folder),
+    size_bytes, mtime_ns (the photo when processed), settings, seconds (load + detection time;
+    None when the detector did not run), debug_vis (the picture written, or None), reused (row
+    kept from an earlier run).
+    """
+    row = {"path": rel, "status": status, "reason": reason, "detail": detail, "faces": 0, "weak_faces": 0,
+           "confidence": None, "box": None, "width": None, "height": None, "outputs": [],
+           "size_bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None,
+           "settings": settings, "seconds": None, "debug_vis": None, "reused": False}
+    row.update(extra)
+    return row
+
+
+class Analyzer:
+    """Per-process state: the detector (model loaded once) and, if needed, the dlib landmarker."""
+
+    def __init__(self, folder: str, options: PrepareOptions, min_score: float, threads: int = 0):
+        import mtcnn_detector as md
+
+        self.folder, self.options, self.min_score = folder, options, min_score
+        self.settings = options.settings(min_score)
+        kw: dict = {"max_side": options.max_side}
+        if options.detector == "dlib":
+            kw["predictor_path"] = options.dlib_predictor
+        if options.detector == "mtcnn" and threads:
+            kw["threads"] = threads
+        self.detector = md.create_detector(options.detector, **kw)
+        self.landmarker = None
+        if options.landmarks68:
+            self.landmarker = (self.detector.landmarker if options.detector == "dlib"
+                               else md.Dlib68Landmarker(options.dlib_predictor))
+
+    def analyse(self, rel: str) -> dict:
+        """Load, check and detect one photo. Returns ``{"row": ..., "faces": [...]}`` where faces
+        (chosen first) are dicts with lm5 (5, 2), lm68 (68, 2) or None, box, score. Writes the
+        debug image if asked; writes nothing else."""
+        t0 = time.perf_counter()
+        path = os.path.join(self.folder, rel)
+        st = _stat(path)
+        row_kw = {"stat": st, "settings": self.settings}
+        try:
+            image = load_image_array(path)
+        except ImageLoadError as e:
+            return {"row": make_row(rel, "skipped", e.reason, e.detail, **row_kw), "faces": []}
+        h, w = image.shape[:2]
+        row_kw.update(width=w, height=h)
+        if min(h, w) < MIN_IMAGE_SIDE:
+            detail = f"{w}x{h} pixels; a face needs at least {MIN_IMAGE_SIDE} pixels on a side"
+            return {"row": make_row(rel, "skipped", "too_small", detail, **row_kw), "faces": []}
+        try:
+            found = [d for d in self.detector.detect(image) if np.all(np.isfinite(d.lm5))]
+        except Exception as e:  # a detector failure on one photo must not stop the folder
+            logger.exception("detector failed on %s", path)
+            return {"row": make_row(rel, "skipped", "detector_error", f"{type(e).__name__}: {e}", **row_kw),
+                    "faces": []}
+        strong = order_faces([d for d in found if d.score >= self.min_score], w, h)
+        weak = [d for d in found if d.score < self.min_score]
+        written = strong if self.options.all_faces else strong[:1]
+        faces = []
+        for d in written:
+            lm68 = self.landmarker.fit(image, d) if self.landmarker is not None else None
+            faces.append({"lm5": d.lm5, "lm68": lm68, "box": d.box, "score": d.score})
+        if self.options.debug_vis:
+            draw_and_save(os.path.join(self.folder, _vis_rel(rel)), image, written, strong[len(written):], weak)
+            row_kw["debug_vis"] = _vis_rel(rel)
+        row_kw.update(faces=len(strong), weak_faces=len(weak), seconds=round(time.perf_counter() - t0, 4))
+        if strong:
+            best = strong[0]
+            row = make_row(rel, "ok", confidence=round(best.score, 4),
+                           box=[round(float(v), 2) for v in best.box], **row_kw)
+        elif weak:
+            best = max(weak, key=lambda d: d.score)
+            row = make_row(rel, "skipped", "low_confidence",
+                           f"best score {best.score:.3f} < min_score {self.min_score}",
+                           confidence=round(best.score, 4), box=[round(float(v), 2) for v in best.box], **row_kw)
+        else:
+            row = make_row(rel, "skipped", "no_face", SKIP_REASONS["no_face"], **row_kw)
+        return {"row": row, "faces": faces}
+
+
+def _vis_rel(rel: str) -> str:
+    return f"{DEBUG_VIS_DIR}/{os.path.splitext(rel)[0]}.jpg"
+
+
+def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool) -> list[str]:
+    """Write the detection (and landmark) files of one photo; remove its stale ones.
+
+    Returns the written paths relative to ``folder``. Detection files of this photo that are not
+    rewritten are removed (a photo with no face keeps none, a photo with fewer faces than before
+    loses the extra ones). Landmark files not rewritten are removed too when they are older than
+    the photo.
+    """
+    written = []
+    for k, f in enumerate(faces, start=1):
+        p = detection_path(folder, rel, face=k)
+        write_points(p, f["lm5"])
+        written.append(p)
+        if landmarks68 and f["lm68"] is not None:
+            p = detection_path(folder, rel, face=k, subdir=LANDMARKS_DIR)
+            write_points(p, f["lm68"])
+            written.append(p)
+    keep = set(written)
+    photo_mtime = _stat(os.path.join(folder, rel))
+    for _, p in face_detection_files(folder, rel):
+        if p not in keep:
+            os.remove(p)
+    for _, p in face_detection_files(folder, rel, subdir=LANDMARKS_DIR):
+        st = _stat(p)
+        if p not in keep and (landmarks68 or (st and photo_mtime and st.st_mtime_ns < photo_mtime.st_mtime_ns)):
+            os.remove(p)
+    return [os.path.relpath(p, folder).replace(os.sep, "/") for p in written]
+
+
+def draw_and_save(path: str, image: np.ndarray, written: list, extra: list, weak: list) -> None:
+    """Save ``image`` with faces drawn: chosen face green, other written/strong faces blue, weak
+    faces red; the 5 points as dots (left eye and left mouth corner filled). Atomic write."""
+    from PIL import Image, ImageDraw
+
+    h, w = image.shape[:2]
+    s = min(1.0, 2000.0 / max(h, w))
+    im = Image.fromarray(image)
+    if s < 1.0:
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    draw = ImageDraw.Draw(im)
+    lw = max(2, round(max(im.size) / 400))
+    groups = [(written[:1], (0, 220, 0)), (written[1:] + extra, (40, 120, 255)), (weak, (255, 40, 40))]
+    for faces, colour in groups:
+        for d in faces:
+            x, y, bw, bh = (float(v) * s for v in d.box)
+            draw.rectangle([x, y, x + bw, y + bh], outline=colour, width=lw)
+            r = max(2.0, 0.03 * float(np.sqrt(max(d.area, 1.0))) * s)
+            for i, (px, py) in enumerate(np.asarray(d.lm5) * s):
+                fill = colour if i in (0, 3) else None
+                draw.ellipse([px - r, py - r, px + r, py + r], outline=colour, fill=fill, width=max(1, lw // 2))
+            draw.text((x + lw, y + lw), f"{d.score:.2f}", fill=colour)
+    if not (written or extra or weak):
+        draw.text((lw, lw), "no face", fill=(255, 40, 40))
+    _atomic_write(path, lambda f: im.save(f, format="JPEG", quality=90))
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# worker processes
+
+_WORKER: dict = {}
+
+
+def _worker_init(folder: str, options: PrepareOptions, min_score: float, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    try:
+        _WORKER["analyzer"] = Analyzer(folder, options, min_score, threads=threads)
+    except BaseException as e:  # reported by the first task, in the parent
+        _WORKER["error"] = e
+
+
+def _worker_analyse(rel: str) -> dict:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["analyzer"].analyse(rel)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
+    """Process ``plan.todo``, write outputs and the report; ``on_result(row)`` after each photo.
+
+    The report is also written every ``flush_every_s`` seconds and when interrupted
+    (KeyboardInterrupt is re-raised after the report is written).
+    """
+    options, folder = plan.options, plan.folder
+    _remove_stale_temp_files(folder, options.recursive, plan.report_path)
+    rows = dict(plan.rows)
+    t0, last_flush = time.perf_counter(), time.perf_counter()
+
+    def accept(result: dict) -> None:
+        nonlocal last_flush
+        row = result["row"]
+        rel = row["path"]
+        row["outputs"] = write_outputs(folder, rel, result["faces"], options.landmarks68)
+        rows[rel] = row
+        if on_result is not None:
+            on_result(row)
+        if time.perf_counter() - last_flush > flush_every_s:
+            write_report(plan, rows, time.perf_counter() - t0, interrupted=True)
+            last_flush = time.perf_counter()
+
+    interrupted = False
+    try:
+        if plan.todo:
+            if options.workers == 1 or len(plan.todo) == 1:
+                analyzer = Analyzer(folder, options, plan.min_score)
+                for rel in plan.todo:
+                    accept(analyzer.analyse(rel))
+            else:
+                _run_pool(plan, accept)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        report = write_report(plan, rows, time.perf_counter() - t0, interrupted=interrupted)
+    return report
+
+
+def _run_pool(plan: Plan, accept) -> None:
+    options = plan.options
+    n = min(options.workers, len(plan.todo))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(plan.folder, options, plan.min_score, threads))
+    try:
+        futures = [pool.submit(_worker_analyse, rel) for rel in plan.todo]
+        for fut in cf.as_completed(futures):
+            accept(fut.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _remove_stale_temp_files(folder: str, recursive: bool, report_path: str) -> None:
+    """Delete temporary files a killed run left in the output folders (only our own names)."""
+    for sub in (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR):
+        root = os.path.join(folder, sub)
+        for d, _, files in os.walk(root):
+            for f in files:
+                if f.startswith(TEMP_PREFIX):
+                    try:
+                        os.remove(os.path.join(d, f))
+                    except OSError:
+                        pass
+            if not recursive:
+                break
+    rep_dir = os.path.dirname(os.path.abspath(report_path))
+    for f in os.listdir(rep_dir):
+        if f.startswith(TEMP_PREFIX) and f.endswith(".json"):
+            try:
+                os.remove(os.path.join(rep_dir, f))
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def summarize(rows: list[dict], seconds: float) -> dict:
+    """Counts over report rows: images, ok, faces_written, reused, processed, skipped by reason."""
+    skipped: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
+    processed = sum(1 for r in rows if not r.get("reused"))
+    faces_written = sum(sum(1 for p in r.get("outputs", []) if p.startswith(DETECTIONS_DIR + "/")) for r in rows)
+    return {
+        "images": len(rows),
+        "ok": sum(1 for r in rows if r["status"] == "ok"),
+        "faces_written": faces_written,
+        "reused": len(rows) - processed,
+        "skipped": dict(sorted(skipped.items())),
+        "loaded": sum(1 for r in rows if r.get("width") is not None),
+        "seconds": round(seconds, 3),
+    }
+
+
+def write_report(plan: Plan, rows: dict[str, dict], seconds: float, interrupted: bool = False) -> Report:
+    ordered = [rows[k] for k in sorted(rows)]
+    summary = summarize(ordered, seconds)
+    doc = {
+        "tool": REPORT_TOOL, "format": REPORT_FORMAT, "folder": os.path.abspath(plan.folder),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "interrupted": interrupted,
+        "options": asdict(plan.options), "settings": plan.options.settings(plan.min_score),
+        "summary": summary, "images": ordered,
+    }
+    data = json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8")
+    _atomic_write(plan.report_path, lambda f: f.write(data))
+    return Report(path=plan.report_path, rows=ordered, summary=summary, interrupted=interrupted)
+
+
+def read_report(path: str) -> dict[str, dict]:
+    """Rows of an earlier report by path; {} when absent or unreadable. Raises ValueError when
+    ``path`` exists but is not a process_images report (it is then never overwritten)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("tool") != REPORT_TOOL:
+        raise ValueError(f"{path} exists and was not written by process_images; move it or pass --report")
+    if doc.get("format") != REPORT_FORMAT:
+        return {}
+    return {r["path"]: r for r in doc.get("images", []) if isinstance(r, dict) and "path" in r}
