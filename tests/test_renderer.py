@@ -375,19 +375,22 @@ def test_plugin_import_failure_adds_build_folder_and_retries(monkeypatch, tmp_pa
     build.mkdir(parents=True)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "path", list(sys.path))
+    gl_build = tmp_path / "py311_cu121" / (name + "_gl")
+    gl_build.mkdir()
     calls = []
 
-    def create():
+    def render_first_time():  # the OpenGL plugin loads first (context), then the CUDA one (interpolate)
         calls.append(1)
-        if str(build) not in sys.path:
-            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
-        return "context"
+        for plugin, folder in ((name + "_gl", gl_build), (name, build)):
+            if str(folder) not in sys.path:
+                raise ModuleNotFoundError(f"No module named '{plugin}'", name=plugin)
+        return "rendered"
 
-    assert nvdiffrast_backend._with_plugin_path_retry(create, "test") == "context"
-    assert len(calls) == 2 and str(build) in sys.path
+    assert nvdiffrast_backend._with_plugin_path_retry(render_first_time, "test") == "rendered"
+    assert len(calls) == 3 and str(build) in sys.path and str(gl_build) in sys.path
 
     def always_fails():
-        raise ModuleNotFoundError(f"No module named '{name}_gl'", name=name + "_gl")
+        raise ModuleNotFoundError(f"No module named '{name}_x'", name=name + "_x")
 
     with pytest.raises(RuntimeError, match="--device cpu"):
         nvdiffrast_backend._with_plugin_path_retry(always_fails, "test")

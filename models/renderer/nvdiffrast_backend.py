@@ -8,8 +8,9 @@ first time a context is created (~25 s, needs the CUDA toolkit and ninja).
 Known problem handled here: with recent PyTorch, ``torch.utils.cpp_extension`` loads a built
 extension by file path without putting its build folder on ``sys.path``, while nvdiffrast then
 imports the plugin by name, which fails with ``ModuleNotFoundError: No module named
-'nvdiffrast_plugin_...'``. We then add the plugin's build folder(s) to ``sys.path`` and retry
-once.
+'nvdiffrast_plugin_...'``. We then add the plugin's build folder(s) to ``sys.path`` and retry,
+once per plugin (the CUDA one, and the OpenGL one '..._gl'). Checked against torch 2.13 with a
+stand-in extension loaded the way nvdiffrast 0.3.3.1's ``_get_plugin`` does.
 """
 from __future__ import annotations
 
@@ -77,26 +78,28 @@ def plugin_build_dirs(module_name: str) -> list[str]:
     return found
 
 
-def _with_plugin_path_retry(create, what: str):
-    """Call ``create()``; on a missing nvdiffrast plugin module, extend sys.path once and retry."""
-    try:
-        return create()
-    except ModuleNotFoundError as exc:
-        name = exc.name or ""
-        if not name.startswith(_PLUGIN_PREFIX):
-            raise
-        dirs = plugin_build_dirs(name)
-        added = [d for d in dirs if d not in sys.path]
-        sys.path.extend(added)
-        logger.info("nvdiffrast plugin %r was built but not importable; added %s to sys.path and retrying",
-                    name, added or "nothing")
+def _with_plugin_path_retry(call, what: str):
+    """Run ``call()``; when it fails to import a built nvdiffrast plugin, put the plugin's build
+    folder on sys.path and run it again (once per plugin: the CUDA one and the OpenGL one)."""
+    handled: list[str] = []
+    while True:
         try:
-            return create()
-        except ModuleNotFoundError as exc2:
-            raise NvdiffrastUnavailableError(
-                f"nvdiffrast built its plugin {name!r} but Python cannot import it, even after adding its build "
-                f"folder(s) {dirs or '(none found)'} to sys.path; delete the folder to force a rebuild, check "
-                f"TORCH_EXTENSIONS_DIR, or render on the CPU with `--device cpu` ({what})") from exc2
+            return call()
+        except ModuleNotFoundError as exc:
+            name = exc.name or ""
+            if not name.startswith(_PLUGIN_PREFIX):
+                raise
+            dirs = plugin_build_dirs(name)
+            if name in handled:
+                raise NvdiffrastUnavailableError(
+                    f"nvdiffrast built its plugin {name!r} but Python cannot import it, even with its build "
+                    f"folder(s) {dirs or '(none found)'} on sys.path ({what}); delete that folder to force a "
+                    f"rebuild, check TORCH_EXTENSIONS_DIR, or render on the CPU with `--device cpu`") from exc
+            handled.append(name)
+            added = [d for d in dirs if d not in sys.path]
+            sys.path.extend(added)
+            logger.warning("nvdiffrast plugin %r was built but is not importable; added %s to sys.path and "
+                           "retrying", name, added or "nothing")
 
 
 class NvdiffrastRasterizer(Rasterizer):
@@ -125,9 +128,9 @@ class NvdiffrastRasterizer(Rasterizer):
             advice = ("it needs EGL and an NVIDIA driver with OpenGL; use nvdiffrast's CUDA rasterizer with "
                       "`--use_opengl False` (or the CPU with `--device cpu`)")
         try:
-            ctx = _with_plugin_path_retry(create, what)
-        except NvdiffrastUnavailableError:
-            raise
+            ctx = create()
+        except ModuleNotFoundError:
+            raise  # a built but unimportable plugin: handled by the caller's retry
         except Exception as exc:  # noqa: BLE001 - build, EGL and driver failures surface as assorted types
             raise NvdiffrastUnavailableError(
                 f"could not create nvdiffrast's {what} context on {device} ({type(exc).__name__}: {exc}); "
@@ -136,13 +139,18 @@ class NvdiffrastRasterizer(Rasterizer):
         self._contexts[device] = ctx
         return ctx
 
-    def rasterize_interpolate(self, clip, tri, attr, size):
-        if clip.device.type != "cuda":
-            raise ValueError(f"the {self.name!r} renderer needs CUDA tensors, got vertices on {clip.device}; "
-                             f"move the inputs to the GPU or use the 'cpu' renderer (`--device cpu`)")
-        dr = _import_nvdiffrast()
+    def _render(self, dr, clip, tri, attr, size):
         ctx = self._context(dr, clip.device)
         tri32 = tri.to(torch.int32).contiguous()
         rast, _ = dr.rasterize(ctx, clip.float().contiguous(), tri32, resolution=list(size))
         attr_image, _ = dr.interpolate(attr.float().contiguous(), rast, tri32)
         return rast[..., 3] > 0, attr_image.to(attr.dtype)
+
+    def rasterize_interpolate(self, clip, tri, attr, size):
+        if clip.device.type != "cuda":
+            raise ValueError(f"the {self.name!r} renderer needs CUDA tensors, got vertices on {clip.device}; "
+                             f"move the inputs to the GPU or use the 'cpu' renderer (`--device cpu`)")
+        dr = _import_nvdiffrast()
+        # The plugins load lazily: the context loads its own (the OpenGL one '..._gl'), and
+        # interpolate() the CUDA one, so the whole call is retried, and at most once.
+        return _with_plugin_path_retry(lambda: self._render(dr, clip, tri, attr, size), f"{self.name} renderer")
