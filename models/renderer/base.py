@@ -25,6 +25,10 @@ Conventions (those of the original Deep3DFaceRecon_pytorch renderer, ``util/nvdi
 * Coverage is point-sampled at pixel centres; the nearest fragment (smallest NDC z) wins;
   geometry outside ``z_near <= z <= z_far`` is clipped; no face culling (both windings render);
   no antialiasing, hence no silhouette gradients (as in the original).
+* Depth = camera z interpolated at the visible surface. One deliberate difference: the original
+  passes z as a 2-D (B*N, 1) attribute, which nvdiffrast does not offset per batch element in
+  instance mode, so its depth for elements 1..B-1 used element 0's z; here each element uses
+  its own. The original never reads the depth (only the mask and the features).
 """
 from __future__ import annotations
 
