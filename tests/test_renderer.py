@@ -135,7 +135,8 @@ def test_projection_matches_original_formula():
     np.testing.assert_allclose(clip[:, 0], FOCAL / CENTER * v[:, 0], rtol=1e-12)
     np.testing.assert_allclose(clip[:, 1], -FOCAL / CENTER * v[:, 1], rtol=1e-12)
     np.testing.assert_allclose(clip[:, 3], v[:, 2], rtol=1e-12)
-    np.testing.assert_allclose(clip[:, 2] / clip[:, 3], (FAR + NEAR) / (FAR - NEAR) - 2 * FAR * NEAR / ((FAR - NEAR) * v[:, 2]))
+    ndc_z = (FAR + NEAR) / (FAR - NEAR) - 2 * FAR * NEAR / ((FAR - NEAR) * v[:, 2])
+    np.testing.assert_allclose(clip[:, 2] / clip[:, 3], ndc_z)
     assert proj.image_size == 224
 
 
@@ -340,6 +341,11 @@ def test_gradients_flow_to_vertices_and_features(cpu_renderer):
     assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
     assert torch.isfinite(f.grad).all() and (f.grad > 0).all()
     assert not out.mask.requires_grad
+    f.grad = None
+    far_away = v[None] + torch.tensor([0.0, 0.0, 50.0], dtype=torch.float64)
+    hidden = cpu_renderer(far_away, torch.tensor([[0, 1, 2]]), f[None])
+    hidden.image.sum().backward()  # nothing visible: still differentiable, with zero gradient
+    assert hidden.mask.sum() == 0 and (f.grad == 0).all()
 
 
 def test_gradcheck_float64():

@@ -118,10 +118,9 @@ class CpuRasterizer(Rasterizer):
         k = attr.shape[-1]
         mask = torch.zeros(b * h * w, dtype=torch.bool, device=clip.device)
         mask[pix] = True
-        if pix.numel() == 0:
-            return mask.view(b, h, w), attr.new_zeros(b, h, w, k).to(out_dtype)
 
-        # differentiable part: barycentrics of the winners, then attribute interpolation
+        # differentiable part: barycentrics of the winners, then attribute interpolation (also
+        # when nothing is visible, so that the output always stays in the autograd graph)
         bidx = torch.div(pix, h * w, rounding_mode="floor")
         rem = pix - bidx * (h * w)
         row = torch.div(rem, w, rounding_mode="floor")
