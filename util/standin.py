@@ -76,30 +76,56 @@ def make_standin_bfm(out_dir: str, seed: int = 0) -> None:
 
 
 # head output scales of the stand-in regressor: id, exp, tex, angle, gamma, txy, tz
-HEAD_STD = (0.4, 0.3, 0.4, 0.08, 0.05, 0.05, 0.0)
+HEAD_STD = (0.4, 0.3, 0.2, 0.05, 0.03, 0.05, 0.0)
+
+
+def _calibration_images() -> "torch.Tensor":
+    """(2K, 3, 224, 224): the bundled example photos, centre-cropped and resized, and their mirrors."""
+    import torch
+    from PIL import Image
+
+    from util.image_io import is_image_file, load_image
+
+    folder = os.path.join(ROOT, "examples")
+    imgs = []
+    for name in sorted(f for f in os.listdir(folder) if is_image_file(f)):
+        im = load_image(os.path.join(folder, name))
+        side = min(im.size)
+        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((224, 224), Image.Resampling.BICUBIC)
+        imgs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255)
+    x = torch.stack(imgs)
+    return torch.cat([x, x.flip(-1)])
 
 
 def make_standin_checkpoint(path: str, seed: int = 0) -> None:
     """Write a deterministic untrained ResNet-50 regressor in the original checkpoint format.
 
-    Backbone: seeded Kaiming init. Heads: seeded random weights scaled so that coefficients vary
-    from photo to photo with the spread of ``HEAD_STD`` around zero (the mean face, frontal,
-    centred), measured on seeded calibration inputs.
+    Backbone: seeded Kaiming init, its batch-norm statistics set from the bundled example photos
+    (so activations stay in range on real photos). Heads: seeded random weights scaled so that
+    coefficients vary from photo to photo with roughly ``HEAD_STD`` around zero (the mean face,
+    frontal, centred).
     """
     import torch
 
     from models.networks import ReconNet
 
     torch.manual_seed(seed)
-    net = ReconNet("resnet50").eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    calib = torch.rand(8, 3, 224, 224, generator=gen)
+    net = ReconNet("resnet50")
+    calib = _calibration_images()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration pass
     with torch.no_grad():
-        feat = net.backbone(calib).flatten(1)  # (8, 2048)
-        mu, sd = feat.mean(0), feat.std(0).clamp_min(1e-6)
+        net.train()
+        net.backbone(calib)
+        net.eval()
+        feat = net.backbone(calib).flatten(1)  # (2K, 2048)
+        mu, sd = feat.mean(0), feat.std(0).mean().clamp_min(1e-6)
+        gen = torch.Generator().manual_seed(seed + 1)
         for head, std in zip(net.final_layers, HEAD_STD):
-            w = torch.randn(head.out_channels, feat.shape[1], generator=gen) / feat.shape[1] ** 0.5 / sd
-            w = w * std
+            w = torch.randn(head.out_channels, feat.shape[1], generator=gen) / feat.shape[1] ** 0.5 / sd * std
             head.weight.copy_(w.view_as(head.weight))
             head.bias.copy_(-(w @ mu))
     os.makedirs(os.path.dirname(path), exist_ok=True)

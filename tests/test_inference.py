@@ -1,0 +1,181 @@
+"""test.py end to end on the stand-in model: outputs, formats, bad input, batching."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+from scipy.io import loadmat
+
+from conftest import ROOT, make_photo_folder
+
+import test as test_cli
+
+PHOTOS = ["000002.jpg", "trump_hillary.jpg", "vd006.png"]
+
+
+def run(standin, folder, out, *extra):
+    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+            f"--results_dir={out}", "--num_threads=0", *extra]
+    return test_cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def done(standin, tmp_path_factory):
+    folder = make_photo_folder(str(tmp_path_factory.mktemp("photos")), PHOTOS)
+    out = str(tmp_path_factory.mktemp("results"))
+    code = run(standin, folder, out, "--use_opengl", "False", "--batch_size=2")
+    return folder, out, code
+
+
+def test_outputs_written(done, capsys):
+    folder, out, code = done
+    assert code == 0
+    for stem in ("000002", "trump_hillary", "vd006"):
+        for ext in ("png", "obj", "mat"):
+            assert os.path.isfile(os.path.join(out, f"{stem}.{ext}")), (stem, ext)
+    assert not [f for f in os.listdir(out) if f.endswith(".part")]
+
+
+def test_obj_opens_in_trimesh(done, standin_face_model):
+    _, out, _ = done
+    mesh = trimesh.load(os.path.join(out, "000002.obj"), process=False)
+    assert mesh.vertices.shape == (35709, 3)
+    assert np.array_equal(mesh.faces, standin_face_model.face_buf.numpy())
+    assert mesh.visual.vertex_colors.shape == (35709, 4)
+    # world space: the face is centred near the origin (camera at z = 10 looks down -z)
+    assert np.abs(mesh.vertices.mean(0)).max() < 1.0
+
+
+def test_mat_contents_and_conventions(done, standin_face_model):
+    """The .mat holds the original's keys; lm68 is y down and equals the mesh's projection."""
+    _, out, _ = done
+    m = loadmat(os.path.join(out, "vd006.mat"))
+    shapes = {k: m[k].shape for k in ("id", "exp", "tex", "angle", "gamma", "trans", "lm68")}
+    assert shapes == {"id": (1, 80), "exp": (1, 64), "tex": (1, 80), "angle": (1, 3), "gamma": (1, 27),
+                      "trans": (1, 3), "lm68": (1, 68, 2)}
+    coeffs = torch.from_numpy(np.concatenate([m[k] for k in ("id", "exp", "tex", "angle", "gamma", "trans")], 1))
+    lm = standin_face_model(coeffs).landmark[0].numpy()
+    np.testing.assert_allclose(m["lm68"][0, :, 0], lm[:, 0], atol=1e-4)
+    np.testing.assert_allclose(m["lm68"][0, :, 1], 223 - lm[:, 1], atol=1e-4)
+    # eyes (y down) above the mouth
+    assert m["lm68"][0, 36:48, 1].mean() < m["lm68"][0, 48:68, 1].mean()
+
+
+def test_png_layout(done):
+    _, out, _ = done
+    im = np.asarray(Image.open(os.path.join(out, "trump_hillary.png")))
+    assert im.shape == (224, 672, 3)
+    left, mid, right = im[:, :224], im[:, 224:448], im[:, 448:]
+    assert (left != mid).any(axis=2).mean() > 0.2  # the face is rendered over the photo
+    # landmarks: red squares exist only in the third panel
+    red = (right[..., 0] == 255) & (right[..., 1] == 0) & (right[..., 2] == 0)
+    blue = (right[..., 0] == 0) & (right[..., 1] == 0) & (right[..., 2] == 255)
+    assert red.sum() > 68 * 4 and blue.sum() >= 5 * 4
+
+
+def test_batched_equals_one_at_a_time(done, standin, tmp_path):
+    """fp32: batches of 2 and batches of 1 give the same coefficients (<= 1e-5) and meshes."""
+    folder, out, _ = done
+    out1 = str(tmp_path / "b1")
+    assert run(standin, folder, out1, "--batch_size=1", "--save_png=false") == 0
+    for stem in ("000002", "trump_hillary", "vd006"):
+        a, b = loadmat(os.path.join(out, stem + ".mat")), loadmat(os.path.join(out1, stem + ".mat"))
+        for k in ("id", "exp", "tex", "angle", "gamma", "trans"):
+            np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a["lm68"], b["lm68"], atol=1e-4, rtol=0)  # pixels: float32 ulp ~1e-5
+        va = trimesh.load(os.path.join(out, stem + ".obj"), process=False)
+        vb = trimesh.load(os.path.join(out1, stem + ".obj"), process=False)
+        np.testing.assert_allclose(va.vertices, vb.vertices, atol=1e-5)
+        np.testing.assert_array_equal(va.faces, vb.faces)
+    assert not os.path.exists(os.path.join(out1, "000002.png"))
+
+
+def test_default_results_location(standin, tmp_path):
+    """Without --results_dir: checkpoints/<name>/results/<folder name>/epoch_<E>_000000/."""
+    folder = make_photo_folder(str(tmp_path / "my_photos"), ["vd006.png"])
+    ckpt_dir = tmp_path / "ckpts"
+    (ckpt_dir / "standin").mkdir(parents=True)
+    os.symlink(standin["checkpoint"], ckpt_dir / "standin" / "epoch_20.pth")
+    code = test_cli.main(["--name=standin", "--epoch=20", f"--img_folder={folder}/",
+                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={ckpt_dir}",
+                          "--num_threads=0", "--save_mesh=false"])
+    assert code == 0
+    assert os.path.isfile(ckpt_dir / "standin" / "results" / "my_photos" / "epoch_20_000000" / "vd006.png")
+
+
+def test_bad_inputs_are_reported_and_others_processed(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png", "015259.jpg"])
+    # a photo without detection file
+    shutil.copyfile(os.path.join(ROOT, "examples", "JianzhuGuo.jpg"), os.path.join(folder, "nodet.jpg"))
+    # a corrupt photo with a detection file
+    with open(os.path.join(folder, "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    shutil.copyfile(os.path.join(folder, "detections", "000002.txt"), os.path.join(folder, "detections", "corrupt.txt"))
+    # a detection file with 4 lines
+    lines = open(os.path.join(folder, "detections", "015259.txt")).read().splitlines()
+    with open(os.path.join(folder, "detections", "015259.txt"), "w") as f:
+        f.write("\n".join(lines[:4]) + "\n")
+    before = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if "." in n}
+    out = str(tmp_path / "out")
+    code = run(standin, folder, out, "--batch_size=2")
+    text = capsys.readouterr()
+    assert code == 1
+    assert "2 face(s) reconstructed, 2 failed, 1 photo(s) skipped" in text.out
+    assert "nodet.jpg" in text.out and "015259" in text.out and "found 4 line(s)" in text.out
+    assert "corrupt" in text.out and "Traceback" not in text.out + text.err
+    assert os.path.isfile(os.path.join(out, "000002.obj")) and os.path.isfile(os.path.join(out, "vd006.obj"))
+    assert not os.path.exists(os.path.join(out, "015259.obj"))
+    after = {n: open(os.path.join(folder, n), "rb").read() for n in before}
+    assert after == before  # the user's photos are never modified
+
+
+def test_missing_bfm_is_a_one_line_error(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
+    empty_bfm = tmp_path / "BFM"
+    shutil.copytree(os.path.join(ROOT, "BFM"), empty_bfm)
+    code = run(dict(standin, bfm_folder=str(empty_bfm)), folder, str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2 and "01_MorphableModel.mat" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_checkpoint_is_a_one_line_error(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
+    code = run(dict(standin, name="nonexistent"), folder, str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2 and "nonexistent" in err and "epoch_20.pth" in err and len(err.strip().splitlines()) == 1
+
+
+def test_truncated_checkpoint_is_a_one_line_error(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
+    (tmp_path / "ck" / "bad").mkdir(parents=True)
+    data = open(standin["checkpoint"], "rb").read()
+    (tmp_path / "ck" / "bad" / "epoch_20.pth").write_bytes(data[: len(data) // 3])
+    code = run(dict(standin, name="bad", checkpoints_dir=str(tmp_path / "ck")), folder, str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_folder(standin, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run(standin, str(tmp_path / "empty"), str(tmp_path / "out")) == 1
+    assert "nothing was reconstructed" in capsys.readouterr().out
+
+
+def test_multi_face_detection_files_are_reconstructed(standin, tmp_path):
+    """process_images.py --all-faces writes photo.txt + photo__face02.txt; both are reconstructed."""
+    folder = make_photo_folder(str(tmp_path / "photos"), ["trump_hillary.jpg"])
+    from util.detections_io import detection_path, read_points, write_points
+
+    lm = read_points(detection_path(folder, "trump_hillary.jpg"))
+    write_points(detection_path(folder, "trump_hillary.jpg", face=2), lm + np.array([700.0, 0.0]))
+    out = str(tmp_path / "out")
+    assert run(standin, folder, out, "--save_mesh=false") == 0
+    assert os.path.isfile(os.path.join(out, "trump_hillary.mat"))
+    assert os.path.isfile(os.path.join(out, "trump_hillary__face02.mat"))
