@@ -14,12 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, face_detection_files, read_points
-from util.image_io import is_image_file, load_image
+from util.detections_io import face_detection_files, read_points
+from util.image_io import list_images, load_image
 from util.preprocess import AlignTransform, align_img, flip_y, image_to_array
-
-SKIP_DIRS = {DETECTIONS_DIR, LANDMARKS_DIR}
-
 
 @dataclass(frozen=True)
 class FaceEntry:
@@ -31,25 +28,9 @@ class FaceEntry:
     rel_dir: str  # sub-folder of the photo relative to the image folder ('' at top level)
 
 
-def list_images(folder: str, recursive: bool = False) -> list[str]:
-    """Photos under ``folder`` as sorted relative paths, skipping the tool's own output folders."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    out = []
-    for root, dirs, files in os.walk(folder):
-        rel_root = os.path.relpath(root, folder)
-        if rel_root == ".":
-            rel_root = ""
-            dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
-        if not recursive:
-            dirs[:] = []
-        dirs.sort()
-        out += [os.path.join(rel_root, f) for f in sorted(files) if is_image_file(f) and not f.startswith(".")]
-    return out
-
-
 def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], list[str]]:
-    """Return (faces to reconstruct, photos without any detection file)."""
+    """Return (faces to reconstruct, photos without any detection file), photos listed by the
+    same :func:`util.image_io.list_images` the detector uses."""
     entries, missing = [], []
     for rel in list_images(folder, recursive):
         faces = face_detection_files(folder, rel)

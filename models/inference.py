@@ -198,7 +198,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
 
     t0 = time.perf_counter()
     if not os.path.isdir(opt.img_folder):
-        raise SetupError(f"--img_folder {opt.img_folder} is not a folder")
+        raise SetupError(f"--img_folder {opt.img_folder} is not a folder; give the folder of photos "
+                         "that ./process_images.sh prepared")
     try:
         lm3d = load_lm3d(opt.bfm_folder)
     except MissingAssetError as e:
