@@ -327,10 +327,13 @@ def test_closed_mesh_is_watertight_and_chunking_is_invisible():
     inner = angle < math.asin(0.99 / 10.0) - 1.5 / proj["focal"]
     assert inner.sum() > 4000
     assert (out.mask[0, 0].numpy() > 0)[inner].all()
-    chunked = MeshRenderer(CpuRasterizer(max_pairs=97), default.projection)
-    small = render(chunked, vert.astype(np.float32), tri, vert.astype(np.float32))
-    torch.testing.assert_close(small.mask, out.mask, rtol=0, atol=0)
-    torch.testing.assert_close(small.image, out.image, rtol=0, atol=0)
+    chunked = MeshRenderer(CpuRasterizer(max_pairs=97, max_triangles=len(tri)), default.projection)
+    batch = (torch.tensor(vert, dtype=torch.float32)[None] + torch.tensor([[[0.0, 0.0, 0.0]], [[0.2, 0.1, 1.0]]]))
+    args = (batch, torch.tensor(tri), batch)
+    small, whole = chunked(*args), default(*args)  # one image per group, many pair chunks / one of each
+    torch.testing.assert_close(small.mask, whole.mask, rtol=0, atol=0)
+    torch.testing.assert_close(small.image, whole.image, rtol=0, atol=0)
+    torch.testing.assert_close(small.mask[:1], out.mask, rtol=0, atol=0)
 
 
 def test_gradients_flow_to_vertices_and_features(cpu_renderer):

@@ -1,6 +1,7 @@
 """A vectorised PyTorch rasterizer that reproduces nvdiffrast's conventions on any device.
 
-Algorithm (no Python loop over triangles or pixels; one loop over memory-bounded chunks):
+Algorithm (no Python loop over triangles or pixels, only over memory-bounded groups of images
+and chunks of candidate pairs):
 
 1. Without autograd, per triangle: clip it against the near plane (only to bound it) and take
    the screen bounding box of the pixel centres it can cover.
@@ -90,16 +91,18 @@ class CpuRasterizer(Rasterizer):
     """nvdiffrast-compatible rasterization in plain PyTorch (runs on any device, written for CPU).
 
     Args:
-        max_pairs: candidate (triangle, pixel) pairs evaluated at once; bounds peak memory at
-            roughly ``max_pairs * 200`` bytes.
+        max_pairs: candidate (triangle, pixel) pairs evaluated at once (~200 bytes each).
+        max_triangles: triangles (summed over the images of a group) set up at once (~400 bytes
+            each); the batch is processed in groups of images below this bound.
     """
 
     name = "cpu"
 
-    def __init__(self, max_pairs: int = 1 << 19):
-        if max_pairs < 1:
-            raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    def __init__(self, max_pairs: int = 1 << 19, max_triangles: int = 1 << 18):
+        if max_pairs < 1 or max_triangles < 1:
+            raise ValueError(f"max_pairs and max_triangles must be >= 1, got {max_pairs}, {max_triangles}")
         self.max_pairs = int(max_pairs)
+        self.max_triangles = int(max_triangles)
 
     def rasterize_interpolate(self, clip, tri, attr, size):
         h, w = size
@@ -113,7 +116,10 @@ class CpuRasterizer(Rasterizer):
         attr = attr.to(clip.dtype)
 
         with torch.no_grad():
-            pix, face = self._visible_fragments(clip.detach(), tri, h, w)
+            group = max(1, self.max_triangles // max(1, tri.shape[0]))
+            parts = [self._visible_fragments(c, tri, h, w) for c in clip.detach().split(group)]
+            pix = torch.cat([p + k * group * h * w for k, (p, _) in enumerate(parts)])
+            face = torch.cat([f for _, f in parts])
 
         k = attr.shape[-1]
         mask = torch.zeros(b * h * w, dtype=torch.bool, device=clip.device)
