@@ -15,7 +15,7 @@ What the package does, and what is reproduced here (``mtcnn/stages``, ``mtcnn/ut
   ``int(H * s) x int(W * s)`` (truncated) and is made with ``tf.image.resize(method=AREA)``,
   i.e. TensorFlow's ``ResizeArea`` kernel: every output pixel is the exact average of the source
   rectangle ``[y * H / h, (y + 1) * H / h) x [x * W / w, (x + 1) * W / w)`` with fractional
-  border weights. :func:`area_resize` computes the same integral from float64 running sums.
+  border weights. :func:`area_resize` applies the kernel's weights as two sparse products.
   (Torch's ``interpolate(mode="area")`` is adaptive average pooling with whole-pixel bins and moves
   the landmarks by up to ~1 px, so it is not used.)
 * PNet on every level; a cell is a candidate when its face probability is ``> thresholds[0]``;
@@ -55,8 +55,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import functools
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,13 +186,13 @@ class PNet(_KerasPort):
         self.conv4_2 = nn.Conv2d(32, 2, 1)
 
     def forward(
-        self, x: torch.Tensor, conv1_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, pool_edges: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``conv1_mask`` (bool, broadcastable to (N, 10, H - 2, W - 2)): cells where it is False
-        are left out of the first max pool, as if the image ended there."""
+        """``pool_edges`` (2, M) int64: (y, x) cells of the conv1 output (all images, all
+        channels) that the first max pool must ignore, as if the image ended there."""
         x = self.prelu1(self.conv1(x))
-        if conv1_mask is not None:
-            x = x.masked_fill(~conv1_mask, float("-inf"))
+        if pool_edges is not None and pool_edges.shape[1] > 0:
+            x[:, :, pool_edges[0], pool_edges[1]] = float("-inf")
         x = F.max_pool2d(x, 2, 2, ceil_mode=True)
         x = self.prelu2(self.conv2(x))
         x = self.prelu3(self.conv3(x))
@@ -310,58 +312,68 @@ def pnet_output_size(height: int, width: int) -> tuple[int, int]:
     return math.ceil((height - 2) / 2) - 4, math.ceil((width - 2) / 2) - 4
 
 
-def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32]:
-    """Source interval ends of TF's ``ResizeArea`` along one axis, as running-sum taps.
+@functools.lru_cache(maxsize=256)
+def _area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32]:
+    """TF ``ResizeArea`` along one axis as a CSR matrix (n_out x n_in): (crow, col, value, step).
 
-    Output cell ``i`` covers ``[i * s, (i + 1) * s)`` with ``s = n_in / n_out`` in float32, as
-    TensorFlow computes it. The integral of the pixel row up to ``t`` is
-    ``S[k] + (t - k) * (S[k + 1] - S[k])`` with ``k = min(floor(t), n_in - 1)`` and ``S`` the
-    running sum with a leading 0 (so ``t`` just past the end takes the last pixel, as TF's
-    ``Bound`` does). Returns ``(k0, f0, k1, f1, s)`` for both interval ends.
+    Output cell ``i`` covers ``[i * s, (i + 1) * s)`` with ``s = n_in / n_out``; every input cell
+    it touches gets its overlap as weight, computed in float32 with the kernel's own formula.
+    A cell index past the end reads the last pixel (TF's ``Bound``); that weight is merged into
+    the last pixel's.
     """
     s = np.float32(n_in) / np.float32(n_out)
-    idx = np.arange(n_out + 1, dtype=np.float32) * s  # float32, like the kernel
-    t = idx.astype(np.float64)
-    k = np.minimum(np.floor(t), n_in - 1).astype(np.int64)
-    f = t - k
-    return k[:-1], f[:-1], k[1:], f[1:], s
+    a = np.arange(n_out, dtype=np.float32) * s
+    b = np.arange(1, n_out + 1, dtype=np.float32) * s
+    first = np.floor(a).astype(np.int64)
+    stop = np.ceil(b).astype(np.int64)
+    k = first[:, None] + np.arange(int((stop - first).max()))[None, :]
+    kf = k.astype(np.float32)
+    a, b = a[:, None], b[:, None]
+    one = np.float32(1)
+    w = np.where(kf < a, np.where(kf + one > b, s, kf + one - a), np.where(kf + one > b, b - kf, one))
+    w = np.where(k < stop[:, None], w, np.float32(0))
+    past = k >= n_in
+    if past.any():
+        rows = np.flatnonzero(past.any(axis=1))
+        last = np.argmax(k[rows] == n_in - 1, axis=1)
+        w[rows, last] += (w[rows] * past[rows]).sum(axis=1)
+        w[past] = 0
+    keep = (k < stop[:, None]) & ~past
+    crow = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    return crow, k[keep], w[keep].astype(np.float32), s
 
 
-def _integral_at(cumsum: torch.Tensor, dim: int, k: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``cumsum`` (leading zero along ``dim``) interpolated at ``k + f``; ``f`` broadcasts."""
-    lo = cumsum.index_select(dim, k)
-    hi = cumsum.index_select(dim, k + 1)
-    return lo + (hi - lo) * f
+@functools.lru_cache(maxsize=512)
+def _area_matrix(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, np.float32]:
+    crow, col, value, s = _area_weights(n_in, n_out)
+    with warnings.catch_warnings():  # torch warns once that sparse CSR is "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(value),
+            size=(n_out, n_in), check_invariants=False,
+        )
+    return matrix.to(device), s
 
 
-def area_resize(image: torch.Tensor, out_h: int, out_w: int, *, _row_cumsum: torch.Tensor | None = None) -> torch.Tensor:
-    """TensorFlow's ``resize(method=AREA)`` of an (H, W, C) float image to (out_h, out_w, C) float32.
+def area_resize(
+    image: torch.Tensor, out_h: int, out_w: int, *, transposed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TensorFlow's ``resize(method=AREA)`` of an (H, W, C) float32 image: (out_h, out_w, C) float32.
 
-    Computed from float64 running sums, so the only difference to TensorFlow's float32
-    accumulation is round-off (about 1e-6 of the pixel range).
+    Two sparse products with the kernel's weights, x first then y, scaled at the end by
+    ``1 / (sy * sx)`` as the kernel does; only float32 summation order differs.
+    ``transposed``: the image as (W, H * C), to share between levels.
     """
     if image.ndim != 3:
         raise ValueError(f"area_resize expects an (H, W, C) image, got shape {tuple(image.shape)}")
-    height, width = image.shape[:2]
-    dev = image.device
-    if _row_cumsum is None:
-        _row_cumsum = _leading_zero_cumsum(image.double(), 1)
-    k0, f0, k1, f1, sx = _area_taps(width, out_w)
-    as_t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
-    fx = lambda a: as_t(a)[None, :, None]  # noqa: E731
-    rows = _integral_at(_row_cumsum, 1, as_t(k1), fx(f1)) - _integral_at(_row_cumsum, 1, as_t(k0), fx(f0))
-    col_cumsum = _leading_zero_cumsum(rows, 0)
-    k0, f0, k1, f1, sy = _area_taps(height, out_h)
-    fy = lambda a: as_t(a)[:, None, None]  # noqa: E731
-    out = _integral_at(col_cumsum, 0, as_t(k1), fy(f1)) - _integral_at(col_cumsum, 0, as_t(k0), fy(f0))
-    scale = np.float32(1.0 / np.float64(sy * sx))  # TF: float scale = 1.0 / (hs * ws)
-    return (out * float(scale)).float()
-
-
-def _leading_zero_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = list(x.shape)
-    shape[dim] = 1
-    return torch.cat([x.new_zeros(shape), x.cumsum(dim)], dim)
+    height, width, channels = image.shape
+    if transposed is None:
+        transposed = image.permute(1, 0, 2).reshape(width, height * channels)
+    wx, sx = _area_matrix(width, out_w, image.device)
+    wy, sy = _area_matrix(height, out_h, image.device)
+    rows = (wx @ transposed).view(out_w, height, channels).permute(1, 0, 2).reshape(height, -1)
+    out = (wy @ rows).view(out_h, out_w, channels)
+    return out * float(np.float32(1.0 / np.float64(sy * sx)))  # TF: float scale = 1.0 / (hs * ws)
 
 
 def crop_and_resize(
@@ -427,39 +439,43 @@ def crop_and_resize(
 def box_overlap(a: torch.Tensor, b: torch.Tensor, method: str = "union") -> torch.Tensor:
     """Pairwise overlap (len(a), len(b)) of (x1, y1, x2, y2) boxes as the package computes it:
     areas ``(x2 - x1) * (y2 - y1)``, ``inter / union`` or ``inter / min(area)``."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    if method not in ("union", "min"):
+        raise ValueError(f"overlap method must be 'union' or 'min', got {method!r}")
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    iw = torch.minimum(a[:, None, 2], b[None, :, 2]).sub_(torch.maximum(a[:, None, 0], b[None, :, 0]))
+    ih = torch.minimum(a[:, None, 3], b[None, :, 3]).sub_(torch.maximum(a[:, None, 1], b[None, :, 1]))
+    inter = iw.clamp_(min=0).mul_(ih.clamp_(min=0))
     if method == "union":
-        return inter / (area_a[:, None] + area_b[None, :] - inter)
-    if method == "min":
-        return inter / torch.minimum(area_a[:, None], area_b[None, :])
-    raise ValueError(f"overlap method must be 'union' or 'min', got {method!r}")
+        return inter / (area_a + area_b - inter)
+    return inter / torch.minimum(area_a, area_b)
 
 
 def earlier_overlap_nms(
-    boxes: torch.Tensor, groups: torch.Tensor, threshold: float, method: str = "union", chunk: int = 2048
+    boxes: torch.Tensor, groups: torch.Tensor, threshold: float, method: str = "union", chunk: int = 512
 ) -> torch.Tensor:
     """The package's NMS, batched over groups: keep box ``j`` unless an earlier box ``i < j`` of the
     same group overlaps it by more than ``threshold`` (suppressed boxes still suppress).
 
     boxes: (N, 4) sorted by descending score within each group; groups: (N,) int64, equal values
-    contiguous. Returns a (N,) bool keep mask. Memory is ``chunk x (group span)``.
+    contiguous. Returns a (N,) bool keep mask. Boxes ``j`` are taken ``chunk`` at a time against
+    the boxes from their group's start to ``j``, so the work is about the sum of squared group
+    sizes over two.
     """
     n = boxes.shape[0]
     keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
     if n == 0:
         return keep
-    starts = torch.searchsorted(groups.contiguous(), groups.contiguous())  # first index of the group
+    groups = groups.contiguous()
+    starts = torch.searchsorted(groups, groups).cpu().numpy()  # first index of each one's group
     index = torch.arange(n, device=boxes.device)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         lo = int(starts[a])
         ov = box_overlap(boxes[a:b], boxes[lo:b], method)
-        earlier = (index[lo:b][None, :] < index[a:b, None]) & (groups[lo:b][None, :] == groups[a:b, None])
+        earlier = index[lo:b][None, :] < index[a:b, None]
+        if starts[b - 1] != lo:  # several groups in this block
+            earlier &= groups[lo:b][None, :] == groups[a:b, None]
         keep[a:b] = ~((ov > threshold) & earlier).any(dim=1)
     return keep
 
@@ -530,6 +546,26 @@ class _Tile:
     canvas: int = 0
     oy: int = 0
     ox: int = 0
+
+
+def _pool_edge_cells(tile: _Tile) -> np.ndarray:
+    """Conv1 cells just past a tile whose conv1 output has odd height or width: TF's ``same``
+    2 x 2 pool sees only the tile there, so these cells are set to -inf. (2, M) canvas (y, x).
+
+    Every other cell a valid PNet output depends on lies inside the tile, so other neighbours
+    need no masking.
+    """
+    h, w = tile.height - 2, tile.width - 2  # conv1 output of the tile
+    ys, xs = [], []
+    if h % 2:
+        xs.append(np.arange(tile.ox, tile.ox + w + (w % 2)))
+        ys.append(np.full(xs[-1].shape, tile.oy + h))
+    if w % 2:
+        ys.append(np.arange(tile.oy, tile.oy + h + (h % 2)))
+        xs.append(np.full(ys[-1].shape, tile.ox + w))
+    if not ys:
+        return np.zeros((2, 0), np.int64)
+    return np.stack([np.concatenate(ys), np.concatenate(xs)]).astype(np.int64)
 
 
 def _even(v: int) -> int:
@@ -623,7 +659,8 @@ class TorchMTCNN:
         self.thresholds = tuple(float(t) for t in thresholds)
         self.scale_factor = scale_factor
         self.pnet, self.rnet, self.onet = (
-            load_network(name, weights_dir).to(self.device) for name in ("pnet", "rnet", "onet")
+            load_network(name, weights_dir).to(self.device, memory_format=torch.channels_last)
+            for name in ("pnet", "rnet", "onet")
         )
         self.canvas_pixels = CANVAS_PIXELS.get(self.device.type, CANVAS_PIXELS["cuda"])
 
@@ -689,28 +726,30 @@ class TorchMTCNN:
         dev = self.device
         members = [t for t, tile in enumerate(tiles) if tile.canvas == c]
         canvas = torch.zeros(*shape, 3, dtype=torch.float32, device=dev)
-        conv1_valid = np.zeros((shape[0] - 2, shape[1] - 2), bool)
-        out_h, out_w = pnet_output_size(*shape)
-        cell_tile = np.full((out_h, out_w), -1, np.int64)
+        cell_tile = torch.full(pnet_output_size(*shape), -1, dtype=torch.int64, device=dev)
+        edges = []
         by_image: dict[int, list[int]] = {}
         for t in members:
             by_image.setdefault(tiles[t].image, []).append(t)
         for b, ts in by_image.items():
-            row_cumsum = batch.row_cumsum(b)
+            image = batch.image(b)
+            transposed = image.permute(1, 0, 2).reshape(image.shape[1], -1)
             for t in ts:
                 tile = tiles[t]
-                level = area_resize(batch.image(b), tile.height, tile.width, _row_cumsum=row_cumsum)
+                level = area_resize(image, tile.height, tile.width, transposed=transposed)
                 canvas[tile.oy:tile.oy + tile.height, tile.ox:tile.ox + tile.width] = level
-                conv1_valid[tile.oy:tile.oy + tile.height - 2, tile.ox:tile.ox + tile.width - 2] = True
+                edges.append(_pool_edge_cells(tile))
                 oh, ow = pnet_output_size(tile.height, tile.width)
                 cell_tile[tile.oy // 2:tile.oy // 2 + oh, tile.ox // 2:tile.ox // 2 + ow] = t
-            del row_cumsum
-        mask = torch.from_numpy(conv1_valid).to(dev)
-        reg, prob = self.pnet(canvas.permute(2, 0, 1)[None], mask)
-        cell_tile_t = torch.from_numpy(cell_tile).to(dev)
-        hit = (prob[0] > self.thresholds[0]) & (cell_tile_t >= 0)
+            del transposed
+        edges = np.concatenate(edges, axis=1)
+        edges = edges[:, (edges[0] < shape[0] - 2) & (edges[1] < shape[1] - 2)]  # else ceil_mode
+        pool_edges = torch.from_numpy(edges).to(dev)
+        # NHWC memory, which the channels-last networks read without a copy.
+        reg, prob = self.pnet(canvas.permute(2, 0, 1)[None], pool_edges)
+        hit = (prob[0] > self.thresholds[0]) & (cell_tile >= 0)
         ys, xs = hit.nonzero(as_tuple=True)
-        tile_id = cell_tile_t[ys, xs]
+        tile_id = cell_tile[ys, xs]
         oy = torch.tensor([tile.oy // 2 for tile in tiles], device=dev)[tile_id]
         ox = torch.tensor([tile.ox // 2 for tile in tiles], device=dev)[tile_id]
         return tile_id, ys - oy, xs - ox, reg[0][:, ys, xs].T, prob[0, ys, xs]
@@ -762,9 +801,6 @@ class _Batch:
     def image(self, b: int) -> torch.Tensor:
         h, w = self.shapes[b]
         return self.pixels[self._starts[b]:self._starts[b + 1]].view(h, w, 3)
-
-    def row_cumsum(self, b: int) -> torch.Tensor:
-        return _leading_zero_cumsum(self.image(b).double(), 1)
 
     def crops(self, boxes: torch.Tensor, image_ids: torch.Tensor, size: int) -> torch.Tensor:
         return crop_and_resize(self.pixels, self.offsets, self.sizes, boxes, image_ids, size)
