@@ -146,7 +146,10 @@ def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, s
     save("tiff_upper.TIF", src, compression="tiff_lzw")
     save("tiff_long.tiff", src)
     save("gray.png", src.convert("L"))
-    save("bilevel.png", src.convert("L").point(lambda v: 255 if v > 110 else 0).convert("1"))
+    # 1-bit: loads fine, but thresholding wipes the face out for MTCNN (a real "no face" case)
+    save("bilevel.png", src.convert("L").point(lambda v: 255 if v > 110 else 0).convert("1"), "skipped", "no_face")
+    grad = np.tile(np.linspace(0, 255, 400).astype(np.uint8), (300, 1))
+    save("no_face.png", Image.fromarray(grad), "skipped", "no_face")
     save("palette.png", src.convert("P", palette=Image.Palette.ADAPTIVE, colors=128))
     rgba = src.convert("RGBA")
     alpha = np.full(rgb.shape[:2], 255, np.uint8)
@@ -156,7 +159,7 @@ def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, s
     save("cmyk.jpg", src.convert("CMYK"), quality=92)
     g16 = (np.asarray(src.convert("L"), np.uint16) * 257)
     save("gray16.png", Image.fromarray(g16))
-    save("gray16.tif", Image.fromarray(g16))
+    save("gray16_tiff.tif", Image.fromarray(g16))
     # EXIF-rotated: pixels stored turned 90 deg counter-clockwise, orientation 6 ("turn 90 deg
     # clockwise to display"): the loader must give the upright photo (same detections).
     stored = src.transpose(Image.Transpose.ROTATE_90)

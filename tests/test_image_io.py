@@ -48,7 +48,7 @@ def test_lossless_variants_give_the_same_pixels(odd, face_rgb):
     for name in ("mixed.Png", "bitmap.bmp", "tiff_long.tiff", "tiff_upper.TIF", "naïve café 写真.png"):
         np.testing.assert_array_equal(load_image_array(os.path.join(d, name)), face_rgb, err_msg=name)
     gray = np.asarray(Image.fromarray(face_rgb).convert("L"))
-    for name in ("gray.png", "gray16.png", "gray16.tif"):  # 16-bit: v * 257 -> v exactly
+    for name in ("gray.png", "gray16.png", "gray16_tiff.tif"):  # 16-bit: v * 257 -> v exactly
         a = load_image_array(os.path.join(d, name))
         np.testing.assert_array_equal(a, np.repeat(gray[..., None], 3, 2), err_msg=name)
 
