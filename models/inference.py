@@ -136,7 +136,7 @@ def write_face_outputs(out_dir: str, item: dict, opt, face_buf: np.ndarray) -> N
         from PIL import Image
 
         tmp = base + ".png.part"
-        Image.fromarray(item["vis"]).save(tmp, format="PNG")
+        Image.fromarray(item["vis"]).save(tmp, format="PNG", compress_level=1)  # lossless; fast
         os.replace(tmp, base + ".png")
     if opt.save_mesh:
         world = item["vertex"].copy()
@@ -223,8 +223,20 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         from tqdm import tqdm
 
         bar = tqdm(total=len(entries), unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
-    pool = ThreadPoolExecutor(max(1, opt.write_workers))
+    pool = ThreadPoolExecutor(opt.write_workers) if opt.write_workers > 0 else None
     pending: list[tuple[str, Future]] = []
+
+    def submit(item: dict) -> None:
+        if pool is None:  # synchronous writes (--write_workers 0)
+            fut: Future = Future()
+            try:
+                write_face_outputs(out_dir, item, opt, face_buf)
+                fut.set_result(None)
+            except Exception as e:
+                fut.set_exception(e)
+        else:
+            fut = pool.submit(write_face_outputs, out_dir, item, opt, face_buf)
+        pending.append((item["name"], fut))
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
@@ -252,13 +264,14 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                 with torch.inference_mode():
                     recon = model.reconstruct(coeffs)
                 for item in batch_to_items(recon, batch, opt):
-                    pending.append((item["name"], pool.submit(write_face_outputs, out_dir, item, opt, face_buf)))
+                    submit(item)
                 drain(4 * max(1, opt.batch_size))
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))
         drain(0)
     finally:
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
     summary.seconds = time.perf_counter() - t0

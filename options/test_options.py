@@ -1,6 +1,7 @@
 """Options of test.py: the original's plus batching, output switches and device choice."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from options.base_options import BaseOptions, opt, parse_options
@@ -23,7 +24,8 @@ class TestOptions(BaseOptions):
                    choices=["none", "bf16", "fp16"])
     channels_last: bool = opt(False, "run the network in channels_last memory format")
     compile: bool = opt(False, "torch.compile the network (CUDA; first batch slower)")
-    write_workers: int = opt(2, "threads writing .obj/.png/.mat off the critical path")
+    write_workers: int = opt(min(8, os.cpu_count() or 1),
+                             "threads writing .obj/.png/.mat off the critical path (0 = write synchronously)")
     fit_steps: int = opt(0, "refine each face's coefficients with N steps of landmark+photometric fitting (0 = off)")
 
 
