@@ -168,9 +168,9 @@ class CpuRasterizer(Rasterizer):
             n_pairs = int(ends[last - 1] - starts[first])
             local = torch.repeat_interleave(chunk, counts[first:last], output_size=n_pairs)
             k = torch.arange(n_pairs, device=device) + int(starts[first]) - starts[local]
-            dr = torch.div(k, ncol[local], rounding_mode="floor")
-            row = row0[local] + dr
-            col = col0[local] + (k - dr * ncol[local])
+            drow = torch.div(k, ncol[local], rounding_mode="floor")
+            row = row0[local] + drow
+            col = col0[local] + (k - drow * ncol[local])
 
             v = packed[local].view(-1, 3, 4)
             a = _edge_functions(v, _pixel_centres(col, w, clip.dtype), _pixel_centres(row, h, clip.dtype))
