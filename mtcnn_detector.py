@@ -221,8 +221,6 @@ def _load_mtcnn(device: str, threads: int):
         return _MTCNN_MODELS[device]
     if importlib.util.find_spec("mtcnn") is None or importlib.util.find_spec("tensorflow") is None:
         raise DetectorUnavailableError(f"the 'mtcnn' detector needs the mtcnn and TensorFlow packages: {MTCNN_INSTALL}")
-    # quiet TensorFlow's C++ start-up chatter unless the user asked for it
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     from mtcnn import MTCNN
 

@@ -399,7 +399,7 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
     (KeyboardInterrupt is re-raised after the report is written).
     """
     options, folder = plan.options, plan.folder
-    _remove_stale_temp_files(folder, options.recursive, plan.report_path)
+    _remove_stale_temp_files(folder, plan.report_path)
     rows = dict(plan.rows)
     t0, last_flush = time.perf_counter(), time.perf_counter()
 
@@ -447,7 +447,7 @@ def _run_pool(plan: Plan, accept) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _remove_stale_temp_files(folder: str, recursive: bool, report_path: str) -> None:
+def _remove_stale_temp_files(folder: str, report_path: str) -> None:
     """Delete temporary files a killed run left in the output folders (only our own names)."""
     for sub in (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR):
         root = os.path.join(folder, sub)
@@ -458,8 +458,6 @@ def _remove_stale_temp_files(folder: str, recursive: bool, report_path: str) -> 
                         os.remove(os.path.join(d, f))
                     except OSError:
                         pass
-            if not recursive:
-                break
     rep_dir = os.path.dirname(os.path.abspath(report_path))
     for f in os.listdir(rep_dir):
         if f.startswith(TEMP_PREFIX) and f.endswith(".json"):
