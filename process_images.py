@@ -8,8 +8,8 @@ folders and <folder>/process_report.json; see docs/process_images.md and util/pr
 Exit status: 0 when the run completed (photos without a face are reported, not errors);
 1 when nothing could be processed (no photo found or none readable) or, with --strict, when
 any photo was skipped; 2 for a usage or set-up error (bad option, missing folder, detector
-package or dlib predictor, outputs that cannot be written); 130 when interrupted (Ctrl-C / SIGTERM) - the report then lists the
-photos done so far and a re-run resumes.
+package or dlib predictor, outputs that cannot be written); 130 when interrupted (Ctrl-C /
+SIGTERM) - the report then lists the photos done so far and a re-run resumes.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import struct
-import sys
 import time
 
 import numpy as np
@@ -206,7 +205,3 @@ def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, s
     with open(os.path.join(dst, "notes.txt"), "w") as f:
         f.write("x")
     return exp
-
-
-def python() -> str:
-    return sys.executable

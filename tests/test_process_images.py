@@ -19,7 +19,7 @@ import pytest
 
 import mtcnn_detector as md
 import process_images
-from helpers_images import (ROOT, SHARED_FACES, copy_faces, fake_main_subprocess_code, make_odd_files,
+from helpers_images import (FAKE_LM, ROOT, copy_faces, fake_main_subprocess_code, make_odd_files,
                             register_fake, snapshot, squares_image)
 from util.detections_io import detection_path, face_detection_files, read_points
 from util.image_io import list_images, load_image_array
@@ -206,9 +206,9 @@ def test_fake_run_outputs_report_and_choice(tmp_path, fake, capsys):
     assert r["weak.png"]["confidence"] == pytest.approx(0.3, abs=0.01) and r["weak.png"]["weak_faces"] == 1
     # the chosen face of "two faces" is the big corner one; its points are in image pixels
     lm = read_points(detection_path(d, "two faces.png"))
-    np.testing.assert_allclose(lm, np.array([-0.5, -0.5]) + np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55],
-                                                                       [0.35, 0.75], [0.65, 0.75]]) * 98, atol=1e-3)
-    assert r["two faces.png"]["box"] == [-0.5, -0.5, 98, 98] and r["two faces.png"]["confidence"] == pytest.approx(0.9, abs=0.01)
+    np.testing.assert_allclose(lm, -0.5 + FAKE_LM * 98, atol=1e-3)
+    assert r["two faces.png"]["box"] == [-0.5, -0.5, 98, 98]
+    assert r["two faces.png"]["confidence"] == pytest.approx(0.9, abs=0.01)
     rep = report(d)
     assert rep["summary"]["images"] == 6 and rep["summary"]["ok"] == 2 and rep["summary"]["faces_written"] == 2
     assert rep["summary"]["skipped"] == {"low_confidence": 1, "no_face": 1, "not_an_image": 1, "too_small": 1}
@@ -342,8 +342,7 @@ def test_large_image_detected_downscaled_in_original_pixels(tmp_path, fake):
     squares_image((5000, 3000), squares=[(3000, 1000, 400, 1.0)]).save(tmp_path / "big.png")
     assert run(tmp_path, "--detector", fake, "--max_side", "1000") == 0
     lm = read_points(detection_path(str(tmp_path), "big.png"))
-    expected = np.array([2999.5, 999.5]) + np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75],
-                                                     [0.65, 0.75]]) * 400
+    expected = np.array([2999.5, 999.5]) + FAKE_LM * 400
     np.testing.assert_allclose(lm, expected, atol=3.0)  # one pixel of the 1/5 copy
 
 
