@@ -179,3 +179,22 @@ def test_multi_face_detection_files_are_reconstructed(standin, tmp_path):
     assert run(standin, folder, out, "--save_mesh=false") == 0
     assert os.path.isfile(os.path.join(out, "trump_hillary.mat"))
     assert os.path.isfile(os.path.join(out, "trump_hillary__face02.mat"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_shard_the_folder(standin, tmp_path):
+    """torchrun --nproc_per_node=2 (CPU, gloo): each rank writes its share, one summary."""
+    import subprocess
+    import sys
+
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder}",
+           f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+           f"--results_dir={out}", "--device=cpu", "--num_threads=0", "--save_mesh=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in r.stdout
+    assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
+                                             for e in ("mat", "png"))
