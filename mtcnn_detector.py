@@ -41,7 +41,7 @@ LM68_RIGHT_EYE = (42, 45)
 LM68_NOSE, LM68_MOUTH_LEFT, LM68_MOUTH_RIGHT = 30, 48, 54
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: fields are arrays, compare them with numpy
 class Detection:
     """One face.
 
