@@ -15,7 +15,8 @@ What the package does, and what is reproduced here (``mtcnn/stages``, ``mtcnn/ut
   ``int(H * s) x int(W * s)`` (truncated) and is made with ``tf.image.resize(method=AREA)``,
   i.e. TensorFlow's ``ResizeArea`` kernel: every output pixel is the exact average of the source
   rectangle ``[y * H / h, (y + 1) * H / h) x [x * W / w, (x + 1) * W / w)`` with fractional
-  border weights. :func:`area_resize` applies the kernel's weights as two sparse products.
+  border weights. :func:`area_resize` applies the kernel's weights as two matrix products
+  (sparse on the CPU, dense on CUDA).
   (Torch's ``interpolate(mode="area")`` is adaptive average pooling with whole-pixel bins and moves
   the landmarks by up to ~1 px, so it is not used.)
 * PNet on every level; a cell is a candidate when its face probability is ``> thresholds[0]``;
@@ -47,15 +48,17 @@ at least 12 px).
 
 Batching: all pyramid levels of all images of a batch are packed into one (or a few) canvases and
 PNet runs once per canvas; RNet and ONet run once on all crops of all images. Tiles start at even
-offsets and PNet's ``conv1`` output outside each tile is set to ``-inf`` before the 2 x 2 max pool,
-which reproduces TensorFlow's ``same`` pooling at odd tile edges, so every valid PNet output cell
-equals the one computed on the level alone.
+offsets and, where a tile's ``conv1`` output has an odd height or width, the ``conv1`` cells just
+past it are set to ``-inf`` before the 2 x 2 max pool, which reproduces TensorFlow's ``same``
+pooling there, so every valid PNet output cell equals the one computed on the level alone.
+
+The weight files are pickles (joblib): load only the package's own, or copies you trust.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
-import functools
 import math
 import os
 import warnings
@@ -79,6 +82,10 @@ WEIGHTS_HELP = (
     "pnet.lz4, rnet.lz4 and onet.lz4."
 )
 
+# PNet, RNet, ONet face-probability thresholds: those of the pre-1.0 `mtcnn` that
+# Deep3DFaceRecon used; mtcnn 1.0.0's detect_faces defaults to (0.6, 0.7, 0.8).
+DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)
+
 # Fixed parts of mtcnn 1.0.0's pipeline (its detect_faces keyword defaults).
 PNET_WINDOW = 12  # PNet's receptive field, the package's ``min_size``
 PNET_STRIDE = 2
@@ -90,7 +97,7 @@ PIXEL_MEAN = 127.5
 PIXEL_SCALE = 128.0
 
 # Pyramid tiles per PNet canvas (pixels); bounds the memory of one PNet call.
-CANVAS_PIXELS = {"cpu": 4_000_000, "cuda": 32_000_000}
+CANVAS_PIXELS = {"cpu": 1_000_000, "cuda": 32_000_000}
 
 
 # --------------------------------------------------------------------------- networks
@@ -193,10 +200,17 @@ class PNet(_KerasPort):
         x = self.prelu1(self.conv1(x))
         if pool_edges is not None and pool_edges.shape[1] > 0:
             x[:, :, pool_edges[0], pool_edges[1]] = float("-inf")
-        x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+        else:  # same result, several times faster on channels-last CPU tensors
+            x = torch.maximum(torch.maximum(x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]),
+                              torch.maximum(x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]))
         x = self.prelu2(self.conv2(x))
         x = self.prelu3(self.conv3(x))
-        return self.conv4_1(x), torch.softmax(self.conv4_2(x), dim=1)[:, 1]
+        # Both 1x1 heads in one convolution.
+        weight = torch.cat([self.conv4_1.weight, self.conv4_2.weight])
+        x = F.conv2d(x, weight, torch.cat([self.conv4_1.bias, self.conv4_2.bias]))
+        return x[:, :4], torch.softmax(x[:, 4:], dim=1)[:, 1]
 
 
 class RNet(_KerasPort):
@@ -297,6 +311,8 @@ def load_network(name: str, weights_dir: str | None = None) -> _KerasPort:
 def pyramid_scales(height: int, width: int, min_face_size: float, scale_factor: float) -> np.ndarray:
     """The package's ``build_scale_pyramid``: float64 scales, largest first (may be empty)."""
     min_dim = min(width, height)
+    if min_dim < PNET_WINDOW:  # the formula gives no level (and fails for an empty image)
+        return np.zeros(0)
     count = round(-((np.log(min_dim / PNET_WINDOW) / np.log(scale_factor)) + 1))
     return (PNET_WINDOW / min_face_size) * scale_factor ** np.arange(count)
 
@@ -343,36 +359,52 @@ def _area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return crow, k[keep], w[keep].astype(np.float32), s
 
 
-@functools.lru_cache(maxsize=512)
-def _area_matrix(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, np.float32]:
-    crow, col, value, s = _area_weights(n_in, n_out)
+@functools.lru_cache(maxsize=64)
+def _area_matrix(n_in: int, n_out: int, device: torch.device, sparse: bool) -> torch.Tensor:
+    """The ``_area_weights`` matrix (n_out, n_in) on ``device``, sparse CSR or dense."""
+    crow, col, value, _ = _area_weights(n_in, n_out)
+    if not sparse:
+        row = np.repeat(np.arange(n_out), np.diff(crow))
+        dense = torch.zeros(n_out, n_in, dtype=torch.float32, device=device)
+        dense[torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)] = (
+            torch.from_numpy(value).to(device))
+        return dense
     with warnings.catch_warnings():  # torch warns once that sparse CSR is "beta"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        matrix = torch.sparse_csr_tensor(
+        return torch.sparse_csr_tensor(
             torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(value),
             size=(n_out, n_in), check_invariants=False,
         )
-    return matrix.to(device), s
 
 
 def area_resize(
-    image: torch.Tensor, out_h: int, out_w: int, *, transposed: torch.Tensor | None = None
+    image: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    *,
+    transposed: torch.Tensor | None = None,
+    sparse: bool | None = None,
 ) -> torch.Tensor:
     """TensorFlow's ``resize(method=AREA)`` of an (H, W, C) float32 image: (out_h, out_w, C) float32.
 
-    Two sparse products with the kernel's weights, x first then y, scaled at the end by
-    ``1 / (sy * sx)`` as the kernel does; only float32 summation order differs.
-    ``transposed``: the image as (W, H * C), to share between levels.
+    Two matrix products with the kernel's weights, along x then y as the kernel sums, scaled at
+    the end by ``1 / (sy * sx)`` as the kernel does; only float32 summation order differs.
+    ``transposed``: the image as (W, H * C), to share between the levels of a pyramid.
+    ``sparse``: sparse CSR weights (default on the CPU, where MKL makes them fast) or dense
+    ones (default elsewhere: cuBLAS is fast and needs no sparse kernels).
     """
     if image.ndim != 3:
         raise ValueError(f"area_resize expects an (H, W, C) image, got shape {tuple(image.shape)}")
     height, width, channels = image.shape
     if transposed is None:
         transposed = image.permute(1, 0, 2).reshape(width, height * channels)
-    wx, sx = _area_matrix(width, out_w, image.device)
-    wy, sy = _area_matrix(height, out_h, image.device)
-    rows = (wx @ transposed).view(out_w, height, channels).permute(1, 0, 2).reshape(height, -1)
-    out = (wy @ rows).view(out_h, out_w, channels)
+    dev = image.device
+    if sparse is None:
+        sparse = dev.type == "cpu"
+    rows = (_area_matrix(width, out_w, dev, sparse) @ transposed).view(out_w, height, channels)
+    rows = rows.permute(1, 0, 2).reshape(height, out_w * channels)
+    out = (_area_matrix(height, out_h, dev, sparse) @ rows).view(out_h, out_w, channels)
+    sy, sx = _area_weights(height, out_h)[3], _area_weights(width, out_w)[3]
     return out * float(np.float32(1.0 / np.float64(sy * sx)))  # TF: float scale = 1.0 / (hs * ws)
 
 
@@ -575,7 +607,10 @@ def _even(v: int) -> int:
 def _pack(tiles: list[_Tile], max_pixels: int) -> tuple[list[_Tile], list[tuple[int, int]]]:
     """Shelf-pack tiles (tallest first) into canvases of at most ``max_pixels`` tile pixels.
 
-    Returns the tiles (same order) with canvas and offsets set, and each canvas' (H, W)."""
+    Returns the tiles (same order) with canvas and offsets set, and each canvas' (H, W). Offsets
+    and canvas sizes are even, so PNet's 2 x 2 pool has no partial window: a tile's odd edge is
+    always followed by a cell that can be masked.
+    """
     order = sorted(range(len(tiles)), key=lambda t: (-tiles[t].height, -tiles[t].width))
     groups: list[list[int]] = [[]]
     area = 0
@@ -600,7 +635,7 @@ def _pack(tiles: list[_Tile], max_pixels: int) -> tuple[list[_Tile], list[tuple[
             canvas_w = max(canvas_w, x + tile.width)
             x += _even(tile.width)
             shelf = max(shelf, tile.height)
-        shapes.append((y + shelf, canvas_w))
+        shapes.append((_even(y + shelf), _even(canvas_w)))
     return placed, shapes
 
 
@@ -644,7 +679,7 @@ class TorchMTCNN:
         self,
         device: str | torch.device = "cpu",
         min_face_size: float = 20,
-        thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         scale_factor: float = 0.709,
         weights_dir: str | None = None,
     ) -> None:
@@ -662,7 +697,9 @@ class TorchMTCNN:
             load_network(name, weights_dir).to(self.device, memory_format=torch.channels_last)
             for name in ("pnet", "rnet", "onet")
         )
+        # How the work is cut, per device; results do not depend on it beyond float round-off.
         self.canvas_pixels = CANVAS_PIXELS.get(self.device.type, CANVAS_PIXELS["cuda"])
+        self.sparse_resize = self.device.type == "cpu"
 
     def detect(self, image: np.ndarray) -> list[dict]:
         """Faces in one (H, W, 3) uint8 RGB image; see the class docstring for the dicts."""
@@ -697,10 +734,13 @@ class TorchMTCNN:
         if not tiles:
             return batch.empty()
         tiles, shapes = _pack(tiles, self.canvas_pixels)
+        logger.debug("PNet: %d levels of %d images on canvases %s", len(tiles), len(batch.shapes), shapes)
         parts = [self._pnet_canvas(batch, tiles, c, shape) for c, shape in enumerate(shapes)]
         tile_id, cell_y, cell_x, reg, score = (torch.cat(p) for p in zip(*parts))
         # The package's order: tile by tile (image, then level), each tile row-major.
-        order = torch.sort(tile_id, stable=True).indices
+        width = max(pnet_output_size(t.height, t.width)[1] for t in tiles)
+        height = max(pnet_output_size(t.height, t.width)[0] for t in tiles)
+        order = torch.argsort((tile_id * height + cell_y) * width + cell_x)
         tile_id, cell_y, cell_x, reg, score = (v[order] for v in (tile_id, cell_y, cell_x, reg, score))
         dev = self.device
         scale = torch.tensor([t.scale for t in tiles], dtype=torch.float64, device=dev)[tile_id]
@@ -736,17 +776,15 @@ class TorchMTCNN:
             transposed = image.permute(1, 0, 2).reshape(image.shape[1], -1)
             for t in ts:
                 tile = tiles[t]
-                level = area_resize(image, tile.height, tile.width, transposed=transposed)
+                level = area_resize(image, tile.height, tile.width, transposed=transposed,
+                                    sparse=self.sparse_resize)
                 canvas[tile.oy:tile.oy + tile.height, tile.ox:tile.ox + tile.width] = level
                 edges.append(_pool_edge_cells(tile))
                 oh, ow = pnet_output_size(tile.height, tile.width)
                 cell_tile[tile.oy // 2:tile.oy // 2 + oh, tile.ox // 2:tile.ox // 2 + ow] = t
             del transposed
-        edges = np.concatenate(edges, axis=1)
-        edges = edges[:, (edges[0] < shape[0] - 2) & (edges[1] < shape[1] - 2)]  # else ceil_mode
-        pool_edges = torch.from_numpy(edges).to(dev)
-        # NHWC memory, which the channels-last networks read without a copy.
-        reg, prob = self.pnet(canvas.permute(2, 0, 1)[None], pool_edges)
+        pool_edges = torch.from_numpy(np.concatenate(edges, axis=1)).to(dev)
+        reg, prob = self.pnet(canvas.permute(2, 0, 1)[None].contiguous(), pool_edges)
         hit = (prob[0] > self.thresholds[0]) & (cell_tile >= 0)
         ys, xs = hit.nonzero(as_tuple=True)
         tile_id = cell_tile[ys, xs]

@@ -147,6 +147,9 @@ def test_area_resize_constant_and_mean():
     # Integer factor: plain block means.
     img = torch.rand(40, 60, 3)
     torch.testing.assert_close(mt.area_resize(img, 10, 20), img.view(10, 4, 20, 3, 3).mean(dim=(1, 3)))
+    # The dense weights (used on CUDA) equal the sparse ones (CPU).
+    img = torch.rand(45, 61, 3)
+    torch.testing.assert_close(mt.area_resize(img, 17, 23, sparse=False), mt.area_resize(img, 17, 23, sparse=True))
 
 
 def test_pnet_on_packed_canvas_equals_levels_alone():
@@ -179,10 +182,11 @@ def test_pnet_on_packed_canvas_equals_levels_alone():
 
 def test_detect_output_layout_and_batch(detector, photos):
     names = ["000033.jpg", "trump_hillary.jpg", "vd034.png"]
-    images = [photos[n] for n in names] + [np.zeros((30, 30, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)]
+    blanks = [np.zeros((30, 30, 3), np.uint8), np.zeros((8, 9, 3), np.uint8), np.zeros((0, 5, 3), np.uint8)]
+    images = [photos[n] for n in names] + blanks
     batch = detector.detect_batch(images)
     assert len(batch) == len(images)
-    assert batch[-1] == [] and batch[-2] == []
+    assert batch[-3:] == [[], [], []]
     assert len(batch[1]) == 2
     for image, faces in zip(images, batch):
         single = detector.detect(image)
@@ -197,6 +201,17 @@ def test_detect_output_layout_and_batch(detector, photos):
     confidences = [f["confidence"] for f in batch[1]]
     assert confidences == sorted(confidences, reverse=True)
     assert detector.detect_batch([]) == []
+
+
+def test_cuda_settings_on_cpu(detector, photos):
+    """What differs on CUDA apart from the kernels (one big canvas, dense resize weights)."""
+    like_cuda = mt.TorchMTCNN()
+    like_cuda.canvas_pixels, like_cuda.sparse_resize = mt.CANVAS_PIXELS["cuda"], False
+    images = [photos[n] for n in ("000050.jpg", "trump_hillary.jpg", "vd006.png", "000125.jpg")]
+    for a_faces, b_faces in zip(detector.detect_batch(images), like_cuda.detect_batch(images)):
+        assert len(a_faces) == len(b_faces)
+        for a, b in zip(a_faces, b_faces):
+            np.testing.assert_allclose(a["keypoints"], b["keypoints"], atol=1e-3)
 
 
 def test_detect_rejects_bad_input(detector):
