@@ -29,10 +29,20 @@ class FaceEntry:
 
 
 def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], list[str]]:
-    """Return (faces to reconstruct, photos without any detection file), photos listed by the
-    same :func:`util.image_io.list_images` the detector uses."""
+    """Return (faces to reconstruct, photos skipped for lack of a detection file), photos listed
+    by the same :func:`util.image_io.list_images` the detector uses.
+
+    Photos sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like
+    process_images.py, only the first in listing order uses it; the others are skipped, with why.
+    """
     entries, missing = [], []
+    owner: dict[tuple[str, str], str] = {}
     for rel in list_images(folder, recursive):
+        key = (os.path.dirname(rel), os.path.splitext(os.path.basename(rel))[0])
+        if key in owner:
+            missing.append(f"{os.path.join(folder, rel)} (same name as {owner[key]}, whose detection file it would reuse)")
+            continue
+        owner[key] = os.path.basename(rel)
         faces = face_detection_files(folder, rel)
         if not faces:
             missing.append(os.path.join(folder, rel))

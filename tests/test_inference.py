@@ -198,3 +198,12 @@ def test_torchrun_two_ranks_shard_the_folder(standin, tmp_path):
     assert r.stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in r.stdout
     assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
                                              for e in ("mat", "png"))
+
+
+def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
+    shutil.copyfile(os.path.join(ROOT, "examples", "000002.jpg"), os.path.join(folder, "vd006.jpg"))
+    out = str(tmp_path / "out")
+    assert run(standin, folder, out, "--save_mesh=false") == 0
+    text = capsys.readouterr().out
+    assert "1 face(s) reconstructed" in text and "vd006.png (same name as vd006.jpg" in text
