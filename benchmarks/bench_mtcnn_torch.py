@@ -80,9 +80,13 @@ def time_calls(run, chunks, sync=None) -> float:
     return time.perf_counter() - start
 
 
-def bench_package(images, warmup, thresholds) -> dict:
-    import mtcnn  # noqa: PLC0415 - pulls TensorFlow; only for this backend
-    import tensorflow as tf  # noqa: PLC0415
+def bench_package(images, warmup, thresholds, threads) -> dict:
+    import tensorflow as tf  # noqa: PLC0415 - only for this backend
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import mtcnn  # noqa: PLC0415
 
     det = mtcnn.MTCNN()
     kw = dict(threshold_pnet=thresholds[0], threshold_rnet=thresholds[1], threshold_onet=thresholds[2])
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help=f"comma list of {BACKENDS}; unavailable ones are skipped")
     parser.add_argument("--batch-sizes", default="1,8", help="TorchMTCNN detect_batch sizes")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch and TensorFlow (default: their own choice)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -131,9 +137,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     images = load_photos(args.faces, args.images)
     megapixels = sum(im.shape[0] * im.shape[1] for im in images) / 1e6
     env = environment()
+    env["threads_option"] = args.threads
     print("environment:", json.dumps(env))
     print(f"{len(images)} images ({megapixels:.1f} Mpx) from {os.path.abspath(args.faces)}")
 
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if _version("mtcnn") is None or not (_version("tensorflow") or _version("tensorflow-cpu")):
                 print("skipping package: mtcnn/tensorflow not installed")
                 continue
-            new = [bench_package(images, args.warmup, DEFAULT_THRESHOLDS)]
+            new = [bench_package(images, args.warmup, DEFAULT_THRESHOLDS, args.threads)]
         elif backend == "torch-cuda" and not torch.cuda.is_available():
             print("skipping torch-cuda: no CUDA device")
             continue

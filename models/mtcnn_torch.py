@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ PIXEL_SCALE = 128.0
 
 # Pyramid tiles per PNet canvas (pixels); bounds the memory of one PNet call.
 CANVAS_PIXELS = {"cpu": 1_000_000, "cuda": 32_000_000}
+# Resize weights kept per detector (bytes): enough for the pyramids of a few hundred image sizes.
+AREA_CACHE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 
 # --------------------------------------------------------------------------- networks
@@ -328,7 +331,7 @@ def pnet_output_size(height: int, width: int) -> tuple[int, int]:
     return math.ceil((height - 2) / 2) - 4, math.ceil((width - 2) / 2) - 4
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.float32]:
     """TF ``ResizeArea`` along one axis as a CSR matrix (n_out x n_in): (crow, col, value, step).
 
@@ -359,7 +362,6 @@ def _area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return crow, k[keep], w[keep].astype(np.float32), s
 
 
-@functools.lru_cache(maxsize=64)
 def _area_matrix(n_in: int, n_out: int, device: torch.device, sparse: bool) -> torch.Tensor:
     """The ``_area_weights`` matrix (n_out, n_in) on ``device``, sparse CSR or dense."""
     crow, col, value, _ = _area_weights(n_in, n_out)
@@ -374,7 +376,35 @@ def _area_matrix(n_in: int, n_out: int, device: torch.device, sparse: bool) -> t
         return torch.sparse_csr_tensor(
             torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(value),
             size=(n_out, n_in), check_invariants=False,
-        )
+        ).to(device)
+
+
+class AreaMatrices:
+    """Least-recently-used cache of ``ResizeArea`` weight matrices on one device, bounded in bytes.
+
+    ``sparse``: CSR matrices (the CPU default: MKL makes them fast) or dense ones (the default
+    elsewhere: cuBLAS is fast and needs no sparse kernels).
+    """
+
+    def __init__(self, device: torch.device, sparse: bool | None = None, max_bytes: int = 256 << 20):
+        self.device = torch.device(device)
+        self.sparse = self.device.type == "cpu" if sparse is None else sparse
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[tuple[int, int], tuple[torch.Tensor, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, n_in: int, n_out: int) -> torch.Tensor:
+        key = (n_in, n_out)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key][0]
+        matrix = _area_matrix(n_in, n_out, self.device, self.sparse)
+        size = (matrix.values().numel() * 12 if self.sparse else matrix.numel() * 4)
+        self._cache[key] = (matrix, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            self._bytes -= self._cache.popitem(last=False)[1][1]
+        return matrix
 
 
 def area_resize(
@@ -383,27 +413,25 @@ def area_resize(
     out_w: int,
     *,
     transposed: torch.Tensor | None = None,
-    sparse: bool | None = None,
+    matrices: AreaMatrices | None = None,
 ) -> torch.Tensor:
     """TensorFlow's ``resize(method=AREA)`` of an (H, W, C) float32 image: (out_h, out_w, C) float32.
 
     Two matrix products with the kernel's weights, along x then y as the kernel sums, scaled at
     the end by ``1 / (sy * sx)`` as the kernel does; only float32 summation order differs.
-    ``transposed``: the image as (W, H * C), to share between the levels of a pyramid.
-    ``sparse``: sparse CSR weights (default on the CPU, where MKL makes them fast) or dense
-    ones (default elsewhere: cuBLAS is fast and needs no sparse kernels).
+    ``transposed``: the image as (W, H * C), to share between the levels of a pyramid;
+    ``matrices``: a weight cache for the image's device (default: a fresh one).
     """
     if image.ndim != 3:
         raise ValueError(f"area_resize expects an (H, W, C) image, got shape {tuple(image.shape)}")
     height, width, channels = image.shape
     if transposed is None:
         transposed = image.permute(1, 0, 2).reshape(width, height * channels)
-    dev = image.device
-    if sparse is None:
-        sparse = dev.type == "cpu"
-    rows = (_area_matrix(width, out_w, dev, sparse) @ transposed).view(out_w, height, channels)
+    if matrices is None:
+        matrices = AreaMatrices(image.device)
+    rows = (matrices(width, out_w) @ transposed).view(out_w, height, channels)
     rows = rows.permute(1, 0, 2).reshape(height, out_w * channels)
-    out = (_area_matrix(height, out_h, dev, sparse) @ rows).view(out_h, out_w, channels)
+    out = (matrices(height, out_h) @ rows).view(out_h, out_w, channels)
     sy, sx = _area_weights(height, out_h)[3], _area_weights(width, out_w)[3]
     return out * float(np.float32(1.0 / np.float64(sy * sx)))  # TF: float scale = 1.0 / (hs * ws)
 
@@ -641,17 +669,25 @@ def _pack(tiles: list[_Tile], max_pixels: int) -> tuple[list[_Tile], list[tuple[
 
 @contextmanager
 def _ieee_fp32(device: torch.device) -> Iterator[None]:
-    """Full float32 convolutions and matmuls on CUDA (cuDNN uses TF32 by default)."""
+    """Full float32 convolutions and matmuls on CUDA (cuDNN uses TF32 by default), restored after."""
     if device.type != "cuda":
         yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    new_api = hasattr(conv, "fp32_precision")  # torch >= 2.9; mixing in the legacy flags is an error
+    if new_api:
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+    else:
+        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        if new_api:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        else:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------- detector
@@ -699,7 +735,7 @@ class TorchMTCNN:
         )
         # How the work is cut, per device; results do not depend on it beyond float round-off.
         self.canvas_pixels = CANVAS_PIXELS.get(self.device.type, CANVAS_PIXELS["cuda"])
-        self.sparse_resize = self.device.type == "cpu"
+        self.area_matrices = AreaMatrices(self.device, max_bytes=AREA_CACHE_BYTES.get(self.device.type, 512 << 20))
 
     def detect(self, image: np.ndarray) -> list[dict]:
         """Faces in one (H, W, 3) uint8 RGB image; see the class docstring for the dicts."""
@@ -777,7 +813,7 @@ class TorchMTCNN:
             for t in ts:
                 tile = tiles[t]
                 level = area_resize(image, tile.height, tile.width, transposed=transposed,
-                                    sparse=self.sparse_resize)
+                                    matrices=self.area_matrices)
                 canvas[tile.oy:tile.oy + tile.height, tile.ox:tile.ox + tile.width] = level
                 edges.append(_pool_edge_cells(tile))
                 oh, ow = pnet_output_size(tile.height, tile.width)

@@ -149,7 +149,13 @@ def test_area_resize_constant_and_mean():
     torch.testing.assert_close(mt.area_resize(img, 10, 20), img.view(10, 4, 20, 3, 3).mean(dim=(1, 3)))
     # The dense weights (used on CUDA) equal the sparse ones (CPU).
     img = torch.rand(45, 61, 3)
-    torch.testing.assert_close(mt.area_resize(img, 17, 23, sparse=False), mt.area_resize(img, 17, 23, sparse=True))
+    dense, sparse = mt.AreaMatrices("cpu", sparse=False), mt.AreaMatrices("cpu", sparse=True)
+    torch.testing.assert_close(mt.area_resize(img, 17, 23, matrices=dense), mt.area_resize(img, 17, 23, matrices=sparse))
+    # The cache stays within its byte budget and keeps what was used last.
+    small = mt.AreaMatrices("cpu", sparse=False, max_bytes=2 * 40 * 100 * 4)
+    for n_out in range(30, 41):
+        small(100, n_out)
+    assert list(small._cache) == [(100, 39), (100, 40)] and small._bytes <= small.max_bytes
 
 
 def test_pnet_on_packed_canvas_equals_levels_alone():
@@ -206,7 +212,8 @@ def test_detect_output_layout_and_batch(detector, photos):
 def test_cuda_settings_on_cpu(detector, photos):
     """What differs on CUDA apart from the kernels (one big canvas, dense resize weights)."""
     like_cuda = mt.TorchMTCNN()
-    like_cuda.canvas_pixels, like_cuda.sparse_resize = mt.CANVAS_PIXELS["cuda"], False
+    like_cuda.canvas_pixels = mt.CANVAS_PIXELS["cuda"]
+    like_cuda.area_matrices = mt.AreaMatrices("cpu", sparse=False)
     images = [photos[n] for n in ("000050.jpg", "trump_hillary.jpg", "vd006.png", "000125.jpg")]
     for a_faces, b_faces in zip(detector.detect_batch(images), like_cuda.detect_batch(images)):
         assert len(a_faces) == len(b_faces)
