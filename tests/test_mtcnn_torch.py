@@ -326,3 +326,17 @@ def test_detections_match_package_on_photos(detector, package, photos):
             assert abs(face["confidence"] - row[5]) < 1e-4, name
     print(f"\n{len(point_err)} faces: keypoints max {max(point_err):.2e} px, "
           f"mean {np.mean(point_err):.2e} px; boxes max {max(box_err):.2e} px")
+
+
+@pytest.mark.slow
+def test_other_settings_match_package(package, photos):
+    """Upsampled first level (min_face_size < 12), another pyramid step and thresholds."""
+    det = mt.TorchMTCNN(min_face_size=9, scale_factor=0.8, thresholds=(0.5, 0.6, 0.8))
+    for name in ("000033.jpg", "000050.jpg", "vd034.png", "000125.jpg"):
+        image = photos[name]
+        expected = package.detect_faces(image, output_type="numpy", min_face_size=9, scale_factor=0.8,
+                                        threshold_pnet=0.5, threshold_rnet=0.6, threshold_onet=0.8)
+        got = det.detect(image)
+        assert len(got) == len(expected), name
+        for face, row in zip(got, expected):
+            np.testing.assert_allclose(face["keypoints"], np.stack([row[6:11], row[11:16]], 1), atol=0.01)
