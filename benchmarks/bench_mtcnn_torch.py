@@ -1,15 +1,17 @@
 """Face detection throughput: the `mtcnn` package (TensorFlow, CPU) vs models.mtcnn_torch.
 
-    python benchmarks/bench_mtcnn_torch.py                      # all backends available here
+    python benchmarks/bench_mtcnn_torch.py                    # every backend available here
+    python benchmarks/bench_mtcnn_torch.py --threads 1        # one CPU thread for torch and TF
     python benchmarks/bench_mtcnn_torch.py -n 280 --backends torch-cpu,torch-cuda \\
-        --batch-sizes 1,32 --json bench_mtcnn.json
+        --batch-sizes 1,8,32 --json bench_mtcnn.json          # on a GPU machine
 
-The photos of --faces (default ../shared/faces) are decoded once, outside the timing, and the
-list is repeated to -n images. The package detects one image per call (its batch mode pads the
-images to a common size, which changes the results); TorchMTCNN runs ``detect_batch`` on chunks
-of each --batch-sizes value. Every backend gets --warmup untimed images first; CUDA timings
-synchronise before the clock stops. Both detectors use the same thresholds (the package is
-called with TorchMTCNN's). Prints hardware, versions and a table; --json writes the same.
+The photos of --faces (default ../shared/faces, else examples/) are decoded once, outside the
+timing, and the list is repeated to -n images. The package detects one image per call (its
+batch mode pads the images to a common size, which changes the results); TorchMTCNN runs
+``detect_batch`` on chunks of each --batch-sizes value. Every backend gets --warmup untimed
+images first; CUDA timings synchronise before the clock stops. Both detectors use the same
+thresholds (the package is called with TorchMTCNN's). Prints hardware, versions and a table;
+--json writes the same.
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from anywhere
 
 from models.mtcnn_torch import DEFAULT_THRESHOLDS, TorchMTCNN  # noqa: E402
 
-DEFAULT_FACES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "faces")
+# ../shared/faces (28 photos), else the checkout's examples/ (5 of them).
+DEFAULT_FACES = next((d for d in (os.path.join(os.path.dirname(ROOT), "shared", "faces"), os.path.join(ROOT, "examples"))
+                      if os.path.isdir(d)), os.path.join(os.path.dirname(ROOT), "shared", "faces"))
 BACKENDS = ("package", "torch-cpu", "torch-cuda")
 
 
@@ -121,7 +126,8 @@ def _version(dist: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--faces", default=DEFAULT_FACES, help="folder of photos")
+    parser.add_argument("--faces", default=DEFAULT_FACES,
+                        help="folder of photos (default ../shared/faces, else examples/)")
     parser.add_argument("-n", "--images", type=int, default=28, help="images timed per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed images first")
     parser.add_argument("--backends", default=",".join(BACKENDS),

@@ -18,8 +18,10 @@ from PIL import Image, ImageOps
 
 from models import mtcnn_torch as mt
 
-FACES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "faces")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/faces (28 photos), else the checkout's examples/ (5 of them, e.g. on a GPU machine).
+FACES_DIR = next((d for d in (os.path.join(os.path.dirname(REPO), "shared", "faces"), os.path.join(REPO, "examples"))
+                  if os.path.isdir(d)), os.path.join(os.path.dirname(REPO), "shared", "faces"))
 
 
 def _weights_available() -> bool:
@@ -187,13 +189,14 @@ def test_pnet_on_packed_canvas_equals_levels_alone():
 
 
 def test_detect_output_layout_and_batch(detector, photos):
-    names = ["000033.jpg", "trump_hillary.jpg", "vd034.png"]
+    names = [n for n in ("000033.jpg", "trump_hillary.jpg", "vd034.png") if n in photos] or list(photos)[:3]
     blanks = [np.zeros((30, 30, 3), np.uint8), np.zeros((8, 9, 3), np.uint8), np.zeros((0, 5, 3), np.uint8)]
     images = [photos[n] for n in names] + blanks
     batch = detector.detect_batch(images)
     assert len(batch) == len(images)
     assert batch[-3:] == [[], [], []]
-    assert len(batch[1]) == 2
+    if "trump_hillary.jpg" in names:
+        assert len(batch[names.index("trump_hillary.jpg")]) == 2
     for image, faces in zip(images, batch):
         single = detector.detect(image)
         assert len(single) == len(faces)
@@ -204,7 +207,7 @@ def test_detect_output_layout_and_batch(detector, photos):
             assert a["keypoints"].shape == (5, 2) and a["keypoints"].dtype == np.float64
             np.testing.assert_allclose(a["keypoints"], b["keypoints"], atol=1e-3)
             np.testing.assert_allclose(a["box"], b["box"], atol=1e-3)
-    confidences = [f["confidence"] for f in batch[1]]
+    confidences = [f["confidence"] for f in max(batch, key=len)]
     assert confidences == sorted(confidences, reverse=True)
     assert detector.detect_batch([]) == []
 
@@ -214,7 +217,7 @@ def test_cuda_settings_on_cpu(detector, photos):
     like_cuda = mt.TorchMTCNN()
     like_cuda.canvas_pixels = mt.CANVAS_PIXELS["cuda"]
     like_cuda.area_matrices = mt.AreaMatrices("cpu", sparse=False)
-    images = [photos[n] for n in ("000050.jpg", "trump_hillary.jpg", "vd006.png", "000125.jpg")]
+    images = list(photos.values())[:6]
     for a_faces, b_faces in zip(detector.detect_batch(images), like_cuda.detect_batch(images)):
         assert len(a_faces) == len(b_faces)
         for a, b in zip(a_faces, b_faces):
@@ -332,8 +335,7 @@ def test_detections_match_package_on_photos(detector, package, photos):
 def test_other_settings_match_package(package, photos):
     """Upsampled first level (min_face_size < 12), another pyramid step and thresholds."""
     det = mt.TorchMTCNN(min_face_size=9, scale_factor=0.8, thresholds=(0.5, 0.6, 0.8))
-    for name in ("000033.jpg", "000050.jpg", "vd034.png", "000125.jpg"):
-        image = photos[name]
+    for name, image in sorted(photos.items(), key=lambda kv: kv[1].shape[0] * kv[1].shape[1])[:4]:
         expected = package.detect_faces(image, output_type="numpy", min_face_size=9, scale_factor=0.8,
                                         threshold_pnet=0.5, threshold_rnet=0.6, threshold_onet=0.8)
         got = det.detect(image)
