@@ -207,3 +207,14 @@ def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
     assert run(standin, folder, out, "--save_mesh=false") == 0
     text = capsys.readouterr().out
     assert "1 face(s) reconstructed" in text and "vd006.png (same name as vd006.jpg" in text
+
+
+def test_ranks_map_to_gpus(monkeypatch):
+    """torchrun: rank r uses GPU r (default --gpu_ids 0), or the r-th of several --gpu_ids."""
+    from models import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference.resolve_device("auto", "0", local_rank=1) == torch.device("cuda:1")
+    assert inference.resolve_device("cuda", "2,3", local_rank=1) == torch.device("cuda:3")
+    assert inference.resolve_device("auto", "1", local_rank=None) == torch.device("cuda:1")
+    assert inference.resolve_device("auto", "-1") == torch.device("cpu")
