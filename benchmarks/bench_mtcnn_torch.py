@@ -10,8 +10,9 @@ timing, and the list is repeated to -n images. The package detects one image per
 batch mode pads the images to a common size, which changes the results); TorchMTCNN runs
 ``detect_batch`` on chunks of each --batch-sizes value. Every backend gets --warmup untimed
 images first; CUDA timings synchronise before the clock stops. Both detectors use the same
-thresholds (the package is called with TorchMTCNN's). Prints hardware, versions and a table;
---json writes the same.
+thresholds (the package is called with TorchMTCNN's). Prints hardware, versions and a table
+(wall time, and the process' CPU time over all threads, which shows contention on a busy
+machine); --json writes the same.
 """
 from __future__ import annotations
 
@@ -76,13 +77,14 @@ def environment() -> dict:
     return env
 
 
-def time_calls(run, chunks, sync=None) -> float:
-    start = time.perf_counter()
+def time_calls(run, chunks, sync=None) -> tuple[float, float]:
+    """Wall seconds and this process' CPU seconds (all threads) for ``run`` over ``chunks``."""
+    start, cpu = time.perf_counter(), time.process_time()
     for chunk in chunks:
         run(chunk)
     if sync is not None:
         sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def bench_package(images, warmup, thresholds, threads) -> dict:
@@ -97,8 +99,8 @@ def bench_package(images, warmup, thresholds, threads) -> dict:
     kw = dict(threshold_pnet=thresholds[0], threshold_rnet=thresholds[1], threshold_onet=thresholds[2])
     for im in images[:warmup]:
         det.detect_faces(im, **kw)
-    seconds = time_calls(lambda im: det.detect_faces(im, **kw), images)
-    return {"backend": "package", "device": "cpu", "batch_size": 1, "seconds": seconds,
+    seconds, cpu_seconds = time_calls(lambda im: det.detect_faces(im, **kw), images)
+    return {"backend": "package", "device": "cpu", "batch_size": 1, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "versions": {"mtcnn": _version("mtcnn"), "tensorflow": tf.__version__}}
 
 
@@ -111,8 +113,9 @@ def bench_torch(images, warmup, device, batch_size) -> dict:
     if sync:
         sync()
     chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-    seconds = time_calls(det.detect_batch, chunks, sync)
-    return {"backend": f"torch-{device}", "device": device, "batch_size": batch_size, "seconds": seconds}
+    seconds, cpu_seconds = time_calls(det.detect_batch, chunks, sync)
+    return {"backend": f"torch-{device}", "device": device, "batch_size": batch_size, "seconds": seconds,
+            "cpu_seconds": cpu_seconds}
 
 
 def _version(dist: str) -> str | None:
@@ -170,10 +173,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"  {run['backend']} batch {run['batch_size']}: {run['images_per_s']:.2f} images/s", flush=True)
         runs += new
 
-    print(f"\n{'backend':<12} {'batch':>5} {'images':>6} {'seconds':>8} {'images/s':>9} {'Mpx/s':>7}")
+    print(f"\n{'backend':<12} {'batch':>5} {'images':>6} {'seconds':>8} {'images/s':>9} {'Mpx/s':>7} "
+          f"{'CPU s':>7}")
     for run in runs:
         print(f"{run['backend']:<12} {run['batch_size']:>5} {run['images']:>6} {run['seconds']:>8.2f} "
-              f"{run['images_per_s']:>9.2f} {run['megapixels'] / run['seconds']:>7.2f}")
+              f"{run['images_per_s']:>9.2f} {run['megapixels'] / run['seconds']:>7.2f} {run['cpu_seconds']:>7.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "faces": os.path.abspath(args.faces), "runs": runs}, f, indent=2)
