@@ -78,9 +78,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = {"pnet": "pnet.lz4", "rnet": "rnet.lz4", "onet": "onet.lz4"}
 WEIGHTS_HELP = (
-    "The MTCNN weights ship with the `mtcnn` pip package (pip install mtcnn==1.0.0; "
-    "TensorFlow is not needed to read them); or pass weights_dir= a folder holding "
-    "pnet.lz4, rnet.lz4 and onet.lz4."
+    "The MTCNN weights ship with the `mtcnn` pip package: `pip install mtcnn==1.0.0` (it needs "
+    "only joblib and lz4; TensorFlow is an optional extra), or pass weights_dir= a folder "
+    "holding pnet.lz4, rnet.lz4 and onet.lz4."
 )
 
 # PNet, RNet, ONet face-probability thresholds: those of the pre-1.0 `mtcnn` that
