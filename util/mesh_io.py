@@ -3,16 +3,25 @@
 The content is what trimesh writes for ``Trimesh(..., vertex_colors=uint8, process=False).export``
 (the original's writer): ``v x y z r g b`` with 8 decimals and colours as uint8/255, then 1-based
 ``f a b c``, vertex order preserved. Numbers are right-aligned in fixed-width columns (extra
-spaces, which every OBJ reader skips), which lets numpy format a whole mesh at once: ~20x faster
-than Python's ``%`` formatting or trimesh's exporter (benchmarks/bench_inference.py).
+spaces, which every OBJ reader skips), which lets numpy format a whole mesh at once.
+
+How a file is built: every line has the same width, so a template line (prefix, spaces, '.',
+newline) is copied to all rows and each column's variable bytes are then copied in as
+fixed-size records (numpy ``V<n>`` items: one ``memcpy`` per row and field, no per-byte loops).
+Digits come from a table of "0000".."9999" (4 ASCII bytes per gather); the colours (uint8, 256
+possible values) from a table of their 256 formatted strings; and the triangle lines, the same
+for every mesh of a run, are formatted once (:func:`face_lines`) and passed to :func:`write_obj`.
+A 35709-vertex face mesh takes ~5 ms instead of ~21 ms (trimesh's exporter: ~220 ms).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 _SPACE, _MINUS, _DOT, _ZERO = ord(" "), ord("-"), ord("."), ord("0")
+OBJ_HEADER = b"# written by Deep3DFaceRecon (modern reproduction)\n"
 
 
 def colors_to_uint8(color: np.ndarray) -> np.ndarray:
@@ -20,8 +29,25 @@ def colors_to_uint8(color: np.ndarray) -> np.ndarray:
     return np.clip(255.0 * color, 0, 255).astype(np.uint8)
 
 
-# "0000".."9999" as one little-endian uint32 each: a gather writes 4 ASCII digits at once
-_TABLE4 = np.array([list(f"{i:04d}".encode()) for i in range(10000)], dtype=np.uint8).view("<u4").ravel()
+@functools.cache
+def _table4() -> np.ndarray:
+    """(10000,) uint32: "0000".."9999" as 4 little-endian ASCII bytes each."""
+    return np.frombuffer("".join(f"{i:04d}" for i in range(10000)).encode(), dtype="<u4")
+
+
+@functools.cache
+def _signed_int4() -> np.ndarray:
+    """(2000,) uint32: index ``i + 1000 * negative`` -> i (0..999) right-aligned in 4 bytes,
+    with a '-' before its first digit when negative ("   7", "  -7", " 123", "-123")."""
+    rows = [(sign + str(i)).rjust(4) for sign in ("", "-") for i in range(1000)]
+    return np.frombuffer("".join(rows).encode(), dtype="<u4")
+
+
+def _records(a: np.ndarray, offset: int, width: int) -> np.ndarray:
+    """(N,) ``V<width>`` items: bytes ``[offset, offset + width)`` of each row of the 2-D array ``a``."""
+    a = np.ascontiguousarray(a)
+    row = a.strides[0] if a.ndim > 1 else a.itemsize
+    return np.ndarray((a.shape[0],), dtype=np.dtype((np.void, width)), buffer=a, offset=offset, strides=(row,))
 
 
 def _put_digits(out: np.ndarray, v: np.ndarray) -> None:
@@ -30,7 +56,7 @@ def _put_digits(out: np.ndarray, v: np.ndarray) -> None:
     chunks = -(-width // 4)
     words = np.empty((len(v), chunks), dtype="<u4")
     for k in range(chunks - 1, -1, -1):
-        words[:, k] = _TABLE4[v % 10000]
+        words[:, k] = _table4()[v % 10000]
         v = v // 10000
     out[:] = words.view(np.uint8)[:, 4 * chunks - width:]
 
@@ -40,7 +66,8 @@ def _n_digits(v: np.ndarray) -> np.ndarray:
 
 
 class _FixedColumn:
-    """A column of ``'%.8f'`` numbers, right-aligned in a fixed width."""
+    """A column of ``'%.8f'`` numbers, right-aligned in a fixed width:
+    sign slot, integer digits, '.', decimals (a '-' sits just before the first digit)."""
 
     def __init__(self, x: np.ndarray, decimals: int = 8):
         x = np.asarray(x, dtype=np.float64)
@@ -51,8 +78,10 @@ class _FixedColumn:
         self.neg = (x < 0) & (q > 0)
         self.n_int = len(str(int(self.ip.max(initial=0))))
         self.width = 1 + self.n_int + 1 + decimals  # sign, integer digits, '.', decimals
+        self.n = len(x)
 
     def fill(self, out: np.ndarray) -> None:
+        """Write the column into ``out`` (N, width) uint8 (the general path, any magnitude)."""
         n_int = self.n_int
         nd = _n_digits(self.ip)
         out[:] = _SPACE
@@ -64,6 +93,23 @@ class _FixedColumn:
         out[:, 1 + n_int] = _DOT
         _put_digits(out[:, 2 + n_int:], self.fp)
 
+    def template(self) -> bytes:
+        return b" " * (1 + self.n_int) + b"." + b"0" * self.decimals
+
+    def parts(self) -> list[tuple[int, np.ndarray]]:
+        """(offset in the column, (N,) V items) to copy over :meth:`template`."""
+        n_int = self.n_int
+        if n_int > 3 or self.decimals != 8:
+            out = np.empty((self.n, self.width), np.uint8)
+            self.fill(out)
+            return [(0, _records(out, 0, self.width))]
+        head = _signed_int4()[self.ip + 1000 * self.neg]  # sign + integer part, right-aligned
+        hi = self.fp // 10000
+        digits = np.empty((self.n, 2), dtype="<u4")
+        digits[:, 0] = _table4()[hi]
+        digits[:, 1] = _table4()[self.fp - 10000 * hi]
+        return [(0, _records(head, 3 - n_int, 1 + n_int)), (2 + n_int, _records(digits, 0, 8))]
+
 
 class _IntColumn:
     """A column of non-negative integers, right-aligned."""
@@ -71,53 +117,109 @@ class _IntColumn:
     def __init__(self, v: np.ndarray):
         self.v = np.asarray(v, dtype=np.int64)
         self.width = len(str(int(self.v.max(initial=0))))
+        self.n = len(self.v)
 
     def fill(self, out: np.ndarray) -> None:
         _put_digits(out, self.v)
         blank = np.arange(self.width)[None, :] < (self.width - _n_digits(self.v))[:, None]
         out[blank] = _SPACE
 
+    def template(self) -> bytes:
+        return b" " * self.width
+
+    def parts(self) -> list[tuple[int, np.ndarray]]:
+        out = np.empty((self.n, self.width), np.uint8)
+        self.fill(out)
+        return [(0, _records(out, 0, self.width))]
+
+
+class _ColorColumn:
+    """A column of uint8 colours written as ``'%.8f' % (c / 255)``, from a table of the 256 values."""
+
+    width = 11  # sign slot, one integer digit, '.', 8 decimals: what _FixedColumn gives for 0..1
+
+    def __init__(self, codes: np.ndarray):
+        self.codes = np.asarray(codes, dtype=np.uint8)
+        self.n = len(self.codes)
+
+    @staticmethod
+    @functools.cache
+    def table() -> np.ndarray:
+        """(256,) V11 items, formatted by :class:`_FixedColumn` itself (so the bytes are the same)."""
+        return _records(format_fixed(np.arange(256) / 255.0), 0, _ColorColumn.width)
+
+    def template(self) -> bytes:
+        return b" " * self.width
+
+    def parts(self) -> list[tuple[int, np.ndarray]]:
+        return [(0, self.table()[self.codes])]
+
+
+def _lines_array(prefix: bytes, columns: list) -> np.ndarray:
+    """Rows ``prefix col1 col2 ...\\n`` as an (N, line width) uint8 array."""
+    template = prefix + b"".join(b" " + c.template() for c in columns) + b"\n"
+    n, total = columns[0].n, len(template)
+    buf = np.empty((n, total), np.uint8)
+    _records(buf, 0, total)[...] = np.frombuffer(template, dtype=np.dtype((np.void, total)))[0]
+    pos = len(prefix) + 1
+    for c in columns:
+        for offset, items in c.parts():
+            _records(buf, pos + offset, items.dtype.itemsize)[...] = items
+        pos += c.width + 1
+    return buf
+
 
 def _lines(prefix: bytes, columns: list) -> bytes:
-    """Rows ``prefix col1 col2 ...\n`` as one bytes object, built in a preallocated buffer."""
-    n = len(columns[0].ip if isinstance(columns[0], _FixedColumn) else columns[0].v)
-    total = len(prefix) + sum(1 + c.width for c in columns) + 1
-    buf = np.empty((n, total), np.uint8)
-    buf[:, :len(prefix)] = np.frombuffer(prefix, np.uint8)
-    pos = len(prefix)
-    for c in columns:
-        buf[:, pos] = _SPACE
-        c.fill(buf[:, pos + 1:pos + 1 + c.width])
-        pos += 1 + c.width
-    buf[:, -1] = ord("\n")
-    return buf.tobytes()
+    return _lines_array(prefix, columns).tobytes()
 
 
 def format_fixed(x: np.ndarray, decimals: int = 8) -> np.ndarray:
     """(N,) floats -> (N, W) ASCII bytes of ``'%.{decimals}f'``, right-aligned with spaces."""
     col = _FixedColumn(x, decimals)
-    out = np.empty((len(col.ip), col.width), np.uint8)
+    out = np.empty((col.n, col.width), np.uint8)
     col.fill(out)
     return out
 
 
-def obj_chunks(vertices: np.ndarray, faces: np.ndarray, colors_u8: np.ndarray | None = None) -> list[bytes]:
-    """The .obj file content (header, vertex lines, face lines) for vertices (N,3), faces (F,3)
-    0-based and colours (N,3) uint8 or None."""
-    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
-    cols = [_FixedColumn(v[:, k]) for k in range(3)]
-    if colors_u8 is not None:
-        c = np.asarray(colors_u8, dtype=np.float64).reshape(-1, 3) / 255.0
-        cols += [_FixedColumn(c[:, k]) for k in range(3)]
+def face_lines(faces: np.ndarray) -> bytes:
+    """The ``f a b c`` lines (1-based) of faces (F, 3) 0-based: the same for every mesh of a run."""
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3) + 1
-    return [b"# written by Deep3DFaceRecon (modern reproduction)\n", _lines(b"v", cols),
-            _lines(b"f", [_IntColumn(f[:, k]) for k in range(3)])]
+    return _lines(b"f", [_IntColumn(f[:, k]) for k in range(3)])
 
 
-def write_obj(path: str, vertices: np.ndarray, faces: np.ndarray, colors_u8: np.ndarray | None = None) -> None:
-    """Write an .obj (see :func:`obj_chunks`) to a temporary name, then rename: no half files."""
-    chunks = obj_chunks(vertices, faces, colors_u8)
+def _vertex_columns(vertices: np.ndarray, colors_u8: np.ndarray | None) -> list:
+    v = np.asarray(vertices, dtype=np.float64).reshape(-1, 3)
+    cols: list = [_FixedColumn(v[:, k]) for k in range(3)]
+    if colors_u8 is not None:
+        c = np.asarray(colors_u8).reshape(-1, 3)
+        if c.dtype == np.uint8:
+            cols += [_ColorColumn(c[:, k]) for k in range(3)]
+        else:  # integer-valued colours of another dtype
+            cols += [_FixedColumn(c[:, k].astype(np.float64) / 255.0) for k in range(3)]
+    return cols
+
+
+def vertex_lines(vertices: np.ndarray, colors_u8: np.ndarray | None = None) -> bytes:
+    """The ``v x y z [r g b]`` lines of vertices (N, 3) with colours (N, 3) uint8 or None."""
+    return _lines(b"v", _vertex_columns(vertices, colors_u8))
+
+
+def obj_chunks(vertices: np.ndarray, faces: np.ndarray | bytes, colors_u8: np.ndarray | None = None) -> list[bytes]:
+    """The .obj file content (header, vertex lines, face lines) for vertices (N,3), faces (F,3)
+    0-based (or their :func:`face_lines`) and colours (N,3) uint8 or None."""
+    f = faces if isinstance(faces, bytes) else face_lines(faces)
+    return [OBJ_HEADER, vertex_lines(vertices, colors_u8), f]
+
+
+def write_obj(path: str, vertices: np.ndarray, faces: np.ndarray | bytes,
+              colors_u8: np.ndarray | None = None) -> None:
+    """Write an .obj (see :func:`obj_chunks`) to a temporary name, then rename: no half files.
+    ``faces`` may be the precomputed :func:`face_lines` of the run's triangles."""
+    f = faces if isinstance(faces, bytes) else face_lines(faces)
+    v = _lines_array(b"v", _vertex_columns(vertices, colors_u8))
     tmp = path + ".part"
     with open(tmp, "wb") as fh:
-        fh.writelines(chunks)
+        fh.write(OBJ_HEADER)
+        fh.write(memoryview(v).cast("B"))  # no copy into a bytes object
+        fh.write(f)
     os.replace(tmp, path)
