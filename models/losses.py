@@ -1,0 +1,277 @@
+"""The paper's weakly-supervised hybrid loss, one module shared by training and per-image fitting.
+
+Deng et al. 2019, Sec. 3 and the original PyTorch implementation (``models/losses.py``,
+``facerecon_model.py``). Each term below is the original's definition; the weights are its
+defaults (:class:`LossWeights`):
+
+* photometric (``w_color`` 1.92): per pixel the L2 norm of the RGB difference,
+  ``sqrt(eps + |I - I'|^2)``, weighted by ``attention * face_mask`` and divided by the weight sum.
+  ``face_mask`` is the (detached) coverage of the front-face triangles (``use_crop_face``);
+  ``attention`` is the per-image skin mask (ones when none is given).
+* landmarks (``w_lm`` 1.6e-3): squared pixel distance of the 68 projected landmarks to the
+  detected ones, weight 20 on landmarks 28-30 (0-based: the lower nose bridge) and 60-67 (inner
+  mouth), else 1, summed and divided by ``B * 68``. With a 5-point target, the 68 predicted points
+  are reduced to 5 first (:func:`lm68_to_5`) and all weights are 1 (new here, for ``--fit_steps``).
+* identity (``w_feat`` 0.2): ``1 - cos`` of the face-recognition features of the rendered face
+  and of the input, both warped to the recogniser's 112x112 crop (:mod:`models.recog`).
+* coefficient regularisation (``w_reg`` 3e-4): ``(w_id |id|^2 + w_exp |exp|^2 + w_tex |tex|^2) / B``
+  with ``w_id, w_exp, w_tex = 1, 0.8, 1.7e-2``.
+* gamma (``w_gamma`` 10): variance of the SH lighting over the RGB channels (near-white light).
+* reflectance (``w_reflc`` 5): variance of the albedo over the skin region of the face model.
+
+Landmarks are crop pixels with **y up**, images (B, 3, H, W) RGB in 0..1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.bfm import FaceOutput, ParametricFaceModel
+from models.coeffs import COEFFS
+
+# 0-based landmark indices that the original weights 20x: weight[28:31] and weight[-8:]
+LM_HEAVY = tuple(range(28, 31)) + tuple(range(60, 68))
+LM_HEAVY_WEIGHT = 20.0
+# 1-based landmarks of extract_5p: nose tip, eye corners (2+2), mouth corners
+_LM5_SRC = (31, 37, 40, 43, 46, 49, 55)
+
+
+def _check(x: torch.Tensor, shape: tuple, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``x`` matches ``shape`` (None = any size)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != len(shape) or any(
+            s is not None and s != d for s, d in zip(shape, x.shape)):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {got}")
+
+
+def landmark_weights(n: int = 68, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n,) landmark weights: the original's 20x on nose/inner mouth for 68 points, else ones."""
+    w = torch.ones(n, device=device, dtype=dtype)
+    if n == 68:
+        w[list(LM_HEAVY)] = LM_HEAVY_WEIGHT
+    return w
+
+
+def lm68_to_5(lm68: torch.Tensor) -> torch.Tensor:
+    """(B, 68, 2) -> (B, 5, 2): eye centres (mean of corners), nose tip, mouth corners.
+
+    The torch twin of :func:`util.preprocess.extract_5p` (same order: left eye, right eye, nose,
+    left mouth corner, right mouth corner), differentiable.
+    """
+    _check(lm68, (None, 68, None), "lm68")
+    i = [k - 1 for k in _LM5_SRC]
+    return torch.stack([(lm68[:, i[1]] + lm68[:, i[2]]) / 2, (lm68[:, i[3]] + lm68[:, i[4]]) / 2,
+                        lm68[:, i[0]], lm68[:, i[5]], lm68[:, i[6]]], dim=1)
+
+
+# --------------------------------------------------------------------------- the terms
+def photo_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Robust photometric loss: sum of ``mask * sqrt(eps + |pred - target|^2)`` over pixels
+    divided by ``max(sum(mask), 1)`` (the whole batch at once, as the original).
+
+    pred, target: (B, C, H, W); mask: (B, 1, H, W) weights in 0..1 (attention times face mask).
+    """
+    _check(pred, (None, None, None, None), "pred")
+    if target.shape != pred.shape:
+        raise ValueError(f"target {tuple(target.shape)} must match pred {tuple(pred.shape)}")
+    _check(mask, (pred.shape[0], 1, pred.shape[2], pred.shape[3]), "mask")
+    dist = torch.sqrt(eps + ((pred - target) ** 2).sum(dim=1, keepdim=True)) * mask
+    return dist.sum() / mask.sum().clamp_min(1.0)
+
+
+def landmark_loss(pred_lm: torch.Tensor, gt_lm: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean squared landmark distance in pixels^2: ``sum(w * |p - q|^2) / (B * K)``.
+
+    pred_lm: (B, 68, 2) projected landmarks. gt_lm: (B, 68, 2) or (B, 5, 2) (then ``pred_lm`` is
+    reduced with :func:`lm68_to_5`). weight: (K,) or (B, K); default :func:`landmark_weights`.
+    """
+    _check(pred_lm, (None, 68, 2), "pred_lm")
+    if gt_lm.ndim != 3 or gt_lm.shape[0] != pred_lm.shape[0] or gt_lm.shape[1:] not in ((68, 2), (5, 2)):
+        raise ValueError(f"gt_lm must have shape ({pred_lm.shape[0]}, 68 or 5, 2), got {tuple(gt_lm.shape)}")
+    if gt_lm.shape[1] == 5:
+        pred_lm = lm68_to_5(pred_lm)
+    k = gt_lm.shape[1]
+    if weight is None:
+        weight = landmark_weights(k, device=pred_lm.device, dtype=pred_lm.dtype)
+    sq = ((pred_lm - gt_lm.to(pred_lm.dtype)) ** 2).sum(dim=-1) * weight
+    return sq.sum() / (pred_lm.shape[0] * k)
+
+
+def coeff_reg_loss(coeffs: dict[str, torch.Tensor], w_id: float = 1.0, w_exp: float = 1.0,
+                   w_tex: float = 1.0) -> torch.Tensor:
+    """``(w_id |id|^2 + w_exp |exp|^2 + w_tex |tex|^2) / B`` from :meth:`CoeffLayout.split` parts."""
+    b = coeffs["id"].shape[0]
+    return (w_id * coeffs["id"].pow(2).sum() + w_exp * coeffs["exp"].pow(2).sum()
+            + w_tex * coeffs["tex"].pow(2).sum()) / b
+
+
+def gamma_loss(gamma: torch.Tensor) -> torch.Tensor:
+    """(B, 27) SH lighting -> mean squared deviation of each band from its RGB mean."""
+    _check(gamma, (None, 27), "gamma")
+    g = gamma.reshape(-1, 3, 9)
+    return ((g - g.mean(dim=1, keepdim=True)) ** 2).mean()
+
+
+def reflectance_loss(texture: torch.Tensor, skin_mask: torch.Tensor) -> torch.Tensor:
+    """Albedo variance over the skin region.
+
+    texture: (B, N, 3) albedo in 0..1; skin_mask: (N,) 0/1. Returns
+    ``sum(((T - mean_skin(T)) * m)^2) / (B * sum(m))`` with the mean over the whole batch's skin
+    vertices per channel, exactly as the original.
+    """
+    _check(texture, (None, None, 3), "texture")
+    _check(skin_mask, (texture.shape[1],), "skin_mask")
+    m = skin_mask.to(texture.dtype).reshape(1, -1, 1)
+    total = m.sum()
+    mean = (m * texture).sum(dim=1, keepdim=True) / total
+    return (((texture - mean) * m) ** 2).sum() / (texture.shape[0] * total)
+
+
+def perceptual_loss(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - cos`` between L2-normalised (B, D) identity features."""
+    _check(feat_a, (None, None), "feat_a")
+    return (1.0 - (feat_a * feat_b).sum(dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- the hybrid loss
+@dataclass(frozen=True)
+class LossWeights:
+    """The original's default weights (``--w_*`` flags)."""
+
+    w_feat: float = 0.2
+    w_color: float = 1.92
+    w_reg: float = 3.0e-4
+    w_id: float = 1.0
+    w_exp: float = 0.8
+    w_tex: float = 1.7e-2
+    w_gamma: float = 10.0
+    w_lm: float = 1.6e-3
+    w_reflc: float = 5.0
+
+    @classmethod
+    def from_options(cls, opt) -> "LossWeights":
+        """Pick the ``w_*`` attributes of an options object."""
+        return cls(**{f.name: float(getattr(opt, f.name)) for f in dataclasses.fields(cls)})
+
+
+TERMS = ("feat", "color", "lm", "reg", "gamma", "reflc")
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Weighted loss terms (scalars; ``feat`` is 0 without a recogniser). ``total`` is their sum,
+    the original's ``loss_all``."""
+
+    feat: torch.Tensor
+    color: torch.Tensor
+    lm: torch.Tensor
+    reg: torch.Tensor
+    gamma: torch.Tensor
+    reflc: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.feat + self.color + self.lm + self.reg + self.gamma + self.reflc
+
+    def as_floats(self) -> dict[str, float]:
+        """{'all': ..., 'feat': ..., ...} as Python floats (one device sync)."""
+        vals = torch.stack([self.total.detach()] + [getattr(self, k).detach() for k in TERMS]).float().cpu()
+        return dict(zip(("all",) + TERMS, vals.tolist()))
+
+
+@dataclass(frozen=True)
+class HybridOutput:
+    """What :class:`HybridLoss` computed for a batch of B faces.
+
+    terms: :class:`LossTerms`. face: :class:`FaceOutput`. render: (B,3,H,W) lit face where
+    covered, 0 elsewhere. mask: (B,1,H,W) coverage of ``render``. face_mask: (B,1,H,W) the
+    photometric loss's region (front triangles), detached.
+    """
+
+    terms: LossTerms
+    face: FaceOutput
+    render: torch.Tensor
+    mask: torch.Tensor
+    face_mask: torch.Tensor
+
+
+class HybridLoss(nn.Module):
+    """Coefficients + images + landmarks -> the weighted loss terms (the original's ``forward`` +
+    ``compute_losses`` for a given coefficient tensor).
+
+    Args:
+        face_model, renderer: as in :class:`models.facerecon.FaceReconModel`.
+        weights: :class:`LossWeights`; ``w_feat`` is ignored (0) without ``recog``.
+        recog: a :class:`models.recog.RecogNet` (frozen) or None.
+        use_crop_face: photometric loss only on the front-face triangles (the original's training
+            default), else on the whole rendered face.
+        front_only: render only the front-face triangles, once, for both the image and the mask
+            (half the rendering cost; used by fitting, which has no identity term). The render then
+            differs from the full one only where a non-front triangle would hide a front one.
+    """
+
+    def __init__(self, face_model: ParametricFaceModel, renderer: nn.Module, weights: LossWeights = LossWeights(),
+                 recog: nn.Module | None = None, use_crop_face: bool = True, front_only: bool = False):
+        super().__init__()
+        if front_only and recog is not None and weights.w_feat > 0:
+            raise ValueError("front_only rendering cannot feed the identity loss; use front_only=False")
+        self.face_model, self.renderer, self.recog = face_model, renderer, recog
+        self.weights = weights
+        self.use_crop_face, self.front_only = use_crop_face, front_only
+
+    def forward(self, coeffs: torch.Tensor, images: torch.Tensor, gt_lm: torch.Tensor,
+                atten_mask: torch.Tensor | None = None, gt_trans_m: torch.Tensor | None = None,
+                gt_feat: torch.Tensor | None = None) -> HybridOutput:
+        """Args:
+            coeffs: (B, 257). images: (B, 3, H, W) 0..1. gt_lm: (B, 68, 2) or (B, 5, 2), y up.
+            atten_mask: optional (B, 1, H, W) skin attention in 0..1 (ones when None).
+            gt_trans_m: optional (B, 2, 3) warp of the input to the recogniser's crop (estimated
+                from ``gt_lm`` when None); gt_feat: optional precomputed input features.
+        """
+        w, fm = self.weights, self.face_model
+        _check(images, (coeffs.shape[0], 3, None, None), "images")
+        face = fm(coeffs)
+        if self.front_only:
+            out = self.renderer(face.vertex, fm.front_face_buf, feat=face.color)
+            face_mask = out.mask.detach()
+        else:
+            out = self.renderer(face.vertex, fm.face_buf, feat=face.color)
+            face_mask = out.mask
+            if self.use_crop_face:
+                face_mask = self.renderer(face.vertex, fm.front_face_buf).mask
+            face_mask = face_mask.detach()
+        render, mask = out.image, out.mask
+
+        zero = coeffs.new_zeros(())
+        feat = zero
+        if self.recog is not None and w.w_feat > 0:
+            feat = w.w_feat * self._identity_loss(render, images, face.landmark, gt_lm, gt_trans_m, gt_feat)
+
+        region = face_mask if atten_mask is None else atten_mask.to(face_mask.dtype) * face_mask
+        color = w.w_color * photo_loss(render, images, region)
+        parts = COEFFS.split(coeffs)
+        reg = w.w_reg * coeff_reg_loss(parts, w.w_id, w.w_exp, w.w_tex)
+        gamma = w.w_gamma * gamma_loss(parts["gamma"])
+        lm = w.w_lm * landmark_loss(face.landmark, gt_lm)
+        reflc = w.w_reflc * reflectance_loss(face.texture, fm.skin_mask)
+        terms = LossTerms(feat=feat, color=color, lm=lm, reg=reg, gamma=gamma, reflc=reflc)
+        return HybridOutput(terms=terms, face=face, render=render, mask=mask, face_mask=face_mask)
+
+    def _identity_loss(self, render, images, pred_lm, gt_lm, gt_trans_m, gt_feat) -> torch.Tensor:
+        from models.recog import estimate_norm
+
+        size = images.shape[-2]
+        pred_m = estimate_norm(pred_lm.detach(), size)  # the original's use_predef_M=False
+        if gt_feat is None:
+            if gt_trans_m is None:
+                if gt_lm.shape[1] != 68:
+                    raise ValueError("the identity loss needs 68 target landmarks or gt_trans_m")
+                gt_trans_m = estimate_norm(gt_lm, size)
+            with torch.no_grad():
+                gt_feat = self.recog(images, gt_trans_m)
+        return perceptual_loss(self.recog(render, pred_m), gt_feat)
+
