@@ -4,6 +4,10 @@ One item per detected face (``photo.txt``, ``photo__face02.txt``, ...). Photos w
 detection file are reported by :func:`scan_folder`, not silently dropped. An item that fails to
 load (corrupt photo, malformed detection file) comes back with ``error`` set instead of raising, so
 one bad file never stops a run.
+
+Crops travel as uint8 (a quarter of float32's bytes through the DataLoader's shared memory and
+the host-to-device copy); :func:`images_to_float` converts a batch on its device to exactly the
+float32 values of the original's ``np.array(img) / 255.``.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch.utils.data import Dataset
 
 from util.detections_io import face_detection_files, read_points
 from util.image_io import list_images, load_image
-from util.preprocess import AlignTransform, align_img, flip_y, image_to_array
+from util.preprocess import AlignTransform, align_img, flip_y, unit_float_table
 
 @dataclass(frozen=True)
 class FaceEntry:
@@ -51,16 +55,29 @@ def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], 
 
 
 def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, AlignTransform]:
-    """Photo + detection -> ((3,224,224) float32 0..1, (5,2) crop landmarks y up, transform)."""
+    """Photo + detection -> ((3,224,224) uint8 crop, (5,2) crop landmarks y up, transform)."""
     img = load_image(entry.image_path)
     lm = read_points(entry.det_path, 5)
     lm = flip_y(lm, img.size[1])
     transform, crop, lm_crop = align_img(img, lm, lm3d)
-    return image_to_array(crop), lm_crop.astype(np.float32), transform
+    return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy(), lm_crop.astype(np.float32), transform
+
+
+_FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 crops -> float32 in 0..1 on their device, with exactly the values of
+    :func:`util.preprocess.image_to_array` (the original's float64 ``/ 255.`` then float32): a
+    256-entry table lookup, so no device arithmetic can round differently."""
+    table = _FLOAT_TABLES.get(images.device)
+    if table is None:
+        table = _FLOAT_TABLES[images.device] = torch.from_numpy(unit_float_table()).to(images.device)
+    return table[images.to(torch.int64)]
 
 
 class AlignedFaces(Dataset):
-    """Items: dict(index, name, rel_dir, image_path, image (3,224,224) float32, lm (5,2) float32
+    """Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
     crop pixels y up, transform AlignTransform | None, error str | None)."""
 
     def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray):
@@ -80,7 +97,7 @@ class AlignedFaces(Dataset):
 
 
 def collate_faces(items: list[dict]) -> dict:
-    """Batch the good items (tensors 'image' (B,3,H,W), 'lm' (B,5,2)); keep failed ones in 'failed'."""
+    """Batch the good items (tensors 'image' (B,3,H,W) uint8, 'lm' (B,5,2)); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}

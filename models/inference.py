@@ -1,15 +1,16 @@
 """Reconstruct every detected face of a folder: the library behind test.py.
 
-Streaming and batched: a DataLoader decodes and aligns photos in worker processes, the network,
-face model and renderer run on whole batches, and a thread pool writes .obj/.png/.mat files off
-the critical path. Nothing is kept per image once written, so memory stays flat.
+Streaming and batched: a DataLoader decodes and aligns photos in worker processes (uint8 crops),
+the network, face model and renderer run on whole batches, and writer processes
+(:mod:`util.results_io`) format and write the .obj/.png/.mat files off the critical path. At most
+a few batches are in flight at any point, so memory stays flat however many photos there are.
+Worker counts default to the machine's cores (see :func:`loader_workers`, :func:`writer_workers`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +37,10 @@ def resolve_device(device: str, gpu_ids: str = "0", local_rank: int | None = Non
             raise SetupError(f"--device {device} asked for CUDA, but torch {torch.__version__} sees no CUDA "
                              "device; use --device cpu")
         if device == "cuda":
-            idx = local_rank if local_rank is not None else (ids[0] if ids else 0)
-            if local_rank is not None and ids:
-                idx = ids[local_rank % len(ids)]
+            if local_rank is None:
+                idx = ids[0] if ids else 0
+            else:  # one process per GPU: --gpu_ids 0,1 maps ranks to those ids, else rank r -> GPU r
+                idx = ids[local_rank] if len(ids) > local_rank and len(ids) > 1 else local_rank
             device = f"cuda:{idx}"
     return torch.device(device)
 
@@ -125,61 +127,96 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def write_face_outputs(out_dir: str, item: dict, opt, face_buf: np.ndarray) -> None:
-    """Write one face's .png / .obj / .mat (whatever the switches ask for)."""
-    from util.mesh_io import colors_to_uint8, write_obj
+def output_config(opt, face_buf: np.ndarray, out_dir: str):
+    """The :class:`util.results_io.OutputConfig` of a run (triangle lines formatted once here)."""
+    from util.mesh_io import face_lines
+    from util.results_io import OutputConfig
 
-    d = os.path.join(out_dir, item["rel_dir"])
-    os.makedirs(d, exist_ok=True)
-    base = os.path.join(d, item["name"])
-    if opt.save_png:
-        from PIL import Image
-
-        tmp = base + ".png.part"
-        Image.fromarray(item["vis"]).save(tmp, format="PNG", compress_level=1)  # lossless; fast
-        os.replace(tmp, base + ".png")
-    if opt.save_mesh:
-        world = item["vertex"].copy()
-        world[:, 2] = opt.camera_d - world[:, 2]  # camera space -> world space
-        write_obj(base + ".obj", world, face_buf, colors_to_uint8(item["color"]))
-    if opt.save_mat:
-        from scipy.io import savemat
-
-        tmp = base + ".mat.part"
-        savemat(tmp, item["mat"], format="5")
-        os.replace(tmp, base + ".mat")
+    return OutputConfig(out_dir=out_dir, save_png=opt.save_png, save_mesh=opt.save_mesh, save_mat=opt.save_mat,
+                        coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
+                        face_lines=face_lines(face_buf) if opt.save_mesh else b"",
+                        crop_size=int(2 * opt.center), camera_d=float(opt.camera_d))
 
 
-def batch_to_items(recon, batch: dict, opt) -> list[dict]:
-    """Move one batch's results to numpy, one dict per face (only what the switches need)."""
-    from util.visualize import compose_result
+def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
+    """:func:`util.mesh_io.colors_to_uint8` on the tensor's device (same bytes: one float32
+    product, clamp, truncation), so a quarter of the bytes leave the GPU."""
+    return torch.clamp(255.0 * color, 0, 255).to(torch.uint8)
 
-    meta = batch["meta"]
-    size = int(2 * opt.center)
-    coeffs = recon.coeffs.detach().float().cpu().numpy()
-    lm = recon.face.landmark.detach().float().cpu().numpy()
-    items = []
-    vertex = color = vis = None
-    if opt.save_mesh:
-        vertex = recon.face.vertex.detach().float().cpu().numpy()
-        color = recon.face.color.detach().float().cpu().numpy()
-    if opt.save_png:
-        image = batch["image"].permute(0, 2, 3, 1).numpy()
-        render = recon.render.detach().float().permute(0, 2, 3, 1).cpu().numpy()
-        mask = recon.mask.detach().float().permute(0, 2, 3, 1).cpu().numpy()
-        vis = compose_result(image, render, mask, lm, batch["lm"].numpy())
-    for i, m in enumerate(meta):
-        item = dict(name=m["name"], rel_dir=m["rel_dir"])
-        if opt.save_mat:
-            parts = {k: coeffs[i:i + 1, s] for k, s in COEFFS.slices().items()}
-            lm68 = np.stack([lm[i:i + 1, :, 0], size - 1 - lm[i:i + 1, :, 1]], axis=2)  # y down
-            item["mat"] = {**parts, "lm68": lm68}
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy tensors to host numpy arrays: on CUDA all copies are queued (into pinned memory)
+    and waited for once."""
+    tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
+    cuda = [t.device for t in tensors.values() if t.device.type == "cuda"]
+    host = {k: t.to("cpu", non_blocking=bool(cuda)) for k, t in tensors.items()}
+    if cuda:
+        torch.cuda.current_stream(cuda[0]).synchronize()
+    return {k: t.numpy() for k, t in host.items()}
+
+
+def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
+    """Face model (and renderer, for the picture) on a batch's coefficients -> one
+    :class:`util.results_io.FaceResult` per face, holding only what the output switches need."""
+    from util.results_io import FaceResult
+
+    with torch.inference_mode():
+        face = model.face_model(coeffs)
+        arrays = {"coeffs": coeffs, "lm68": face.landmark}
         if opt.save_mesh:
-            item["vertex"], item["color"] = vertex[i], color[i]
+            arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
+        if opt.save_png:  # FaceReconModel.reconstruct's render, only when the picture is written
+            out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+            arrays["render"] = out.image.permute(0, 2, 3, 1)
+            arrays["mask"] = out.mask.permute(0, 2, 3, 1).to(torch.uint8)
+    host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
+    image, lm_gt = batch["image"].numpy(), batch["lm"].numpy()
+    results = []
+    for i, m in enumerate(batch["meta"]):
+        r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
+        if opt.save_mesh:
+            r.vertex, r.color = host["vertex"][i], host["color"][i]
         if opt.save_png:
-            item["vis"] = vis[i]
-        items.append(item)
-    return items
+            r.image, r.render, r.mask, r.lm_gt = image[i], host["render"][i], host["mask"][i], lm_gt[i]
+        results.append(r)
+    return results
+
+
+# --------------------------------------------------------------------------- workers
+SMALL_RUN_FACES = 32  # below this, writer processes cost more to start than they save
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def ranks_per_host(world: int) -> int:
+    """Processes of this run sharing the machine: torchrun's LOCAL_WORLD_SIZE, else ``world``."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def loader_workers(requested: int, n_faces: int, batch_size: int, world: int = 1) -> int:
+    """DataLoader workers: ``requested``, or with -1 (auto) the cores per rank minus one (the
+    main process), at most 16; none when everything fits one batch (no process to start)."""
+    if n_faces <= batch_size:
+        return 0
+    if requested < 0:
+        requested = min(16, max(1, usable_cores() // ranks_per_host(world) - 1))
+    return min(requested, -(-n_faces // batch_size))
+
+
+def writer_workers(requested: int, n_faces: int, world: int = 1) -> int:
+    """Writer processes: ``requested`` (0 = write in the main process), or with -1 (auto) one per
+    core per rank, at most 16, and none for small runs (<= 32 faces). Never more than faces."""
+    if requested < 0:
+        if n_faces <= SMALL_RUN_FACES:
+            return 0
+        requested = min(16, max(1, usable_cores() // ranks_per_host(world)))
+    return min(requested, n_faces)
 
 
 # --------------------------------------------------------------------------- the run
@@ -190,11 +227,17 @@ def shard(entries: list, rank: int, world: int) -> list:
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
                model=None) -> RunSummary:
-    """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share)."""
+    """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
+
+    The DataLoader's workers start first (they decode and align while the model loads), then
+    the model and the writers; per batch the main process only runs the GPU work and hands
+    numpy arrays to the writers.
+    """
     from torch.utils.data import DataLoader
 
-    from data.image_folder import AlignedFaces, collate_faces, scan_folder
+    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
     from util.preprocess import load_lm3d
+    from util.results_io import ResultWriter
 
     t0 = time.perf_counter()
     if not os.path.isdir(opt.img_folder):
@@ -209,69 +252,57 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     if rank == 0:
         summary.photos_without_detection = missing
     entries = shard(entries, rank, world)
-    if model is None:
-        model = build_model(opt, device)
-    face_buf = model.face_model.face_buf.cpu().numpy()
-    out_dir = summary.out_dir
-    os.makedirs(out_dir, exist_ok=True)
-
-    loader = DataLoader(AlignedFaces(entries, lm3d), batch_size=max(1, opt.batch_size), shuffle=False,
-                        num_workers=opt.num_threads if len(entries) > opt.batch_size else 0,
+    bs = max(1, opt.batch_size)
+    n_loader = loader_workers(opt.num_threads, len(entries), bs, world)
+    loader = DataLoader(AlignedFaces(entries, lm3d), batch_size=bs, shuffle=False, num_workers=n_loader,
                         collate_fn=collate_faces, pin_memory=device.type == "cuda")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(entries), unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
-    pool = ThreadPoolExecutor(opt.write_workers) if opt.write_workers > 0 else None
-    pending: list[tuple[str, Future]] = []
-
-    def submit(item: dict) -> None:
-        if pool is None:  # synchronous writes (--write_workers 0)
-            fut: Future = Future()
-            try:
-                write_face_outputs(out_dir, item, opt, face_buf)
-                fut.set_result(None)
-            except Exception as e:
-                fut.set_exception(e)
-        else:
-            fut = pool.submit(write_face_outputs, out_dir, item, opt, face_buf)
-        pending.append((item["name"], fut))
-
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            name, fut = pending.pop(0)
-            try:
-                fut.result()
-                summary.faces_ok += 1
-            except Exception as e:  # disk full, permissions, ...
-                summary.faces_failed += 1
-                summary.failures.append((name, f"writing results failed: {e}"))
-
+    batches = iter(loader)  # workers start decoding now, while the model loads
+    writer = bar = None
     try:
-        for batch in loader:
+        if model is None:
+            model = build_model(opt, device)
+        out_dir = summary.out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        n_writers = writer_workers(opt.write_workers, len(entries), world)
+        writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
+                              workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
+        writer.start()
+        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), n_loader, n_writers)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(entries), unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
+
+        def record(outcomes: list[tuple[str, str | None]]) -> None:
+            for name, error in outcomes:
+                if error is None:
+                    summary.faces_ok += 1
+                else:  # disk full, permissions, ...
+                    summary.faces_failed += 1
+                    summary.failures.append((name, error))
+
+        for batch in batches:
             for it in batch["failed"]:
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
             if "image" in batch:
-                images = batch["image"].to(device, non_blocking=True)
+                images = images_to_float(batch["image"].to(device, non_blocking=True))
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:
                     from models.fitting import fit_coeffs
 
                     coeffs = fit_coeffs(model, coeffs, images, batch["lm"].to(device), steps=opt.fit_steps)
-                with torch.inference_mode():
-                    recon = model.reconstruct(coeffs)
-                for item in batch_to_items(recon, batch, opt):
-                    submit(item)
-                drain(4 * max(1, opt.batch_size))
+                record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))
-        drain(0)
+        record(writer.finish())
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if writer is not None:
+            writer.close(cancel=True)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # stop decoding at once on errors
+        if shutdown is not None:
+            shutdown()
         if bar is not None:
             bar.close()
     summary.seconds = time.perf_counter() - t0

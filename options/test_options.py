@@ -1,7 +1,6 @@
 """Options of test.py: the original's plus batching, output switches and device choice."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from options.base_options import BaseOptions, opt, parse_options
@@ -14,7 +13,8 @@ class TestOptions(BaseOptions):
     img_folder: str = opt("examples", "folder of photos; detections are read from <img_folder>/detections/")
     # new in this project
     batch_size: int = opt(8, "images per batch through the network, face model and renderer")
-    num_threads: int = opt(2, "DataLoader worker processes for decoding and alignment (0 = in the main process)")
+    num_threads: int = opt(-1, "DataLoader worker processes decoding and aligning photos (0 = in the main process; "
+                               "-1 = auto: cores per rank - 1, at most 16; none when the folder fits one batch)")
     save_mesh: bool = opt(True, "write <name>.obj")
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")
@@ -24,8 +24,8 @@ class TestOptions(BaseOptions):
                    choices=["none", "bf16", "fp16"])
     channels_last: bool = opt(False, "run the network in channels_last memory format")
     compile: bool = opt(False, "torch.compile the network (CUDA; first batch slower)")
-    write_workers: int = opt(min(8, os.cpu_count() or 1),
-                             "threads writing .obj/.png/.mat off the critical path (0 = write synchronously)")
+    write_workers: int = opt(-1, "processes writing .obj/.png/.mat off the critical path (0 = in the main process; "
+                                 "-1 = auto: one per core per rank, at most 16; none for runs of <= 32 faces)")
     fit_steps: int = opt(0, "refine each face's coefficients with N steps of landmark+photometric fitting (0 = off)")
 
 

@@ -1,0 +1,260 @@
+"""Throughput work (issue 5) changes nothing in the results: faster paths against the plain ones."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DATA, SHARED_FACES, golden_lm5
+from util.image_io import load_image
+from util.preprocess import _pil_vertical_first, align_img, flip_y, image_to_array, load_lm3d, resize_crop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BICUBIC = Image.Resampling.BICUBIC
+
+
+# ----------------------------------------------------------------------------- alignment crop
+@pytest.fixture(scope="module")
+def lm3d():
+    return load_lm3d(os.path.join(ROOT, "BFM"))
+
+
+def full_resize_crop(img, size, box):
+    """The original's way: resize the whole photo, then crop (black outside)."""
+    return img.resize(size, resample=BICUBIC).crop(box)
+
+
+@pytest.mark.parametrize("name", sorted(golden_lm5()))
+def test_resize_crop_is_the_full_resize_on_every_test_photo(name, lm3d):
+    img = load_image(os.path.join(SHARED_FACES, name))
+    tr, crop, _ = align_img(img, flip_y(np.array(golden_lm5()[name], np.float32), img.size[1]), lm3d)
+    box = (tr.left, tr.up, tr.left + 224, tr.up + 224)
+    np.testing.assert_array_equal(np.asarray(crop), np.asarray(full_resize_crop(img, (tr.w, tr.h), box)))
+    golden = json.load(open(os.path.join(DATA, "align_golden.json")))
+    if name in golden:  # the original implementation's crop
+        import hashlib
+
+        assert hashlib.sha256(np.asarray(crop).tobytes()).hexdigest() == golden[name]["crop_sha256"]
+
+
+def test_resize_crop_synthetic_cases():
+    """Random sizes, up- and downscaling, equal sides, 1-pixel photos, crops partly or wholly
+    outside the resized photo; both of Pillow's pass orders."""
+    rng = np.random.default_rng(1)
+    orders = set()
+    for t in range(400):
+        w0, h0 = (int(x) for x in rng.integers(1, 300, 2))
+        if t % 10 == 0:
+            w0 = int(rng.integers(1, 4))
+        if t % 17 == 0:
+            h0 = int(rng.integers(1, 4))
+        img = Image.fromarray(rng.integers(0, 256, (h0, w0, 3), dtype=np.uint8))
+        s = 1.0 if t % 7 == 0 else float(np.exp(rng.uniform(np.log(0.05), np.log(8))))
+        w, h = max(1, int(w0 * s)), max(1, int(h0 * s))
+        w = w0 if t % 11 == 0 else w
+        h = h0 if t % 13 == 0 else h
+        n = int(rng.choice([1, 5, 64, 224]))
+        left, up = int(rng.integers(-n - 5, w + 5)), int(rng.integers(-n - 5, h + 5))
+        box = (left, up, left + n, up + n)
+        orders.add(_pil_vertical_first(w0, h0, w, h))
+        np.testing.assert_array_equal(np.asarray(resize_crop(img, (w, h), box)),
+                                      np.asarray(full_resize_crop(img, (w, h), box)), err_msg=str((w0, h0, w, h, box)))
+    if _pil_vertical_first(100, 400, 50, 200):  # Pillow 13: both pass orders were exercised
+        assert orders == {False, True}
+
+
+def test_resize_crop_tall_photo_both_orders():
+    """A tall photo scaled down runs Pillow 13's vertical pass first; a wide one does not."""
+    rng = np.random.default_rng(2)
+    for w0, h0 in ((120, 600), (600, 120)):
+        img = Image.fromarray(rng.integers(0, 256, (h0, w0, 3), dtype=np.uint8))
+        for box in ((10, 40, 74, 104), (-20, -20, 44, 44), (50, 250, 114, 314)):
+            np.testing.assert_array_equal(np.asarray(resize_crop(img, (w0 // 2, h0 // 2), box)),
+                                          np.asarray(full_resize_crop(img, (w0 // 2, h0 // 2), box)))
+
+
+def test_unknown_pillow_falls_back_to_the_full_resize(monkeypatch):
+    import PIL
+
+    monkeypatch.setattr(PIL, "__version__", "99.0.0")
+    assert _pil_vertical_first(100, 400, 50, 200) is None
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (80, 60, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(resize_crop(img, (40, 50), (3, 4, 30, 40))),
+                                  np.asarray(full_resize_crop(img, (40, 50), (3, 4, 30, 40))))
+
+
+# ----------------------------------------------------------------------------- uint8 crops
+def test_uint8_crops_convert_to_the_original_floats():
+    from data.image_folder import images_to_float
+    from util.preprocess import unit_float_table
+
+    every = np.arange(256, dtype=np.uint8)
+    assert unit_float_table().dtype == np.float32
+    np.testing.assert_array_equal(unit_float_table(), (every / 255.0).astype(np.float32))
+    crop = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    u8 = torch.from_numpy(np.asarray(crop).transpose(2, 0, 1).copy())[None]
+    out = images_to_float(u8)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 224, 224)
+    np.testing.assert_array_equal(out[0].numpy(), image_to_array(crop))
+
+
+def test_colors_to_uint8_on_device_matches_numpy():
+    from models.inference import colors_to_uint8 as on_device
+    from util.mesh_io import colors_to_uint8
+
+    rng = np.random.default_rng(4)
+    c = np.concatenate([rng.uniform(-0.5, 1.5, (5000, 3)), (np.arange(256)[:, None] / 255.0).repeat(3, 1),
+                        np.nextafter(np.arange(256)[:, None] / 255.0, 2).repeat(3, 1)]).astype(np.float32)
+    np.testing.assert_array_equal(on_device(torch.from_numpy(c)).numpy(), colors_to_uint8(c))
+
+
+# ----------------------------------------------------------------------------- .obj formatting
+def reference_obj(v, f, c) -> bytes:
+    """The .obj bytes from the general per-column formatter (format_fixed), row by row."""
+    from util.mesh_io import OBJ_HEADER, format_fixed
+
+    def cols(arrays):
+        blocks = [format_fixed(a) for a in arrays]
+        return [b"".join(b" " + bytes(b[i]) for b in blocks) for i in range(len(arrays[0]))]
+
+    lines = [b"v" + row + b"\n" for row in cols([v[:, 0], v[:, 1], v[:, 2]] +
+                                                 ([] if c is None else [c[:, k] / 255.0 for k in range(3)]))]
+    fi = f + 1
+    widths = [len(str(fi[:, k].max())) for k in range(3)]
+    lines += [b"f" + b"".join(b" " + str(x).rjust(wd).encode() for x, wd in zip(row, widths)) + b"\n" for row in fi]
+    return OBJ_HEADER + b"".join(lines)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01, 300.0, 5000.0])
+def test_obj_fast_paths_match_the_general_formatter(tmp_path, scale):
+    from util.mesh_io import colors_to_uint8, face_lines, write_obj
+
+    rng = np.random.default_rng(int(scale * 7))
+    v = (rng.normal(size=(300, 3)) * scale).astype(np.float32).astype(np.float64)
+    v[:6] = [[-4e-9, 0.5e-8, 99.999999996], [-0.0, 0.0, 999.999999996], [-999.99999999, 1e-8, -1e-8],
+             [0.123456785, 0.123456775, -0.5], [1, 2, 3], [-1, -2, -3]]
+    f = rng.integers(0, 300, size=(500, 3))
+    c = colors_to_uint8(rng.uniform(-0.2, 1.2, size=(300, 3)))
+    c[:3] = [[0, 255, 128], [255, 255, 255], [0, 0, 0]]
+    for colors in (c, None):
+        write_obj(str(tmp_path / "a.obj"), v, f, colors)
+        write_obj(str(tmp_path / "b.obj"), v, face_lines(f), colors)
+        ref = reference_obj(v, f, colors)
+        assert (tmp_path / "a.obj").read_bytes() == ref
+        assert (tmp_path / "b.obj").read_bytes() == ref
+
+
+# ----------------------------------------------------------------------------- writers
+def tiny_results(n: int, rng) -> list:
+    from util.results_io import FaceResult
+
+    return [FaceResult(name=f"face{i:02d}", rel_dir="sub" if i % 2 else "",
+                       coeffs=rng.normal(size=257).astype(np.float32),
+                       lm68=rng.uniform(0, 223, (68, 2)).astype(np.float32),
+                       vertex=rng.normal(size=(40, 3)).astype(np.float32),
+                       color=rng.integers(0, 256, (40, 3), dtype=np.uint8),
+                       image=rng.integers(0, 256, (3, 224, 224), dtype=np.uint8),
+                       render=rng.uniform(0, 1, (224, 224, 3)).astype(np.float32),
+                       mask=(rng.uniform(size=(224, 224, 1)) > 0.5).astype(np.uint8),
+                       lm_gt=rng.uniform(0, 223, (5, 2)).astype(np.float32)) for i in range(n)]
+
+
+def tiny_config(out_dir: str):
+    from models.coeffs import COEFFS
+    from util.mesh_io import face_lines
+    from util.results_io import OutputConfig
+
+    tri = np.random.default_rng(0).integers(0, 40, (60, 3))
+    return OutputConfig(out_dir=out_dir, coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
+                        face_lines=face_lines(tri))
+
+
+def read_all(folder) -> dict[str, bytes]:
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            data = open(os.path.join(d, f), "rb").read()
+            out[os.path.relpath(os.path.join(d, f), folder)] = data[116:] if f.endswith(".mat") else data
+    return out  # .mat: the 116-byte header holds the creation time
+
+
+def test_writer_processes_write_what_the_main_process_writes(tmp_path):
+    from util.results_io import ResultWriter
+
+    results = tiny_results(7, np.random.default_rng(5))
+    outcomes = {}
+    for workers in (0, 2):
+        w = ResultWriter(tiny_config(str(tmp_path / f"w{workers}")), workers=workers, max_pending=3, chunk=2)
+        w.start()
+        got = w.submit(results[:4]) + w.submit(results[4:]) + w.finish()
+        outcomes[workers] = got
+    assert outcomes[0] == outcomes[2] == [(r.name, None) for r in results]  # every face, in order
+    a, b = read_all(tmp_path / "w0"), read_all(tmp_path / "w2")
+    assert len(a) == 21 and a == b
+    assert not [f for f in a if f.endswith(".part")]
+
+
+def test_writer_reports_each_failed_face(tmp_path):
+    from util.results_io import ResultWriter
+
+    (tmp_path / "blocked").write_text("a file where the sub-folder should be")
+    results = tiny_results(3, np.random.default_rng(6))
+    for r in results:
+        r.rel_dir = "blocked" if r.name == "face01" else ""
+    for workers in (0, 2):
+        w = ResultWriter(tiny_config(str(tmp_path)), workers=workers)
+        got = w.submit(results) + w.finish()
+        assert [n for n, e in got if e is None] == ["face00", "face02"]
+        (name, err), = [(n, e) for n, e in got if e is not None]
+        assert name == "face01" and err.startswith("writing results failed:")
+
+
+def test_writer_survives_a_dead_writer_process(tmp_path):
+    from util.results_io import ResultWriter
+
+    results = tiny_results(6, np.random.default_rng(7))
+    w = ResultWriter(tiny_config(str(tmp_path / "out")), workers=2, max_pending=100)
+    got = w.submit(results[:2])
+    got += w._drain(0)  # the pool has started and written two faces
+    for p in list(w._pool._processes.values()):
+        p.kill()
+        p.join()
+    got += w.submit(results[2:]) + w.finish()  # written in this process instead
+    assert got == [(r.name, None) for r in results]
+    assert len(read_all(tmp_path / "out")) == 18
+
+
+def test_worker_counts(monkeypatch):
+    from models import inference
+
+    monkeypatch.setattr(inference, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert inference.loader_workers(-1, 10_000, 64) == 15
+    assert inference.loader_workers(-1, 10_000, 64, world=2) == 7
+    assert inference.loader_workers(-1, 64, 64) == 0  # one batch: decoded in the main process
+    assert inference.loader_workers(-1, 100, 8) == 13 and inference.loader_workers(4, 100, 8) == 4
+    assert inference.writer_workers(-1, 10_000) == 16
+    assert inference.writer_workers(-1, 32) == 0  # small runs write in the main process
+    assert inference.writer_workers(3, 2) == 2 and inference.writer_workers(0, 10_000) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert inference.writer_workers(-1, 10_000, world=8) == 4
+
+
+def test_run_with_processes_equals_run_in_the_main_process(standin, tmp_path):
+    """test.py with DataLoader workers and writer processes writes byte-identical files."""
+    from conftest import make_photo_folder
+
+    import test as test_cli
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png", "trump_hillary.jpg"])
+    base = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
+            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+            "--batch_size=2"]
+    assert test_cli.main(base + [f"--results_dir={tmp_path / 'a'}", "--num_threads=0", "--write_workers=0"]) == 0
+    assert test_cli.main(base + [f"--results_dir={tmp_path / 'b'}", "--num_threads=2", "--write_workers=2"]) == 0
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert len(a) == 9 and a == b

@@ -1,0 +1,256 @@
+"""Writing each face's results (.png, .obj, .mat), in the main process or in writer processes.
+
+The main process turns a batch into :class:`FaceResult` payloads (numpy arrays only) and hands
+them to a :class:`ResultWriter`, which writes them either in the calling thread (``workers=0``)
+or in a pool of writer *processes*: formatting a mesh and encoding a PNG are CPU-bound Python and
+numpy work that threads cannot spread over cores (the GIL). The pool uses the ``forkserver``
+start method where it exists (else ``spawn``), never ``fork``: the main process holds a CUDA
+context. At most ``max_pending`` faces are in flight; a full pipeline waits for the oldest
+writes, so memory stays flat however many photos a folder holds.
+
+This module imports only numpy, PIL and scipy (and util helpers that do the same), so a writer
+process starts in a fraction of a second. Every file goes to a temporary name first and is then
+renamed: a result file is complete or absent, never half written.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PNG_COMPRESS_LEVEL = 1  # lossless; the fastest deflate level (level 0 saves little: PIL's filter choice dominates)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What to write and where; shared by every face of a run (sent once to each writer process).
+
+    coeff_slices: name -> (start, stop) of the 257 coefficients (``COEFFS.slices()``), the .mat keys.
+    face_lines: the .obj triangle lines (:func:`util.mesh_io.face_lines`), formatted once per run.
+    crop_size: side of the aligned crop in pixels (2 * center), to flip landmarks to y down.
+    camera_d: camera distance; world z = camera_d - camera z.
+    """
+
+    out_dir: str
+    save_png: bool = True
+    save_mesh: bool = True
+    save_mat: bool = True
+    coeff_slices: tuple[tuple[str, int, int], ...] = ()
+    face_lines: bytes = b""
+    crop_size: int = 224
+    camera_d: float = 10.0
+
+
+@dataclass
+class FaceResult:
+    """One face's results, as numpy arrays (only those the output switches need).
+
+    name, rel_dir: output file stem and sub-folder of the results folder.
+    coeffs: (257,) float32.  lm68: (68, 2) float32 predicted landmarks, crop pixels, **y up**.
+    vertex: (N, 3) float32 camera space.  color: (N, 3) uint8 vertex colours (``colors_to_uint8``).
+    image: (3, H, W) uint8 aligned crop.  render: (H, W, 3) float32.  mask: (H, W, 1) uint8 {0, 1}.
+    lm_gt: (K, 2) detected landmarks in the crop, y up.
+    """
+
+    name: str
+    rel_dir: str = ""
+    coeffs: np.ndarray | None = None
+    lm68: np.ndarray | None = None
+    vertex: np.ndarray | None = None
+    color: np.ndarray | None = None
+    image: np.ndarray | None = None
+    render: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    lm_gt: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- one face
+def mat_dict(cfg: OutputConfig, res: FaceResult) -> dict[str, np.ndarray]:
+    """The .mat content: each coefficient group (1, n) and ``lm68`` (1, 68, 2) in crop pixels, y down."""
+    out = {name: res.coeffs[None, start:stop] for name, start, stop in cfg.coeff_slices}
+    lm = res.lm68[None]
+    out["lm68"] = np.stack([lm[:, :, 0], cfg.crop_size - 1 - lm[:, :, 1]], axis=2)
+    return out
+
+
+def result_picture(res: FaceResult) -> np.ndarray:
+    """(H, 3W, 3) uint8: input | render overlay | overlay with landmarks (see util.visualize)."""
+    from util.preprocess import unit_float_table
+    from util.visualize import compose_result
+
+    image = unit_float_table()[res.image.transpose(1, 2, 0)]  # the network's float input, exactly
+    mask = res.mask.astype(np.float32)
+    return compose_result(image[None], res.render[None], mask[None], res.lm68[None],
+                          None if res.lm_gt is None else res.lm_gt[None])[0]
+
+
+def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
+    """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for); raises on failure."""
+    d = os.path.join(cfg.out_dir, res.rel_dir)
+    os.makedirs(d, exist_ok=True)
+    base = os.path.join(d, res.name)
+    if cfg.save_png:
+        from PIL import Image
+
+        tmp = base + ".png.part"
+        Image.fromarray(result_picture(res)).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        os.replace(tmp, base + ".png")
+    if cfg.save_mesh:
+        from util.mesh_io import write_obj
+
+        world = res.vertex.copy()
+        world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
+        write_obj(base + ".obj", world, cfg.face_lines, res.color)
+    if cfg.save_mat:
+        from scipy.io import savemat
+
+        tmp = base + ".mat.part"
+        savemat(tmp, mat_dict(cfg, res), format="5")
+        os.replace(tmp, base + ".mat")
+
+
+def write_results(cfg: OutputConfig, results: list[FaceResult]) -> list[tuple[str, str | None]]:
+    """Write several faces; returns (name, None) per success and (name, reason) per failure."""
+    out = []
+    for res in results:
+        try:
+            write_face_result(cfg, res)
+            out.append((res.name, None))
+        except Exception as e:  # disk full, permissions, ...: reported per face, the others go on
+            out.append((res.name, f"writing results failed: {e}"))
+    return out
+
+
+# --------------------------------------------------------------------------- writer processes
+_WORKER_CFG: OutputConfig | None = None
+
+
+def _init_worker(cfg: OutputConfig) -> None:
+    """Writer process set-up: Ctrl-C is the main process's business (it lets running writes
+    finish, so no file is left half written); import the writers now, not on the first face."""
+    global _WORKER_CFG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_CFG = cfg
+    import PIL.PngImagePlugin  # noqa: F401
+    import scipy.io  # noqa: F401
+
+    import util.mesh_io  # noqa: F401
+    import util.visualize  # noqa: F401
+
+
+def _write_in_worker(results: list[FaceResult]) -> list[tuple[str, str | None]]:
+    return write_results(_WORKER_CFG, results)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def process_context():
+    """``forkserver`` where available (Linux, macOS), else ``spawn``; never ``fork`` (CUDA)."""
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+class ResultWriter:
+    """Write :class:`FaceResult` lists in ``workers`` processes (0: in the calling thread).
+
+    ``submit`` queues faces (split into chunks, one task each) and returns the outcomes that are
+    already known; ``finish`` waits for all and returns the rest. Outcomes come in submission
+    order as ``(name, None)`` or ``(name, reason)``. At most ``max_pending`` faces are in flight:
+    beyond that, ``submit`` waits for the oldest. If a writer process dies (killed, out of
+    memory), its faces and all later ones are written in the calling thread instead.
+    """
+
+    def __init__(self, cfg: OutputConfig, workers: int = 0, max_pending: int = 64, chunk: int = 4):
+        self.cfg, self.chunk = cfg, max(1, chunk)
+        self.max_pending = max(1, max_pending)
+        self._pending: deque[tuple[list[FaceResult], Future]] = deque()
+        self._n_pending = 0
+        self._pool = None
+        if workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = process_context()
+            if ctx.get_start_method() == "forkserver":
+                # the server imports these once; each writer is then a cheap fork of it
+                ctx.set_forkserver_preload(["__main__", "util.results_io"])
+            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
+            self.workers = workers
+        else:
+            self.workers = 0
+
+    def start(self) -> None:
+        """Start every writer process now (each ``submit`` would otherwise start one lazily)."""
+        if self._pool is not None:
+            try:
+                for _ in range(self.workers):
+                    self._pool.submit(_ready)
+            except Exception as e:  # noqa: BLE001 - no processes here (sandbox, limits): write in-thread
+                self._give_up_pool(e)
+
+    def submit(self, results: list[FaceResult]) -> list[tuple[str, str | None]]:
+        done: list[tuple[str, str | None]] = []
+        if self._pool is None:
+            return write_results(self.cfg, results)
+        size = max(1, min(self.chunk, math.ceil(len(results) / self.workers)))
+        for i in range(0, len(results), size):
+            part = results[i:i + size]
+            done += self._drain(self.max_pending - len(part))
+            self._pending.append((part, self._submit(part)))
+            self._n_pending += len(part)
+        return done + self._drain(self.max_pending, block=False)
+
+    def finish(self) -> list[tuple[str, str | None]]:
+        """Wait for every queued face; shut the writer processes down."""
+        try:
+            return self._drain(0)
+        finally:
+            self.close()
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+    # -- internals -----------------------------------------------------------------------
+    def _submit(self, part: list[FaceResult]) -> Future:
+        if self._pool is not None:
+            try:
+                return self._pool.submit(_write_in_worker, part)
+            except Exception as e:  # noqa: BLE001 - broken pool, no processes: write in-thread
+                self._give_up_pool(e)
+        fut: Future = Future()
+        fut.set_result(write_results(self.cfg, part))
+        return fut
+
+    def _drain(self, limit: int, block: bool = True) -> list[tuple[str, str | None]]:
+        from concurrent.futures import CancelledError
+        from concurrent.futures.process import BrokenProcessPool
+
+        done: list[tuple[str, str | None]] = []
+        while self._pending and (self._n_pending > limit or (not block and self._pending[0][1].done())):
+            part, fut = self._pending.popleft()
+            self._n_pending -= len(part)
+            try:
+                done += fut.result()
+            except (BrokenProcessPool, CancelledError) as e:  # a writer process died: write these here
+                self._give_up_pool(e)
+                done += write_results(self.cfg, part)
+        return done
+
+    def _give_up_pool(self, err: Exception) -> None:
+        if self._pool is not None:
+            log.warning("a writer process failed (%s); writing the remaining results in the main process", err)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
