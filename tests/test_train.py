@@ -1,0 +1,197 @@
+"""train.py end to end on a tiny face model: checkpoints that test.py loads, resume, clear errors
+for missing data; data preparation and augmentation; the recovery experiment's smoke run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import loadmat, savemat
+
+from conftest import ROOT, tiny_face_model_dict
+from data.train_dataset import (LM68_MIRROR, AugmentConfig, FaceTrainDataset, apply_affine, augment_landmarks,
+                                random_affine, read_list)
+from util.detections_io import detection_path, write_points
+from util.preprocess import extract_5p, load_lm3d
+
+N_PHOTOS = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny face model folder and a folder of prepared photos (68 landmarks, 5-point detections)."""
+    root = tmp_path_factory.mktemp("train")
+    bfm = root / "BFM"
+    bfm.mkdir()
+    savemat(str(bfm / "BFM_model_front.mat"), tiny_face_model_dict())
+    shutil.copyfile(os.path.join(ROOT, "BFM", "similarity_Lm3D_all.mat"), bfm / "similarity_Lm3D_all.mat")
+    photos = root / "data" / "faces"
+    photos.mkdir(parents=True)
+    lm3d = loadmat(os.path.join(ROOT, "BFM", "similarity_Lm3D_all.mat"))["lm"]
+    rng = np.random.default_rng(0)
+    for k in range(N_PHOTOS):
+        name = f"p{k}.png"
+        scale, (cx, cy) = 90 + 10 * k, (128 + 5 * k, 120 - 3 * k)
+        lm68 = np.stack([cx + scale * lm3d[:, 0], cy - scale * lm3d[:, 1]], axis=1)  # y down
+        img = (rng.uniform(0, 255, (256, 256, 3)) * 0.3 + 90).astype(np.uint8)
+        Image.fromarray(img).save(photos / name)
+        write_points(detection_path(str(photos), name, subdir="landmarks"), lm68)
+        write_points(detection_path(str(photos), name), extract_5p(lm68))
+    return {"root": str(root), "bfm": str(bfm), "photos": str(photos), "data_root": str(root / "data")}
+
+
+def prepare(ws, out_name="list.txt") -> str:
+    from data.prepare_list import main as prepare_main
+
+    out = os.path.join(ws["root"], out_name)
+    assert prepare_main(["--data_root", ws["data_root"], "--img_folder", "faces", "--out", out]) == 0
+    return out
+
+
+def train_args(ws, flist, name, *extra):
+    return ["--name", name, "--checkpoints_dir", os.path.join(ws["root"], "ck"), "--flist", flist,
+            "--data_root", ws["data_root"], "--flist_val", "", "--bfm_folder", ws["bfm"], "--net_recon", "resnet18",
+            "--init_path", "", "--batch_size", "2", "--n_epochs", "1", "--num_threads", "0", "--device", "cpu",
+            "--print_freq", "1", "--display_freq", "1", "--save_latest_freq", "1000", *extra]
+
+
+def ckpt(ws, name, tag):
+    return torch.load(os.path.join(ws["root"], "ck", name, f"epoch_{tag}.pth"), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- data
+def test_prepare_list_and_dataset(workspace, tmp_path):
+    ws = workspace
+    extra = os.path.join(ws["photos"], "no_landmarks.png")
+    Image.new("RGB", (64, 64)).save(extra)
+    try:
+        flist = prepare(ws, "list_check.txt")
+    finally:
+        os.remove(extra)
+    lines = [ln for ln in open(flist).read().splitlines() if not ln.startswith("#")]
+    assert len(lines) == N_PHOTOS and all(ln.split("\t")[0].startswith("faces") for ln in lines)
+    entries = read_list(flist, ws["data_root"], need_lm5=True)
+    assert all(e.lm5 is not None and e.mask is None for e in entries)
+    ds = FaceTrainDataset(entries, load_lm3d(ws["bfm"]), AugmentConfig(use_aug=False))
+    item = ds[0]
+    assert item["imgs"].shape == (3, 224, 224) and item["imgs"].dtype == torch.float32
+    assert item["lms"].shape == (68, 2) and item["msks"].shape == (1, 224, 224) and torch.all(item["msks"] == 1)
+    # aligned with the 5 points of its own landmarks, they land on the standard 5 points
+    five = extract_5p(item["lms"].numpy())
+    assert np.abs(five[:, 0] - five[:, 0].mean()).max() < 60 and 80 < five[:, 1].mean() < 140
+    aug = FaceTrainDataset(entries, load_lm3d(ws["bfm"]), AugmentConfig(), seed=3)
+    a, b = aug[1], aug[1]
+    assert torch.equal(a["lms"], b["lms"])  # reproducible per (seed, epoch, index)
+    aug.set_epoch(2)
+    assert not torch.equal(aug[1]["lms"], a["lms"])
+
+
+def test_augmentation_moves_pixels_and_landmarks_together():
+    assert sorted(LM68_MIRROR.tolist()) == list(range(68))
+    assert np.array_equal(LM68_MIRROR[LM68_MIRROR], np.arange(68))  # mirroring twice is the identity
+    rng = random.Random(0)
+    for _ in range(5):
+        img = np.zeros((224, 224), np.uint8)
+        x, y_down = 150, 60
+        img[y_down - 1:y_down + 2, x - 1:x + 2] = 255
+        mat, flip = random_affine(AugmentConfig(), 224, rng)
+        warped = apply_affine(img, mat, 224, cubic=False)
+        yy, xx = np.unravel_index(np.argmax(warped), warped.shape)
+        lm = augment_landmarks(np.array([[x, 223.0 - y_down]]), mat, flip, 224)
+        assert abs(lm[0, 0] - xx) <= 1.5 and abs(223 - lm[0, 1] - yy) <= 1.5
+
+
+def test_missing_data_is_a_clear_error_before_training(workspace, tmp_path, capsys):
+    from train import main
+
+    ws = workspace
+    flist = tmp_path / "bad.txt"
+    flist.write_text("faces/p0.png\tfaces/landmarks/p0.txt\n"
+                     "faces/p1.png\tfaces/landmarks/missing.txt\n"
+                     "faces/nothere.png\tfaces/landmarks/p2.txt\n")
+    assert main(train_args(ws, str(flist), "bad")) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "missing.txt" in err and "nothere.png" in err
+    assert main(train_args(ws, str(tmp_path / "none.txt"), "bad")) == 2
+    assert "training list not found" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(ws["root"], "ck", "bad"))
+
+
+# ----------------------------------------------------------------------------- train.py
+def test_train_checkpoint_loads_in_test_py_and_resume(workspace, caplog):
+    import test as test_py
+    from models.networks import load_recon_net
+    from train import main
+
+    ws = workspace
+    flist = prepare(ws)
+    with caplog.at_level("WARNING", logger="train"):
+        assert main(train_args(ws, flist, "run")) == 0
+    assert sum("without the identity loss" in r.message for r in caplog.records) == 1
+    folder = os.path.join(ws["root"], "ck", "run")
+    first = ckpt(ws, "run", 1)
+    assert set(first) >= {"net_recon", "opt_00", "sched_00"} and first["total_iters"] == 2
+    assert json.load(open(os.path.join(folder, "train_opt.json")))["batch_size"] == 2
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(folder, "logs")))
+    load_recon_net(os.path.join(folder, "epoch_1.pth"), "resnet18")
+
+    # the checkpoint reconstructs the photos with test.py, unchanged
+    out = os.path.join(ws["root"], "results")
+    code = test_py.main(["--name", "run", "--epoch", "1", "--checkpoints_dir", os.path.join(ws["root"], "ck"),
+                         "--img_folder", ws["photos"], "--bfm_folder", ws["bfm"], "--net_recon", "resnet18",
+                         "--device", "cpu", "--num_threads", "0", "--write_workers", "0", "--results_dir", out,
+                         "--save_mesh", "false"])
+    assert code == 0 and len([f for f in os.listdir(out) if f.endswith(".mat")]) == N_PHOTOS
+
+    # running again with more epochs resumes from epoch_latest: the step count continues
+    assert main(train_args(ws, flist, "run", "--n_epochs", "2")) == 0
+    second = ckpt(ws, "run", 2)
+    assert second["total_iters"] == 4 and second["epoch"] == 2
+    assert not torch.equal(second["net_recon"]["final_layers.0.weight"], first["net_recon"]["final_layers.0.weight"])
+
+
+def test_interrupted_run_resumes_mid_epoch(workspace):
+    from train import main
+
+    ws = workspace
+    flist = prepare(ws)
+    assert main(train_args(ws, flist, "cut", "--max_steps", "1")) == 0
+    latest = ckpt(ws, "cut", "latest")
+    assert (latest["epoch"], latest["epoch_iter"], latest["total_iters"], latest["epoch_complete"]) == (1, 1, 1, False)
+    assert main(train_args(ws, flist, "cut")) == 0
+    done = ckpt(ws, "cut", 1)
+    assert (done["epoch_iter"], done["total_iters"]) == (2, 2)
+    # the two halves saw the epoch's two batches once each: same result as an uninterrupted run
+    assert main(train_args(ws, flist, "whole")) == 0
+    whole = ckpt(ws, "whole", 1)
+    for k, v in whole["net_recon"].items():
+        assert torch.allclose(v.float(), done["net_recon"][k].float(), atol=1e-5), k
+
+
+# ----------------------------------------------------------------------------- recovery experiment
+def test_recovery_experiment_smoke(workspace, tmp_path):
+    from experiments.recovery import main
+
+    out = tmp_path / "rec"
+    code = main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--net_recon", "resnet18",
+                 "--batch_size", "2", "--max_steps", "3", "--eval_size", "4", "--curve_size", "2", "--eval_batch", "2",
+                 "--minutes", "2", "--eval_reserve_s", "5", "--out", str(out), "--verbose", "false"])
+    assert code == 0
+    res = json.load(open(out / "recovery.json"))
+    assert res["steps"] == 3 and res["figures"]["faces"] == 4
+    assert set(res["pass"]) == {"vertex_error_ratio", "pose_error_deg", "lm_error_px"}
+    assert all(np.isfinite(res["figures"][k]) for k in res["pass"])
+    assert Image.open(out / "learning_curve.png").size[0] > 400
