@@ -1,0 +1,211 @@
+"""Per-image fitting on real photos: 68-point landmark error against dlib, before and after.
+
+    python -m experiments.fitting_eval --img_folder ../shared/faces --name standin --epoch 20 \\
+        --bfm_folder standin/BFM --out docs/fitting --image docs/images/fitting_before_after.png
+
+The photos are prepared as for test.py (``process_images.py --landmarks68`` on a copy in
+``--work_dir`` unless the folder already has detections/ and landmarks/): MTCNN's 5 points align
+each photo to the 224 crop, dlib's 68 points are the reference. The regressor's coefficients
+(the stand-in checkpoint is untrained) are then refined with :func:`models.fitting.fit_coeffs`,
+either against dlib's 68 points (``fit68``) or against the 5 detected points only, as
+``test.py --fit_steps`` does (``fit5``). Reported: mean distance of the 68 projected landmarks to
+dlib's, pixels of the 224 crop, before and after; the picture shows input | before | after with
+dlib's points in blue and the model's in red.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from options.base_options import build_parser, opt
+
+log = logging.getLogger("fitting_eval")
+
+
+@dataclass
+class FittingEvalOptions:
+    img_folder: str = opt("../shared/faces", "photos to fit")
+    work_dir: str = opt("", "where a copy of the photos is prepared (default checkpoints/<name>/fitting_eval_photos)")
+    name: str = opt("standin", "checkpoints/<name>/epoch_<epoch>.pth is the regressor")
+    epoch: str = opt("20", "which epoch to load")
+    checkpoints_dir: str = opt("./checkpoints", "checkpoint folder")
+    net_recon: str = opt("resnet50", "network structure", choices=["resnet18", "resnet34", "resnet50"])
+    bfm_folder: str = opt("standin/BFM", "face model folder")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    targets: str = opt("68,5", "which fits to run: 68 (dlib's points as targets) and/or 5 (detections, as test.py)")
+    steps: int = opt(150, "fitting steps")
+    landmark_steps: int = opt(100, "leading steps with landmark and regularisation terms only (no rendering)")
+    lr: float = opt(0.05, "base learning rate of the fit")
+    batch_size: int = opt(8, "faces fitted at once")
+    out: str = opt("docs/fitting", "folder for fitting_eval.json")
+    image: str = opt("docs/images/fitting_before_after.png", "before/after picture ('' = none)")
+    show: int = opt(4, "faces in the picture")
+    panel: int = opt(160, "panel size of the picture in pixels")
+
+
+def parse_fitting_eval_options(argv: list[str] | None = None) -> FittingEvalOptions:
+    p = build_parser(FittingEvalOptions, description=__doc__.splitlines()[0])
+    return FittingEvalOptions(**vars(p.parse_args(argv)))
+
+
+def prepared_folder(o: FittingEvalOptions) -> str:
+    """A folder with detections/ and landmarks/ for the photos (prepared on a copy when needed)."""
+    from util.image_io import list_images
+
+    photos = list_images(o.img_folder)
+    have = all(os.path.isfile(os.path.join(o.img_folder, d, os.path.splitext(p)[0] + ".txt"))
+               for p in photos for d in ("detections", "landmarks"))
+    if have:
+        return o.img_folder
+    work = o.work_dir or os.path.join(o.checkpoints_dir, o.name, "fitting_eval_photos")
+    os.makedirs(work, exist_ok=True)
+    for p in photos:
+        dst = os.path.join(work, p)
+        if not os.path.isfile(dst):
+            shutil.copyfile(os.path.join(o.img_folder, p), dst)
+    import process_images
+
+    log.info("detecting 5 and 68 points in %d photos (copy in %s)", len(photos), work)
+    code = process_images.main([work, "--landmarks68", "--no-progress"])
+    if code not in (0, 1):
+        raise RuntimeError(f"process_images failed on {work} (exit {code})")
+    return work
+
+
+def load_faces(folder: str, lm3d: np.ndarray) -> list[dict]:
+    """The chosen face of each photo: its aligned crop ((3,224,224) float32 0..1), its 5 detected
+    points and dlib's 68 (crop pixels, y up)."""
+    from data.train_dataset import to_crop
+    from util.detections_io import detection_path, read_points
+    from util.image_io import list_images, load_image
+    from util.preprocess import align_img, flip_y, image_to_array
+
+    faces = []
+    for rel in list_images(folder):
+        det, lm68_path = (detection_path(folder, rel, subdir=d) for d in ("detections", "landmarks"))
+        if not (os.path.isfile(det) and os.path.isfile(lm68_path)):
+            continue
+        img = load_image(os.path.join(folder, rel))
+        h0 = img.size[1]
+        t, crop, lm5 = align_img(img, flip_y(read_points(det, 5).astype(np.float64), h0), lm3d)
+        lm68 = to_crop(flip_y(read_points(lm68_path, 68).astype(np.float64), h0), t)
+        faces.append({"name": os.path.splitext(rel)[0], "image": image_to_array(crop),
+                      "lm5": lm5.astype(np.float32), "lm68": lm68.astype(np.float32)})
+    return faces
+
+
+def lm_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, K, 2), (B, K, 2) -> (B,) mean point distance."""
+    return (pred - target).norm(dim=-1).mean(dim=-1)
+
+
+def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel: int) -> None:
+    """Rows of input | one overlay per stage, dlib 68 points blue, the model's red; palette PNG."""
+    from PIL import Image
+
+    from util.visualize import BLUE, RED, draw_landmarks
+
+    rows = []
+    for i, f in enumerate(faces):
+        img = f["image"].transpose(1, 2, 0)[None] * 255.0
+        cells = [draw_landmarks(img, f["lm68"][None], BLUE, step=1)[0]]
+        for _, recs in stages:
+            r = recs[i]
+            over = (r["render"] * r["mask"] + (1 - r["mask"]) * f["image"].transpose(1, 2, 0))[None] * 255.0
+            over = draw_landmarks(over, f["lm68"][None], BLUE, step=1)
+            cells.append(draw_landmarks(over, r["lm"][None], RED, step=1)[0])
+        row = [Image.fromarray(np.clip(c, 0, 255).astype(np.uint8)).resize((panel, panel), Image.Resampling.LANCZOS)
+               for c in cells]
+        rows.append(np.concatenate([np.asarray(c) for c in row], axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def run(o: FittingEvalOptions) -> dict:
+    from models.fitting import FitConfig, fit_coeffs
+    from models.inference import build_model, resolve_device
+    from options.test_options import TestOptions
+    from util.preprocess import load_lm3d
+
+    t0 = time.perf_counter()
+    device = resolve_device(o.device)
+    topt = TestOptions(name=o.name, epoch=o.epoch, checkpoints_dir=o.checkpoints_dir, bfm_folder=o.bfm_folder,
+                       net_recon=o.net_recon)
+    model = build_model(topt, device)
+    faces = load_faces(prepared_folder(o), load_lm3d(o.bfm_folder))
+    if not faces:
+        raise RuntimeError(f"no photo of {o.img_folder} has both a detection and 68 landmarks")
+    cfg = FitConfig(lr=o.lr, landmark_steps=o.landmark_steps)
+    kinds = [k.strip() for k in o.targets.split(",") if k.strip()]
+    stages: dict[str, list] = {"before": []}
+    stages.update({f"fit{k}": [] for k in kinds})
+    seconds = {k: 0.0 for k in stages}
+    for s in range(0, len(faces), o.batch_size):
+        chunk = faces[s:s + o.batch_size]
+        images = torch.from_numpy(np.stack([f["image"] for f in chunk])).to(device)
+        lm5 = torch.from_numpy(np.stack([f["lm5"] for f in chunk])).to(device)
+        lm68 = torch.from_numpy(np.stack([f["lm68"] for f in chunk])).to(device)
+        with torch.inference_mode():
+            pred = model.predict_coeffs(images)
+        coeffs = {"before": pred.clone()}
+        for k in kinds:
+            t = time.perf_counter()
+            coeffs[f"fit{k}"] = fit_coeffs(model, pred.clone(), images, lm5, steps=o.steps,
+                                           lm68=lm68 if k == "68" else None, config=cfg)
+            seconds[f"fit{k}"] += time.perf_counter() - t
+        with torch.no_grad():
+            for stage, c in coeffs.items():
+                rec = model.reconstruct(c)
+                for i in range(len(chunk)):
+                    stages[stage].append({
+                        "lm": rec.face.landmark[i].cpu().numpy(),
+                        "err68": float(lm_error(rec.face.landmark[i:i + 1], lm68[i:i + 1])),
+                        "render": rec.render[i].permute(1, 2, 0).cpu().numpy(),
+                        "mask": rec.mask[i].permute(1, 2, 0).cpu().numpy()})
+        log.info("fitted %d/%d faces", min(s + o.batch_size, len(faces)), len(faces))
+    figures = {k: {"lm68_error_px_mean": float(np.mean([r["err68"] for r in v])),
+                   "lm68_error_px_median": float(np.median([r["err68"] for r in v])),
+                   "lm68_error_px_max": float(np.max([r["err68"] for r in v])),
+                   "fit_seconds": round(seconds[k], 1)} for k, v in stages.items()}
+    result = {
+        "faces": len(faces), "figures": figures, "target_px": 4.0,
+        "per_face": {f["name"]: {k: round(v[i]["err68"], 3) for k, v in stages.items()} for i, f in enumerate(faces)},
+        "device": str(device), "renderer": model.renderer.backend, "torch": torch.__version__,
+        "options": dataclasses.asdict(o), "fit_config": {"lr": cfg.lr, "steps": o.steps,
+                                                         "landmark_steps": cfg.landmark_steps,
+                                                         "lr_scale": dict(cfg.lr_scale)},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    os.makedirs(o.out, exist_ok=True)
+    with open(os.path.join(o.out, "fitting_eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    if o.image:
+        show = list(range(min(o.show, len(faces))))
+        picture(o.image, [faces[i] for i in show], [(k, [v[i] for i in show]) for k, v in stages.items()], o.panel)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse_fitting_eval_options(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    r = run(o)
+    print(f"68-point error against dlib on {r['faces']} faces (pixels at 224, mean / median / max):")
+    for k, f in r["figures"].items():
+        print(f"  {k:7s} {f['lm68_error_px_mean']:6.2f} / {f['lm68_error_px_median']:6.2f} / "
+              f"{f['lm68_error_px_max']:6.2f}   ({f['fit_seconds']:.0f} s)")
+    print(f"results in {o.out}/fitting_eval.json" + (f", picture {o.image}" if o.image else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Synthetic recovery experiment: does training with the hybrid loss recover known faces?
+
+    python -m experiments.recovery --bfm_folder standin/BFM --device cuda --minutes 9 --out docs/recovery
+
+Random faces of the (stand-in) face model are rendered on the fly on the device (random identity,
+expression, albedo, pose, lighting and background; :mod:`util.synthetic`). The regressor is
+trained from random initialisation with the paper's weakly-supervised loss only - photometric,
+68-landmark, regularisation, gamma and reflectance terms through the differentiable renderer, no
+coefficient supervision and no identity network - until ``--minutes`` (everything included:
+set-up, rendering, training, evaluation) minus a reserve for the final evaluation.
+
+Evaluation on ``--eval_size`` held-out renders (a separate seed):
+  * vertex error: mean distance between predicted and true model-space shapes (identity +
+    expression, before pose), as a fraction of the same for the mean face (target <= 0.3);
+  * pose error: geodesic angle between predicted and true head rotations, degrees (target <= 2);
+  * landmark error: mean distance of the 68 projected landmarks, pixels at 224 (target <= 2).
+Writes ``<out>/recovery.json`` (figures, hardware, settings, curve) and ``<out>/learning_curve.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from options.base_options import build_parser, opt
+
+log = logging.getLogger("recovery")
+
+TARGETS = {"vertex_error_ratio": 0.3, "pose_error_deg": 2.0, "lm_error_px": 2.0}
+
+
+@dataclass
+class RecoveryOptions:
+    bfm_folder: str = opt("standin/BFM", "face model folder (python -m util.standin builds standin/BFM)")
+    bfm_model: str = opt("BFM_model_front.mat", "converted face model file in --bfm_folder")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    renderer: str = opt("auto", "auto (nvdiffrast on CUDA when installed, else the PyTorch rasterizer) | cpu | cuda",
+                        choices=["auto", "cpu", "cuda", "opengl"])
+    minutes: float = opt(9.0, "wall-clock budget for everything (set-up, training, evaluation)")
+    eval_reserve_s: float = opt(40.0, "seconds kept for the final evaluation and writing the results")
+    max_steps: int = opt(0, "stop training after this many steps (0 = only the time budget)")
+    batch_size: int = opt(32, "synthetic faces per step")
+    net_recon: str = opt("resnet50", "regressor backbone", choices=["resnet18", "resnet34", "resnet50"])
+    lr: float = opt(2e-4, "Adam learning rate (peak; linear warm-up then cosine decay over the time budget)")
+    warmup: float = opt(0.03, "fraction of the budget spent warming the learning rate up")
+    amp: str = opt("auto", "network precision: auto (bf16 on CUDA) | none | bf16 | fp16",
+                   choices=["auto", "none", "bf16", "fp16"])
+    size: int = opt(224, "image size (the camera is scaled with it; landmark errors are reported at 224)")
+    eval_size: int = opt(512, "held-out renders for the final figures")
+    eval_batch: int = opt(64, "batch size of evaluation")
+    curve_size: int = opt(128, "held-out renders for the learning curve")
+    curve_every_s: float = opt(20.0, "seconds between learning-curve points")
+    seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
+    out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
+    checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
+    id_std: float = opt(1.0, "synthetic identity coefficient std")
+    exp_std: float = opt(1.0, "synthetic expression coefficient std")
+    tex_std: float = opt(1.0, "synthetic albedo coefficient std")
+    yaw: float = opt(30.0, "synthetic yaw half-range, degrees")
+    pitch: float = opt(15.0, "synthetic pitch half-range, degrees")
+    roll: float = opt(10.0, "synthetic roll half-range, degrees")
+    w_color: float = opt(1.92, "photometric weight (the original's)")
+    w_lm: float = opt(1.6e-3, "landmark weight (the original's)")
+    w_reg: float = opt(3.0e-4, "coefficient regularisation weight (the original's)")
+    w_gamma: float = opt(10.0, "gamma weight (the original's)")
+    w_reflc: float = opt(5.0, "reflectance weight (the original's)")
+    verbose: bool = opt(True, "log progress")
+
+
+def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
+    p = build_parser(RecoveryOptions, description=__doc__.splitlines()[0])
+    return RecoveryOptions(**vars(p.parse_args(argv)))
+
+
+# --------------------------------------------------------------------------- metrics
+@dataclass
+class ErrorSums:
+    """Running sums of the three figures over held-out faces."""
+
+    shape: float = 0.0
+    shape_mean_face: float = 0.0
+    pose: list = dataclasses.field(default_factory=list)
+    lm: list = dataclasses.field(default_factory=list)
+    lm_zero: float = 0.0
+    pose_zero: float = 0.0
+    n: int = 0
+
+    def add(self, face_model, pred: torch.Tensor, true: torch.Tensor, true_lm: torch.Tensor, lm_scale: float) -> None:
+        from models.coeffs import COEFFS
+
+        p, t = COEFFS.split(pred.float()), COEFFS.split(true.float())
+        sp = face_model.compute_shape(p["id"], p["exp"])
+        st = face_model.compute_shape(t["id"], t["exp"])
+        mean = face_model.mean_shape.view(1, -1, 3)
+        self.shape += float((sp - st).norm(dim=-1).mean(dim=1).sum())
+        self.shape_mean_face += float((mean - st).norm(dim=-1).mean(dim=1).sum())
+        rp, rt = face_model.compute_rotation(p["angle"]), face_model.compute_rotation(t["angle"])
+        self.pose += rotation_error_deg(rp, rt).tolist()
+        self.pose_zero += float(rotation_error_deg(torch.eye(3, device=rt.device).expand_as(rt), rt).sum())
+        lm = face_model(pred.float()).landmark
+        self.lm += ((lm - true_lm).norm(dim=-1).mean(dim=1) * lm_scale).tolist()
+        zero_lm = face_model(torch.zeros_like(pred, dtype=torch.float32)).landmark
+        self.lm_zero += float((zero_lm - true_lm).norm(dim=-1).mean(dim=1).sum() * lm_scale)
+        self.n += pred.shape[0]
+
+    def figures(self) -> dict:
+        n = max(1, self.n)
+        return {
+            "vertex_error_ratio": self.shape / max(self.shape_mean_face, 1e-12),
+            "vertex_error_mm": 100.0 * self.shape / n,  # model units are decimetres
+            "mean_face_vertex_error_mm": 100.0 * self.shape_mean_face / n,
+            "pose_error_deg": float(np.mean(self.pose)) if self.pose else math.nan,
+            "pose_error_deg_median": float(np.median(self.pose)) if self.pose else math.nan,
+            "frontal_pose_error_deg": self.pose_zero / n,
+            "lm_error_px": float(np.mean(self.lm)) if self.lm else math.nan,
+            "lm_error_px_median": float(np.median(self.lm)) if self.lm else math.nan,
+            "mean_face_lm_error_px": self.lm_zero / n,
+            "faces": self.n,
+        }
+
+
+def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor) -> torch.Tensor:
+    """(B,3,3), (B,3,3) -> (B,) geodesic angle between the rotations in degrees."""
+    cos = ((r_pred.transpose(1, 2) @ r_true).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+
+
+@torch.no_grad()
+def evaluate(model, batches, lm_scale: float) -> dict:
+    """Figures over held-out ``batches`` (iterable of SyntheticBatch)."""
+    was_training = model.net.training
+    model.net.eval()
+    sums = ErrorSums()
+    for b in batches:
+        sums.add(model.face_model, model.predict_coeffs(b.images), b.coeffs, b.lm68, lm_scale)
+    model.net.train(was_training)
+    return sums.figures()
+
+
+def heldout(gen, n: int, batch: int, seed: int):
+    """Yield n held-out faces in batches, reproducibly (seeded generator on the device)."""
+    g = torch.Generator(device=gen.device).manual_seed(seed)
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        yield gen.sample(k, g)
+        done += k
+
+
+# --------------------------------------------------------------------------- learning curve picture
+def plot_curves(path: str, curve: list[dict], targets: dict, title: str = "") -> None:
+    """A small PNG with one panel per series (loss, vertex ratio, pose, landmarks) against step.
+    Drawn with PIL (no plotting library needed); dashed lines mark the targets."""
+    from PIL import Image, ImageDraw
+
+    panels = [("loss", "training loss (all terms)", None, True), ("vertex_error_ratio", "vertex error / mean face",
+              targets.get("vertex_error_ratio"), False), ("pose_error_deg", "pose error (deg)",
+              targets.get("pose_error_deg"), False), ("lm_error_px", "landmark error (px @224)",
+              targets.get("lm_error_px"), False)]
+    w, h, pad = 420, 260, 46
+    img = Image.new("RGB", (2 * w, 2 * h + (24 if title else 0)), "white")
+    draw = ImageDraw.Draw(img)
+    top = 24 if title else 0
+    if title:
+        draw.text((10, 6), title, fill="black")
+    steps = [c["step"] for c in curve]
+    for k, (key, label, target, logy) in enumerate(panels):
+        ox, oy = (k % 2) * w, top + (k // 2) * h
+        pts = [(c["step"], c[key]) for c in curve if key in c and c[key] is not None and math.isfinite(c[key])]
+        draw.rectangle([ox + pad, oy + 20, ox + w - 12, oy + h - 30], outline="black")
+        draw.text((ox + pad, oy + 4), label, fill="black")
+        if not pts:
+            continue
+        ys = [p[1] for p in pts] + ([target] if target is not None else [])
+        tf = (lambda v: math.log10(max(v, 1e-8))) if logy else (lambda v: v)
+        lo, hi = min(tf(v) for v in ys), max(tf(v) for v in ys)
+        if not logy:
+            lo = min(lo, 0.0)
+        hi = hi if hi > lo else lo + 1.0
+        x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+
+        def xy(s, v):
+            return (ox + pad + (s - x0) / (x1 - x0) * (w - pad - 12),
+                    oy + h - 30 - (tf(v) - lo) / (hi - lo) * (h - 50))
+
+        if target is not None:
+            ty = xy(x0, target)[1]
+            for xs in range(ox + pad, ox + w - 12, 10):
+                draw.line([(xs, ty), (xs + 5, ty)], fill=(200, 0, 0))
+            draw.text((ox + w - 80, ty - 12), f"target {target:g}", fill=(200, 0, 0))
+        draw.line([xy(s, v) for s, v in pts] if len(pts) > 1 else [xy(*pts[0]), xy(*pts[0])], fill=(0, 70, 200), width=2)
+        for v in (lo, hi):
+            val = 10 ** v if logy else v
+            draw.text((ox + 2, xy(x0, val if not logy else val)[1] - 6), f"{val:.3g}", fill="black")
+        draw.text((ox + pad, oy + h - 26), f"step {x0}", fill="black")
+        draw.text((ox + w - 90, oy + h - 26), f"step {x1}", fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------- the experiment
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run(o: RecoveryOptions) -> dict:
+    from models.bfm import ParametricFaceModel
+    from models.facerecon import FaceReconModel
+    from models.inference import resolve_device
+    from models.losses import HybridLoss, LossWeights
+    from models.networks import ReconNet
+    from models.renderer import create_renderer, nvdiffrast_available
+    from train import train_step
+    from util.synthetic import SyntheticConfig, SyntheticFaces
+
+    t0 = time.perf_counter()
+    budget = 60.0 * o.minutes
+    device = resolve_device(o.device)
+    torch.manual_seed(o.seed)
+    center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
+    lm_scale = 224.0 / o.size
+    backend = o.renderer
+    if backend == "auto":
+        backend = "cuda" if device.type == "cuda" and nvdiffrast_available() else "cpu"
+    face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
+    renderer = create_renderer(backend, focal=focal, center=center, device=device)
+    amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
+    net = ReconNet(o.net_recon)
+    model = FaceReconModel(net, face_model, renderer, amp=amp).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weights = LossWeights(w_feat=0.0, w_color=o.w_color, w_lm=o.w_lm, w_reg=o.w_reg, w_gamma=o.w_gamma,
+                          w_reflc=o.w_reflc)
+    loss_fn = HybridLoss(face_model, renderer, weights, use_crop_face=True)
+    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
+    gen = SyntheticFaces(face_model, renderer, syn)
+    optimizer = torch.optim.Adam(net.parameters(), lr=o.lr)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    g = torch.Generator(device=device).manual_seed(o.seed)
+    curve_set = list(heldout(gen, o.curve_size, o.eval_batch, o.seed + 2000))
+    log.info("device %s (%s), renderer %s, amp %s, set-up %.1f s", device, hardware(device), renderer.backend, amp,
+             time.perf_counter() - t0)
+
+    train_start = time.perf_counter()
+    deadline = t0 + budget - o.eval_reserve_s
+    train_budget = max(1.0, deadline - train_start)
+    curve, step, loss_acc, loss_n = [], 0, 0.0, 0
+    last_curve = -math.inf
+    while True:
+        now = time.perf_counter()
+        frac = (now - train_start) / train_budget
+        if frac >= 1.0 or (o.max_steps and step >= o.max_steps):
+            break
+        lr_frac = frac / o.warmup if frac < o.warmup else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * max(lr_frac, 0.01)
+        batch = gen.sample(o.batch_size, g)
+        out = train_step(model, loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
+        loss_acc = loss_acc + out.terms.total.detach()  # summed on the device: no sync per step
+        loss_n += 1
+        step += 1
+        if now - last_curve >= o.curve_every_s or step == 1:
+            point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
+                     "lr": optimizer.param_groups[0]["lr"], **out.terms.as_floats()}
+            point.update({k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in TARGETS})
+            curve.append(point)
+            loss_acc, loss_n, last_curve = 0.0, 0, time.perf_counter()
+            if o.verbose:
+                log.info("step %d (%.0f s): loss %.4f vertex %.3f pose %.2f deg lm %.2f px", step, point["seconds"],
+                         point["loss"], point["vertex_error_ratio"], point["pose_error_deg"], point["lm_error_px"])
+    train_seconds = time.perf_counter() - train_start
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    final = evaluate(model, heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000), lm_scale)
+    curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
+                  (curve[-1]["loss"] if curve else math.nan),
+                  **{k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in TARGETS}})
+    result = {
+        "figures": final,
+        "targets": TARGETS,
+        "pass": {k: bool(final[k] <= v) for k, v in TARGETS.items()},
+        "hardware": hardware(device),
+        "renderer": renderer.backend,
+        "amp": amp or "none",
+        "torch": torch.__version__,
+        "steps": step,
+        "faces_seen": step * o.batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "options": dataclasses.asdict(o),
+        "synthetic": dataclasses.asdict(syn),
+        "curve": curve,
+    }
+    if o.checkpoint:
+        os.makedirs(os.path.dirname(os.path.abspath(o.checkpoint)), exist_ok=True)
+        torch.save({"net_recon": net.state_dict(), "epoch": 1}, o.checkpoint)
+    os.makedirs(o.out, exist_ok=True)
+    with open(os.path.join(o.out, "recovery.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    title = (f"{o.net_recon}, {step} steps x {o.batch_size} in {train_seconds / 60:.1f} min on {result['hardware']}; "
+             f"final: vertex {final['vertex_error_ratio']:.3f}, pose {final['pose_error_deg']:.2f} deg, "
+             f"lm {final['lm_error_px']:.2f} px")
+    plot_curves(os.path.join(o.out, "learning_curve.png"), curve, TARGETS, title)
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse_recovery_options(argv)
+    logging.basicConfig(level=logging.INFO if o.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    result = run(o)
+    f = result["figures"]
+    print(f"recovery after {result['steps']} steps ({result['train_seconds']:.0f} s training, "
+          f"{result['total_seconds']:.0f} s total) on {result['hardware']}:")
+    for key, target in TARGETS.items():
+        print(f"  {key:20s} {f[key]:8.3f}   target <= {target:g}   {'ok' if result['pass'][key] else 'MISSED'}")
+    print(f"  (mean face: {f['mean_face_vertex_error_mm']:.2f} mm vertex error, {f['frontal_pose_error_deg']:.2f} deg, "
+          f"{f['mean_face_lm_error_px']:.2f} px; prediction: {f['vertex_error_mm']:.2f} mm)")
+    print(f"results in {o.out}/recovery.json and {o.out}/learning_curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
