@@ -109,16 +109,92 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     return out
 
 
-def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat") -> dict[str, np.ndarray]:
-    """Load ``bfm_folder/name``, converting it from the BFM 2009 files on first use."""
-    from scipy.io import loadmat
+def cache_path(path: str) -> str:
+    """The load cache of a face model .mat: ``BFM_model_front.mat`` -> ``BFM_model_front.cache.npz``."""
+    return os.path.splitext(path)[0] + ".cache.npz"
 
+
+def _source_stamp(path: str) -> np.ndarray:
+    st = os.stat(path)
+    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+
+
+def _read_cache(path: str) -> dict[str, np.ndarray] | None:
+    """The cached arrays of ``path`` if the cache was made from this very file (same size and
+    modification time), else None."""
+    cache = cache_path(path)
+    if not os.path.isfile(cache):
+        return None
+    try:
+        arrays = _read_stored_npz(cache)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign cache is simply rebuilt
+        log.debug("ignoring face model cache %s (%s)", cache, e)
+        return None
+    if not np.array_equal(arrays.pop("__source__", None), _source_stamp(path)):
+        return None
+    return arrays
+
+
+def _read_stored_npz(path: str) -> dict[str, np.ndarray]:
+    """np.load of an uncompressed .npz, ~2.5x faster: each member's .npy is read straight from
+    the file (``np.fromfile``) instead of through zipfile's reader and its checksum."""
+    import struct
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"{info.filename}: not a stored .npy member")
+            f.seek(info.header_offset)
+            head = f.read(30)  # local file header: signature ... name length, extra length
+            if head[:4] != b"PK\x03\x04":
+                raise ValueError(f"{info.filename}: bad local header")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            out[info.filename[:-len(".npy")]] = np.lib.format.read_array(f, allow_pickle=False)
+    return out
+
+
+def _write_cache(path: str, model: dict) -> None:
+    """Store the arrays of a loaded .mat beside it (uncompressed .npz), atomically; skipped
+    quietly where the folder is read-only or an entry is not a plain numeric array."""
+    import tempfile
+
+    arrays = {k: v for k, v in model.items() if not k.startswith("__")}
+    if not all(isinstance(v, np.ndarray) and v.dtype.kind in "biufc" for v in arrays.values()):
+        return
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=os.path.dirname(path) or ".")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __source__=_source_stamp(path), **arrays)
+        os.replace(tmp, cache_path(path))
+    except OSError as e:
+        log.debug("not caching %s (%s)", path, e)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: bool = True) -> dict[str, np.ndarray]:
+    """Load ``bfm_folder/name``, converting it from the BFM 2009 files on first use.
+
+    With ``cache``, the arrays are also kept in ``<name without .mat>.cache.npz`` beside it,
+    which loads faster than the .mat (and without scipy); the cache holds the same arrays
+    (dtype, shape, values; not the .mat's ``__header__`` entries) and is rebuilt whenever the
+    .mat's size or modification time differ from those it was made from."""
     path = os.path.join(bfm_folder, name)
     if not os.path.isfile(path):
         if name != "BFM_model_front.mat" and not os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat")):
             require_file(path, "Face model", BFM_HELP.format(folder=bfm_folder))
         convert_bfm09(bfm_folder, name)
-    model = loadmat(path)
+    model = _read_cache(path) if cache else None
+    if model is None:
+        from scipy.io import loadmat
+
+        model = loadmat(path)
+        if cache and all(k in model for k in FRONT_MODEL_KEYS):
+            _write_cache(path, model)
     missing = [k for k in FRONT_MODEL_KEYS if k not in model]
     if missing:
         raise ValueError(f"{path} is not a BFM_model_front.mat: keys {missing} are missing; "
