@@ -11,6 +11,14 @@ imports the plugin by name, which fails with ``ModuleNotFoundError: No module na
 'nvdiffrast_plugin_...'``. We then add the plugin's build folder(s) to ``sys.path`` and retry,
 once per plugin (the CUDA one, and the OpenGL one '..._gl'). Checked against torch 2.13 with a
 stand-in extension loaded the way nvdiffrast 0.3.3.1's ``_get_plugin`` does.
+
+Start-up fast path (:func:`preload_plugins`): when the plugin is already built for this
+nvdiffrast, torch and Python, its module is imported straight from torch's build folder and put
+in nvdiffrast's own plugin cache (``nvdiffrast.torch.ops._cached_plugin``), so ``_get_plugin``
+returns it at once: no ``torch.utils.cpp_extension`` call, no ninja, no failed import and retry.
+Anything unexpected (another nvdiffrast version, no build yet, a plugin that does not import)
+leaves the cache alone and nvdiffrast's normal path runs. :func:`warm_up` does this (and the
+import of nvdiffrast) ahead of the first render, e.g. in a thread while the model loads.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 
 import torch
 
@@ -102,6 +111,79 @@ def _with_plugin_path_retry(call, what: str):
                            "retrying", name, added or "nothing")
 
 
+# --------------------------------------------------------------------------- start-up fast path
+_PRELOAD_LOCK = threading.Lock()
+_FAST_PATH_VERSIONS = ("0.3.3.1",)  # nvdiffrast versions whose plugin naming and cache are known here
+
+
+def plugin_module_name(nvdiffrast_version: str, torch_version: str, gl: bool) -> str:
+    """The name nvdiffrast 0.3.3.1 gives its plugin: ``nvdiffrast_plugin_<ver>_torch<ver>[_gl]``,
+    non-word characters replaced by '_' (its ``sanitize_name``)."""
+    import re
+
+    name = f"nvdiffrast_plugin_{nvdiffrast_version}_torch{torch_version}" + ("_gl" if gl else "")
+    return re.sub(r"\W|^(?=\d)", "_", name)
+
+
+def _plugin_file(name: str) -> str | None:
+    """The built plugin in torch's build folder for ``name`` (where nvdiffrast's JIT build puts
+    it and where it looks first), or None. Like nvdiffrast, this lets torch create the (empty)
+    build folder if it does not exist."""
+    from torch.utils import cpp_extension
+
+    get_build_directory = getattr(cpp_extension, "_get_build_directory", None)
+    if get_build_directory is None:
+        return None
+    path = os.path.join(get_build_directory(name, False), name + getattr(cpp_extension, "LIB_EXT", ".so"))
+    return path if os.path.isfile(path) else None
+
+
+def preload_plugins(context: str = "cuda") -> bool:
+    """Put the already-built plugin(s) that ``context`` needs ('cuda': the CUDA one; 'opengl':
+    also the '_gl' one) into nvdiffrast's plugin cache. Returns True when nvdiffrast will not
+    need to build, check or import anything; False leaves everything to nvdiffrast's own path."""
+    try:
+        import nvdiffrast
+        import nvdiffrast.torch.ops as ops
+    except ImportError:
+        return False
+    cache = getattr(ops, "_cached_plugin", None)
+    if getattr(nvdiffrast, "__version__", None) not in _FAST_PATH_VERSIONS or not isinstance(cache, dict):
+        return False
+    ok = True
+    with _PRELOAD_LOCK:
+        for gl in ((False, True) if context == "opengl" else (False,)):
+            if cache.get(gl) is not None:
+                continue
+            name = plugin_module_name(nvdiffrast.__version__, torch.__version__, gl)
+            try:
+                module = sys.modules.get(name)
+                if module is None:
+                    path = _plugin_file(name)
+                    if path is None:  # not built yet: nvdiffrast builds it (once, ~25 s)
+                        ok = False
+                        continue
+                    spec = importlib.util.spec_from_file_location(name, path)
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
+                    sys.modules[name] = module
+                cache[gl] = module
+                logger.debug("nvdiffrast plugin %s loaded directly", name)
+            except Exception as exc:  # noqa: BLE001 - any surprise: nvdiffrast's normal path decides
+                logger.debug("nvdiffrast plugin %s: fast path not taken (%s: %s)", name, type(exc).__name__, exc)
+                ok = False
+    return ok
+
+
+def warm_up(context: str = "cuda") -> bool:
+    """Import nvdiffrast and preload its plugin(s) (see :func:`preload_plugins`); never raises."""
+    try:
+        _import_nvdiffrast()
+        return preload_plugins(context)
+    except Exception:  # noqa: BLE001 - the first render reports problems properly
+        return False
+
+
 class NvdiffrastRasterizer(Rasterizer):
     """Rasterize with nvdiffrast, exactly as the original renderer does (instance mode, no AA).
 
@@ -115,6 +197,7 @@ class NvdiffrastRasterizer(Rasterizer):
             raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
         self.name = context
         self._contexts: dict[torch.device, object] = {}
+        self._preloaded = False
 
     def _context(self, dr, device: torch.device):
         ctx = self._contexts.get(device)
@@ -151,6 +234,9 @@ class NvdiffrastRasterizer(Rasterizer):
             raise ValueError(f"the {self.name!r} renderer needs CUDA tensors, got vertices on {clip.device}; "
                              f"move the inputs to the GPU or use the 'cpu' renderer (`--device cpu`)")
         dr = _import_nvdiffrast()
+        if not self._preloaded:
+            self._preloaded = True
+            preload_plugins(self.name)
         # The plugins load lazily: the context loads its own (the OpenGL one '..._gl'), and
         # interpolate() the CUDA one, so the whole call is retried, and at most once.
         return _with_plugin_path_retry(lambda: self._render(dr, clip, tri, attr, size), f"{self.name} renderer")
