@@ -64,20 +64,45 @@ def results_dir(opt) -> str:
     return os.path.join(opt.checkpoints_dir, opt.name, "results", folder, f"epoch_{opt.epoch}_000000")
 
 
+def _warm_up_device(device: torch.device, backend: str) -> None:
+    """CUDA context and nvdiffrast plugin, ahead of the first batch (run in a thread while the
+    model files load). Errors are left for the real calls to report."""
+    try:
+        torch.empty(0, device=device)
+        if backend != "cpu":
+            from models.renderer import nvdiffrast_backend
+
+            nvdiffrast_backend.warm_up(backend)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def build_model(opt, device: torch.device):
-    """Face model, network and renderer for ``opt``; raises SetupError with a one-line reason."""
+    """Face model, network and renderer for ``opt``; raises SetupError with a one-line reason.
+
+    On CUDA the device and the nvdiffrast plugin are readied in a thread meanwhile."""
+    import threading
+
     from models.bfm import ParametricFaceModel
     from models.facerecon import FaceReconModel
     from models.networks import CheckpointError, load_recon_net
     from models.renderer import create_renderer
 
+    backend = renderer_backend(device, opt.use_opengl)
+    warm = None
+    if device.type == "cuda":
+        warm = threading.Thread(target=_warm_up_device, args=(device, backend), name="warm-up", daemon=True)
+        warm.start()
     try:
         face_model = ParametricFaceModel.from_folder(opt.bfm_folder, opt.bfm_model, camera_distance=opt.camera_d,
                                                      focal=opt.focal, center=opt.center)
         net = load_recon_net(checkpoint_path(opt), opt.net_recon, opt.use_last_fc)
     except (MissingAssetError, CheckpointError, ValueError) as e:
         raise SetupError(str(e)) from None
-    renderer = create_renderer(renderer_backend(device, opt.use_opengl), focal=opt.focal, center=opt.center,
+    finally:
+        if warm is not None:
+            warm.join()
+    renderer = create_renderer(backend, focal=opt.focal, center=opt.center,
                                z_near=opt.z_near, z_far=opt.z_far, device=device)
     model = FaceReconModel(net, face_model, renderer, amp=opt.amp, channels_last=opt.channels_last)
     model = model.to(device).eval()

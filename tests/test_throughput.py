@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -258,3 +259,103 @@ def test_run_with_processes_equals_run_in_the_main_process(standin, tmp_path):
     assert test_cli.main(base + [f"--results_dir={tmp_path / 'b'}", "--num_threads=2", "--write_workers=2"]) == 0
     a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
     assert len(a) == 9 and a == b
+
+
+# ----------------------------------------------------------------------------- start-up
+def test_face_model_cache_holds_the_same_arrays(tmp_path, tiny_model_dict):
+    from scipy.io import loadmat, savemat
+
+    from models.bfm import cache_path, load_front_model
+
+    savemat(str(tmp_path / "BFM_model_front.mat"), tiny_model_dict)
+    path = str(tmp_path / "BFM_model_front.mat")
+    ref = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+    first = load_front_model(str(tmp_path))  # reads the .mat, writes the cache
+    assert os.path.isfile(cache_path(path)) and cache_path(path).endswith("BFM_model_front.cache.npz")
+    cached = load_front_model(str(tmp_path))
+    for m in (first, cached):
+        assert set(ref) <= set(m)
+        for k in ref:
+            assert m[k].dtype == ref[k].dtype and m[k].shape == ref[k].shape and np.array_equal(m[k], ref[k]), k
+    assert set(cached) == set(ref)
+
+    # a new .mat (other size / time) makes a new cache
+    changed = dict(tiny_model_dict, meantex=tiny_model_dict["meantex"] + 1)
+    savemat(path, changed)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(load_front_model(str(tmp_path))["meantex"], changed["meantex"])
+    np.testing.assert_array_equal(load_front_model(str(tmp_path))["meantex"], changed["meantex"])
+
+    # a damaged cache is ignored (and rebuilt)
+    with open(cache_path(path), "r+b") as f:
+        f.truncate(100)
+    np.testing.assert_array_equal(load_front_model(str(tmp_path))["meantex"], changed["meantex"])
+    assert os.path.getsize(cache_path(path)) > 100
+
+
+def test_face_model_cache_in_a_read_only_folder(tmp_path, tiny_model_dict, monkeypatch):
+    from scipy.io import savemat
+
+    from models import bfm
+
+    savemat(str(tmp_path / "BFM_model_front.mat"), tiny_model_dict)
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    m = bfm.load_front_model(str(tmp_path))
+    assert not os.path.exists(bfm.cache_path(str(tmp_path / "BFM_model_front.mat")))
+    np.testing.assert_array_equal(m["tri"], tiny_model_dict["tri"])
+
+
+def fake_nvdiffrast(monkeypatch, version="0.3.3.1"):
+    import types
+
+    pkg, sub, ops = (types.ModuleType(n) for n in ("nvdiffrast", "nvdiffrast.torch", "nvdiffrast.torch.ops"))
+    pkg.__version__, pkg.torch, sub.ops = version, sub, ops
+    pkg.__path__, sub.__path__ = [], []
+    ops._cached_plugin = {}
+    for name, mod in (("nvdiffrast", pkg), ("nvdiffrast.torch", sub), ("nvdiffrast.torch.ops", ops)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return ops
+
+
+def test_nvdiffrast_plugin_fast_path(monkeypatch, tmp_path):
+    """A built plugin goes straight into nvdiffrast's plugin cache; without a build, or for another
+    nvdiffrast version, the cache is left to nvdiffrast's own loader."""
+    from models.renderer import nvdiffrast_backend as nb
+
+    ops = fake_nvdiffrast(monkeypatch)
+    name = nb.plugin_module_name("0.3.3.1", torch.__version__, gl=False)
+    assert name.startswith("nvdiffrast_plugin_0_3_3_1_torch") and "." not in name and "+" not in name
+    plugin = tmp_path / f"{name}.py"  # a stand-in for the built .so
+    plugin.write_text("LOADED = True\n")
+    monkeypatch.setattr(nb, "_plugin_file", lambda n: str(plugin) if n == name else None)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+    assert nb.preload_plugins("opengl") is False  # the '_gl' plugin is not built
+    assert ops._cached_plugin[False].LOADED and True not in ops._cached_plugin
+    assert sys.modules[name] is ops._cached_plugin[False]
+    assert nb.preload_plugins("cuda") is True  # already cached: nothing to do
+
+    ops = fake_nvdiffrast(monkeypatch, version="0.4.0")
+    assert nb.preload_plugins("cuda") is False and ops._cached_plugin == {}
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ImportError('undefined symbol')\n")
+    ops = fake_nvdiffrast(monkeypatch)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(nb, "_plugin_file", lambda n: str(broken))
+    assert nb.preload_plugins("cuda") is False and ops._cached_plugin == {}
+    assert nb.warm_up("cuda") is False  # never raises
+
+
+def test_plugin_file_is_where_torch_builds_it(monkeypatch, tmp_path):
+    from models.renderer import nvdiffrast_backend as nb
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert nb._plugin_file("nvdiffrast_plugin_x") is None  # (torch creates the empty folder, as for nvdiffrast)
+    (tmp_path / "nvdiffrast_plugin_x").mkdir(exist_ok=True)
+    (tmp_path / "nvdiffrast_plugin_x" / "nvdiffrast_plugin_x.so").write_bytes(b"")
+    assert nb._plugin_file("nvdiffrast_plugin_x") == str(tmp_path / "nvdiffrast_plugin_x" / "nvdiffrast_plugin_x.so")
