@@ -2,9 +2,10 @@
 
 The original trains with InsightFace's ArcFace ``iresnet`` r50 (``ms1mv3_arcface_r50_fp16/backbone.pth``).
 :class:`IResNet` here uses InsightFace's parameter names, so such a ``backbone.pth`` (r18, r34, r50
-or r100) loads with ``weights_only=True`` and ``strict=True``. Any other recogniser can be given as
-a TorchScript file (``--net_recog torchscript``) that maps (B, 3, 112, 112) images in -1..1 to (B, D)
-features. Nothing is downloaded: without a file, training runs with ``w_feat = 0``.
+or r100) loads with ``weights_only=True`` and ``strict=True``. Any other recogniser mapping
+(B, 3, 112, 112) images in -1..1 to (B, D) features can be given as a ``torch.export`` program
+(``.pt2``, ``--net_recog export``; export it in eval mode with a dynamic batch size) or a TorchScript
+file (``--net_recog torchscript``). Nothing is downloaded: without a file, training runs with ``w_feat = 0``.
 
 Input framing follows the original: the 5 points derived from the 68 landmarks are mapped by a
 similarity transform (least squares, Umeyama) onto InsightFace's 112x112 ArcFace template, the
@@ -29,7 +30,7 @@ ARCFACE_TEMPLATE = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),
                     (41.5493, 92.3655), (70.7299, 92.2041))
 RECOG_INPUT = 112
 IRESNET_LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
-RECOG_CHOICES = tuple(IRESNET_LAYERS) + ("torchscript",)
+RECOG_CHOICES = tuple(IRESNET_LAYERS) + ("torchscript", "export")
 
 
 class RecogError(RuntimeError):
@@ -163,10 +164,15 @@ class RecogNet(nn.Module):
         self.input_size = input_size
         for p in self.net.parameters():
             p.requires_grad_(False)
-        super().train(False)
+        try:
+            self.net.eval()
+        except NotImplementedError:  # a torch.export module keeps the mode it was exported in
+            pass
+        self.training = False
 
     def train(self, mode: bool = True) -> "RecogNet":
-        return super().train(False)
+        """Stays in eval mode (the recogniser's batch norm is frozen, as in the original)."""
+        return self
 
     def forward(self, image: torch.Tensor, trans_m: torch.Tensor) -> torch.Tensor:
         x = 2.0 * warp_to_recog(image, trans_m, self.input_size) - 1.0
@@ -182,13 +188,20 @@ def _is_torchscript(path: str) -> bool:
 
 
 def load_recog_net(name: str, path: str) -> RecogNet:
-    """Load a recogniser: an InsightFace iresnet ``backbone.pth`` (``name`` r18/r34/r50/r100) or a
-    TorchScript file (``name`` 'torchscript'). Raises :class:`RecogError` with a one-line reason."""
+    """Load a recogniser: an InsightFace iresnet ``backbone.pth`` (``name`` r18/r34/r50/r100), a
+    ``torch.export`` program (``name`` 'export' or a ``.pt2`` file) or a TorchScript file (``name``
+    'torchscript', or detected from the file). Raises :class:`RecogError` with a one-line reason."""
     if not os.path.isfile(path):
         raise RecogError(f"face recognition network not found: {path}. Give an InsightFace ArcFace "
                          "backbone.pth (e.g. ms1mv3_arcface_r50_fp16, --net_recog r50) or a TorchScript "
                          "recogniser (--net_recog torchscript) with --net_recog_path, or pass "
                          "--net_recog_path '' to train without the identity loss (w_feat 0)")
+    if name == "export" or path.endswith(".pt2"):
+        try:
+            net = torch.export.load(path).module()
+        except Exception as e:
+            raise RecogError(f"cannot load exported recogniser {path}: {str(e).strip().splitlines()[0]}") from None
+        return RecogNet(net)
     if name == "torchscript" or _is_torchscript(path):
         try:
             net = torch.jit.load(path, map_location="cpu")

@@ -41,9 +41,10 @@ class TrainOptions(BaseOptions):
     lr_policy: str = opt("step", "learning rate policy", choices=["linear", "step", "plateau", "cosine"])
     lr_decay_epochs: int = opt(10, "step policy: multiply the learning rate by 0.2 every N epochs")
     # model: identity network, photometric region, augmentation, loss weights (original names)
-    net_recog: str = opt("r50", "face recognition network: ArcFace iresnet r18|r34|r50|r100, or torchscript",
-                         choices=["r18", "r34", "r50", "r100", "torchscript"])
-    net_recog_path: str = opt(DEFAULT_RECOG_PATH, "recognition weights (InsightFace backbone.pth or TorchScript); "
+    net_recog: str = opt("r50", "face recognition network: ArcFace iresnet r18|r34|r50|r100, a torch.export "
+                                "program (export, .pt2) or a TorchScript file (torchscript)",
+                         choices=["r18", "r34", "r50", "r100", "export", "torchscript"])
+    net_recog_path: str = opt(DEFAULT_RECOG_PATH, "recognition network file (InsightFace backbone.pth, .pt2, TorchScript); "
                                                   "'' or the default path missing: train without the identity loss")
     use_crop_face: bool = opt(True, "photometric loss only on the front-face triangles")
     use_predef_M: bool = opt(False, "warp the rendered face to the recogniser with the input's landmarks' transform")

@@ -231,3 +231,36 @@ def test_front_only_and_attention(tiny_model_dict):
     assert zero.terms.color == 0
     with pytest.raises(ValueError, match="front_only"):
         HybridLoss(fm, renderer, LossWeights(), recog=RecogNet(TinyRecog()), front_only=True)
+
+
+# ----------------------------------------------------------------------------- the identity network
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_recog_loading_iresnet_torchscript_and_errors(tmp_path):
+    from models.recog import RecogError, iresnet, load_recog_net
+
+    net = iresnet("r18")
+    path = tmp_path / "backbone.pth"
+    torch.save(net.state_dict(), path)  # InsightFace's backbone.pth is a plain state dict
+    rec = load_recog_net("r18", str(path))
+    assert not rec.training and not any(p.requires_grad for p in rec.parameters())
+    rec.train()
+    assert not rec.training and not rec.net.training  # batch norm stays frozen
+    img = torch.rand(1, 3, 224, 224, requires_grad=True)
+    feat = rec(img, torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]]))
+    assert feat.shape == (1, 512) and torch.allclose(feat.norm(dim=-1), torch.ones(1))
+    feat.sum().backward()
+    assert img.grad.abs().sum() > 0
+    with pytest.raises(RecogError, match="does not fit --net_recog r34"):
+        load_recog_net("r34", str(path))
+    with pytest.raises(RecogError, match="not found"):
+        load_recog_net("r50", str(tmp_path / "missing.pth"))
+    ts = tmp_path / "recog.pt"
+    torch.jit.script(TinyRecog()).save(str(ts))
+    assert load_recog_net("r50", str(ts))(img, torch.eye(2, 3)[None]).shape == (1, 16)  # detected as TorchScript
+    exported = torch.export.export(TinyRecog().eval(), (torch.rand(2, 3, 112, 112),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(exported, str(tmp_path / "recog.pt2"))
+    assert load_recog_net("export", str(tmp_path / "recog.pt2"))(img, torch.eye(2, 3)[None]).shape == (1, 16)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RecogError, match="cannot read"):
+        load_recog_net("r50", str(tmp_path / "junk.pth"))
