@@ -1,25 +1,35 @@
 """End-to-end and per-stage throughput of test.py's pipeline (not collected by pytest).
 
-    python benchmarks/bench_inference.py --device cuda --n 256 --json bench.json
-    python benchmarks/bench_inference.py --device cpu --n 16
+    python benchmarks/bench_inference.py --device cuda --n 2048 --json bench.json
+    python benchmarks/bench_inference.py --quick          # CPU smoke run (a few minutes on 2 cores)
 
 Uses the stand-in model (built by ``python -m util.standin`` if missing) on N copies of the
 example photos with their detections. Reports, after a warm-up, with CUDA synchronisation:
-  * start-up: a fresh ``python test.py`` process on one photo, to its exit (all outputs);
+  * start-up: a fresh ``python test.py`` process on one photo, to its exit (all outputs),
+    median of ``--startup_runs``;
   * end to end, images/s: all outputs at the chosen batch size; coefficients only
-    (``--save_mesh false --save_png false``); the one-at-a-time path (batch 1, synchronous writes);
-  * per stage (ms/image): decode+align, network, face model, render, output writing;
+    (``--save_mesh false --save_png false``); the one-at-a-time path (batch 1, synchronous
+    writes). Each of the first two runs N and N/4 images: ``images_per_s`` is N / time (worker
+    start-up included), ``steady_images_per_s`` the marginal rate (3N/4) / (t_N - t_N/4),
+    which leaves out everything a run pays once (worker and writer start-up, the tail);
+  * per stage, ms/image, one process, medians over batches: decode+align, network (incl. the
+    uint8 -> float conversion), face model, render, host copy (device -> numpy results: the
+    main process's share of the output work), and writing each output file (.png with its
+    composition, .obj, .mat; done by the writer processes in a run);
   * the network against a bare ResNet-50 forward at the same batch size and precision;
   * bf16/fp16 autocast against fp32: coefficient and vertex differences;
   * peak GPU memory.
+DataLoader workers and writer processes default to test.py's automatic choice (-1).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +78,7 @@ def options(folder: str, out: str, device: str, **kw) -> object:
 
 
 def timed_run(opt, device, model) -> float:
+    """Seconds for one run_folder call (asserting every face succeeded)."""
     from models.inference import run_folder
 
     sync(device)
@@ -75,53 +86,61 @@ def timed_run(opt, device, model) -> float:
     s = run_folder(opt, device, progress=False, model=model)
     sync(device)
     assert s.faces_failed == 0, s.failures
-    return s.faces_ok / (time.perf_counter() - t)
+    return time.perf_counter() - t
 
 
 def stage_times(opt, device, model, n_batches: int) -> dict:
-    """ms per image of each stage, measured one after the other on the same batches."""
-    from data.image_folder import AlignedFaces, collate_faces, scan_folder
-    from models.inference import batch_to_items, write_face_outputs
+    """ms per image of each stage, measured one after the other on the same batches, in this
+    process; medians over the batches."""
+    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
+    from models.inference import batch_results, output_config
     from util.preprocess import load_lm3d
+    from util.results_io import write_face_result
 
     entries, _ = scan_folder(opt.img_folder)
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
     bs = opt.batch_size
-    t = {"decode_align": 0.0, "network": 0.0, "face_model": 0.0, "render": 0.0, "write_outputs": 0.0}
-    count = 0
-    face_buf = model.face_model.face_buf.cpu().numpy()
+    keys = ("decode_align", "network", "face_model", "render", "host_copy", "write_png", "write_obj", "write_mat")
+    per_batch: dict[str, list[float]] = {k: [] for k in keys}
     os.makedirs(opt.results_dir, exist_ok=True)
+    cfg = output_config(opt, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
     for b in range(n_batches):
         idx = range(b * bs, min((b + 1) * bs, len(ds)))
         if not idx:
             break
+        t = {}
         t0 = time.perf_counter()
         batch = collate_faces([ds[i] for i in idx])
-        t["decode_align"] += time.perf_counter() - t0
-        images = batch["image"].to(device)
+        t["decode_align"] = time.perf_counter() - t0
         with torch.inference_mode():
             sync(device)
             t0 = time.perf_counter()
-            coeffs = model.predict_coeffs(images)
+            coeffs = model.predict_coeffs(images_to_float(batch["image"].to(device)))
             sync(device)
-            t["network"] += time.perf_counter() - t0
-            t1 = time.perf_counter()
+            t["network"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             face = model.face_model(coeffs)
             sync(device)
-            t["face_model"] += time.perf_counter() - t1
-            t1 = time.perf_counter()
-            out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+            t["face_model"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
             sync(device)
-            t["render"] += time.perf_counter() - t1
-        from models.facerecon import Reconstruction
-
-        recon = Reconstruction(coeffs=coeffs, face=face, mask=out.mask, render=out.image)
+            t["render"] = time.perf_counter() - t0
+        # batch_results = face model + render + host copy: the host copy is the remainder
         t0 = time.perf_counter()
-        for item in batch_to_items(recon, batch, opt):
-            write_face_outputs(opt.results_dir, item, opt, face_buf)
-        t["write_outputs"] += time.perf_counter() - t0
-        count += len(idx)
-    return {k: 1000 * v / max(count, 1) for k, v in t.items()}
+        results = batch_results(model, coeffs, batch, opt)
+        t["host_copy"] = max(0.0, time.perf_counter() - t0 - t["face_model"] - t["render"])
+        for name, switch in (("write_png", "save_png"), ("write_obj", "save_mesh"), ("write_mat", "save_mat")):
+            one = dataclasses.replace(cfg, **{k: k == switch for k in ("save_png", "save_mesh", "save_mat")})
+            t0 = time.perf_counter()
+            for r in results:
+                write_face_result(one, r)
+            t[name] = time.perf_counter() - t0
+        for k in keys:
+            per_batch[k].append(1000 * t[k] / len(idx))
+    out = {k: statistics.median(v) for k, v in per_batch.items()}
+    out["write_outputs"] = out["write_png"] + out["write_obj"] + out["write_mat"]
+    return out
 
 
 def network_vs_bare(model, device, bs: int, amp: str, iters: int) -> dict:
@@ -160,92 +179,117 @@ def amp_accuracy(model, device, images: torch.Tensor) -> dict:
     return out
 
 
-def startup_seconds(folder1: str, out: str, device: str) -> float:
+def startup_seconds(folder1: str, out: str, device: str, runs: int) -> float:
+    """Median wall time of fresh ``python test.py`` processes on one photo, to their exit."""
     cmd = [sys.executable, os.path.join(ROOT, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder1}",
            f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", f"--checkpoints_dir={os.path.join(ROOT, 'checkpoints')}",
-           f"--results_dir={out}", f"--device={device}", "--num_threads=0"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    return time.perf_counter() - t0
+           f"--results_dir={out}", f"--device={device}"]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--n", type=int, default=256, help="images per end-to-end run")
+    ap.add_argument("--n", type=int, default=None, help="images per end-to-end run (default: 2048 on CUDA, 32 on CPU)")
     ap.add_argument("--batch_size", type=int, default=None, help="default: 64 on CUDA, 8 on CPU")
-    ap.add_argument("--num_threads", type=int, default=None, help="DataLoader workers (default: cores - 2)")
-    ap.add_argument("--write_workers", type=int, default=None)
+    ap.add_argument("--num_threads", type=int, default=-1, help="DataLoader workers (-1: test.py's automatic choice)")
+    ap.add_argument("--write_workers", type=int, default=-1, help="writer processes (-1: test.py's automatic choice)")
     ap.add_argument("--amp", default="none")
+    ap.add_argument("--startup_runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU smoke run: --device cpu --n 16 --batch_size 4, one start-up run, no network comparison")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.device, a.n, a.batch_size, a.startup_runs = "cpu", a.n or 16, a.batch_size or 4, 1
     if not os.path.isfile(os.path.join(ROOT, "checkpoints", "standin", "epoch_20.pth")):
         subprocess.run([sys.executable, "-m", "util.standin"], cwd=ROOT, check=True)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
+    n = a.n or (2048 if cuda else 32)
     bs = a.batch_size or (64 if cuda else 8)
     cores = os.cpu_count() or 1
-    workers = a.num_threads if a.num_threads is not None else max(0, cores - 2)
-    writers = a.write_workers if a.write_workers is not None else max(1, min(16, cores))
     tmp = tempfile.mkdtemp(prefix="bench_")
-    folder = make_folder(os.path.join(tmp, "photos"), a.n)
+    folder = make_folder(os.path.join(tmp, "photos"), n)
+    folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     folder1 = make_folder(os.path.join(tmp, "one"), 1)
-    res: dict = {"device": str(device), "n_images": a.n, "batch_size": bs, "num_threads": workers,
-                 "write_workers": writers, "amp": a.amp,
+
+    from models.inference import build_model, loader_workers, writer_workers
+
+    res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
+                 "num_threads": loader_workers(a.num_threads, n, bs), "write_workers": writer_workers(a.write_workers, n),
+                 "amp": a.amp,
                  "hardware": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                               "gpu": torch.cuda.get_device_name(device) if cuda else None},
                  "versions": {"python": platform.python_version(), "torch": torch.__version__,
                               "numpy": np.__version__, "cuda": torch.version.cuda}}
-
-    from models.inference import build_model
-
     t0 = time.perf_counter()
-    base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, num_threads=workers,
-                   write_workers=writers, amp=a.amp)
+    base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, amp=a.amp)
     model = build_model(base, device)
     res["model_build_s"] = time.perf_counter() - t0
     timed_run(options(folder1, os.path.join(tmp, "warm"), a.device, num_threads=0), device, model)  # warm-up
-    res["startup_to_first_image_s"] = startup_seconds(folder1, os.path.join(tmp, "start"), a.device)
+    res["startup_to_first_image_s"] = startup_seconds(folder1, os.path.join(tmp, "start"), a.device, a.startup_runs)
 
+    workers = dict(num_threads=a.num_threads, write_workers=a.write_workers)
     runs = {
-        "all_outputs": dict(batch_size=bs, num_threads=workers, write_workers=writers, amp=a.amp),
-        "coeffs_only": dict(batch_size=bs, num_threads=workers, write_workers=writers, amp=a.amp,
-                            save_mesh="false", save_png="false"),
+        "all_outputs": dict(batch_size=bs, amp=a.amp, **workers),
+        "coeffs_only": dict(batch_size=bs, amp=a.amp, save_mesh="false", save_png="false", **workers),
         "one_at_a_time": dict(batch_size=1, num_threads=0, write_workers=0),
     }
-    res["images_per_s"] = {}
+    res["images_per_s"], res["steady_images_per_s"] = {}, {}
     for name, kw in runs.items():
-        n_one = min(a.n, 32 if cuda else 8)
-        opt = options(folder if name != "one_at_a_time" else make_folder(os.path.join(tmp, "few"), n_one),
-                      os.path.join(tmp, "out_" + name), a.device, **kw)
-        res["images_per_s"][name] = timed_run(opt, device, model)
-        print(f"{name:>15}: {res['images_per_s'][name]:8.1f} images/s", flush=True)
+        if name == "one_at_a_time":
+            n_one = min(n, 32 if cuda else 8)
+            opt = options(make_folder(os.path.join(tmp, "few"), n_one), os.path.join(tmp, "out_" + name), a.device, **kw)
+            res["images_per_s"][name] = n_one / timed_run(opt, device, model)
+        else:
+            t_full = timed_run(options(folder, os.path.join(tmp, "out_" + name), a.device, **kw), device, model)
+            t_quarter = timed_run(options(folder_quarter, os.path.join(tmp, "outq_" + name), a.device, **kw),
+                                  device, model)
+            res["images_per_s"][name] = n / t_full
+            extra = n - max(1, n // 4)
+            res["steady_images_per_s"][name] = extra / (t_full - t_quarter) if t_full > t_quarter else float("nan")
+        shutil.rmtree(os.path.join(tmp, "out_" + name), ignore_errors=True)
+        steady = res["steady_images_per_s"].get(name)
+        print(f"{name:>15}: {res['images_per_s'][name]:8.1f} images/s"
+              + (f" (steady state {steady:.1f})" if steady is not None else ""), flush=True)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     res["stage_ms_per_image"] = stage_times(options(folder, os.path.join(tmp, "stages"), a.device, batch_size=bs),
-                                            device, model, n_batches=max(1, min(4, a.n // bs)))
+                                            device, model, n_batches=max(1, min(8, n // bs)))
     if cuda:
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    res["network_vs_bare"] = network_vs_bare(model, device, bs, a.amp, iters=20 if cuda else 2)
+    if not a.quick:
+        res["network_vs_bare"] = network_vs_bare(model, device, bs, a.amp, iters=20 if cuda else 2)
     if cuda:
-        from data.image_folder import AlignedFaces, scan_folder
+        from data.image_folder import AlignedFaces, images_to_float, scan_folder
         from util.preprocess import load_lm3d
 
         entries, _ = scan_folder(folder)
         ds = AlignedFaces(entries[:bs], load_lm3d(base.bfm_folder))
-        images = torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))])).to(device)
+        images = images_to_float(torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))])).to(device))
         res["amp_vs_fp32"] = amp_accuracy(model, device, images)
 
     print("\n| measure | value |\n| --- | --- |")
     print(f"| device | {res['hardware']['gpu'] or res['hardware']['cpu']} ({cores} cores), torch {torch.__version__} |")
-    print(f"| start-up to first image (fresh process) | {res['startup_to_first_image_s']:.2f} s |")
+    print(f"| workers | {res['num_threads']} DataLoader, {res['write_workers']} writer processes, batch {bs}, N {n} |")
+    print(f"| start-up to first image (fresh process, median of {a.startup_runs}) | "
+          f"{res['startup_to_first_image_s']:.2f} s |")
     for k, v in res["images_per_s"].items():
-        print(f"| images/s, {k} | {v:.1f} |")
+        steady = res["steady_images_per_s"].get(k)
+        print(f"| images/s, {k} | {v:.1f}" + (f" (steady state {steady:.1f})" if steady is not None else "") + " |")
     for k, v in res["stage_ms_per_image"].items():
         print(f"| {k}, ms/image | {v:.2f} |")
-    nb = res["network_vs_bare"]
-    print(f"| network images/s (ours / bare ResNet-50, batch {bs}) | {nb['ours_img_s']:.0f} / {nb['bare_resnet50_img_s']:.0f} |")
+    if "network_vs_bare" in res:
+        nb = res["network_vs_bare"]
+        print(f"| network images/s (ours / bare ResNet-50, batch {bs}) | {nb['ours_img_s']:.0f} / "
+              f"{nb['bare_resnet50_img_s']:.0f} |")
     if cuda:
         print(f"| peak GPU memory, batch {bs} | {res['peak_gpu_memory_gib']:.2f} GiB |")
         for k, v in res["amp_vs_fp32"].items():
