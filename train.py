@@ -213,6 +213,9 @@ class Trainer:
             self.device = resolve_device(opt.device, opt.gpu_ids)
         except SetupError as e:
             raise TrainSetupError(str(e)) from None
+        if len([i for i in str(opt.gpu_ids).split(",") if i.strip() and int(i) >= 0]) > 1:
+            log.warning("--gpu_ids %s: train.py uses one device (%s); multi-GPU training is not implemented",
+                        opt.gpu_ids, self.device)
         torch.manual_seed(opt.seed)
         try:
             lm3d = load_lm3d(opt.bfm_folder)

@@ -14,7 +14,8 @@ Evaluation on ``--eval_size`` held-out renders (a separate seed):
     expression, before pose), as a fraction of the same for the mean face (target <= 0.3);
   * pose error: geodesic angle between predicted and true head rotations, degrees (target <= 2);
   * landmark error: mean distance of the 68 projected landmarks, pixels at 224 (target <= 2).
-Writes ``<out>/recovery.json`` (figures, hardware, settings, curve) and ``<out>/learning_curve.png``.
+Writes ``<out>/recovery.json`` (figures, hardware, settings, curve), ``<out>/learning_curve.png`` and
+``<out>/samples.png`` (held-out renders | prediction overlaid, true landmarks blue, predicted red).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class RecoveryOptions:
     max_steps: int = opt(0, "stop training after this many steps (0 = only the time budget)")
     batch_size: int = opt(32, "synthetic faces per step")
     net_recon: str = opt("resnet50", "regressor backbone", choices=["resnet18", "resnet34", "resnet50"])
-    lr: float = opt(2e-4, "Adam learning rate (peak; linear warm-up then cosine decay over the time budget)")
+    lr: float = opt(3e-4, "Adam learning rate (peak; linear warm-up then cosine decay over the time budget)")
     warmup: float = opt(0.03, "fraction of the budget spent warming the learning rate up")
     amp: str = opt("auto", "network precision: auto (bf16 on CUDA) | none | bf16 | fp16",
                    choices=["auto", "none", "bf16", "fp16"])
@@ -208,6 +209,28 @@ def plot_curves(path: str, curve: list[dict], targets: dict, title: str = "") ->
 
 
 # --------------------------------------------------------------------------- the experiment
+@torch.no_grad()
+def samples_picture(path: str, model, batch, n: int = 6) -> None:
+    """Held-out renders (top) and the prediction rendered over them (bottom), landmarks drawn."""
+    from PIL import Image
+
+    from util.visualize import BLUE, RED, draw_landmarks
+
+    model.net.eval()
+    b = min(n, batch.images.shape[0])
+    images = batch.images[:b]
+    rec = model.reconstruct(model.predict_coeffs(images))
+    hwc = lambda x: x.detach().float().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+    img, render, mask = hwc(images), hwc(rec.render), hwc(rec.mask)
+    top = draw_landmarks(img * 255.0, batch.lm68[:b].cpu().numpy(), BLUE, step=1)
+    over = (render * mask + (1 - mask) * img) * 255.0
+    over = draw_landmarks(draw_landmarks(over, batch.lm68[:b].cpu().numpy(), BLUE, step=1),
+                          rec.face.landmark.cpu().numpy(), RED, step=1)
+    grid = np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(over), axis=1)], axis=0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8)).quantize(colors=256).save(path, optimize=True)
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -314,6 +337,7 @@ def run(o: RecoveryOptions) -> dict:
              f"final: vertex {final['vertex_error_ratio']:.3f}, pose {final['pose_error_deg']:.2f} deg, "
              f"lm {final['lm_error_px']:.2f} px")
     plot_curves(os.path.join(o.out, "learning_curve.png"), curve, TARGETS, title)
+    samples_picture(os.path.join(o.out, "samples.png"), model, curve_set[0])
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -329,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:20s} {f[key]:8.3f}   target <= {target:g}   {'ok' if result['pass'][key] else 'MISSED'}")
     print(f"  (mean face: {f['mean_face_vertex_error_mm']:.2f} mm vertex error, {f['frontal_pose_error_deg']:.2f} deg, "
           f"{f['mean_face_lm_error_px']:.2f} px; prediction: {f['vertex_error_mm']:.2f} mm)")
-    print(f"results in {o.out}/recovery.json and {o.out}/learning_curve.png")
+    print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
 
 

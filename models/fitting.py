@@ -1,17 +1,20 @@
 """Per-image fitting: refine predicted coefficients by analysis-by-synthesis (``test.py --fit_steps N``).
 
 The network's coefficients are the starting point; Adam then minimises the training loss of
-:mod:`models.losses` for each image - landmark + photometric + coefficient/gamma/reflectance
-regularisation, with the training weights, no identity term - through the differentiable renderer.
-All faces of a batch are fitted at once (the loss is a sum over faces, so each face's gradient is
-its own). Landmarks are the 5 detected points (test.py) or 68 points when given.
+:mod:`models.losses` - landmark + photometric + coefficient/gamma/reflectance regularisation, with
+the training weights, no identity term - through the differentiable renderer. All faces of a batch
+are fitted at once: each face's coefficients only receive their own face's gradient (the terms'
+batch-wide normalisation aside, which Adam's per-coefficient step sizes absorb). Landmarks are the
+5 detected points (test.py) or 68 points when given.
 
-Schedule: ``steps`` Adam steps with cosine decay from ``lr`` to ``lr / 10`` on all coefficient
-groups; learning rates are per group, in the groups' own units (``lr_scale``): 1e-2 moves an
-identity coefficient by ~one hundredth of a standard deviation, a rotation by 0.6 degrees and a
-translation by ~1 pixel at 224 per step. The first ``landmark_steps`` steps (default: a third) use
-only the landmark and regularisation terms, which need no rendering: they settle pose and shape
-cheaply before the photometric term refines them with albedo and lighting.
+Schedule: ``steps`` Adam steps with cosine decay from ``lr`` to ``lr / 10``, learning rates per
+group in the groups' own units (``lr_scale``): the default 0.05 (x2 for identity, expression and
+albedo) moves a rotation by up to 3 degrees, a translation by up to 5 pixels at 224 and an
+identity coefficient by a tenth of its standard deviation per step, at first. The first
+``landmark_steps`` steps (default: a third) use only the landmark and regularisation terms, which
+need no rendering: they settle pose (and, given 68 points, shape) cheaply before the photometric
+term refines everything with albedo and lighting. With only 5 points that first stage moves the
+pose alone.
 """
 from __future__ import annotations
 
@@ -36,16 +39,19 @@ class FitConfig:
     groups: coefficient groups that are optimised; the others stay as predicted.
     lr: base learning rate; lr_scale: per-group multipliers.
     landmark_steps: leading steps without the photometric term (None: steps // 3).
+    sparse_landmark_groups: the groups the landmark stage moves when only 5 points are given
+        (5 points cannot pin down 144 shape coefficients: they would bend the face to fit them).
     """
 
     steps: int = 100
-    lr: float = 1e-2
+    lr: float = 0.05
     weights: LossWeights = LossWeights(w_feat=0.0)
     groups: tuple[str, ...] = FIT_GROUPS
     lr_scale: tuple[tuple[str, float], ...] = (("id", 2.0), ("exp", 2.0), ("tex", 2.0), ("angle", 1.0),
                                                 ("gamma", 1.0), ("trans", 1.0))
     landmark_steps: int | None = None
     min_lr_ratio: float = 0.1
+    sparse_landmark_groups: tuple[str, ...] = ("angle", "trans")
 
 
 def _landmark_terms(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: LossWeights) -> torch.Tensor:
@@ -104,8 +110,12 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
     target = target.to(dtype)
     n_lm = cfg.steps // 3 if cfg.landmark_steps is None else min(cfg.landmark_steps, cfg.steps)
 
-    def current() -> torch.Tensor:
-        return COEFFS.merge({k: params.get(k, start[k]) for k in COEFFS.names})
+    def current(frozen: tuple[str, ...] = ()) -> torch.Tensor:
+        return COEFFS.merge({k: params[k].detach() if k in frozen else params.get(k, start[k])
+                             for k in COEFFS.names})
+
+    sparse = target.shape[1] < 68
+    lm_frozen = tuple(k for k in cfg.groups if sparse and k not in cfg.sparse_landmark_groups)
 
     with torch.enable_grad():
         for step in range(cfg.steps):
@@ -113,7 +123,7 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
             decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * group["base"] * decay
-            c = current()
+            c = current(lm_frozen if step < n_lm else ())
             if callback is not None:
                 callback(step, c.detach())
             if step < n_lm:

@@ -90,6 +90,12 @@ def test_fit_steps_zero_groups_and_errors(tiny):
                            config=FitConfig(groups=("angle", "trans"), landmark_steps=3))
     moved = {k for k, s in COEFFS.slices().items() if not torch.equal(pose_only[:, s], start[:, s])}
     assert moved == {"angle", "trans"}
+    # with 5 points the landmark stage moves the pose only; 68 points move the shape too
+    five = fit_coeffs(model, start, images, lm68_to_5(lm68), steps=5, config=FitConfig(landmark_steps=5))
+    sixty_eight = fit_coeffs(model, start, images, steps=5, lm68=lm68, config=FitConfig(landmark_steps=5))
+    ids = COEFFS.slices()["id"]
+    assert torch.equal(five[:, ids], start[:, ids]) and not torch.equal(sixty_eight[:, ids], start[:, ids])
+    assert not torch.equal(five[:, COEFFS.slices()["angle"]], start[:, COEFFS.slices()["angle"]])
     with pytest.raises(ValueError, match="landmarks"):
         fit_coeffs(model, start, images, None, steps=3)
     with pytest.raises(ValueError, match="coeffs"):

@@ -195,3 +195,4 @@ def test_recovery_experiment_smoke(workspace, tmp_path):
     assert set(res["pass"]) == {"vertex_error_ratio", "pose_error_deg", "lm_error_px"}
     assert all(np.isfinite(res["figures"][k]) for k in res["pass"])
     assert Image.open(out / "learning_curve.png").size[0] > 400
+    assert Image.open(out / "samples.png").size == (2 * 64, 2 * 64)
