@@ -191,7 +191,11 @@ def test_writer_processes_write_what_the_main_process_writes(tmp_path):
     for workers in (0, 2):
         w = ResultWriter(tiny_config(str(tmp_path / f"w{workers}")), workers=workers, max_pending=3, chunk=2)
         w.start()
-        got = w.submit(results[:4]) + w.submit(results[4:]) + w.finish()
+        got = w.submit(results[:4])
+        assert w._n_pending <= 3  # bounded in-flight work: memory stays flat
+        got += w.submit(results[4:])
+        assert w._n_pending <= 3
+        got += w.finish()
         outcomes[workers] = got
     assert outcomes[0] == outcomes[2] == [(r.name, None) for r in results]  # every face, in order
     a, b = read_all(tmp_path / "w0"), read_all(tmp_path / "w2")

@@ -133,17 +133,21 @@ def write_results(cfg: OutputConfig, results: list[FaceResult]) -> list[tuple[st
 _WORKER_CFG: OutputConfig | None = None
 
 
+# what a writer process imports; a forkserver imports them once for all writers
+WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "PIL.PngImagePlugin",
+                  "scipy.io")
+
+
 def _init_worker(cfg: OutputConfig) -> None:
     """Writer process set-up: Ctrl-C is the main process's business (it lets running writes
     finish, so no file is left half written); import the writers now, not on the first face."""
+    import importlib
+
     global _WORKER_CFG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_CFG = cfg
-    import PIL.PngImagePlugin  # noqa: F401
-    import scipy.io  # noqa: F401
-
-    import util.mesh_io  # noqa: F401
-    import util.visualize  # noqa: F401
+    for name in WRITER_MODULES:
+        importlib.import_module(name)
 
 
 def _write_in_worker(results: list[FaceResult]) -> list[tuple[str, str | None]]:
@@ -184,7 +188,7 @@ class ResultWriter:
             ctx = process_context()
             if ctx.get_start_method() == "forkserver":
                 # the server imports these once; each writer is then a cheap fork of it
-                ctx.set_forkserver_preload(["__main__", "util.results_io"])
+                ctx.set_forkserver_preload(["__main__", *WRITER_MODULES])
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
             self.workers = workers
         else:
@@ -201,8 +205,8 @@ class ResultWriter:
 
     def submit(self, results: list[FaceResult]) -> list[tuple[str, str | None]]:
         done: list[tuple[str, str | None]] = []
-        if self._pool is None:
-            return write_results(self.cfg, results)
+        if self._pool is None:  # in-thread (from the start, or since a writer process died)
+            return self._drain(0) + write_results(self.cfg, results)
         size = max(1, min(self.chunk, math.ceil(len(results) / self.workers)))
         for i in range(0, len(results), size):
             part = results[i:i + size]
