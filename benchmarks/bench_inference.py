@@ -182,8 +182,8 @@ def amp_accuracy(model, device, images: torch.Tensor) -> dict:
 def startup_seconds(folder1: str, out: str, device: str, runs: int) -> float:
     """Median wall time of fresh ``python test.py`` processes on one photo, to their exit."""
     cmd = [sys.executable, os.path.join(ROOT, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder1}",
-           f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", f"--checkpoints_dir={os.path.join(ROOT, 'checkpoints')}",
-           f"--results_dir={out}", f"--device={device}"]
+           f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}",
+           f"--checkpoints_dir={os.path.join(ROOT, 'checkpoints')}", f"--results_dir={out}", f"--device={device}"]
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     from models.inference import build_model, loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
-                 "num_threads": loader_workers(a.num_threads, n, bs), "write_workers": writer_workers(a.write_workers, n),
+                 "num_threads": loader_workers(a.num_threads, n, bs),
+                 "write_workers": writer_workers(a.write_workers, n),
                  "amp": a.amp,
                  "hardware": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                               "gpu": torch.cuda.get_device_name(device) if cuda else None},
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
     for name, kw in runs.items():
         if name == "one_at_a_time":
             n_one = min(n, 32 if cuda else 8)
-            opt = options(make_folder(os.path.join(tmp, "few"), n_one), os.path.join(tmp, "out_" + name), a.device, **kw)
+            few = make_folder(os.path.join(tmp, "few"), n_one)
+            opt = options(few, os.path.join(tmp, "out_" + name), a.device, **kw)
             res["images_per_s"][name] = n_one / timed_run(opt, device, model)
         else:
             t_full = timed_run(options(folder, os.path.join(tmp, "out_" + name), a.device, **kw), device, model)
