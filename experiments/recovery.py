@@ -282,6 +282,7 @@ def run(o: RecoveryOptions) -> dict:
     train_budget = max(1.0, deadline - train_start)
     curve, step, loss_acc, loss_n = [], 0, 0.0, 0
     last_curve = -math.inf
+    diverged = False
     while True:
         now = time.perf_counter()
         frac = (now - train_start) / train_budget
@@ -300,6 +301,10 @@ def run(o: RecoveryOptions) -> dict:
                      "lr": optimizer.param_groups[0]["lr"], **out.terms.as_floats()}
             point.update({k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in TARGETS})
             curve.append(point)
+            if not math.isfinite(point["loss"]):
+                log.error("the training loss is not finite at step %d: stopping early", step)
+                diverged = True
+                break
             loss_acc, loss_n, last_curve = 0.0, 0, time.perf_counter()
             if o.verbose:
                 log.info("step %d (%.0f s): loss %.4f vertex %.3f pose %.2f deg lm %.2f px", step, point["seconds"],
@@ -320,6 +325,7 @@ def run(o: RecoveryOptions) -> dict:
         "amp": amp or "none",
         "torch": torch.__version__,
         "steps": step,
+        "diverged": diverged,
         "faces_seen": step * o.batch_size,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
