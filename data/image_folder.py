@@ -41,13 +41,14 @@ def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], 
     """
     entries, missing = [], []
     owner: dict[tuple[str, str], str] = {}
+    index: dict = {}  # one listing per detections folder
     for rel in list_images(folder, recursive):
         key = (os.path.dirname(rel), os.path.splitext(os.path.basename(rel))[0])
         if key in owner:
             missing.append(f"{os.path.join(folder, rel)} (same name as {owner[key]}, whose detection file it would reuse)")
             continue
         owner[key] = os.path.basename(rel)
-        faces = face_detection_files(folder, rel)
+        faces = face_detection_files(folder, rel, index=index)
         if not faces:
             missing.append(os.path.join(folder, rel))
         entries += [FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel)) for name, path in faces]

@@ -33,23 +33,38 @@ def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DET
     return os.path.join(folder, subdir, rel_dir, stem + ".txt")
 
 
-def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_DIR) -> list[tuple[str, str]]:
+class _DirIndex:
+    """One listing of a detections folder: which ``<stem>.txt`` exist and each stem's extra faces."""
+
+    def __init__(self, det_dir: str):
+        names = os.listdir(det_dir) if os.path.isdir(det_dir) else []
+        self.files = set(names)
+        self.extra: dict[str, list[tuple[int, str]]] = {}
+        for f in names:
+            m = _EXTRA_FACE.match(os.path.splitext(f)[0])
+            if f.endswith(".txt") and m:
+                self.extra.setdefault(m.group("stem"), []).append((int(m.group("k")), os.path.splitext(f)[0]))
+
+
+def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_DIR,
+                         index: dict | None = None) -> list[tuple[str, str]]:
     """All detection files of one photo as ``(output name, path)``, the chosen face first.
 
     The output name is the detection file's stem (``photo`` or ``photo__face02``).
-    ``subdir=LANDMARKS_DIR`` lists the 68-point landmark files instead.
+    ``subdir=LANDMARKS_DIR`` lists the 68-point landmark files instead. Pass the same dict as
+    ``index`` for every photo of a folder to list each detections folder only once (a folder of
+    N photos then costs O(N), not O(N^2)).
     """
     main = detection_path(folder, rel_image, subdir=subdir)
-    out = [(os.path.splitext(os.path.basename(main))[0], main)] if os.path.isfile(main) else []
-    det_dir = os.path.dirname(main)
+    det_dir, main_name = os.path.split(main)
+    if index is None:
+        index = {}
+    if det_dir not in index:
+        index[det_dir] = _DirIndex(det_dir)
+    listing = index[det_dir]
+    out = [(os.path.splitext(main_name)[0], main)] if main_name in listing.files and os.path.isfile(main) else []
     stem = os.path.splitext(os.path.basename(rel_image))[0]
-    if os.path.isdir(det_dir):
-        extra = []
-        for f in os.listdir(det_dir):
-            m = _EXTRA_FACE.match(os.path.splitext(f)[0])
-            if f.endswith(".txt") and m and m.group("stem") == stem:
-                extra.append((int(m.group("k")), os.path.splitext(f)[0], os.path.join(det_dir, f)))
-        out += [(name, path) for _, name, path in sorted(extra)]
+    out += [(name, os.path.join(det_dir, name + ".txt")) for _, name in sorted(listing.extra.get(stem, []))]
     return out
 
 
