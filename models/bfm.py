@@ -342,6 +342,16 @@ class ParametricFaceModel(nn.Module):
         z = vertex[..., 2:]
         return (self.focal * vertex[..., :2] + self.center * z) / z
 
+    def landmarks(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """(B, 257) -> (B, 68, 2) projected landmarks (y up), computing only the 68 keypoints:
+        the same numbers as ``forward(coeffs).landmark`` for a fraction of the work."""
+        c = self.layout.split(coeffs)
+        rows = (self.keypoints[:, None] * 3 + torch.arange(3, device=coeffs.device)).reshape(-1)
+        shape = c["id"] @ self.id_base[rows].T + c["exp"] @ self.exp_base[rows].T + self.mean_shape[rows]
+        shape = shape.reshape(coeffs.shape[0], -1, 3)
+        vertex = self.to_camera(shape @ self.compute_rotation(c["angle"]) + c["trans"].unsqueeze(1))
+        return self.project(vertex)
+
     def forward(self, coeffs: torch.Tensor) -> FaceOutput:
         """(B, 257) coefficients -> :class:`FaceOutput`."""
         c = self.layout.split(coeffs)

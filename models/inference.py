@@ -186,8 +186,12 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
     from util.results_io import FaceResult
 
     with torch.inference_mode():
-        face = model.face_model(coeffs)
-        arrays = {"coeffs": coeffs, "lm68": face.landmark}
+        if not (opt.save_mesh or opt.save_png):  # coefficients and landmarks only
+            arrays = {"coeffs": coeffs, "lm68": model.face_model.landmarks(coeffs)}
+            face = None
+        else:
+            face = model.face_model(coeffs)
+            arrays = {"coeffs": coeffs, "lm68": face.landmark}
         if opt.save_mesh:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
         if opt.save_png:  # FaceReconModel.reconstruct's render, only when the picture is written

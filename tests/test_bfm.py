@@ -99,6 +99,11 @@ def test_batch_equals_single(tiny):
         torch.testing.assert_close(one.color[0], full.color[b])
 
 
+def test_landmarks_shortcut_equals_full_model(tiny):
+    coeffs = random_coeffs(3)
+    torch.testing.assert_close(tiny.landmarks(coeffs), tiny(coeffs).landmark, rtol=1e-6, atol=1e-4)
+
+
 def test_rotation_convention():
     """Yaw (angle y) of +90 degrees turns the model's +x axis (its left cheek) to -z."""
     rot = ParametricFaceModel.compute_rotation(torch.tensor([[0.0, math.pi / 2, 0.0]], dtype=torch.float64))
