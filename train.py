@@ -247,7 +247,8 @@ class Trainer:
                                    z_near=opt.z_near, z_far=opt.z_far, device=self.device)
         self.model = FaceReconModel(net, face_model, renderer, amp=opt.amp).to(self.device)
         weights = LossWeights.from_options(opt)
-        self.loss_fn = HybridLoss(face_model, renderer, weights, recog=self.recog, use_crop_face=opt.use_crop_face)
+        self.loss_fn = HybridLoss(face_model, renderer, weights, recog=self.recog, use_crop_face=opt.use_crop_face,
+                                  use_predef_M=opt.use_predef_M)
         if self.recog is not None:
             self.recog.to(self.device)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=opt.lr)

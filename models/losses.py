@@ -212,16 +212,20 @@ class HybridLoss(nn.Module):
         front_only: render only the front-face triangles, once, for both the image and the mask
             (half the rendering cost; used by fitting, which has no identity term). The render then
             differs from the full one only where a non-front triangle would hide a front one.
+        use_predef_M: warp the render to the recogniser's crop with the input's transform (from the
+            target landmarks) instead of one estimated from the predicted landmarks (the original's
+            ``--use_predef_M``, default False).
     """
 
     def __init__(self, face_model: ParametricFaceModel, renderer: nn.Module, weights: LossWeights = LossWeights(),
-                 recog: nn.Module | None = None, use_crop_face: bool = True, front_only: bool = False):
+                 recog: nn.Module | None = None, use_crop_face: bool = True, front_only: bool = False,
+                 use_predef_M: bool = False):
         super().__init__()
         if front_only and recog is not None and weights.w_feat > 0:
             raise ValueError("front_only rendering cannot feed the identity loss; use front_only=False")
         self.face_model, self.renderer, self.recog = face_model, renderer, recog
         self.weights = weights
-        self.use_crop_face, self.front_only = use_crop_face, front_only
+        self.use_crop_face, self.front_only, self.use_predef_M = use_crop_face, front_only, use_predef_M
 
     def forward(self, coeffs: torch.Tensor, images: torch.Tensor, gt_lm: torch.Tensor,
                 atten_mask: torch.Tensor | None = None, gt_trans_m: torch.Tensor | None = None,
@@ -265,13 +269,12 @@ class HybridLoss(nn.Module):
         from models.recog import estimate_norm
 
         size = images.shape[-2]
-        pred_m = estimate_norm(pred_lm.detach(), size)  # the original's use_predef_M=False
+        if gt_trans_m is None and (gt_feat is None or self.use_predef_M):
+            if gt_lm.shape[1] != 68:
+                raise ValueError("the identity loss needs 68 target landmarks or gt_trans_m")
+            gt_trans_m = estimate_norm(gt_lm, size)
+        pred_m = gt_trans_m if self.use_predef_M else estimate_norm(pred_lm.detach(), size)
         if gt_feat is None:
-            if gt_trans_m is None:
-                if gt_lm.shape[1] != 68:
-                    raise ValueError("the identity loss needs 68 target landmarks or gt_trans_m")
-                gt_trans_m = estimate_norm(gt_lm, size)
             with torch.no_grad():
                 gt_feat = self.recog(images, gt_trans_m)
         return perceptual_loss(self.recog(render, pred_m), gt_feat)
-

@@ -186,6 +186,8 @@ def test_hybrid_loss_terms_and_one_step_lowers_each(tiny_model_dict):
     assert vals["all"] == pytest.approx(sum(v for k, v in vals.items() if k != "all"), rel=1e-5)
     assert out.render.shape == (2, 3, SIZE, SIZE) and out.face_mask.shape == (2, 1, SIZE, SIZE)
     assert not out.face_mask.requires_grad
+    predef = HybridLoss(fm, renderer, LossWeights(), recog=recog, use_predef_M=True)(net(images), images, lm)
+    assert 0 < float(predef.terms.feat.detach()) < 2 * 0.2
     for term in ("feat", "color", "lm", "reg", "gamma", "reflc"):
         step_net = copy.deepcopy(net)
         opt = torch.optim.Adam(step_net.parameters(), lr=1e-4)

@@ -196,3 +196,20 @@ def test_recovery_experiment_smoke(workspace, tmp_path):
     assert all(np.isfinite(res["figures"][k]) for k in res["pass"])
     assert Image.open(out / "learning_curve.png").size[0] > 400
     assert Image.open(out / "samples.png").size == (2 * 64, 2 * 64)
+
+
+def test_train_with_an_identity_network(workspace, tmp_path, caplog):
+    from test_losses import TinyRecog
+    from train import main
+
+    ws = workspace
+    path = tmp_path / "recog.pt2"
+    exported = torch.export.export(TinyRecog().eval(), (torch.rand(2, 3, 112, 112),),
+                                   dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(exported, str(path))
+    with caplog.at_level("INFO", logger="train"):
+        assert main(train_args(ws, prepare(ws), "ident", "--net_recog", "export", "--net_recog_path", str(path),
+                               "--max_steps", "1")) == 0
+    line = next(r.message for r in caplog.records if "step 1 " in r.message)
+    assert float(line.split(" feat ")[1].split()[0]) > 0
+    assert main(train_args(ws, prepare(ws), "ident2", "--net_recog_path", str(tmp_path / "nothere.pth"))) == 2
