@@ -109,24 +109,28 @@ def lm_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel: int) -> None:
-    """Rows of input | one overlay per stage, dlib 68 points blue, the model's red; palette PNG."""
+    """Rows of input | one overlay per stage, resized to ``panel`` pixels, then dlib's 68 points
+    drawn in blue and the model's in red; saved as a palette PNG (small)."""
     from PIL import Image
 
     from util.visualize import BLUE, RED, draw_landmarks
 
+    def small(rgb01: np.ndarray) -> np.ndarray:
+        img = Image.fromarray(np.clip(rgb01 * 255.0, 0, 255).astype(np.uint8))
+        return np.asarray(img.resize((panel, panel), Image.Resampling.LANCZOS), dtype=np.float32)[None]
+
+    k = panel / 224.0
     rows = []
     for i, f in enumerate(faces):
-        img = f["image"].transpose(1, 2, 0)[None] * 255.0
-        cells = [draw_landmarks(img, f["lm68"][None], BLUE, step=1)[0]]
+        image = f["image"].transpose(1, 2, 0)
+        gt = f["lm68"][None] * k
+        cells = [draw_landmarks(small(image), gt, BLUE, step=1)[0]]
         for _, recs in stages:
             r = recs[i]
-            over = (r["render"] * r["mask"] + (1 - r["mask"]) * f["image"].transpose(1, 2, 0))[None] * 255.0
-            over = draw_landmarks(over, f["lm68"][None], BLUE, step=1)
-            cells.append(draw_landmarks(over, r["lm"][None], RED, step=1)[0])
-        row = [Image.fromarray(np.clip(c, 0, 255).astype(np.uint8)).resize((panel, panel), Image.Resampling.LANCZOS)
-               for c in cells]
-        rows.append(np.concatenate([np.asarray(c) for c in row], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
+            over = draw_landmarks(small(r["render"] * r["mask"] + (1 - r["mask"]) * image), gt, BLUE, step=1)
+            cells.append(draw_landmarks(over, r["lm"][None] * k, RED, step=1)[0])
+        rows.append(np.concatenate(cells, axis=1))
+    grid = Image.fromarray(np.clip(np.concatenate(rows, axis=0), 0, 255).astype(np.uint8))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
