@@ -260,8 +260,9 @@ def run(o: RecoveryOptions) -> dict:
     renderer = create_renderer(backend, focal=focal, center=center, device=device)
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
     net = ReconNet(o.net_recon)
-    model = FaceReconModel(net, face_model, renderer, amp=amp).to(device)
+    model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=device.type == "cuda").to(device)
     if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
