@@ -29,6 +29,15 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: one intra-op thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=[torch.float32, torch.float64])
 def dtype(request) -> torch.dtype:
     return request.param

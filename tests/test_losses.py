@@ -20,13 +20,7 @@ from util.preprocess import extract_5p
 SIZE = 64  # small renders: camera scaled from the original 224
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_setup(model_dict):
