@@ -60,6 +60,8 @@ class RecoveryOptions:
     eval_batch: int = opt(64, "batch size of evaluation")
     curve_size: int = opt(128, "held-out renders for the learning curve")
     curve_every_s: float = opt(20.0, "seconds between learning-curve points")
+    profile_steps: int = opt(20, "time the phases of this many steps with device syncs (step_ms in the results)")
+    profile_start: int = opt(10, "first step timed (after warm-up)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
@@ -155,6 +157,41 @@ def heldout(gen, n: int, batch: int, seed: int):
         k = min(batch, n - done)
         yield gen.sample(k, g)
         done += k
+
+
+def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, scaler=None) -> tuple:
+    """One training step (as :func:`train.train_step`) with the device synchronised between its
+    phases; returns (output, {phase: seconds})."""
+    dev = gen.device
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    sync()
+    t = [time.perf_counter()]
+    batch = gen.sample(batch_size, generator)
+    sync()
+    t.append(time.perf_counter())
+    model.net.train()
+    coeffs = model.predict_coeffs(batch.images)
+    sync()
+    t.append(time.perf_counter())
+    out = loss_fn(coeffs, batch.images, batch.lm68)
+    sync()
+    t.append(time.perf_counter())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(out.terms.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        out.terms.total.backward()
+        optimizer.step()
+    sync()
+    t.append(time.perf_counter())
+    names = ("render_data", "network_forward", "face_model_render_loss", "backward_step")
+    return out, {k: b - a for k, a, b in zip(names, t[:-1], t[1:])}
 
 
 # --------------------------------------------------------------------------- learning curve picture
@@ -284,6 +321,7 @@ def run(o: RecoveryOptions) -> dict:
     curve, step, loss_acc, loss_n = [], 0, 0.0, 0
     last_curve = -math.inf
     diverged = False
+    profile: dict[str, float] = {}
     while True:
         now = time.perf_counter()
         frac = (now - train_start) / train_budget
@@ -292,8 +330,13 @@ def run(o: RecoveryOptions) -> dict:
         lr_frac = frac / o.warmup if frac < o.warmup else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup)))
         for group in optimizer.param_groups:
             group["lr"] = o.lr * max(lr_frac, 0.01)
-        batch = gen.sample(o.batch_size, g)
-        out = train_step(model, loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
+        if o.profile_start <= step < o.profile_start + o.profile_steps:
+            out, times = profiled_step(model, loss_fn, optimizer, gen, g, o.batch_size, scaler)
+            for k, v in times.items():
+                profile[k] = profile.get(k, 0.0) + v / o.profile_steps
+        else:
+            batch = gen.sample(o.batch_size, g)
+            out = train_step(model, loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
         loss_acc = loss_acc + out.terms.total.detach()  # summed on the device: no sync per step
         loss_n += 1
         step += 1
@@ -328,6 +371,7 @@ def run(o: RecoveryOptions) -> dict:
         "steps": step,
         "diverged": diverged,
         "faces_seen": step * o.batch_size,
+        "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()},
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "options": dataclasses.asdict(o),

@@ -183,10 +183,12 @@ def test_recovery_experiment_smoke(workspace, tmp_path):
     out = tmp_path / "rec"
     code = main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--net_recon", "resnet18",
                  "--batch_size", "2", "--max_steps", "3", "--eval_size", "4", "--curve_size", "2", "--eval_batch", "2",
-                 "--minutes", "2", "--eval_reserve_s", "5", "--out", str(out), "--verbose", "false"])
+                 "--minutes", "2", "--eval_reserve_s", "5", "--out", str(out), "--verbose", "false",
+                 "--profile_start", "1", "--profile_steps", "1"])
     assert code == 0
     res = json.load(open(out / "recovery.json"))
     assert res["steps"] == 3 and res["figures"]["faces"] == 4
+    assert set(res["step_ms"]) == {"render_data", "network_forward", "face_model_render_loss", "backward_step"}
     assert set(res["pass"]) == {"vertex_error_ratio", "pose_error_deg", "lm_error_px"}
     assert all(np.isfinite(res["figures"][k]) for k in res["pass"])
     assert Image.open(out / "learning_curve.png").size[0] > 400
