@@ -179,17 +179,12 @@ def visuals(images: torch.Tensor, out, gt_lm: torch.Tensor, n: int = 4) -> np.nd
 
 def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler=None):
     """One optimisation step; returns the :class:`models.losses.HybridOutput`."""
+    from models.losses import backward_step
+
     model.net.train()
     coeffs = model.predict_coeffs(images)
     out = loss_fn(coeffs, images, gt_lm, atten_mask=atten_mask)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(out.terms.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        out.terms.total.backward()
-        optimizer.step()
+    backward_step(out.terms.total, optimizer, scaler)
     return out
 
 

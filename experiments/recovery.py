@@ -162,6 +162,8 @@ def heldout(gen, n: int, batch: int, seed: int):
 def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, scaler=None) -> tuple:
     """One training step (as :func:`train.train_step`) with the device synchronised between its
     phases; returns (output, {phase: seconds})."""
+    from models.losses import backward_step
+
     dev = gen.device
 
     def sync():
@@ -180,14 +182,7 @@ def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, sc
     out = loss_fn(coeffs, batch.images, batch.lm68)
     sync()
     t.append(time.perf_counter())
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(out.terms.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        out.terms.total.backward()
-        optimizer.step()
+    backward_step(out.terms.total, optimizer, scaler)
     sync()
     t.append(time.perf_counter())
     names = ("render_data", "network_forward", "face_model_render_loss", "backward_step")

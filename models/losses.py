@@ -278,3 +278,15 @@ class HybridLoss(nn.Module):
             with torch.no_grad():
                 gt_feat = self.recog(images, gt_trans_m)
         return perceptual_loss(self.recog(render, pred_m), gt_feat)
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Zero the gradients, back-propagate ``loss`` (through ``scaler`` for fp16) and step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
