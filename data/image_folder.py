@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util.detections_io import face_detection_files, read_points
+from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
 from util.image_io import list_images, load_image
 from util.preprocess import AlignTransform, align_img, flip_y, unit_float_table
 
@@ -30,11 +30,14 @@ class FaceEntry:
     det_path: str
     name: str
     rel_dir: str  # sub-folder of the photo relative to the image folder ('' at top level)
+    lm68_path: str = ""  # its 68-point landmarks (landmarks/<name>.txt) when asked for and present
 
 
-def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], list[str]]:
+def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tuple[list[FaceEntry], list[str]]:
     """Return (faces to reconstruct, photos skipped for lack of a detection file), photos listed
-    by the same :func:`util.image_io.list_images` the detector uses.
+    by the same :func:`util.image_io.list_images` the detector uses. With ``lm68``, each face
+    also gets the path of its 68-point landmarks (``landmarks/<name>.txt``, as
+    ``process_images.sh --landmarks68`` writes them) where that file exists.
 
     Photos sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like
     process_images.py, only the first in listing order uses it; the others are skipped, with why.
@@ -51,7 +54,12 @@ def scan_folder(folder: str, recursive: bool = False) -> tuple[list[FaceEntry], 
         faces = face_detection_files(folder, rel, index=index)
         if not faces:
             missing.append(os.path.join(folder, rel))
-        entries += [FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel)) for name, path in faces]
+        for name, path in faces:
+            lm_path = ""
+            if lm68:
+                lm_path = os.path.join(folder, LANDMARKS_DIR, os.path.dirname(rel), name + ".txt")
+                lm_path = lm_path if os.path.isfile(lm_path) else ""
+            entries.append(FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel), lm_path))
     return entries, missing
 
 
@@ -77,9 +85,16 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
     return table[images.to(torch.int64)]
 
 
+def load_lm68(entry: FaceEntry, transform: AlignTransform) -> np.ndarray:
+    """The entry's 68 landmarks (photo pixels, y down, on disk) -> (68, 2) float32 crop pixels, y up."""
+    return transform.image_to_crop(flip_y(read_points(entry.lm68_path, 68).astype(np.float64), transform.h0)
+                                   ).astype(np.float32)
+
+
 class AlignedFaces(Dataset):
     """Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
-    crop pixels y up, transform AlignTransform | None, error str | None)."""
+    crop pixels y up, lm68 (68,2) float32 crop pixels y up or None (entries without
+    ``lm68_path``), transform AlignTransform | None, error str | None)."""
 
     def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray):
         self.entries, self.lm3d = entries, lm3d
@@ -89,20 +104,29 @@ class AlignedFaces(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
-        item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None)
+        item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
+                    lm68=None)
         try:
             item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
+            if e.lm68_path:
+                item["lm68"] = load_lm68(e, item["transform"])
         except Exception as err:  # reported per face by the caller; never stops the run
             item["error"] = str(err)
         return item
 
 
 def collate_faces(items: list[dict]) -> dict:
-    """Batch the good items (tensors 'image' (B,3,H,W) uint8, 'lm' (B,5,2)); keep failed ones in 'failed'."""
+    """Batch the good items (tensors 'image' (B,3,H,W) uint8, 'lm' (B,5,2), and where any item has
+    68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool, zeros for those without); keep
+    failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
     if good:
         batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
         batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))
+        if any(it["lm68"] is not None for it in good):
+            batch["has_lm68"] = torch.tensor([it["lm68"] is not None for it in good])
+            batch["lm68"] = torch.from_numpy(np.stack([np.zeros((68, 2), np.float32) if it["lm68"] is None
+                                                       else it["lm68"] for it in good]))
     return batch

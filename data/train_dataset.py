@@ -151,12 +151,6 @@ def check_entry(e: TrainEntry, need_lm5: bool = False) -> list[str]:
 
 
 # --------------------------------------------------------------------------- alignment and augmentation
-def to_crop(points_yup: np.ndarray, t: AlignTransform, size: int = CROP) -> np.ndarray:
-    """Photo points (y up) -> crop points (y up) with the alignment of ``t`` (as align_img)."""
-    p = np.stack([points_yup[:, 0] - t.tx + t.w0 / 2, points_yup[:, 1] - t.ty + t.h0 / 2], axis=1) * t.s
-    return p - np.array([[t.w / 2 - size / 2, t.h / 2 - size / 2]])
-
-
 def random_affine(cfg: AugmentConfig, size: int, rng: random.Random) -> tuple[np.ndarray, bool]:
     """The original's random augmentation as a (2, 3) matrix mapping source to destination pixels
     (y down, pixel centres at integers): flip, shift, rotate, scale about the crop centre."""
@@ -241,7 +235,7 @@ class FaceTrainDataset(Dataset):
         except Exception as err:  # a file broken since the list was checked
             raise DataError(f"cannot load training face {e.image}: {err}") from None
         t, crop, _ = align_img(img, ref, self.lm3d)
-        lm = to_crop(lm68, t)
+        lm = t.image_to_crop(lm68, CROP)
         img_np = np.asarray(crop, dtype=np.uint8)
         msk_np = None
         if mask is not None:

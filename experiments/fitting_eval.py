@@ -84,7 +84,6 @@ def prepared_folder(o: FittingEvalOptions) -> str:
 def load_faces(folder: str, lm3d: np.ndarray) -> list[dict]:
     """The chosen face of each photo: its aligned crop ((3,224,224) float32 0..1), its 5 detected
     points and dlib's 68 (crop pixels, y up)."""
-    from data.train_dataset import to_crop
     from util.detections_io import detection_path, read_points
     from util.image_io import list_images, load_image
     from util.preprocess import align_img, flip_y, image_to_array
@@ -97,7 +96,7 @@ def load_faces(folder: str, lm3d: np.ndarray) -> list[dict]:
         img = load_image(os.path.join(folder, rel))
         h0 = img.size[1]
         t, crop, lm5 = align_img(img, flip_y(read_points(det, 5).astype(np.float64), h0), lm3d)
-        lm68 = to_crop(flip_y(read_points(lm68_path, 68).astype(np.float64), h0), t)
+        lm68 = t.image_to_crop(flip_y(read_points(lm68_path, 68).astype(np.float64), h0))
         faces.append({"name": os.path.splitext(rel)[0], "image": image_to_array(crop),
                       "lm5": lm5.astype(np.float32), "lm68": lm68.astype(np.float32)})
     return faces

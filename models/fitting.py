@@ -5,7 +5,8 @@ The network's coefficients are the starting point; Adam then minimises the train
 the training weights, no identity term - through the differentiable renderer. All faces of a batch
 are fitted at once: each face's coefficients only receive their own face's gradient (the terms'
 batch-wide normalisation aside, which Adam's per-coefficient step sizes absorb). Landmarks are the
-5 detected points (test.py) or 68 points when given.
+5 detected points or 68 points when given: test.py uses ``landmarks/<name>.txt`` (written by
+``process_images.sh --landmarks68``) for the faces that have one (:func:`fit_batch`).
 
 Schedule: ``steps`` Adam steps with cosine decay from ``lr`` to ``lr / 10``, learning rates per
 group in the groups' own units (``lr_scale``): the default 0.05 (x2 for identity, expression and
@@ -134,3 +135,23 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
             loss.backward()
             opt.step()
     return current().detach()
+
+
+def fit_batch(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tensor, steps: int,
+              lm68: torch.Tensor | None = None, has_lm68: torch.Tensor | None = None,
+              config: FitConfig | None = None) -> torch.Tensor:
+    """:func:`fit_coeffs` for a batch in which only some faces may have 68 landmarks.
+
+    lm: (B, 5, 2) detected points; lm68: (B, 68, 2) with has_lm68: (B,) bool marking the rows
+    that hold real landmarks (the others are ignored). Faces with 68 landmarks are fitted to
+    them, the rest to their 5 points (two fits, each batched). Returns (B, 257), detached.
+    """
+    if lm68 is None or has_lm68 is None or not bool(has_lm68.any()):
+        return fit_coeffs(model, coeffs, images, lm, steps=steps, config=config)
+    has = has_lm68.to(coeffs.device, torch.bool)
+    if bool(has.all()):
+        return fit_coeffs(model, coeffs, images, lm, steps=steps, lm68=lm68, config=config)
+    out = coeffs.detach().clone()
+    out[has] = fit_coeffs(model, coeffs[has], images[has], lm[has], steps=steps, lm68=lm68[has], config=config)
+    out[~has] = fit_coeffs(model, coeffs[~has], images[~has], lm[~has], steps=steps, config=config)
+    return out

@@ -276,7 +276,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         lm3d = load_lm3d(opt.bfm_folder)
     except MissingAssetError as e:
         raise SetupError(str(e)) from None
-    entries, missing = scan_folder(opt.img_folder, opt.recursive)
+    entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0)
     summary = RunSummary(out_dir=results_dir(opt))
     if rank == 0:
         summary.photos_without_detection = missing
@@ -319,9 +319,11 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:
-                    from models.fitting import fit_coeffs
+                    from models.fitting import fit_batch
 
-                    coeffs = fit_coeffs(model, coeffs, images, batch["lm"].to(device), steps=opt.fit_steps)
+                    lm68 = batch.get("lm68")
+                    coeffs = fit_batch(model, coeffs, images, batch["lm"].to(device), opt.fit_steps,
+                                       None if lm68 is None else lm68.to(device), batch.get("has_lm68"))
                 record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))

@@ -26,7 +26,9 @@ class TestOptions(BaseOptions):
     compile: bool = opt(False, "torch.compile the network (CUDA; first batch slower)")
     write_workers: int = opt(-1, "processes writing .obj/.png/.mat off the critical path (0 = in the main process; "
                                  "-1 = auto: one per core per rank, at most 16; none for runs of <= 32 faces)")
-    fit_steps: int = opt(0, "refine each face's coefficients with N steps of landmark+photometric fitting (0 = off)")
+    fit_steps: int = opt(0, "refine each face's coefficients with N steps of landmark+photometric fitting (0 = off); "
+                            "faces with landmarks/<name>.txt (process_images.sh --landmarks68) are fitted to those "
+                            "68 points, the others to their 5 detected points")
 
 
 def parse_test_options(argv: list[str] | None = None) -> TestOptions:

@@ -218,3 +218,31 @@ def test_ranks_map_to_gpus(monkeypatch):
     assert inference.resolve_device("cuda", "2,3", local_rank=1) == torch.device("cuda:3")
     assert inference.resolve_device("auto", "1", local_rank=None) == torch.device("cuda:1")
     assert inference.resolve_device("auto", "-1") == torch.device("cpu")
+
+
+def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):
+    """test.py --fit_steps fits a face to landmarks/<name>.txt when it exists (the others to
+    their 5 points, in the same batch)."""
+    from data.image_folder import scan_folder
+    from util.detections_io import detection_path, read_points, write_points
+    from util.preprocess import align_img, flip_y, load_lm3d
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    flags = ("--save_mesh=false", "--save_png=false", "--batch_size=2")
+    assert run(standin, folder, str(tmp_path / "plain"), *flags) == 0
+    pred = loadmat(str(tmp_path / "plain" / "000002.mat"))["lm68"][0]  # crop pixels, y down
+    # target: the prediction with the mouth and jaw moved 8 px down, written in photo pixels
+    target = pred.copy()
+    target[list(range(4, 13)) + list(range(48, 68)), 1] += 8.0
+    img = Image.open(os.path.join(folder, "000002.jpg")).convert("RGB")
+    lm5 = flip_y(read_points(detection_path(folder, "000002.jpg")).astype(np.float64), img.size[1])
+    transform, _, _ = align_img(img, lm5, load_lm3d(standin["bfm_folder"]))
+    write_points(detection_path(folder, "000002.jpg", subdir="landmarks"), transform.crop_to_image(target))
+    entries, _ = scan_folder(folder, lm68=True)
+    assert [bool(e.lm68_path) for e in entries] == [True, False]
+    assert run(standin, folder, str(tmp_path / "fit"), *flags, "--fit_steps=30") == 0
+    fitted = loadmat(str(tmp_path / "fit" / "000002.mat"))["lm68"][0]
+    before = np.linalg.norm(pred - target, axis=1).mean()
+    after = np.linalg.norm(fitted - target, axis=1).mean()
+    assert after < 0.75 * before, (before, after)  # 3.41 -> 2.14 px when written
+    assert os.path.isfile(tmp_path / "fit" / "vd006.mat")  # fitted to its 5 points beside it

@@ -70,6 +70,18 @@ def test_crop_to_image_inverts_alignment(lm3d):
     np.testing.assert_allclose(back, lm_down, atol=1.0)
 
 
+def test_image_to_crop_is_the_mapping_align_img_applies(lm3d):
+    name = "000002.jpg"
+    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    lm_up = flip_y(np.array(golden_lm5()[name], np.float64), img.size[1])
+    tr, _, lm_crop = align_img(img, lm_up, lm3d)
+    np.testing.assert_allclose(tr.image_to_crop(lm_up), lm_crop, atol=1e-9)
+    # any other points (e.g. 68 landmarks) follow the same similarity: distances scale by s
+    others = lm_up + np.array([[10.0, -4.0]])
+    moved = tr.image_to_crop(others)
+    np.testing.assert_allclose(moved - lm_crop, (others - lm_up) * tr.s, atol=1e-9)
+
+
 def test_extract_5p_from_68():
     lm68 = np.random.default_rng(0).normal(size=(68, 2))
     five = extract_5p(lm68)

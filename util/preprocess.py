@@ -83,6 +83,13 @@ class AlignTransform:
     def trans_params(self) -> np.ndarray:
         return np.array([self.w0, self.h0, self.s, self.tx, self.ty])
 
+    def image_to_crop(self, pts_yup: np.ndarray, size: float = 224) -> np.ndarray:
+        """(K, 2) photo points, y up -> crop points, y up: the mapping :func:`align_img` applies to
+        the landmarks it is given (``size`` is its ``target_size``)."""
+        pts = np.asarray(pts_yup, dtype=np.float64)
+        p = np.stack([pts[:, 0] - self.tx + self.w0 / 2, pts[:, 1] - self.ty + self.h0 / 2], axis=1) * self.s
+        return p - np.array([[self.w / 2 - size / 2, self.h / 2 - size / 2]])
+
     def crop_to_image(self, pts: np.ndarray) -> np.ndarray:
         """(..., 2) crop pixels, y down -> photo pixels, y down (inverse of PIL's resize + crop)."""
         pts = np.asarray(pts, dtype=np.float64)
