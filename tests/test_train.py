@@ -193,6 +193,48 @@ def test_recovery_experiment_smoke(workspace, tmp_path):
     assert all(np.isfinite(res["figures"][k]) for k in res["pass"])
     assert Image.open(out / "learning_curve.png").size[0] > 400
     assert Image.open(out / "samples.png").size == (2 * 64, 2 * 64)
+    f = res["figures"]
+    assert np.isfinite(f["vertex_error_ratio_aligned"]) and f["orientation_error_deg"] >= 0
+    assert res["landmark_oracle"]["faces"] == 4 and 0 <= res["rigid_fraction"]["id"] <= 1
+
+
+def test_similarity_align_recovers_a_known_transform():
+    from experiments.recovery import rotation_error_deg, similarity_align
+    from models.bfm import ParametricFaceModel
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(3, 40, 3, generator=g)
+    rot = ParametricFaceModel.compute_rotation(torch.tensor([[0.3, -0.2, 0.1], [0.0, 1.0, 0.0], [-0.5, 0.2, 2.0]]))
+    dst = 1.7 * src @ rot + torch.tensor([0.5, -1.0, 2.0])
+    aligned, r = similarity_align(src, dst)
+    assert torch.allclose(aligned, dst, atol=1e-5)
+    assert float(rotation_error_deg(r, rot).max()) < 0.01
+    # a reflection is not a rotation: the best proper fit of a mirrored cloud leaves an error
+    mirrored = dst * torch.tensor([-1.0, 1.0, 1.0])
+    aligned, r = similarity_align(src, mirrored)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(3), atol=1e-5)
+    assert float((aligned - mirrored).abs().max()) > 0.1
+
+
+def test_rigid_fraction_and_landmark_oracle(workspace):
+    from experiments.recovery import landmark_oracle, rigid_fraction
+    from models.bfm import ParametricFaceModel
+    from models.coeffs import COEFFS
+
+    fm = ParametricFaceModel.from_folder(workspace["bfm"])
+    mean = fm.mean_shape.view(-1, 3)
+    # a basis made of a pure translation and a pure rotation field is all rigid; its complement is not
+    rigid = torch.stack([torch.ones_like(mean[:, 0:1]).expand_as(mean) * torch.tensor([1.0, 0, 0]),
+                         torch.linalg.cross(torch.tensor([0, 1.0, 0]).expand_as(mean), mean - mean.mean(0))], 1)
+    fm.id_base = rigid.permute(0, 2, 1).reshape(-1, 2)
+    assert rigid_fraction(fm)["id"] == pytest.approx(1.0, abs=1e-6)
+    fm = ParametricFaceModel.from_folder(workspace["bfm"])
+    true = torch.zeros(2, COEFFS.total)
+    true[:, :3] = torch.tensor([[1.0, -0.5, 0.3], [-1.0, 0.2, 0.8]])
+    fit = landmark_oracle(fm, true, steps=200, lr=0.05)
+    before = (fm.landmarks(torch.zeros_like(true)) - fm.landmarks(true)).norm(dim=-1).mean()
+    after = (fm.landmarks(fit) - fm.landmarks(true)).norm(dim=-1).mean()
+    assert after < 0.2 * before
 
 
 def test_train_with_an_identity_network(workspace, tmp_path, caplog):
