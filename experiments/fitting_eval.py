@@ -7,8 +7,8 @@ The photos are prepared as for test.py (``process_images.py --landmarks68`` on a
 ``--work_dir`` unless the folder already has detections/ and landmarks/): MTCNN's 5 points align
 each photo to the 224 crop, dlib's 68 points are the reference. The regressor's coefficients
 (the stand-in checkpoint is untrained) are then refined with :func:`models.fitting.fit_coeffs`,
-either against dlib's 68 points (``fit68``) or against the 5 detected points only, as
-``test.py --fit_steps`` does (``fit5``). Reported: mean distance of the 68 projected landmarks to
+either against dlib's 68 points (``fit68``, what ``test.py --fit_steps`` does for a face with
+``landmarks/<name>.txt``) or against the 5 detected points only (``fit5``, its fallback). Reported: mean distance of the 68 projected landmarks to
 dlib's, pixels of the 224 crop, before and after; the picture shows input | before | after with
 dlib's points in blue and the model's in red.
 """

@@ -434,12 +434,14 @@ def run(o: RecoveryOptions) -> dict:
     train_seconds = time.perf_counter() - train_start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    final = evaluate(model, heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000), lm_scale)
+    test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
+    final = evaluate(model, test_set, lm_scale)
     oracle = None
-    if o.oracle_steps > 0:  # the same held-out faces, fitted to their true landmarks
+    if o.oracle_steps > 0:  # the same held-out faces, fitted to their true landmarks (one batch: cheap)
+        true = torch.cat([b.coeffs for b in test_set])
         sums = ErrorSums()
-        for b in heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000):
-            sums.add(face_model, landmark_oracle(face_model, b.coeffs, o.oracle_steps), b.coeffs, b.lm68, lm_scale)
+        sums.add(face_model, landmark_oracle(face_model, true, o.oracle_steps), true,
+                 torch.cat([b.lm68 for b in test_set]), lm_scale)
         oracle = {"steps": o.oracle_steps, **sums.figures()}
     curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
                   (curve[-1]["loss"] if curve else math.nan),
