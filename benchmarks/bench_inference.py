@@ -12,10 +12,12 @@ example photos with their detections. Reports, after a warm-up, with CUDA synchr
     writes). Each of the first two runs N and N/4 images: ``images_per_s`` is N / time (worker
     start-up included), ``steady_images_per_s`` the marginal rate (3N/4) / (t_N - t_N/4),
     which leaves out everything a run pays once (worker and writer start-up, the tail);
-  * per stage, ms/image, one process, medians over batches: decode+align, network (incl. the
-    uint8 -> float conversion), face model, render, host copy (device -> numpy results: the
-    main process's share of the output work), and writing each output file (.png with its
-    composition, .obj, .mat; done by the writer processes in a run);
+  * per stage, ms/image, medians over batches: decode+align, network (incl. the uint8 -> float
+    conversion), face model, render, compose (the picture's middle panel as bytes, on the
+    device), host copy (device -> numpy results) and pickle (the results as the writer pool
+    sends them), the main process's share of the output work; then, in a writer process set up
+    as test.py's, writing each output file (.png with the panels, landmarks and encoding, .obj,
+    .mat); and payload_kib, the pickled results per face;
   * the network against a bare ResNet-50 forward at the same batch size and precision;
   * bf16/fp16 autocast against fp32: coefficient and vertex differences;
   * peak GPU memory.
@@ -89,55 +91,88 @@ def timed_run(opt, device, model) -> float:
     return time.perf_counter() - t
 
 
-def stage_times(opt, device, model, n_batches: int) -> dict:
-    """ms per image of each stage, measured one after the other on the same batches, in this
-    process; medians over the batches."""
-    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
-    from models.inference import batch_results, output_config
-    from util.preprocess import load_lm3d
+WRITE_STAGES = (("write_png", "save_png"), ("write_obj", "save_mesh"), ("write_mat", "save_mat"))
+
+
+def timed_writes(cfg, results) -> dict:
+    """Seconds to write ``results``' files, one kind of file at a time (runs in a writer process)."""
     from util.results_io import write_face_result
+
+    t = {}
+    for name, switch in WRITE_STAGES:
+        one = dataclasses.replace(cfg, **{k: k == switch for _, k in WRITE_STAGES})
+        t0 = time.perf_counter()
+        for r in results:
+            write_face_result(one, r)
+        t[name] = time.perf_counter() - t0
+    return t
+
+
+def stage_times(opt, device, model, n_batches: int) -> dict:
+    """ms per image of each stage, measured one after the other on the same batches; medians
+    over the batches. The main process's stages run here, the writes in one writer process set
+    up as test.py's (its allocator keeps freed memory, see util.results_io.keep_freed_memory).
+    Also ``payload_kib``: KiB per face that the main process pickles for the writers."""
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.reduction import ForkingPickler
+
+    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
+    from models.inference import batch_results, output_config, overlay_uint8
+    from util.preprocess import load_lm3d
+    from util.results_io import keep_freed_memory, process_context
 
     entries, _ = scan_folder(opt.img_folder)
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
     bs = opt.batch_size
-    keys = ("decode_align", "network", "face_model", "render", "host_copy", "write_png", "write_obj", "write_mat")
+    keys = ("decode_align", "network", "face_model", "render", "compose", "host_copy", "pickle",
+            "write_png", "write_obj", "write_mat", "payload_kib")
     per_batch: dict[str, list[float]] = {k: [] for k in keys}
     os.makedirs(opt.results_dir, exist_ok=True)
     cfg = output_config(opt, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
-    for b in range(n_batches):
-        idx = range(b * bs, min((b + 1) * bs, len(ds)))
-        if not idx:
-            break
-        t = {}
-        t0 = time.perf_counter()
-        batch = collate_faces([ds[i] for i in idx])
-        t["decode_align"] = time.perf_counter() - t0
-        with torch.inference_mode():
-            sync(device)
+    writer = ProcessPoolExecutor(1, mp_context=process_context(), initializer=keep_freed_memory)
+    try:
+        for b in range(n_batches):
+            idx = range(b * bs, min((b + 1) * bs, len(ds)))
+            if not idx:
+                break
+            t = {}
             t0 = time.perf_counter()
-            coeffs = model.predict_coeffs(images_to_float(batch["image"].to(device)))
-            sync(device)
-            t["network"] = time.perf_counter() - t0
+            batch = collate_faces([ds[i] for i in idx])
+            t["decode_align"] = time.perf_counter() - t0
+            with torch.inference_mode():
+                sync(device)
+                t0 = time.perf_counter()
+                coeffs = model.predict_coeffs(images_to_float(batch["image"].to(device)))
+                sync(device)
+                t["network"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                face = model.face_model(coeffs)
+                sync(device)
+                t["face_model"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+                sync(device)
+                t["render"] = time.perf_counter() - t0
+                images = batch["image"].to(device)
+                sync(device)
+                t0 = time.perf_counter()
+                overlay_uint8(images, out.image, out.mask)
+                sync(device)
+                t["compose"] = time.perf_counter() - t0
+            # batch_results = face model + render + compose + host copy: the host copy is the remainder
             t0 = time.perf_counter()
-            face = model.face_model(coeffs)
-            sync(device)
-            t["face_model"] = time.perf_counter() - t0
+            results = batch_results(model, coeffs, batch, opt)
+            t["host_copy"] = max(0.0, time.perf_counter() - t0 - t["face_model"] - t["render"] - t["compose"])
             t0 = time.perf_counter()
-            model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
-            sync(device)
-            t["render"] = time.perf_counter() - t0
-        # batch_results = face model + render + host copy: the host copy is the remainder
-        t0 = time.perf_counter()
-        results = batch_results(model, coeffs, batch, opt)
-        t["host_copy"] = max(0.0, time.perf_counter() - t0 - t["face_model"] - t["render"])
-        for name, switch in (("write_png", "save_png"), ("write_obj", "save_mesh"), ("write_mat", "save_mat")):
-            one = dataclasses.replace(cfg, **{k: k == switch for k in ("save_png", "save_mesh", "save_mat")})
-            t0 = time.perf_counter()
-            for r in results:
-                write_face_result(one, r)
-            t[name] = time.perf_counter() - t0
-        for k in keys:
-            per_batch[k].append(1000 * t[k] / len(idx))
+            payload = ForkingPickler.dumps(results)  # what the writer pool's feeder thread does per task
+            t["pickle"] = time.perf_counter() - t0
+            t.update(writer.submit(timed_writes, cfg, pickle.loads(payload)).result())
+            for k in keys[:-1]:
+                per_batch[k].append(1000 * t[k] / len(idx))
+            per_batch["payload_kib"].append(len(payload) / 1024 / len(idx))
+    finally:
+        writer.shutdown()
     out = {k: statistics.median(v) for k, v in per_batch.items()}
     out["write_outputs"] = out["write_png"] + out["write_obj"] + out["write_mat"]
     return out
@@ -287,7 +322,7 @@ def main(argv=None) -> int:
         steady = res["steady_images_per_s"].get(k)
         print(f"| images/s, {k} | {v:.1f}" + (f" (steady state {steady:.1f})" if steady is not None else "") + " |")
     for k, v in res["stage_ms_per_image"].items():
-        print(f"| {k}, ms/image | {v:.2f} |")
+        print(f"| {k}, {'KiB/face' if k == 'payload_kib' else 'ms/image'} | {v:.2f} |")
     if "network_vs_bare" in res:
         nb = res["network_vs_bare"]
         print(f"| network images/s (ours / bare ResNet-50, batch {bs}) | {nb['ours_img_s']:.0f} / "

@@ -169,6 +169,31 @@ def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
     return torch.clamp(255.0 * color, 0, 255).to(torch.uint8)
 
 
+_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def overlay_uint8(image: torch.Tensor, render: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The result picture's middle panel, batched, on the render's device: the same bytes as
+    :func:`util.visualize.overlay_uint8` (the original's float composition and tensor2im).
+
+    Args: image (B, 3, H, W) uint8 crops; render (B, 3, H, W) float in 0..1; mask (B, 1, H, W)
+    in {0, 1}, all on one device. Returns (B, H, W, 3) uint8. The render's bytes are found as in
+    :func:`util.visualize.unit_to_uint8`: ``trunc(255 * x)``, then corrected by comparisons with
+    the exact steps, so no device arithmetic (fused, reciprocal-multiplied, ...) can round
+    differently from numpy (a ``torch.bucketize`` on the 255 steps gives the same, 5x slower on a CPU).
+    """
+    steps = _STEPS.get(render.device)
+    if steps is None:  # copied once per device: a copy from pageable memory would wait for the queue
+        from util.visualize import uint8_steps
+
+        steps = _STEPS[render.device] = torch.from_numpy(uint8_steps()).to(render.device)
+    x = render.permute(0, 2, 3, 1).float()
+    k = (x * 255.0).clamp_(0, 255).to(torch.int32).clamp_(0, 255)  # within one of the byte; NaN's clamped
+    k += (x >= steps[k + 1]).to(torch.int32)
+    k -= (x < steps[k]).to(torch.int32)
+    return torch.where(mask.permute(0, 2, 3, 1) != 0, k.to(torch.uint8), image.permute(0, 2, 3, 1))
+
+
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Copy tensors to host numpy arrays: on CUDA all copies are queued (into pinned memory)
     and waited for once."""
@@ -180,9 +205,18 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: t.numpy() for k, t in host.items()}
 
 
+def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
+    """FaceReconModel.reconstruct's render of ``face`` over the (B, 3, H, W) uint8 crops (any
+    device; moved to the render's), as the picture's (B, H, W, 3) uint8 middle panel."""
+    out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+    return overlay_uint8(images_u8.to(out.image.device, non_blocking=True), out.image, out.mask)
+
+
 def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
     """Face model (and renderer, for the picture) on a batch's coefficients -> one
-    :class:`util.results_io.FaceResult` per face, holding only what the output switches need."""
+    :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
+    as small as the files allow: colours and the picture's middle panel are made bytes on the
+    device (the picture's float work happens there, batched), vertices stay float32."""
     from util.results_io import FaceResult
 
     with torch.inference_mode():
@@ -194,10 +228,8 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
             arrays = {"coeffs": coeffs, "lm68": face.landmark}
         if opt.save_mesh:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
-        if opt.save_png:  # FaceReconModel.reconstruct's render, only when the picture is written
-            out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
-            arrays["render"] = out.image.permute(0, 2, 3, 1)
-            arrays["mask"] = out.mask.permute(0, 2, 3, 1).to(torch.uint8)
+        if opt.save_png:  # the render only when the picture is written
+            arrays["overlay"] = render_overlay(model, face, batch["image"])
     host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
     image, lm_gt = batch["image"].numpy(), batch["lm"].numpy()
     results = []
@@ -206,7 +238,7 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
         if opt.save_mesh:
             r.vertex, r.color = host["vertex"][i], host["color"][i]
         if opt.save_png:
-            r.image, r.render, r.mask, r.lm_gt = image[i], host["render"][i], host["mask"][i], lm_gt[i]
+            r.image, r.overlay, r.lm_gt = image[i], host["overlay"][i], lm_gt[i]
         results.append(r)
     return results
 

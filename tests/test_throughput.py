@@ -159,8 +159,7 @@ def tiny_results(n: int, rng) -> list:
                        vertex=rng.normal(size=(40, 3)).astype(np.float32),
                        color=rng.integers(0, 256, (40, 3), dtype=np.uint8),
                        image=rng.integers(0, 256, (3, 224, 224), dtype=np.uint8),
-                       render=rng.uniform(0, 1, (224, 224, 3)).astype(np.float32),
-                       mask=(rng.uniform(size=(224, 224, 1)) > 0.5).astype(np.uint8),
+                       overlay=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
                        lm_gt=rng.uniform(0, 223, (5, 2)).astype(np.float32)) for i in range(n)]
 
 
