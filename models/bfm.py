@@ -114,9 +114,13 @@ def cache_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".cache.npz"
 
 
+CACHE_FORMAT = 2  # 2: arrays stored in C order (1: as loadmat returns them, Fortran order)
+
+
 def _source_stamp(path: str) -> np.ndarray:
+    """(3,) int64: the .mat's size and modification time, and :data:`CACHE_FORMAT`."""
     st = os.stat(path)
-    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    return np.array([st.st_size, st.st_mtime_ns, CACHE_FORMAT], dtype=np.int64)
 
 
 def _read_cache(path: str) -> dict[str, np.ndarray] | None:
@@ -158,7 +162,12 @@ def _read_stored_npz(path: str) -> dict[str, np.ndarray]:
 
 def _write_cache(path: str, model: dict) -> None:
     """Store the arrays of a loaded .mat beside it (uncompressed .npz), atomically; skipped
-    quietly where the folder is read-only or an entry is not a plain numeric array."""
+    quietly where the folder is read-only or an entry is not a plain numeric array.
+
+    Arrays are stored in C order (loadmat's are Fortran order), which the face model's float32
+    buffers use as they are read, without a transposing copy. The cache gets the .mat's
+    permissions (not mkstemp's owner-only 0600), so whoever may read the .mat may read it."""
+    import stat
     import tempfile
 
     arrays = {k: v for k, v in model.items() if not k.startswith("__")}
@@ -168,7 +177,8 @@ def _write_cache(path: str, model: dict) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=os.path.dirname(path) or ".")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, __source__=_source_stamp(path), **arrays)
+            np.savez(f, __source__=_source_stamp(path), **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, cache_path(path))
     except OSError as e:
         log.debug("not caching %s (%s)", path, e)
@@ -181,8 +191,9 @@ def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: 
 
     With ``cache``, the arrays are also kept in ``<name without .mat>.cache.npz`` beside it,
     which loads faster than the .mat (and without scipy); the cache holds the same arrays
-    (dtype, shape, values; not the .mat's ``__header__`` entries) and is rebuilt whenever the
-    .mat's size or modification time differ from those it was made from."""
+    (dtype, shape, values, in C order; not the .mat's ``__header__`` entries) and is rebuilt
+    whenever the .mat's size or modification time differ from those it was made from, or it
+    was written in an older :data:`CACHE_FORMAT`."""
     path = os.path.join(bfm_folder, name)
     if not os.path.isfile(path):
         if name != "BFM_model_front.mat" and not os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat")):

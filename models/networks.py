@@ -8,6 +8,7 @@ depend on torchvision.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import torch
@@ -66,6 +67,9 @@ class ResNet(nn.Module):
     """ImageNet ResNet without the classifier unless ``use_last_fc``.
 
     forward: (B, 3, H, W) -> (B, C, 1, 1) pooled features, or (B, num_classes) with ``use_last_fc``.
+    Built on the meta device (``with torch.device("meta")``), it skips the weight initialisation:
+    there are no values to set, a state dict will provide them (and initialising meta tensors
+    imports torch._dynamo, ~1.5 s on a CPU core).
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000,
@@ -85,12 +89,13 @@ class ResNet(nn.Module):
         self.out_dim = 512 * block.expansion
         if use_last_fc:
             self.fc = nn.Linear(self.out_dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        if not self.conv1.weight.is_meta:  # meta: no values to initialise (built to be loaded)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -120,6 +125,8 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], list[int]]] = {
 class ReconNet(nn.Module):
     """Image (B, 3, 224, 224) RGB in 0..1 -> coefficients (B, 257).
 
+    Built on the meta device, nothing is initialised (see :class:`ResNet`, :func:`load_recon_net`).
+
     Args:
         net_recon: 'resnet18' | 'resnet34' | 'resnet50'.
         use_last_fc: the original's alternative head (the backbone's fc predicts all 257).
@@ -135,9 +142,10 @@ class ReconNet(nn.Module):
         if not use_last_fc:
             self.final_layers = nn.ModuleList(
                 [conv1x1(self.backbone.out_dim, n, bias=True) for n in layout.head_sizes])
-            for m in self.final_layers:
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
+            if not self.final_layers[0].weight.is_meta:
+                for m in self.final_layers:
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone(x)
@@ -150,14 +158,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the network."""
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with one-line errors for missing or bad files."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing or bad files.
+
+    With ``mmap``, the tensors of a zip-format checkpoint (every ``torch.save`` since torch 1.6)
+    are memory-mapped from the file (copy-on-write) instead of read into memory: no copy until
+    a page is used. Only for read-only use of a file that is replaced, not rewritten in place,
+    while mapped (this project's writers save to a temporary name and rename it)."""
     if not os.path.isfile(path):
         raise CheckpointError(
             f"checkpoint not found: {path}. Expected the original's checkpoints/<name>/epoch_<N>.pth "
             "(e.g. the authors' epoch_20.pth) or run `python -m util.standin` for the stand-in model.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, pickle of other objects, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}. "
@@ -170,12 +183,20 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def load_recon_net(path: str, net_recon: str = "resnet50", use_last_fc: bool = False) -> ReconNet:
-    """Build a :class:`ReconNet` and load ``path``'s ``net_recon`` state dict strictly."""
-    net = ReconNet(net_recon, use_last_fc=use_last_fc)
-    state = load_checkpoint(path)["net_recon"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    """Build a :class:`ReconNet` and load ``path``'s ``net_recon`` state dict strictly.
+
+    The network is built on the meta device (no memory, no random initialisation: the
+    checkpoint sets every parameter and buffer, ``strict`` checks that) and takes the
+    checkpoint's tensors themselves (``assign=True``), memory-mapped from the file: the weights
+    are never copied on the host. Floating-point tensors are float32 as with a copy into a
+    freshly built network (``Tensor.float()`` is a no-op for float32)."""
+    with torch.device("meta"):
+        net = ReconNet(net_recon, use_last_fc=use_last_fc)
+    state = load_checkpoint(path, mmap=True)["net_recon"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v.float() if v.is_floating_point() else v
+             for k, v in state.items()}
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{path} does not fit --net_recon {net_recon} --use_last_fc {use_last_fc}: "
