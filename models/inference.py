@@ -77,22 +77,32 @@ def _warm_up_device(device: torch.device, backend: str) -> None:
         pass
 
 
-def build_model(opt, device: torch.device):
-    """Face model, network and renderer for ``opt``; raises SetupError with a one-line reason.
-
-    On CUDA the device and the nvdiffrast plugin are readied in a thread meanwhile."""
+def start_warm_up(opt, device: torch.device):
+    """On CUDA, start readying the device and the nvdiffrast plugin in a thread (CUDA context
+    creation and the plugin load take most of a GPU run's start-up); returns the thread or None."""
+    if device.type != "cuda":
+        return None
     import threading
 
+    warm = threading.Thread(target=_warm_up_device, args=(device, renderer_backend(device, opt.use_opengl)),
+                            name="warm-up", daemon=True)
+    warm.start()
+    return warm
+
+
+def build_model(opt, device: torch.device, warm=None):
+    """Face model, network and renderer for ``opt``; raises SetupError with a one-line reason.
+
+    On CUDA the device and the nvdiffrast plugin are readied in a thread meanwhile (``warm``:
+    one already started by :func:`start_warm_up`, else this starts it)."""
     from models.bfm import ParametricFaceModel
     from models.facerecon import FaceReconModel
     from models.networks import CheckpointError, load_recon_net
     from models.renderer import create_renderer
 
     backend = renderer_backend(device, opt.use_opengl)
-    warm = None
-    if device.type == "cuda":
-        warm = threading.Thread(target=_warm_up_device, args=(device, backend), name="warm-up", daemon=True)
-        warm.start()
+    if warm is None:
+        warm = start_warm_up(opt, device)
     try:
         face_model = ParametricFaceModel.from_folder(opt.bfm_folder, opt.bfm_model, camera_distance=opt.camera_d,
                                                      focal=opt.focal, center=opt.center)
@@ -124,6 +134,7 @@ class RunSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (photo or face, reason)
     out_dir: str = ""
     seconds: float = 0.0
+    first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
 
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
@@ -131,6 +142,8 @@ class RunSummary:
         self.photos_without_detection += other.photos_without_detection
         self.failures += other.failures
         self.seconds = max(self.seconds, other.seconds)
+        done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
+        self.first_result_at = min(done) if done else None
 
     @property
     def exit_code(self) -> int:
@@ -304,10 +317,6 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     if not os.path.isdir(opt.img_folder):
         raise SetupError(f"--img_folder {opt.img_folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
-    try:
-        lm3d = load_lm3d(opt.bfm_folder)
-    except MissingAssetError as e:
-        raise SetupError(str(e)) from None
     entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0)
     summary = RunSummary(out_dir=results_dir(opt))
     if rank == 0:
@@ -315,13 +324,21 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     entries = shard(entries, rank, world)
     bs = max(1, opt.batch_size)
     n_loader = loader_workers(opt.num_threads, len(entries), bs, world)
+    # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
+    # that thread starts before the fork only when there are none (a fork beside a thread that
+    # holds a lock can hang the child)
+    warm = start_warm_up(opt, device) if model is None and n_loader == 0 else None
+    try:
+        lm3d = load_lm3d(opt.bfm_folder)
+    except MissingAssetError as e:
+        raise SetupError(str(e)) from None
     loader = DataLoader(AlignedFaces(entries, lm3d), batch_size=bs, shuffle=False, num_workers=n_loader,
                         collate_fn=collate_faces, pin_memory=device.type == "cuda")
     batches = iter(loader)  # workers start decoding now, while the model loads
     writer = bar = None
     try:
         if model is None:
-            model = build_model(opt, device)
+            model = build_model(opt, device, warm)
         out_dir = summary.out_dir
         os.makedirs(out_dir, exist_ok=True)
         n_writers = writer_workers(opt.write_workers, len(entries), world)
@@ -338,6 +355,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             for name, error in outcomes:
                 if error is None:
                     summary.faces_ok += 1
+                    if summary.first_result_at is None:
+                        summary.first_result_at = time.perf_counter()
                 else:  # disk full, permissions, ...
                     summary.faces_failed += 1
                     summary.failures.append((name, error))
