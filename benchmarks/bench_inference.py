@@ -4,7 +4,8 @@
     python benchmarks/bench_inference.py --quick          # CPU smoke run (a few minutes on 2 cores)
 
 Uses the stand-in model (built by ``python -m util.standin`` if missing) on N copies of the
-example photos with their detections. Reports, after a warm-up, with CUDA synchronisation:
+example photos with their detections. Reports, after a warm-up (one photo, then a short run
+with the timed runs' workers and batch size), with CUDA synchronisation:
   * start-up: a fresh ``python test.py`` process on one photo, to its exit (all outputs),
     median of ``--startup_runs``; and the seconds to its first results that test.py logs;
   * end to end, images/s: all outputs at the chosen batch size; coefficients only
@@ -276,6 +277,11 @@ def main(argv=None) -> int:
     model = build_model(base, device)
     res["model_build_s"] = time.perf_counter() - t0
     timed_run(options(folder1, os.path.join(tmp, "warm"), a.device, num_threads=0), device, model)  # warm-up
+    # and once more as the timed runs go (workers, writer pool, batch size): what a process pays
+    # once - the writer pool's forkserver start, the first batch's kernels - stays out of them
+    warm_folder = make_folder(os.path.join(tmp, "warm_batch"), min(n, max(2 * bs, 40)))
+    timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, amp=a.amp,
+                      num_threads=a.num_threads, write_workers=a.write_workers), device, model)
     res["startup_to_first_image_s"], res["startup_first_results_logged_s"] = startup_seconds(
         folder1, os.path.join(tmp, "start"), a.device, a.startup_runs)
 
