@@ -72,6 +72,7 @@ class RecoveryOptions:
     curve_every_s: float = opt(20.0, "seconds between learning-curve points")
     profile_steps: int = opt(20, "time the phases of this many steps with device syncs (step_ms in the results)")
     profile_start: int = opt(10, "first step timed (after warm-up)")
+    oracle_only: bool = opt(False, "only compute the landmark oracles (no training; writes <out>/oracles.json)")
     oracle_steps: int = opt(1500, "steps of the landmark oracle on the held-out faces (0 = off; see landmark_oracle)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
@@ -191,27 +192,49 @@ def rigid_fraction(face_model) -> dict[str, float]:
     return out
 
 
-def landmark_oracle(face_model, coeffs: torch.Tensor, steps: int, lr: float = 0.02) -> torch.Tensor:
-    """What 68 perfect landmarks alone reveal: fit identity, expression, pose and translation to
-    the true faces' projected landmarks (no regularisation, from the mean face, Adam).
+ORACLE_GROUPS = {"all": ("id", "exp", "angle", "trans"), "pose_exp": ("exp", "angle", "trans"),
+                 "pose_only": ("angle", "trans")}
 
-    coeffs: (B, 257) true coefficients. Returns (B, 257) fitted coefficients (albedo and lighting
-    zero). Its figures bound what any method gets from landmarks alone on this face model.
+
+def landmark_oracle(face_model, coeffs: torch.Tensor, steps: int, lr: float = 0.02,
+                    groups: tuple[str, ...] = ORACLE_GROUPS["all"]) -> torch.Tensor:
+    """What 68 perfect landmarks alone reveal: fit ``groups`` (default identity, expression, pose
+    and translation) to the true faces' projected landmarks (no regularisation, from the mean
+    face, Adam); the other coefficients stay zero.
+
+    coeffs: (B, 257) true coefficients. Returns (B, 257) fitted coefficients. With all groups
+    its figures bound what any method gets from landmarks alone on this face model; with
+    ``("angle", "trans")`` it is a regressor that gets the pose right and learns no shape.
     """
     from models.coeffs import COEFFS
     from models.losses import landmark_loss
 
     target = face_model.landmarks(coeffs.float()).detach()
+    mask = torch.zeros(COEFFS.total, device=coeffs.device)
+    for name, sl in COEFFS.slices().items():
+        if name in groups:
+            mask[sl] = 1.0
     x = torch.zeros_like(coeffs, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([x], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            landmark_loss(face_model.landmarks(x), target).backward()
+            landmark_loss(face_model.landmarks(x * mask), target).backward()
             optimizer.step()
-    out = x.detach().clone()
-    keep = COEFFS.split(out)
-    return COEFFS.merge({**keep, "tex": torch.zeros_like(keep["tex"]), "gamma": torch.zeros_like(keep["gamma"])})
+    return (x * mask).detach()
+
+
+def oracle_figures(face_model, test_set: list, steps: int, lm_scale: float) -> dict:
+    """Figures of :func:`landmark_oracle` with each of ``ORACLE_GROUPS`` on the held-out faces
+    (all in one batch: cheap)."""
+    true = torch.cat([b.coeffs for b in test_set])
+    lm = torch.cat([b.lm68 for b in test_set])
+    out = {}
+    for name, groups in ORACLE_GROUPS.items():
+        sums = ErrorSums()
+        sums.add(face_model, landmark_oracle(face_model, true, steps, groups=groups), true, lm, lm_scale)
+        out[name] = {"steps": steps, "groups": list(groups), **sums.figures()}
+    return out
 
 
 def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor) -> torch.Tensor:
@@ -436,13 +459,7 @@ def run(o: RecoveryOptions) -> dict:
         torch.cuda.synchronize(device)
     test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
     final = evaluate(model, test_set, lm_scale)
-    oracle = None
-    if o.oracle_steps > 0:  # the same held-out faces, fitted to their true landmarks (one batch: cheap)
-        true = torch.cat([b.coeffs for b in test_set])
-        sums = ErrorSums()
-        sums.add(face_model, landmark_oracle(face_model, true, o.oracle_steps), true,
-                 torch.cat([b.lm68 for b in test_set]), lm_scale)
-        oracle = {"steps": o.oracle_steps, **sums.figures()}
+    oracle = oracle_figures(face_model, test_set, o.oracle_steps, lm_scale) if o.oracle_steps > 0 else None
     curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
                   (curve[-1]["loss"] if curve else math.nan),
                   **{k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in TARGETS}})
@@ -483,9 +500,47 @@ def run(o: RecoveryOptions) -> dict:
     return result
 
 
+def print_oracles(oracles: dict | None) -> None:
+    for name, orc in (oracles or {}).items():
+        print(f"  landmark oracle {name:9s} (true 68 points, fitting {'+'.join(orc['groups'])}): vertex ratio "
+              f"{orc['vertex_error_ratio']:.3f} (aligned {orc['vertex_error_ratio_aligned']:.3f}), pose "
+              f"{orc['pose_error_deg']:.2f} deg, lm {orc['lm_error_px']:.2f} px")
+
+
+def oracles_only(o: RecoveryOptions) -> dict:
+    """The landmark oracles alone (no training) on ``--eval_size`` held-out faces: seconds on a GPU,
+    a minute on a CPU for a few hundred faces. Writes ``<out>/oracles.json``."""
+    from models.bfm import ParametricFaceModel
+    from models.inference import resolve_device
+    from models.renderer import create_renderer, nvdiffrast_available
+    from util.synthetic import SyntheticConfig, SyntheticFaces
+
+    device = resolve_device(o.device)
+    center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
+    backend = o.renderer if o.renderer != "auto" else (
+        "cuda" if device.type == "cuda" and nvdiffrast_available() else "cpu")
+    face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
+    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
+    gen = SyntheticFaces(face_model, create_renderer(backend, focal=focal, center=center, device=device), syn)
+    test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
+    result = {"faces": o.eval_size, "rigid_fraction": rigid_fraction(face_model), "hardware": hardware(device),
+              "landmark_oracle": oracle_figures(face_model, test_set, o.oracle_steps, 224.0 / o.size)}
+    os.makedirs(o.out, exist_ok=True)
+    with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     o = parse_recovery_options(argv)
     logging.basicConfig(level=logging.INFO if o.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    if o.oracle_only:
+        res = oracles_only(o)
+        print(f"{res['faces']} held-out faces on {res['hardware']}; rigid share of the bases: "
+              f"identity {res['rigid_fraction']['id']:.2f}, expression {res['rigid_fraction']['exp']:.2f}")
+        print_oracles(res["landmark_oracle"])
+        print(f"results in {o.out}/oracles.json")
+        return 0
     result = run(o)
     f = result["figures"]
     print(f"recovery after {result['steps']} steps ({result['train_seconds']:.0f} s training, "
@@ -496,10 +551,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{f['mean_face_lm_error_px']:.2f} px; prediction: {f['vertex_error_mm']:.2f} mm)")
     print(f"  geometric: aligned vertex ratio {f['vertex_error_ratio_aligned']:.3f}, head orientation "
           f"{f['orientation_error_deg']:.2f} deg (rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
-    if result["landmark_oracle"]:
-        orc = result["landmark_oracle"]
-        print(f"  landmark oracle (true 68 points, {orc['steps']} steps): vertex ratio {orc['vertex_error_ratio']:.3f}, "
-              f"aligned {orc['vertex_error_ratio_aligned']:.3f}, lm {orc['lm_error_px']:.2f} px")
+    print_oracles(result["landmark_oracle"])
     print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
 

@@ -195,7 +195,22 @@ def test_recovery_experiment_smoke(workspace, tmp_path):
     assert Image.open(out / "samples.png").size == (2 * 64, 2 * 64)
     f = res["figures"]
     assert np.isfinite(f["vertex_error_ratio_aligned"]) and f["orientation_error_deg"] >= 0
-    assert res["landmark_oracle"]["faces"] == 4 and 0 <= res["rigid_fraction"]["id"] <= 1
+    assert set(res["landmark_oracle"]) == {"all", "pose_exp", "pose_only"}
+    assert res["landmark_oracle"]["all"]["faces"] == 4 and 0 <= res["rigid_fraction"]["id"] <= 1
+
+
+def test_recovery_oracles_only(workspace, tmp_path):
+    from experiments.recovery import main
+
+    out = tmp_path / "orc"
+    assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--eval_size", "3",
+                 "--eval_batch", "2", "--oracle_only", "true", "--oracle_steps", "30", "--out", str(out),
+                 "--verbose", "false"]) == 0
+    res = json.load(open(out / "oracles.json"))
+    orc = res["landmark_oracle"]
+    assert res["faces"] == 3 and set(orc) == {"all", "pose_exp", "pose_only"}
+    # fitting more groups to the same true landmarks can only fit them better (same start, same steps)
+    assert orc["all"]["lm_error_px"] <= orc["pose_only"]["lm_error_px"] + 1e-6
 
 
 def test_similarity_align_recovers_a_known_transform():
