@@ -1,6 +1,8 @@
 """Synthetic recovery experiment: does training with the hybrid loss recover known faces?
 
-    python -m experiments.recovery --bfm_folder standin/BFM --device cuda --minutes 9 --out docs/recovery
+    python -m experiments.recovery --bfm_folder standin/BFM --device cuda --minutes 9.5 \
+        --net_recon resnet18 --amp none --lr 1e-3 --out docs/recovery      # the documented run
+    python -m experiments.recovery --oracle_only true --device cpu --eval_size 128   # bounds only
 
 Random faces of the (stand-in) face model are rendered on the fly on the device (random identity,
 expression, albedo, pose, lighting and background; :mod:`util.synthetic`). The regressor is
