@@ -377,27 +377,35 @@ def hardware(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run(o: RecoveryOptions) -> dict:
+def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
+    """(face model, renderer, SyntheticConfig, SyntheticFaces) on ``device`` for ``o``'s image size."""
     from models.bfm import ParametricFaceModel
-    from models.facerecon import FaceReconModel
-    from models.inference import resolve_device
-    from models.losses import HybridLoss, LossWeights
-    from models.networks import ReconNet
     from models.renderer import create_renderer, nvdiffrast_available
-    from train import train_step
     from util.synthetic import SyntheticConfig, SyntheticFaces
 
-    t0 = time.perf_counter()
-    budget = 60.0 * o.minutes
-    device = resolve_device(o.device)
-    torch.manual_seed(o.seed)
     center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
-    lm_scale = 224.0 / o.size
     backend = o.renderer
     if backend == "auto":
         backend = "cuda" if device.type == "cuda" and nvdiffrast_available() else "cpu"
     face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
     renderer = create_renderer(backend, focal=focal, center=center, device=device)
+    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
+    return face_model, renderer, syn, SyntheticFaces(face_model, renderer, syn)
+
+
+def run(o: RecoveryOptions) -> dict:
+    from models.facerecon import FaceReconModel
+    from models.inference import resolve_device
+    from models.losses import HybridLoss, LossWeights
+    from models.networks import ReconNet
+    from train import train_step
+
+    t0 = time.perf_counter()
+    budget = 60.0 * o.minutes
+    device = resolve_device(o.device)
+    torch.manual_seed(o.seed)
+    lm_scale = 224.0 / o.size
+    face_model, renderer, syn, gen = synthetic_setup(o, device)
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
     net = ReconNet(o.net_recon)
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=device.type == "cuda").to(device)
@@ -409,8 +417,6 @@ def run(o: RecoveryOptions) -> dict:
     weights = LossWeights(w_feat=0.0, w_color=o.w_color, w_lm=o.w_lm, w_reg=o.w_reg, w_gamma=o.w_gamma,
                           w_reflc=o.w_reflc)
     loss_fn = HybridLoss(face_model, renderer, weights, use_crop_face=True)
-    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
-    gen = SyntheticFaces(face_model, renderer, syn)
     optimizer = torch.optim.Adam(net.parameters(), lr=o.lr)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     g = torch.Generator(device=device).manual_seed(o.seed)
@@ -512,18 +518,10 @@ def print_oracles(oracles: dict | None) -> None:
 def oracles_only(o: RecoveryOptions) -> dict:
     """The landmark oracles alone (no training) on ``--eval_size`` held-out faces: seconds on a GPU,
     a minute on a CPU for a few hundred faces. Writes ``<out>/oracles.json``."""
-    from models.bfm import ParametricFaceModel
     from models.inference import resolve_device
-    from models.renderer import create_renderer, nvdiffrast_available
-    from util.synthetic import SyntheticConfig, SyntheticFaces
 
     device = resolve_device(o.device)
-    center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
-    backend = o.renderer if o.renderer != "auto" else (
-        "cuda" if device.type == "cuda" and nvdiffrast_available() else "cpu")
-    face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
-    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
-    gen = SyntheticFaces(face_model, create_renderer(backend, focal=focal, center=center, device=device), syn)
+    face_model, _, _, gen = synthetic_setup(o, device)
     test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
     result = {"faces": o.eval_size, "rigid_fraction": rigid_fraction(face_model), "hardware": hardware(device),
               "landmark_oracle": oracle_figures(face_model, test_set, o.oracle_steps, 224.0 / o.size)}
