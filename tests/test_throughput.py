@@ -202,6 +202,27 @@ def test_writer_processes_write_what_the_main_process_writes(tmp_path):
     assert not [f for f in a if f.endswith(".part")]
 
 
+def test_writer_processes_do_not_rerun_the_callers_script(tmp_path):
+    """Python re-runs the main script in forkserver/spawn children; the writers must not (a script
+    importing torch at its top would cost every writer seconds)."""
+    import subprocess
+
+    marker = tmp_path / "executions.txt"
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import os, sys\n"
+        f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from util.results_io import OutputConfig, ResultWriter\n"
+        "if __name__ == '__main__':\n"
+        f"    w = ResultWriter(OutputConfig(out_dir={str(tmp_path / 'out')!r}), workers=2)\n"
+        "    w.start()\n"
+        "    assert w._pool.submit(os.getpid).result() != os.getpid()  # a writer process ran it\n"
+        "    w.finish()\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    assert marker.read_text().split() == ["__main__"]
+
+
 def test_writer_reports_each_failed_face(tmp_path):
     from util.results_io import ResultWriter
 

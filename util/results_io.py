@@ -31,6 +31,7 @@ freed memory kept).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -226,6 +227,29 @@ def _ready() -> int:
     return os.getpid()
 
 
+@contextlib.contextmanager
+def main_module_hidden():
+    """Hide the caller's ``__main__`` module while writer processes start.
+
+    With ``forkserver`` and ``spawn``, Python runs the main script's top level again in every
+    child process (as ``__mp_main__``; the forkserver's own preloading of ``__main__`` never
+    happens, because ``multiprocessing.forkserver`` asks for a ``main_path`` key that
+    ``spawn.get_preparation_data`` does not produce). A script that imports torch at its top
+    then costs every writer seconds - 16 writers on a host with slow imports cost a run about
+    45 s. The writers need nothing from ``__main__``: their functions live in this module.
+    """
+    import sys
+    import types
+
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
 def process_context():
     """``forkserver`` where available (Linux, macOS), else ``spawn``; never ``fork`` (CUDA)."""
     import multiprocessing as mp
@@ -256,7 +280,7 @@ class ResultWriter:
             ctx = process_context()
             if ctx.get_start_method() == "forkserver":
                 # the server imports these once; each writer is then a cheap fork of it
-                ctx.set_forkserver_preload(["__main__", *WRITER_MODULES])
+                ctx.set_forkserver_preload(list(WRITER_MODULES))
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
             self.workers = workers
         else:
@@ -266,8 +290,9 @@ class ResultWriter:
         """Start every writer process now (each ``submit`` would otherwise start one lazily)."""
         if self._pool is not None:
             try:
-                for _ in range(self.workers):
-                    self._pool.submit(_ready)
+                with main_module_hidden():  # the processes start here (see main_module_hidden)
+                    for _ in range(self.workers):
+                        self._pool.submit(_ready)
             except Exception as e:  # noqa: BLE001 - no processes here (sandbox, limits): write in-thread
                 self._give_up_pool(e)
 
@@ -299,7 +324,8 @@ class ResultWriter:
     def _submit(self, part: list[FaceResult]) -> Future:
         if self._pool is not None:
             try:
-                return self._pool.submit(_write_in_worker, part)
+                with main_module_hidden():  # in case a process starts here (start() not called)
+                    return self._pool.submit(_write_in_worker, part)
             except Exception as e:  # noqa: BLE001 - broken pool, no processes: write in-thread
                 self._give_up_pool(e)
         fut: Future = Future()
