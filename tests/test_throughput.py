@@ -223,6 +223,17 @@ def test_writer_processes_do_not_rerun_the_callers_script(tmp_path):
     assert marker.read_text().split() == ["__main__"]
 
 
+def test_main_module_hidden_restores_main_even_on_errors():
+    from util.subprocesses import main_module_hidden
+
+    main = sys.modules["__main__"]
+    with pytest.raises(RuntimeError):
+        with main_module_hidden():
+            assert sys.modules["__main__"] is not main and not hasattr(sys.modules["__main__"], "__file__")
+            raise RuntimeError("boom")
+    assert sys.modules["__main__"] is main
+
+
 def test_writer_reports_each_failed_face(tmp_path):
     from util.results_io import ResultWriter
 

@@ -39,6 +39,7 @@ import numpy as np
 from util.detections_io import (DETECTIONS_DIR, LANDMARKS_DIR, detection_path, face_detection_files,
                                 write_points)
 from util.image_io import DEBUG_VIS_DIR, ImageLoadError, list_images, load_image_array
+from util.subprocesses import main_module_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +441,8 @@ def _run_pool(plan: Plan, accept) -> None:
     pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
                                   initargs=(plan.folder, options, plan.min_score, threads))
     try:
-        futures = [pool.submit(_worker_analyse, rel) for rel in plan.todo]
+        with main_module_hidden():  # the workers start here; they need nothing from the caller's script
+            futures = [pool.submit(_worker_analyse, rel) for rel in plan.todo]
         for fut in cf.as_completed(futures):
             accept(fut.result())
     finally:

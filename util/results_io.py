@@ -31,7 +31,6 @@ freed memory kept).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -43,6 +42,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+
+from util.subprocesses import main_module_hidden
 
 log = logging.getLogger(__name__)
 
@@ -225,29 +226,6 @@ def _write_in_worker(results: list[FaceResult]) -> list[tuple[str, str | None]]:
 
 def _ready() -> int:
     return os.getpid()
-
-
-@contextlib.contextmanager
-def main_module_hidden():
-    """Hide the caller's ``__main__`` module while writer processes start.
-
-    With ``forkserver`` and ``spawn``, Python runs the main script's top level again in every
-    child process (as ``__mp_main__``; the forkserver's own preloading of ``__main__`` never
-    happens, because ``multiprocessing.forkserver`` asks for a ``main_path`` key that
-    ``spawn.get_preparation_data`` does not produce). A script that imports torch at its top
-    then costs every writer seconds - 16 writers on a host with slow imports cost a run about
-    45 s. The writers need nothing from ``__main__``: their functions live in this module.
-    """
-    import sys
-    import types
-
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
 
 
 def process_context():
