@@ -58,15 +58,16 @@ class RecoveryOptions:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     renderer: str = opt("auto", "auto (nvdiffrast on CUDA when installed, else the PyTorch rasterizer) | cpu | cuda",
                         choices=["auto", "cpu", "cuda", "opengl"])
-    minutes: float = opt(9.0, "wall-clock budget for everything (set-up, training, evaluation)")
+    minutes: float = opt(9.5, "wall-clock budget for everything (set-up, training, evaluation)")
     eval_reserve_s: float = opt(40.0, "seconds kept for the final evaluation and writing the results")
     max_steps: int = opt(0, "stop training after this many steps (0 = only the time budget)")
     batch_size: int = opt(32, "synthetic faces per step")
-    net_recon: str = opt("resnet50", "regressor backbone", choices=["resnet18", "resnet34", "resnet50"])
-    lr: float = opt(3e-4, "Adam learning rate (peak; linear warm-up then cosine decay over the time budget)")
+    net_recon: str = opt("resnet18", "regressor backbone (resnet18: the best measured within the budget)",
+                         choices=["resnet18", "resnet34", "resnet50"])
+    lr: float = opt(1e-3, "Adam learning rate (peak; linear warm-up then cosine decay over the time budget)")
     warmup: float = opt(0.03, "fraction of the budget spent warming the learning rate up")
-    amp: str = opt("auto", "network precision: auto (bf16 on CUDA) | none | bf16 | fp16",
-                   choices=["auto", "none", "bf16", "fp16"])
+    amp: str = opt("none", "network precision: none (fp32; a bf16 run learnt no shape) | auto (bf16 on CUDA) "
+                           "| bf16 | fp16", choices=["auto", "none", "bf16", "fp16"])
     size: int = opt(224, "image size (the camera is scaled with it; landmark errors are reported at 224)")
     eval_size: int = opt(512, "held-out renders for the final figures")
     eval_batch: int = opt(64, "batch size of evaluation")
