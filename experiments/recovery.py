@@ -551,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (mean face: {f['mean_face_vertex_error_mm']:.2f} mm vertex error, {f['frontal_pose_error_deg']:.2f} deg, "
           f"{f['mean_face_lm_error_px']:.2f} px; prediction: {f['vertex_error_mm']:.2f} mm)")
     print(f"  geometric: aligned vertex ratio {f['vertex_error_ratio_aligned']:.3f}, head orientation "
-          f"{f['orientation_error_deg']:.2f} deg (rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
+          f"{f['orientation_error_deg']:.2f} deg "
+          f"(rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
     print_oracles(result["landmark_oracle"])
     print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
