@@ -111,11 +111,11 @@ def load_image(path: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=PIL_FORMATS) as im:
                 im.load()
-                try:
-                    im = ImageOps.exif_transpose(im)
+                try:  # in place: no copy of the whole photo when it needs no turning (most photos)
+                    ImageOps.exif_transpose(im, in_place=True)
                 except Exception:  # a broken EXIF block must not make a good photo unusable
                     pass
-                return _to_rgb8(im)
+                return _to_rgb8(im)  # a copy detached from the file (RGB) or a converted image
     except ImageLoadError:
         raise
     except FileNotFoundError:
