@@ -264,6 +264,13 @@ def test_writer_survives_a_dead_writer_process(tmp_path):
     assert len(read_all(tmp_path / "out")) == 18
 
 
+def test_default_batch_size_by_device():
+    from models.inference import default_batch_size
+
+    assert default_batch_size(torch.device("cpu")) == 8
+    assert default_batch_size(torch.device("cuda", 1)) == 64  # no GPU needed to ask
+
+
 def test_worker_counts(monkeypatch):
     from models import inference
 
