@@ -44,10 +44,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.losses import LossWeights
 from options.base_options import build_parser, opt
+from util.synthetic import SyntheticConfig
 
 log = logging.getLogger("recovery")
 
+WEIGHTS, SYNTHETIC = LossWeights(), SyntheticConfig()  # defaults defined once, where they are used
 TARGETS = {"vertex_error_ratio": 0.3, "pose_error_deg": 2.0, "lm_error_px": 2.0}
 
 
@@ -80,17 +83,17 @@ class RecoveryOptions:
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
-    id_std: float = opt(1.0, "synthetic identity coefficient std")
-    exp_std: float = opt(1.0, "synthetic expression coefficient std")
-    tex_std: float = opt(1.0, "synthetic albedo coefficient std")
-    yaw: float = opt(30.0, "synthetic yaw half-range, degrees")
-    pitch: float = opt(15.0, "synthetic pitch half-range, degrees")
-    roll: float = opt(10.0, "synthetic roll half-range, degrees")
-    w_color: float = opt(1.92, "photometric weight (the original's)")
-    w_lm: float = opt(1.6e-3, "landmark weight (the original's)")
-    w_reg: float = opt(3.0e-4, "coefficient regularisation weight (the original's)")
-    w_gamma: float = opt(10.0, "gamma weight (the original's)")
-    w_reflc: float = opt(5.0, "reflectance weight (the original's)")
+    id_std: float = opt(SYNTHETIC.id_std, "synthetic identity coefficient std")
+    exp_std: float = opt(SYNTHETIC.exp_std, "synthetic expression coefficient std")
+    tex_std: float = opt(SYNTHETIC.tex_std, "synthetic albedo coefficient std")
+    yaw: float = opt(SYNTHETIC.yaw, "synthetic yaw half-range, degrees")
+    pitch: float = opt(SYNTHETIC.pitch, "synthetic pitch half-range, degrees")
+    roll: float = opt(SYNTHETIC.roll, "synthetic roll half-range, degrees")
+    w_color: float = opt(WEIGHTS.w_color, "photometric weight (the original's)")
+    w_lm: float = opt(WEIGHTS.w_lm, "landmark weight (the original's)")
+    w_reg: float = opt(WEIGHTS.w_reg, "coefficient regularisation weight (the original's)")
+    w_gamma: float = opt(WEIGHTS.w_gamma, "gamma weight (the original's)")
+    w_reflc: float = opt(WEIGHTS.w_reflc, "reflectance weight (the original's)")
     verbose: bool = opt(True, "log progress")
 
 
@@ -382,7 +385,7 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
     """(face model, renderer, SyntheticConfig, SyntheticFaces) on ``device`` for ``o``'s image size."""
     from models.bfm import ParametricFaceModel
     from models.renderer import create_renderer, nvdiffrast_available
-    from util.synthetic import SyntheticConfig, SyntheticFaces
+    from util.synthetic import SyntheticFaces
 
     center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
     backend = o.renderer
@@ -397,7 +400,7 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
 def run(o: RecoveryOptions) -> dict:
     from models.facerecon import FaceReconModel
     from models.inference import resolve_device
-    from models.losses import HybridLoss, LossWeights
+    from models.losses import HybridLoss
     from models.networks import ReconNet
     from train import train_step
 

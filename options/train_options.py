@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from models.losses import LossWeights
 from options.base_options import BaseOptions, opt, parse_options
 
+WEIGHTS = LossWeights()  # the original's loss weights, defined once in models.losses
 DEFAULT_RECOG_PATH = "checkpoints/recog_model/ms1mv3_arcface_r50_fp16/backbone.pth"
 
 
@@ -51,15 +53,15 @@ class TrainOptions(BaseOptions):
     shift_pixs: float = opt(10.0, "augmentation: shift in pixels")
     scale_delta: float = opt(0.1, "augmentation: scale factor delta")
     rot_angle: float = opt(10.0, "augmentation: rotation in degrees")
-    w_feat: float = opt(0.2, "weight of the identity (perceptual) loss")
-    w_color: float = opt(1.92, "weight of the photometric loss")
-    w_reg: float = opt(3.0e-4, "weight of the coefficient regularisation")
-    w_id: float = opt(1.0, "weight of the identity coefficients in the regularisation")
-    w_exp: float = opt(0.8, "weight of the expression coefficients in the regularisation")
-    w_tex: float = opt(1.7e-2, "weight of the texture coefficients in the regularisation")
-    w_gamma: float = opt(10.0, "weight of the lighting (gamma) loss")
-    w_lm: float = opt(1.6e-3, "weight of the landmark loss")
-    w_reflc: float = opt(5.0, "weight of the reflectance loss")
+    w_feat: float = opt(WEIGHTS.w_feat, "weight of the identity (perceptual) loss")
+    w_color: float = opt(WEIGHTS.w_color, "weight of the photometric loss")
+    w_reg: float = opt(WEIGHTS.w_reg, "weight of the coefficient regularisation")
+    w_id: float = opt(WEIGHTS.w_id, "weight of the identity coefficients in the regularisation")
+    w_exp: float = opt(WEIGHTS.w_exp, "weight of the expression coefficients in the regularisation")
+    w_tex: float = opt(WEIGHTS.w_tex, "weight of the texture coefficients in the regularisation")
+    w_gamma: float = opt(WEIGHTS.w_gamma, "weight of the lighting (gamma) loss")
+    w_lm: float = opt(WEIGHTS.w_lm, "weight of the landmark loss")
+    w_reflc: float = opt(WEIGHTS.w_reflc, "weight of the reflectance loss")
     # new in this project
     align_lm: str = opt("lm68", "align training photos with the 5 points of the 68 landmarks (lm68, the original) "
                                 "or with the 5-point detections (lm5, as test.py)", choices=["lm68", "lm5"])
