@@ -44,7 +44,7 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tup
     """
     entries, missing = [], []
     owner: dict[tuple[str, str], str] = {}
-    index: dict = {}  # one listing per detections folder
+    index: dict = {}  # one listing per detections (and landmarks) folder
     for rel in list_images(folder, recursive):
         key = (os.path.dirname(rel), os.path.splitext(os.path.basename(rel))[0])
         if key in owner:
@@ -54,12 +54,9 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tup
         faces = face_detection_files(folder, rel, index=index)
         if not faces:
             missing.append(os.path.join(folder, rel))
-        for name, path in faces:
-            lm_path = ""
-            if lm68:
-                lm_path = os.path.join(folder, LANDMARKS_DIR, os.path.dirname(rel), name + ".txt")
-                lm_path = lm_path if os.path.isfile(lm_path) else ""
-            entries.append(FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel), lm_path))
+        lm_files = dict(face_detection_files(folder, rel, subdir=LANDMARKS_DIR, index=index)) if lm68 else {}
+        entries += [FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel), lm_files.get(name, ""))
+                    for name, path in faces]
     return entries, missing
 
 
@@ -85,10 +82,9 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
     return table[images.to(torch.int64)]
 
 
-def load_lm68(entry: FaceEntry, transform: AlignTransform) -> np.ndarray:
-    """The entry's 68 landmarks (photo pixels, y down, on disk) -> (68, 2) float32 crop pixels, y up."""
-    return transform.image_to_crop(flip_y(read_points(entry.lm68_path, 68).astype(np.float64), transform.h0)
-                                   ).astype(np.float32)
+def load_lm68(path: str, transform: AlignTransform) -> np.ndarray:
+    """A 68-landmark file (photo pixels, y down) -> (68, 2) float32 crop pixels, y up."""
+    return transform.image_to_crop(flip_y(read_points(path, 68).astype(np.float64), transform.h0)).astype(np.float32)
 
 
 class AlignedFaces(Dataset):
@@ -109,7 +105,7 @@ class AlignedFaces(Dataset):
         try:
             item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
             if e.lm68_path:
-                item["lm68"] = load_lm68(e, item["transform"])
+                item["lm68"] = load_lm68(e.lm68_path, item["transform"])
         except Exception as err:  # reported per face by the caller; never stops the run
             item["error"] = str(err)
         return item

@@ -82,23 +82,21 @@ def prepared_folder(o: FittingEvalOptions) -> str:
 
 
 def load_faces(folder: str, lm3d: np.ndarray) -> list[dict]:
-    """The chosen face of each photo: its aligned crop ((3,224,224) float32 0..1), its 5 detected
-    points and dlib's 68 (crop pixels, y up)."""
-    from util.detections_io import detection_path, read_points
-    from util.image_io import list_images, load_image
-    from util.preprocess import align_img, flip_y, image_to_array
+    """The chosen face of each photo that has dlib's 68 points: its aligned crop ((3,224,224)
+    float32 0..1), its 5 detected points and dlib's 68 (crop pixels, y up), loaded by test.py's
+    dataset (:class:`data.image_folder.AlignedFaces`)."""
+    from data.image_folder import AlignedFaces, scan_folder
+    from util.preprocess import unit_float_table
 
+    entries, _ = scan_folder(folder, lm68=True)
+    chosen = [e for e in entries  # not the extra faces (<stem>__face02, ...) of group photos
+              if e.lm68_path and e.name == os.path.splitext(os.path.basename(e.image_path))[0]]
     faces = []
-    for rel in list_images(folder):
-        det, lm68_path = (detection_path(folder, rel, subdir=d) for d in ("detections", "landmarks"))
-        if not (os.path.isfile(det) and os.path.isfile(lm68_path)):
-            continue
-        img = load_image(os.path.join(folder, rel))
-        h0 = img.size[1]
-        t, crop, lm5 = align_img(img, flip_y(read_points(det, 5).astype(np.float64), h0), lm3d)
-        lm68 = t.image_to_crop(flip_y(read_points(lm68_path, 68).astype(np.float64), h0))
-        faces.append({"name": os.path.splitext(rel)[0], "image": image_to_array(crop),
-                      "lm5": lm5.astype(np.float32), "lm68": lm68.astype(np.float32)})
+    for item in AlignedFaces(chosen, lm3d):
+        if item["error"] is not None:
+            raise RuntimeError(f"{item['image_path']}: {item['error']}")
+        faces.append({"name": item["name"], "image": unit_float_table()[item["image"]],
+                      "lm5": item["lm"], "lm68": item["lm68"]})
     return faces
 
 
