@@ -98,7 +98,7 @@ def _log_timing(summary, started: float, ready: float) -> None:
     def since(t: float) -> str:
         return f"{t - started:.2f} s"
 
-    first = getattr(summary, "first_result_at", None)  # None: nothing written (or an older models.inference)
+    first = summary.first_result_at  # None: nothing written
     log.info("start-up: imports and options %s, first results after %s, %d face(s) after %s", since(ready),
              "-" if first is None else since(first), summary.faces_ok, since(time.perf_counter()))
 

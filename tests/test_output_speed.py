@@ -106,21 +106,21 @@ def test_device_overlay_is_the_numpy_overlay(device):
 def test_png_is_lossless(shape, tmp_path):
     import cv2
 
-    from util.results_io import png_bytes
+    from util.results_io import png_chunks
 
     rng = np.random.default_rng(sum(shape))
     for pic in (rng.integers(0, 256, shape, dtype=np.uint8), np.full(shape, 255, np.uint8),
                 np.cumsum(rng.integers(0, 3, shape), axis=0).astype(np.uint8)):
-        data = png_bytes(pic)
+        data = b"".join(png_chunks(pic))
         im = Image.open(io.BytesIO(data))
         im.verify()  # chunk CRCs and structure
         im = Image.open(io.BytesIO(data))
         assert im.format == "PNG" and im.mode == "RGB" and im.size == (shape[1], shape[0])
         np.testing.assert_array_equal(np.asarray(im), pic)
         np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1], pic)
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(pic, 0)))), pic)  # stored
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(b"".join(png_chunks(pic, 0))))), pic)  # stored
     with pytest.raises(ValueError, match="uint8"):
-        png_bytes(np.zeros((4, 4, 3), np.float32))
+        png_chunks(np.zeros((4, 4, 3), np.float32))
 
 
 # ----------------------------------------------------------------------------- .obj

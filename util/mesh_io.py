@@ -70,6 +70,14 @@ def _field(buf: np.ndarray, offset: int, dtype) -> np.ndarray:
     return np.ndarray((buf.shape[0],), dtype=dtype, buffer=buf, offset=offset, strides=(buf.strides[0],))
 
 
+def _write_filled(column, buf: np.ndarray, pos: int) -> None:
+    """Format ``column`` (its ``fill`` into an (N, width) block) and copy the block into the line
+    buffer ``buf`` after the separator at ``pos``, one record per row."""
+    out = np.empty((column.n, column.width), np.uint8)
+    column.fill(out)
+    _field(buf, pos + 1, (np.void, column.width))[...] = _records(out, 0, column.width)
+
+
 def _put_digits(out: np.ndarray, v: np.ndarray) -> None:
     """Write (N,) non-negative int64 as zero-padded ASCII digits into ``out`` (N, width)."""
     width = out.shape[1]
@@ -122,9 +130,7 @@ class _FixedColumn:
         ``pos``: the byte of the separator before the column."""
         n_int = self.n_int
         if n_int > 3 or self.decimals != 8:  # the general path
-            out = np.empty((self.n, self.width), np.uint8)
-            self.fill(out)
-            _field(buf, pos + 1, (np.void, self.width))[...] = _records(out, 0, self.width)
+            _write_filled(self, buf, pos)
             return
         _field(buf, pos + _head_offset(n_int), "<u4")[...] = _head_table(n_int)[self.ip + 1000 * self.neg]
         hi = self.fp // 10000
@@ -150,9 +156,7 @@ class _IntColumn:
         return b" " * self.width
 
     def write(self, buf: np.ndarray, pos: int) -> None:
-        out = np.empty((self.n, self.width), np.uint8)
-        self.fill(out)
-        _field(buf, pos + 1, (np.void, self.width))[...] = _records(out, 0, self.width)
+        _write_filled(self, buf, pos)
 
 
 class _ColorColumn:

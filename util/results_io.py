@@ -133,11 +133,6 @@ def png_chunks(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> list:
             *_png_chunk(b"IDAT", zlib.compress(filtered, level)), *_png_chunk(b"IEND", b"")]
 
 
-def png_bytes(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """:func:`png_chunks` joined: the PNG file's bytes."""
-    return b"".join(png_chunks(rgb, level))
-
-
 def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
     """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for); raises on failure."""
     d = os.path.join(cfg.out_dir, res.rel_dir)
