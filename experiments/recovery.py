@@ -130,11 +130,12 @@ class ErrorSums:
         rp, rt = face_model.compute_rotation(p["angle"]), face_model.compute_rotation(t["angle"])
         self.pose += rotation_error_deg(rp, rt).tolist()
         mean_b = mean.expand_as(st)
+        mean_on_t, qt = similarity_align(mean_b, st)
         self.shape_aligned += float((similarity_align(sp, st)[0] - st).norm(dim=-1).mean(dim=1).sum())
-        self.shape_mean_face_aligned += float((similarity_align(mean_b, st)[0] - st).norm(dim=-1).mean(dim=1).sum())
+        self.shape_mean_face_aligned += float((mean_on_t - st).norm(dim=-1).mean(dim=1).sum())
         # head orientation: the shape's own rotation (relative to the mean face), then the pose
         # (row-vector convention of the face model: x_cam = x @ R, so the shape's comes first)
-        qp, qt = similarity_align(mean_b, sp)[1], similarity_align(mean_b, st)[1]
+        qp = similarity_align(mean_b, sp)[1]
         self.orientation += rotation_error_deg(qp @ rp, qt @ rt).tolist()
         self.pose_zero += float(rotation_error_deg(torch.eye(3, device=rt.device).expand_as(rt), rt).sum())
         lm = face_model(pred.float()).landmark
@@ -269,6 +270,11 @@ def heldout(gen, n: int, batch: int, seed: int):
         k = min(batch, n - done)
         yield gen.sample(k, g)
         done += k
+
+
+def held_out_test_set(o, gen) -> list:
+    """The ``--eval_size`` held-out faces of the final figures and the oracles (seed + 1000)."""
+    return list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
 
 
 def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, scaler=None) -> tuple:
@@ -469,7 +475,7 @@ def run(o: RecoveryOptions) -> dict:
     train_seconds = time.perf_counter() - train_start
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
+    test_set = held_out_test_set(o, gen)
     final = evaluate(model, test_set, lm_scale)
     oracle = oracle_figures(face_model, test_set, o.oracle_steps, lm_scale) if o.oracle_steps > 0 else None
     curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
@@ -479,8 +485,9 @@ def run(o: RecoveryOptions) -> dict:
         "figures": final,
         "targets": TARGETS,
         "pass": {k: bool(final[k] <= v) for k, v in TARGETS.items()},
-        "pass_geometric": {"vertex_error_ratio_aligned": bool(final["vertex_error_ratio_aligned"] <= 0.3),
-                           "orientation_error_deg": bool(final["orientation_error_deg"] <= 2.0)},
+        "pass_geometric": {"vertex_error_ratio_aligned": bool(final["vertex_error_ratio_aligned"]
+                                                              <= TARGETS["vertex_error_ratio"]),
+                           "orientation_error_deg": bool(final["orientation_error_deg"] <= TARGETS["pose_error_deg"])},
         "hardware": hardware(device),
         "renderer": renderer.backend,
         "amp": amp or "none",
@@ -526,7 +533,7 @@ def oracles_only(o: RecoveryOptions) -> dict:
 
     device = resolve_device(o.device)
     face_model, _, _, gen = synthetic_setup(o, device)
-    test_set = list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
+    test_set = held_out_test_set(o, gen)
     result = {"faces": o.eval_size, "rigid_fraction": rigid_fraction(face_model), "hardware": hardware(device),
               "landmark_oracle": oracle_figures(face_model, test_set, o.oracle_steps, 224.0 / o.size)}
     os.makedirs(o.out, exist_ok=True)
