@@ -246,3 +246,20 @@ def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):
     after = np.linalg.norm(fitted - target, axis=1).mean()
     assert after < 0.75 * before, (before, after)  # 3.41 -> 2.14 px when written
     assert os.path.isfile(tmp_path / "fit" / "vd006.mat")  # fitted to its 5 points beside it
+
+
+def test_a_malformed_landmarks_file_fails_only_its_face(standin, tmp_path, capsys):
+    from util.detections_io import detection_path
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    bad = detection_path(folder, "000002.jpg", subdir="landmarks")
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "w") as f:
+        f.write("1 2\n3 4\n")
+    before = open(bad).read()
+    out = tmp_path / "out"
+    assert run(standin, folder, str(out), "--save_mesh=false", "--save_png=false", "--fit_steps=2") == 1
+    report = capsys.readouterr().out
+    assert "000002:" in report and "expected 68 lines" in report and "process_images.sh --landmarks68" in report
+    assert os.path.isfile(out / "vd006.mat") and not os.path.exists(out / "000002.mat")
+    assert open(bad).read() == before  # the user's file is only read

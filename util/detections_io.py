@@ -70,6 +70,7 @@ def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_D
 
 def read_points(path: str, n: int = 5) -> np.ndarray:
     """Read ``n`` lines of ``x y`` -> float32 array (n, 2); raise DetectionFileError otherwise."""
+    redo = "; re-run ./process_images.sh" + (" --landmarks68" if n == 68 else "") + " on the folder"
     try:
         with open(path, "r", encoding="utf-8") as f:
             rows = [line.split() for line in f if line.strip()]
@@ -79,11 +80,11 @@ def read_points(path: str, n: int = 5) -> np.ndarray:
         raise DetectionFileError(
             f"{path}: expected {n} lines of 'x y', found {len(rows)} line(s)"
             + ("" if all(len(r) == 2 for r in rows) else " (some without exactly 2 numbers)")
-            + "; re-run ./process_images.sh on the folder")
+            + redo)
     try:
         pts = np.array(rows, dtype=np.float64)
     except ValueError:
-        raise DetectionFileError(f"{path}: non-numeric values; re-run ./process_images.sh on the folder") from None
+        raise DetectionFileError(f"{path}: non-numeric values{redo}") from None
     if not np.all(np.isfinite(pts)):
         raise DetectionFileError(f"{path}: non-finite coordinates")
     return pts.astype(np.float32)
