@@ -219,6 +219,16 @@ SH_C = (1 / np.sqrt(4 * np.pi), np.sqrt(3.0) / np.sqrt(4 * np.pi), 3 * np.sqrt(5
 INIT_LIGHT = (0.8, 0, 0, 0, 0, 0, 0, 0, 0)  # added to each colour's 9 SH coefficients
 
 
+def gather_vertices(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) per-vertex values, integer ``index`` of any shape S -> (B, *S, C).
+
+    The same numbers as ``points[:, index]``, but through ``index_select``, whose gradient is an
+    ``index_add_``: on CUDA the gradient of advanced indexing (a sort, then an accumulation) took
+    half of a training step's GPU time (18.7 of 35 ms on an H100, torch.profiler)."""
+    picked = points.index_select(1, index.reshape(-1))
+    return picked.reshape(points.shape[0], *index.shape, points.shape[-1])
+
+
 @dataclass(frozen=True)
 class FaceOutput:
     """Result of :meth:`ParametricFaceModel.forward` for B faces of N vertices.
@@ -304,10 +314,10 @@ class ParametricFaceModel(nn.Module):
     def compute_norm(self, shape: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) -> (B, N, 3) unit vertex normals: the normalised sum of the unit normals
         of the (up to 8) triangles around each vertex, triangle normal = (v1-v2) x (v2-v3)."""
-        v1, v2, v3 = (shape[:, self.face_buf[:, k]] for k in range(3))
+        v1, v2, v3 = gather_vertices(shape, self.face_buf).unbind(dim=2)
         face_norm = F.normalize(torch.cross(v1 - v2, v2 - v3, dim=-1), dim=-1, p=2)
         face_norm = torch.cat([face_norm, face_norm.new_zeros(face_norm.shape[0], 1, 3)], dim=1)
-        return F.normalize(face_norm[:, self.point_buf].sum(dim=2), dim=-1, p=2)
+        return F.normalize(gather_vertices(face_norm, self.point_buf).sum(dim=2), dim=-1, p=2)
 
     @staticmethod
     def compute_rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -369,7 +379,7 @@ class ParametricFaceModel(nn.Module):
         shape = self.compute_shape(c["id"], c["exp"])
         rotation = self.compute_rotation(c["angle"])
         vertex = self.to_camera(shape @ rotation + c["trans"].unsqueeze(1))
-        landmark = self.project(vertex[:, self.keypoints])
+        landmark = self.project(gather_vertices(vertex, self.keypoints))
         texture = self.compute_texture(c["tex"])
         normal = self.compute_norm(shape) @ rotation
         color = self.compute_color(texture, normal, c["gamma"])

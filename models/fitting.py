@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.bfm import gather_vertices
 from models.coeffs import COEFFS
 from models.losses import (HybridLoss, LossWeights, coeff_reg_loss, gamma_loss, landmark_loss,
                            reflectance_loss)
@@ -60,7 +61,7 @@ def _landmark_terms(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: L
     c = COEFFS.split(coeffs)
     shape = face_model.compute_shape(c["id"], c["exp"])
     rot = face_model.compute_rotation(c["angle"])
-    kp = face_model.to_camera(shape[:, face_model.keypoints] @ rot + c["trans"].unsqueeze(1))
+    kp = face_model.to_camera(gather_vertices(shape, face_model.keypoints) @ rot + c["trans"].unsqueeze(1))
     lm = face_model.project(kp)
     tex = face_model.compute_texture(c["tex"])
     return (w.w_lm * landmark_loss(lm, target) + w.w_reg * coeff_reg_loss(c, w.w_id, w.w_exp, w.w_tex)
