@@ -115,7 +115,7 @@ def load_image(path: str) -> Image.Image:
                     ImageOps.exif_transpose(im, in_place=True)
                 except Exception:  # a broken EXIF block must not make a good photo unusable
                     pass
-                return _to_rgb8(im)  # a copy detached from the file (RGB) or a converted image
+                return _to_rgb8(im)  # the decoded image (the file is closed) or a converted one
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -157,8 +157,8 @@ def _check_regular_file(path: str) -> None:
 def _to_rgb8(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 'RGB' 8-bit, following the rules in the module docstring."""
     mode = im.mode
-    if mode == "RGB":
-        return im.copy()
+    if mode == "RGB":  # decoded into memory by load(): no copy (0.6 ms of ~6 a face), except an
+        return im.copy() if im.readonly else im  # image mapped from its file (uncompressed formats)
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
         if mode == "F":
