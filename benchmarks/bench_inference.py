@@ -216,7 +216,8 @@ def amp_accuracy(model, device, images: torch.Tensor) -> dict:
     return out
 
 
-def startup_seconds(folder1: str, out: str, device: str, runs: int) -> tuple[float, float | None]:
+def startup_seconds(folder1: str, out: str, device: str, runs: int,
+                    env: dict | None = None) -> tuple[float, float | None]:
     """Fresh ``python test.py --verbose`` processes on one photo: the median wall time to their
     exit, and the median seconds to the first face's files that test.py logs (from its
     ``main``, so without the interpreter's own start-up; None where it logs none)."""
@@ -227,12 +228,50 @@ def startup_seconds(folder1: str, out: str, device: str, runs: int) -> tuple[flo
     times, first = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        p = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=env)
         times.append(time.perf_counter() - t0)
         m = re.search(r"first results after ([0-9.]+) s", p.stderr)
         if m:
             first.append(float(m.group(1)))
     return statistics.median(times), statistics.median(first) if first else None
+
+
+def bytecode_cache_env(folder1: str, out: str, device: str, cache_dir: str) -> dict | None:
+    """Where this interpreter may not write bytecode (PYTHONDONTWRITEBYTECODE, as on images that
+    also ship their packages without __pycache__, so every process compiles every module it
+    imports from source), an environment whose processes read a bytecode cache in ``cache_dir``,
+    filled by one untimed run: what a normal ``pip install`` (which compiles) gives. None where
+    bytecode is written anyway."""
+    if not sys.flags.dont_write_bytecode:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = cache_dir
+    startup_seconds(folder1, out, device, 1, env)  # writes the cache
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the timed runs only read it
+    return env
+
+
+def measure_startup(res: dict, folder1: str, tmp: str, device: str, runs: int) -> None:
+    """Start-up figures into ``res``: as this environment runs test.py, and, where it forbids
+    bytecode caching, also with a cache (``*_bytecode_cache`` keys)."""
+    res["startup_to_first_image_s"], res["startup_first_results_logged_s"] = startup_seconds(
+        folder1, os.path.join(tmp, "start"), device, runs)
+    env = bytecode_cache_env(folder1, os.path.join(tmp, "start"), device, os.path.join(tmp, "pycache"))
+    if env is not None:
+        res["startup_to_first_image_bytecode_cache_s"], res["startup_first_results_logged_bytecode_cache_s"] = \
+            startup_seconds(folder1, os.path.join(tmp, "start"), device, runs, env)
+
+
+def print_startup(res: dict, runs: int) -> None:
+    for suffix, what in (("", ""), ("_bytecode_cache", ", with a bytecode cache")):
+        if f"startup_to_first_image{suffix}_s" not in res:
+            continue
+        print(f"| start-up to first image (fresh process to its exit, median of {runs}{what}) | "
+              f"{res[f'startup_to_first_image{suffix}_s']:.2f} s |")
+        if res[f"startup_first_results_logged{suffix}_s"] is not None:
+            print(f"| start-up to first results (test.py's log, from its main{what}) | "
+                  f"{res[f'startup_first_results_logged{suffix}_s']:.2f} s |")
 
 
 def main(argv=None) -> int:
@@ -246,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--startup_runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke run: --device cpu --n 16 --batch_size 4, one start-up run, no network comparison")
+    ap.add_argument("--startup_only", action="store_true", help="measure only the start-up")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     if a.quick:
@@ -258,8 +298,6 @@ def main(argv=None) -> int:
     bs = a.batch_size or (64 if cuda else 8)
     cores = os.cpu_count() or 1
     tmp = tempfile.mkdtemp(prefix="bench_")
-    folder = make_folder(os.path.join(tmp, "photos"), n)
-    folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     folder1 = make_folder(os.path.join(tmp, "one"), 1)
 
     from models.inference import build_model, loader_workers, writer_workers
@@ -272,6 +310,13 @@ def main(argv=None) -> int:
                               "gpu": torch.cuda.get_device_name(device) if cuda else None},
                  "versions": {"python": platform.python_version(), "torch": torch.__version__,
                               "numpy": np.__version__, "cuda": torch.version.cuda}}
+    if a.startup_only:
+        measure_startup(res, folder1, tmp, a.device, a.startup_runs)
+        print("\n| measure | value |\n| --- | --- |")
+        print_startup(res, a.startup_runs)
+        return finish(res, a.json, tmp)
+    folder = make_folder(os.path.join(tmp, "photos"), n)
+    folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     t0 = time.perf_counter()
     base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, amp=a.amp)
     model = build_model(base, device)
@@ -282,8 +327,7 @@ def main(argv=None) -> int:
     warm_folder = make_folder(os.path.join(tmp, "warm_batch"), min(n, max(2 * bs, 40)))
     timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, amp=a.amp,
                       num_threads=a.num_threads, write_workers=a.write_workers), device, model)
-    res["startup_to_first_image_s"], res["startup_first_results_logged_s"] = startup_seconds(
-        folder1, os.path.join(tmp, "start"), a.device, a.startup_runs)
+    measure_startup(res, folder1, tmp, a.device, a.startup_runs)
 
     workers = dict(num_threads=a.num_threads, write_workers=a.write_workers)
     runs = {
@@ -330,11 +374,7 @@ def main(argv=None) -> int:
     print("\n| measure | value |\n| --- | --- |")
     print(f"| device | {res['hardware']['gpu'] or res['hardware']['cpu']} ({cores} cores), torch {torch.__version__} |")
     print(f"| workers | {res['num_threads']} DataLoader, {res['write_workers']} writer processes, batch {bs}, N {n} |")
-    print(f"| start-up to first image (fresh process to its exit, median of {a.startup_runs}) | "
-          f"{res['startup_to_first_image_s']:.2f} s |")
-    if res["startup_first_results_logged_s"] is not None:
-        print(f"| start-up to first results (test.py's log, from its main) | "
-              f"{res['startup_first_results_logged_s']:.2f} s |")
+    print_startup(res, a.startup_runs)
     for k, v in res["images_per_s"].items():
         steady = res["steady_images_per_s"].get(k)
         print(f"| images/s, {k} | {v:.1f}" + (f" (steady state {steady:.1f})" if steady is not None else "") + " |")
@@ -349,8 +389,12 @@ def main(argv=None) -> int:
         for k, v in res["amp_vs_fp32"].items():
             print(f"| {k} vs fp32: coeff max / mean abs, vertex max mm | {v['coeff_max_abs']:.2e} / "
                   f"{v['coeff_mean_abs']:.2e}, {v['vertex_max_abs_mm']:.3f} |")
-    if a.json:
-        with open(a.json, "w") as f:
+    return finish(res, a.json, tmp)
+
+
+def finish(res: dict, json_path: str, tmp: str) -> int:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(res, f, indent=2)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
