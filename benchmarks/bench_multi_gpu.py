@@ -9,7 +9,9 @@ on N/4 photos. Reported per set-up:
   * ``steady_images_per_s``: the marginal rate (3N/4) / (t_N - t_N/4), which cancels what a run
     pays once whatever its size (start-up, warm-up, the last batch's writes), as
     bench_inference.py does;
-and the scaling of both. Each run's results are deleted after it (the .obj files of a large N
+and the scaling of both. ``--cpu_control`` adds one GPU with as many DataLoader workers and writer
+processes as all the ranks together: where it matches the multi-GPU rate, the host's CPU (decoding,
+aligning, writing), not the GPUs, bounds both. Each run's results are deleted after it (the .obj files of a large N
 fill a disk).
 """
 from __future__ import annotations
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8000)
     ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--cpu_control", action="store_true",
+                    help="also run one GPU with as many DataLoader workers and writer processes as all the "
+                         "ranks of the multi-GPU run have together (separates the GPUs' share from the CPU's)")
     ap.add_argument("--json", default="")
     a, extra = ap.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
@@ -77,6 +82,19 @@ def main(argv=None) -> int:
     many = measure(f"{a.gpus}_gpu_torchrun", [sys.executable, "-m", "torch.distributed.run",
                                               f"--nproc_per_node={a.gpus}"], common, folders, tmp)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
+    if a.cpu_control:
+        from models.inference import default_batch_size, loader_workers, writer_workers
+
+        os.environ["LOCAL_WORLD_SIZE"] = str(a.gpus)  # the per-rank counts test.py's ranks choose
+        n_rank = -(-a.n // a.gpus)
+        bs = default_batch_size(torch.device("cuda"))
+        loaders = a.gpus * loader_workers(-1, n_rank, bs, a.gpus)
+        writers = a.gpus * writer_workers(-1, n_rank, a.gpus)
+        del os.environ["LOCAL_WORLD_SIZE"]
+        res["1_gpu_cpu_control"] = measure("1_gpu_all_workers", [sys.executable],
+                                           common + [f"--num_threads={loaders}", f"--write_workers={writers}"],
+                                           folders, tmp)
+        res["1_gpu_cpu_control"]["workers"] = {"loader": loaders, "writer": writers}
     res["scaling"] = many["images_per_s"] / one["images_per_s"]
     res["steady_scaling"] = many["steady_images_per_s"] / one["steady_images_per_s"]
     print(f"scaling with {a.gpus} GPUs: {res['scaling']:.2f}x end to end, {res['steady_scaling']:.2f}x steady")
