@@ -13,7 +13,9 @@ with the timed runs' workers and batch size), with CUDA synchronisation:
     writes). Each of the first two runs N and N/4 images: ``images_per_s`` is N / time (worker
     start-up included), ``steady_images_per_s`` the marginal rate (3N/4) / (t_N - t_N/4),
     which leaves out everything a run pays once (worker and writer start-up, the tail);
-  * per stage, ms/image, medians over batches: decode+align, network (incl. the uint8 -> float
+  * per stage, ms/image, medians over batches: decode+align (with ``--resample_on_device``: decode
+    and the alignment's plan), crops_to_device (the uint8 crops copied to the device, or made
+    there), network (incl. the uint8 -> float
     conversion), face model, render, compose (the picture's middle panel as bytes, on the
     device), host copy (device -> numpy results) and pickle (the results as the writer pool
     sends them), the main process's share of the output work; then, in a writer process set up
@@ -119,16 +121,16 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing.reduction import ForkingPickler
 
-    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
+    from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
     from models.inference import batch_results, output_config, overlay_uint8
     from util.preprocess import load_lm3d
     from util.results_io import keep_freed_memory, process_context
 
     entries, _ = scan_folder(opt.img_folder)
-    ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
+    ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder), resample_on_device=opt.resample_on_device)
     bs = opt.batch_size
-    keys = ("decode_align", "network", "face_model", "render", "compose", "host_copy", "pickle",
-            "write_png", "write_obj", "write_mat", "payload_kib")
+    keys = ("decode_align", "crops_to_device", "network", "face_model", "render", "compose", "host_copy",
+            "pickle", "write_png", "write_obj", "write_mat", "payload_kib")
     per_batch: dict[str, list[float]] = {k: [] for k in keys}
     os.makedirs(opt.results_dir, exist_ok=True)
     cfg = output_config(opt, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
@@ -145,7 +147,11 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             with torch.inference_mode():
                 sync(device)
                 t0 = time.perf_counter()
-                coeffs = model.predict_coeffs(images_to_float(batch["image"].to(device)))
+                batch["image"] = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
+                sync(device)
+                t["crops_to_device"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                coeffs = model.predict_coeffs(images_to_float(batch["image"]))
                 sync(device)
                 t["network"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -282,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num_threads", type=int, default=-1, help="DataLoader workers (-1: test.py's automatic choice)")
     ap.add_argument("--write_workers", type=int, default=-1, help="writer processes (-1: test.py's automatic choice)")
     ap.add_argument("--amp", default="none")
+    ap.add_argument("--resample_on_device", action="store_true",
+                    help="test.py --resample_on_device for the batched runs and the stage times")
     ap.add_argument("--startup_runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke run: --device cpu --n 16 --batch_size 4, one start-up run, no network comparison")
@@ -303,6 +311,7 @@ def main(argv=None) -> int:
     from models.inference import build_model, loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
+                 "resample_on_device": a.resample_on_device,
                  "num_threads": loader_workers(a.num_threads, n, bs),
                  "write_workers": writer_workers(a.write_workers, n),
                  "amp": a.amp,
@@ -325,11 +334,12 @@ def main(argv=None) -> int:
     # and once more as the timed runs go (workers, writer pool, batch size): what a process pays
     # once - the writer pool's forkserver start, the first batch's kernels - stays out of them
     warm_folder = make_folder(os.path.join(tmp, "warm_batch"), min(n, max(2 * bs, 40)))
+    on_device = dict(resample_on_device="true") if a.resample_on_device else {}
     timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, amp=a.amp,
-                      num_threads=a.num_threads, write_workers=a.write_workers), device, model)
+                      num_threads=a.num_threads, write_workers=a.write_workers, **on_device), device, model)
     measure_startup(res, folder1, tmp, a.device, a.startup_runs)
 
-    workers = dict(num_threads=a.num_threads, write_workers=a.write_workers)
+    workers = dict(num_threads=a.num_threads, write_workers=a.write_workers, **on_device)
     runs = {
         "all_outputs": dict(batch_size=bs, amp=a.amp, **workers),
         "coeffs_only": dict(batch_size=bs, amp=a.amp, save_mesh="false", save_png="false", **workers),
@@ -356,7 +366,8 @@ def main(argv=None) -> int:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    res["stage_ms_per_image"] = stage_times(options(folder, os.path.join(tmp, "stages"), a.device, batch_size=bs),
+    res["stage_ms_per_image"] = stage_times(options(folder, os.path.join(tmp, "stages"), a.device, batch_size=bs,
+                                                    **on_device),
                                             device, model, n_batches=max(1, min(8, n // bs)))
     if cuda:
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30

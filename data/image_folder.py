@@ -8,6 +8,10 @@ one bad file never stops a run.
 Crops travel as uint8 (a quarter of float32's bytes through the DataLoader's shared memory and
 the host-to-device copy); :func:`images_to_float` converts a batch on its device to exactly the
 float32 values of the original's ``np.array(img) / 255.``.
+
+With ``resample_on_device`` the workers only decode and fit the alignment: each item carries the
+part of the photo the crop reads and the plan of PIL's resize (:mod:`util.pil_resample`), and
+:func:`batch_crops` makes the crops where the batch goes (the same pixels, on the GPU).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from torch.utils.data import Dataset
 
 from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
 from util.image_io import list_images, load_image
-from util.preprocess import AlignTransform, align_img, flip_y, unit_float_table
+from util.pil_resample import ResizeCropPlan, apply_plan, plan_resize_crop
+from util.preprocess import (AlignTransform, align_img, align_params, crop_box, flip_y, pil_vertical_first,
+                             resize_crop, unit_float_table)
 
 @dataclass(frozen=True)
 class FaceEntry:
@@ -69,6 +75,36 @@ def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy(), lm_crop.astype(np.float32), transform
 
 
+def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
+                        ) -> tuple[np.ndarray, ResizeCropPlan | None, np.ndarray, AlignTransform]:
+    """Photo + detection -> ((R, C, 3) uint8 part of the photo the crop reads, its plan, (5,2)
+    crop landmarks y up, transform) for :func:`batch_crops`. Where the installed Pillow's pass
+    order is not known, the crop itself ((224, 224, 3), made here) and None."""
+    img = load_image(entry.image_path)
+    lm = flip_y(read_points(entry.det_path, 5), img.size[1])
+    transform, lm_crop = align_params(img.size, lm, lm3d)
+    size, box = (transform.w, transform.h), crop_box(transform)
+    order = pil_vertical_first(*img.size, *size)
+    if order is None:
+        return np.asarray(resize_crop(img, size, box), dtype=np.uint8), None, lm_crop.astype(np.float32), transform
+    plan = plan_resize_crop(img.size, size, box, order)
+    (r0, r1), (c0, c1) = plan.rows, plan.cols
+    region = np.array(img.crop((c0, r0, c1, r1)), dtype=np.uint8)  # only the region is copied (writable)
+    return region, plan, lm_crop.astype(np.float32), transform
+
+
+def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
+    """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
+    from its 'regions' and 'plans' (:func:`load_aligned_region`)."""
+    if "image" in batch:
+        return batch["image"].to(device, non_blocking=True)
+    crops = []
+    for region, plan in zip(batch["regions"], batch["plans"]):
+        region = region.to(device, non_blocking=True)
+        crops.append(region.permute(2, 0, 1) if plan is None else apply_plan(region, plan))
+    return torch.stack(crops)
+
+
 _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
@@ -90,10 +126,11 @@ def load_lm68(path: str, transform: AlignTransform) -> np.ndarray:
 class AlignedFaces(Dataset):
     """Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
     crop pixels y up, lm68 (68,2) float32 crop pixels y up or None (entries without
-    ``lm68_path``), transform AlignTransform | None, error str | None)."""
+    ``lm68_path``), transform AlignTransform | None, error str | None). With
+    ``resample_on_device``, 'region' and 'plan' (:func:`load_aligned_region`) instead of 'image'."""
 
-    def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray):
-        self.entries, self.lm3d = entries, lm3d
+    def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray, resample_on_device: bool = False):
+        self.entries, self.lm3d, self.resample_on_device = entries, lm3d, resample_on_device
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,7 +140,10 @@ class AlignedFaces(Dataset):
         item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
                     lm68=None)
         try:
-            item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
+            if self.resample_on_device:
+                item["region"], item["plan"], item["lm"], item["transform"] = load_aligned_region(e, self.lm3d)
+            else:
+                item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
             if e.lm68_path:
                 item["lm68"] = load_lm68(e.lm68_path, item["transform"])
         except Exception as err:  # reported per face by the caller; never stops the run
@@ -112,14 +152,18 @@ class AlignedFaces(Dataset):
 
 
 def collate_faces(items: list[dict]) -> dict:
-    """Batch the good items (tensors 'image' (B,3,H,W) uint8, 'lm' (B,5,2), and where any item has
-    68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool, zeros for those without); keep
-    failed ones in 'failed'."""
+    """Batch the good items (tensors 'image' (B,3,H,W) uint8 or lists 'regions' and 'plans',
+    'lm' (B,5,2), and where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
+    zeros for those without); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
     if good:
-        batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
+        if "region" in good[0]:
+            batch["regions"] = [torch.from_numpy(it["region"]) for it in good]
+            batch["plans"] = [it["plan"] for it in good]
+        else:
+            batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
         batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))
         if any(it["lm68"] is not None for it in good):
             batch["has_lm68"] = torch.tensor([it["lm68"] is not None for it in good])

@@ -243,8 +243,9 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
         if opt.save_png:  # the render only when the picture is written
             arrays["overlay"] = render_overlay(model, face, batch["image"])
+            arrays["crop"] = batch["image"]  # the picture's left panel (on the device when made there)
     host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
-    image, lm_gt = batch["image"].numpy(), batch["lm"].numpy()
+    image, lm_gt = host.get("crop"), batch["lm"].numpy()
     results = []
     for i, m in enumerate(batch["meta"]):
         r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
@@ -315,7 +316,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """
     from torch.utils.data import DataLoader
 
-    from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
+    from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
     from util.preprocess import load_lm3d
     from util.results_io import ResultWriter
 
@@ -338,7 +339,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         lm3d = load_lm3d(opt.bfm_folder)
     except MissingAssetError as e:
         raise SetupError(str(e)) from None
-    loader = DataLoader(AlignedFaces(entries, lm3d), batch_size=bs, shuffle=False, num_workers=n_loader,
+    dataset = AlignedFaces(entries, lm3d, resample_on_device=opt.resample_on_device)
+    loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=n_loader,
                         collate_fn=collate_faces, pin_memory=device.type == "cuda")
     batches = iter(loader)  # workers start decoding now, while the model loads
     writer = bar = None
@@ -371,8 +373,9 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             for it in batch["failed"]:
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
-            if "image" in batch:
-                images = images_to_float(batch["image"].to(device, non_blocking=True))
+            if batch["meta"]:
+                batch["image"] = batch_crops(batch, device)
+                images = images_to_float(batch["image"])
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:

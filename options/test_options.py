@@ -16,6 +16,9 @@ class TestOptions(BaseOptions):
                               "CUDA (the benchmarked size: 1.1 GiB of GPU memory), 8 on the CPU")
     num_threads: int = opt(-1, "DataLoader worker processes decoding and aligning photos (0 = in the main process; "
                                "-1 = auto: cores per rank - 1, at most 16; none when the folder fits one batch)")
+    resample_on_device: bool = opt(False, "make the aligned crops (PIL's bicubic resize, the same pixels) on the "
+                                          "run's device; the DataLoader workers then only decode photos and fit "
+                                          "the alignment (for GPU hosts whose CPU limits the rate)")
     save_mesh: bool = opt(True, "write <name>.obj")
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")

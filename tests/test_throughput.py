@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import DATA, SHARED_FACES, golden_lm5
 from util.image_io import load_image
-from util.preprocess import _pil_vertical_first, align_img, flip_y, image_to_array, load_lm3d, resize_crop
+from util.preprocess import align_img, flip_y, image_to_array, load_lm3d, pil_vertical_first, resize_crop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BICUBIC = Image.Resampling.BICUBIC
@@ -61,10 +61,10 @@ def test_resize_crop_synthetic_cases():
         n = int(rng.choice([1, 5, 64, 224]))
         left, up = int(rng.integers(-n - 5, w + 5)), int(rng.integers(-n - 5, h + 5))
         box = (left, up, left + n, up + n)
-        orders.add(_pil_vertical_first(w0, h0, w, h))
+        orders.add(pil_vertical_first(w0, h0, w, h))
         np.testing.assert_array_equal(np.asarray(resize_crop(img, (w, h), box)),
                                       np.asarray(full_resize_crop(img, (w, h), box)), err_msg=str((w0, h0, w, h, box)))
-    if _pil_vertical_first(100, 400, 50, 200):  # Pillow 13: both pass orders were exercised
+    if pil_vertical_first(100, 400, 50, 200):  # Pillow 13: both pass orders were exercised
         assert orders == {False, True}
 
 
@@ -82,7 +82,7 @@ def test_unknown_pillow_falls_back_to_the_full_resize(monkeypatch):
     import PIL
 
     monkeypatch.setattr(PIL, "__version__", "99.0.0")
-    assert _pil_vertical_first(100, 400, 50, 200) is None
+    assert pil_vertical_first(100, 400, 50, 200) is None
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (80, 60, 3), dtype=np.uint8))
     np.testing.assert_array_equal(np.asarray(resize_crop(img, (40, 50), (3, 4, 30, 40))),
                                   np.asarray(full_resize_crop(img, (40, 50), (3, 4, 30, 40))))

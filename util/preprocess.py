@@ -103,6 +103,32 @@ def _int32(v) -> int:
     return int(np.asarray(v, dtype=np.float64).astype(np.int32))
 
 
+def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, target_size: float = TARGET_SIZE,
+                 rescale_factor: float = RESCALE_FACTOR) -> tuple[AlignTransform, np.ndarray]:
+    """The alignment of a (W0, H0) photo with landmarks ``lm`` (as :func:`align_img`) without
+    making the crop: (transform, ``lm`` in crop pixels, y up). The crop is the photo resized to
+    (transform.w, transform.h), PIL bicubic, then cropped at (left, up) to target_size."""
+    w0, h0 = img_size
+    lm5 = lm if lm.shape[0] == 5 else extract_5p(lm)
+    t, s = pos(lm5.T, lm3d.T)
+    s = rescale_factor / s
+    w, h = _int32(w0 * s), _int32(h0 * s)
+    if w < 1 or h < 1:
+        raise ValueError(f"alignment scale {s:.4g} shrinks the {w0}x{h0} photo to nothing; "
+                         "are the landmarks those of a face?")
+    left = _int32(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
+    up = _int32(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
+    lm_new = np.stack([lm[:, 0] - t[0] + w0 / 2, lm[:, 1] - t[1] + h0 / 2], axis=1) * s
+    lm_new = lm_new - np.array([[w / 2 - target_size / 2, h / 2 - target_size / 2]])
+    return AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up), lm_new
+
+
+def crop_box(transform: AlignTransform, target_size: float = TARGET_SIZE) -> tuple[int, int, int, int]:
+    """The crop's box in the resized photo: (left, up, right, low)."""
+    size = int(target_size)
+    return transform.left, transform.up, transform.left + size, transform.up + size
+
+
 def align_img(img: Image.Image, lm: np.ndarray, lm3d: np.ndarray, target_size: float = TARGET_SIZE,
               rescale_factor: float = RESCALE_FACTOR) -> tuple[AlignTransform, Image.Image, np.ndarray]:
     """Align a photo to the standard face crop.
@@ -114,21 +140,9 @@ def align_img(img: Image.Image, lm: np.ndarray, lm3d: np.ndarray, target_size: f
     Returns:
         transform, the (target_size x target_size) RGB crop, and ``lm`` in crop pixels, y up.
     """
-    w0, h0 = img.size
-    lm5 = lm if lm.shape[0] == 5 else extract_5p(lm)
-    t, s = pos(lm5.T, lm3d.T)
-    s = rescale_factor / s
-    w, h = _int32(w0 * s), _int32(h0 * s)
-    if w < 1 or h < 1:
-        raise ValueError(f"alignment scale {s:.4g} shrinks the {w0}x{h0} photo to nothing; "
-                         "are the landmarks those of a face?")
-    left = _int32(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
-    up = _int32(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
-    size = int(target_size)
-    crop = resize_crop(img, (w, h), (left, up, left + size, up + size))
-    lm_new = np.stack([lm[:, 0] - t[0] + w0 / 2, lm[:, 1] - t[1] + h0 / 2], axis=1) * s
-    lm_new = lm_new - np.array([[w / 2 - target_size / 2, h / 2 - target_size / 2]])
-    return AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up), crop, lm_new
+    transform, lm_new = align_params(img.size, lm, lm3d, target_size, rescale_factor)
+    crop = resize_crop(img, (transform.w, transform.h), crop_box(transform, target_size))
+    return transform, crop, lm_new
 
 
 def _source_range(n0: int, n: int, first: int, last: int) -> tuple[int, int]:
@@ -144,7 +158,7 @@ def _source_range(n0: int, n: int, first: int, last: int) -> tuple[int, int]:
     return max(0, a), min(n0, b)
 
 
-def _pil_vertical_first(w0: int, h0: int, w: int, h: int) -> bool | None:
+def pil_vertical_first(w0: int, h0: int, w: int, h: int) -> bool | None:
     """Whether the installed Pillow resizes (w0, h0) -> (w, h) vertical pass first; None if unknown.
 
     Pillow <= 12.1 always runs the horizontal pass first (Resample.c since Pillow 3.3). Pillow 13
@@ -187,7 +201,7 @@ def resize_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, in
     w, h = size
     w0, h0 = img.size
     left, up, right, low = box
-    vertical_first = _pil_vertical_first(w0, h0, w, h)
+    vertical_first = pil_vertical_first(w0, h0, w, h)
     bicubic = Image.Resampling.BICUBIC
     if vertical_first is None:
         return img.resize((w, h), resample=bicubic).crop(box)
