@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
 from util.image_io import list_images, load_image
-from util.pil_resample import ResizeCropPlan, apply_plan, plan_resize_crop
+from util.pil_resample import PlanBatch, ResizeCropPlan, apply_plans, identity_plan, plan_resize_crop
 from util.preprocess import (AlignTransform, align_img, align_params, crop_box, flip_y, pil_vertical_first,
                              resize_crop, unit_float_table)
 
@@ -76,17 +76,18 @@ def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
-                        ) -> tuple[np.ndarray, ResizeCropPlan | None, np.ndarray, AlignTransform]:
+                        ) -> tuple[np.ndarray, ResizeCropPlan, np.ndarray, AlignTransform]:
     """Photo + detection -> ((R, C, 3) uint8 part of the photo the crop reads, its plan, (5,2)
     crop landmarks y up, transform) for :func:`batch_crops`. Where the installed Pillow's pass
-    order is not known, the crop itself ((224, 224, 3), made here) and None."""
+    order is not known, the crop itself ((224, 224, 3), made here) and the identity plan."""
     img = load_image(entry.image_path)
     lm = flip_y(read_points(entry.det_path, 5), img.size[1])
     transform, lm_crop = align_params(img.size, lm, lm3d)
     size, box = (transform.w, transform.h), crop_box(transform)
     order = pil_vertical_first(*img.size, *size)
     if order is None:
-        return np.asarray(resize_crop(img, size, box), dtype=np.uint8), None, lm_crop.astype(np.float32), transform
+        crop = np.array(resize_crop(img, size, box), dtype=np.uint8)
+        return crop, identity_plan(crop.shape[1], crop.shape[0]), lm_crop.astype(np.float32), transform
     plan = plan_resize_crop(img.size, size, box, order)
     (r0, r1), (c0, c1) = plan.rows, plan.cols
     region = np.array(img.crop((c0, r0, c1, r1)), dtype=np.uint8)  # only the region is copied (writable)
@@ -95,14 +96,10 @@ def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
 
 def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
     """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
-    from its 'regions' and 'plans' (:func:`load_aligned_region`)."""
+    from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`)."""
     if "image" in batch:
         return batch["image"].to(device, non_blocking=True)
-    crops = []
-    for region, plan in zip(batch["regions"], batch["plans"]):
-        region = region.to(device, non_blocking=True)
-        crops.append(region.permute(2, 0, 1) if plan is None else apply_plan(region, plan))
-    return torch.stack(crops)
+    return apply_plans(batch["plans"].to(device, non_blocking=True))
 
 
 _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -152,16 +149,15 @@ class AlignedFaces(Dataset):
 
 
 def collate_faces(items: list[dict]) -> dict:
-    """Batch the good items (tensors 'image' (B,3,H,W) uint8 or lists 'regions' and 'plans',
-    'lm' (B,5,2), and where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
+    """Batch the good items (tensors 'image' (B,3,H,W) uint8 or 'plans', a PlanBatch of their
+    regions and plans, 'lm' (B,5,2), and where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
     zeros for those without); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
     if good:
         if "region" in good[0]:
-            batch["regions"] = [torch.from_numpy(it["region"]) for it in good]
-            batch["plans"] = [it["plan"] for it in good]
+            batch["plans"] = PlanBatch.collate([it["region"] for it in good], [it["plan"] for it in good])
         else:
             batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
         batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))

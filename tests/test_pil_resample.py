@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import SHARED_FACES, golden_lm5
 from util.image_io import load_image
-from util.pil_resample import apply_plan, axis_coeffs, plan_resize_crop
+from util.pil_resample import PlanBatch, apply_plan, apply_plans, axis_coeffs, identity_plan, plan_resize_crop
 from util.preprocess import align_img, crop_box, flip_y, load_lm3d, pil_vertical_first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +30,16 @@ def resample(photo: np.ndarray, size, box, device="cpu") -> np.ndarray:
     return apply_plan(region.to(device), plan).permute(1, 2, 0).cpu().numpy()
 
 
+def random_case(rng):
+    """A random photo, resize size and crop box (some boxes partly or wholly outside)."""
+    w0, h0 = int(rng.integers(4, 240)), int(rng.integers(4, 240))
+    photo = rng.integers(0, 256, (h0, w0, 3), dtype=np.uint8)
+    w = w0 if rng.random() < 0.1 else max(1, int(w0 * rng.uniform(0.08, 3.0)))
+    h = h0 if rng.random() < 0.1 else max(1, int(h0 * rng.uniform(0.08, 3.0)))
+    left, up = int(rng.integers(-50, w + 10)), int(rng.integers(-50, h + 10))
+    return photo, (w, h), (left, up, left + 40, up + 32)
+
+
 def test_identity_axis_has_unit_weights():
     """Same length in and out: PIL's bicubic weights are 1 at the pixel itself, 0 at +-1, +-2."""
     start, length, coeffs = axis_coeffs(10, 10, 0, 10)
@@ -44,17 +54,39 @@ def test_synthetic_cases_equal_pillow(device):
     rng = np.random.default_rng(0)
     orders = set()
     for _ in range(400):
-        w0, h0 = int(rng.integers(4, 240)), int(rng.integers(4, 240))
-        photo = rng.integers(0, 256, (h0, w0, 3), dtype=np.uint8)
-        w = w0 if rng.random() < 0.1 else max(1, int(w0 * rng.uniform(0.08, 3.0)))
-        h = h0 if rng.random() < 0.1 else max(1, int(h0 * rng.uniform(0.08, 3.0)))
-        left, up = int(rng.integers(-50, w + 10)), int(rng.integers(-50, h + 10))  # some wholly outside
-        box = (left, up, left + int(rng.integers(1, 90)), up + int(rng.integers(1, 90)))
-        orders.add(pil_vertical_first(w0, h0, w, h))
-        ref = np.asarray(Image.fromarray(photo).resize((w, h), BICUBIC).crop(box))
-        np.testing.assert_array_equal(resample(photo, (w, h), box, device), ref, err_msg=str((w0, h0, w, h, box)))
+        photo, size, box = random_case(rng)
+        box = (box[0], box[1], box[0] + int(rng.integers(1, 90)), box[1] + int(rng.integers(1, 90)))
+        orders.add(pil_vertical_first(photo.shape[1], photo.shape[0], *size))
+        ref = np.asarray(Image.fromarray(photo).resize(size, BICUBIC).crop(box))
+        np.testing.assert_array_equal(resample(photo, size, box, device), ref, err_msg=str((photo.shape, size, box)))
     if pil_vertical_first(100, 400, 50, 200):  # Pillow 13: both pass orders were exercised
         assert orders == {True, False}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batches_of_mixed_photos_and_orders(device):
+    """One PlanBatch of photos of different sizes, window lengths and pass orders (padded):
+    every crop is Pillow's; a small ``max_bytes`` forces several chunks."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        cases = [random_case(rng) for _ in range(7)]
+        if any(pil_vertical_first(p.shape[1], p.shape[0], *size) is None for p, size, _ in cases):
+            pytest.skip("the installed Pillow's pass order is not known")
+        plans = [plan_resize_crop((p.shape[1], p.shape[0]), size, box, pil_vertical_first(p.shape[1], p.shape[0], *size))
+                 for p, size, box in cases]
+        regions = [p[pl.rows[0]:pl.rows[1], pl.cols[0]:pl.cols[1]] for (p, _, _), pl in zip(cases, plans)]
+        crops = apply_plans(PlanBatch.collate(regions, plans).to(device), max_bytes=200_000).cpu().numpy()
+        for (photo, size, box), crop in zip(cases, crops):
+            ref = np.asarray(Image.fromarray(photo).resize(size, BICUBIC).crop(box))
+            np.testing.assert_array_equal(crop.transpose(1, 2, 0), ref, err_msg=str((photo.shape, size, box)))
+
+
+def test_identity_plan_returns_the_region():
+    region = np.random.default_rng(4).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = apply_plan(torch.from_numpy(region), identity_plan(7, 5))
+    np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), region)
 
 
 def test_large_photo_strong_reduction():

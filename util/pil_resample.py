@@ -7,9 +7,10 @@ between. This module reproduces both from the same formulas (Pillow's ``Resample
 ``precompute_coeffs``, ``bicubic_filter``, ``normalize_coeffs_8bpc``, ``clip8``), so that the
 expensive part, the two passes, can run on the GPU while the DataLoader workers only decode:
 
-    plan = plan_resize_crop((w0, h0), (w, h), box)          # numpy, cheap (worker)
+    plan = plan_resize_crop((w0, h0), (w, h), box, order)    # numpy, cheap (worker)
     region = photo[plan.rows[0]:plan.rows[1], plan.cols[0]:plan.cols[1]]
-    crop = apply_plan(torch.from_numpy(region).to(device), plan)   # (3, H, W) uint8, on device
+    batch = PlanBatch.collate([region, ...], [plan, ...])    # padded tensors (worker)
+    crops = apply_plans(batch.to(device))                    # (B, 3, H, W) uint8, on device
 
 Exactness: the coefficients are computed in float64 with the C code's operation order (numpy does
 not fuse multiply-adds, nor does Pillow's generic x86-64 build); the passes multiply 8-bit pixels by
@@ -19,6 +20,7 @@ checks the result against Pillow itself on the test photos and thousands of synt
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -70,30 +72,43 @@ def axis_coeffs(in_size: int, out_size: int, first: int, last: int) -> tuple[np.
 
 @dataclass(frozen=True)
 class ResizeCropPlan:
-    """What :func:`apply_plan` needs to produce ``img.resize((w, h), BICUBIC).crop(box)`` from
+    """What :func:`apply_plans` needs to produce ``img.resize((w, h), BICUBIC).crop(box)`` from
     the photo's ``rows`` x ``cols`` region (source pixels [start, stop)).
 
-    vertical_first: the pass order Pillow uses for these sizes. h_start/h_coeffs: horizontal
-    coefficients of the crop's columns inside the resized photo, starts relative to ``cols[0]``;
-    v_start/v_coeffs: the same for its rows, relative to ``rows[0]``. out_size: (W, H) of the
-    crop; paste: where the part inside the resized photo goes in it (x, y); the rest is black,
-    as PIL's ``crop`` pads.
+    Each output column j of the crop (resized column ``box[0] + j``) reads region columns
+    ``h_index[j]`` with fixed-point weights ``h_weight[j]`` (all zero where the column lies
+    outside the resized photo: black, as PIL's ``crop`` pads); ``v_index``/``v_weight`` the same
+    for rows. vertical_first: the pass order Pillow uses for these sizes.
     """
 
     rows: tuple[int, int]
     cols: tuple[int, int]
     vertical_first: bool
-    h_start: np.ndarray
-    h_coeffs: np.ndarray
-    v_start: np.ndarray
-    v_coeffs: np.ndarray
-    out_size: tuple[int, int]
-    paste: tuple[int, int]
+    h_index: np.ndarray  # (W, Kh) int64
+    h_weight: np.ndarray  # (W, Kh) int64
+    v_index: np.ndarray  # (H, Kv) int64
+    v_weight: np.ndarray  # (H, Kv) int64
 
     @property
-    def empty(self) -> bool:
-        """True when the crop lies wholly outside the resized photo (all black)."""
-        return len(self.h_start) == 0 or len(self.v_start) == 0
+    def out_size(self) -> tuple[int, int]:
+        return self.h_index.shape[0], self.v_index.shape[0]
+
+
+def _axis_plan(in_size: int, out_size: int, first: int, n: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """Output pixels ``first..first+n-1`` of an axis resized from ``in_size`` to ``out_size``
+    (those outside 0..out_size-1 black) -> ((region start, stop), index (n, K), weight (n, K)),
+    indices relative to the region start."""
+    lo, hi = max(first, 0), min(first + n, out_size)
+    if lo >= hi:  # wholly outside: black
+        return (0, 1), np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
+    start, length, coeffs = axis_coeffs(in_size, out_size, lo, hi)
+    r0, r1 = int(start.min()), int((start + length).max())
+    k = coeffs.shape[1]
+    index, weight = np.zeros((n, k), np.int64), np.zeros((n, k), np.int64)
+    inside = slice(lo - first, hi - first)
+    index[inside] = np.minimum(start[:, None] + np.arange(k), r1 - 1) - r0  # past a window: weight 0
+    weight[inside] = coeffs
+    return (r0, r1), index, weight
 
 
 def plan_resize_crop(in_size: tuple[int, int], size: tuple[int, int], box: tuple[int, int, int, int],
@@ -102,26 +117,67 @@ def plan_resize_crop(in_size: tuple[int, int], size: tuple[int, int], box: tuple
     given pass order (:func:`util.preprocess.pil_vertical_first`)."""
     (w0, h0), (w, h) = in_size, size
     left, up, right, low = box
-    x0, x1 = max(left, 0), min(right, w)
-    y0, y1 = max(up, 0), min(low, h)
-    out_size, paste = (right - left, low - up), (x0 - left, y0 - up)
-    if x0 >= x1 or y0 >= y1:
-        z = np.zeros(0, np.int64)
-        return ResizeCropPlan((0, 0), (0, 0), vertical_first, z, z.reshape(0, 1), z, z.reshape(0, 1), out_size, paste)
-    hs, hn, hc = axis_coeffs(w0, w, x0, x1)
-    vs, vn, vc = axis_coeffs(h0, h, y0, y1)
-    c0, c1 = int(hs.min()), int((hs + hn).max())
-    r0, r1 = int(vs.min()), int((vs + vn).max())
-    return ResizeCropPlan((r0, r1), (c0, c1), vertical_first, hs - c0, hc, vs - r0, vc, out_size, paste)
+    cols, h_index, h_weight = _axis_plan(w0, w, left, right - left)
+    rows, v_index, v_weight = _axis_plan(h0, h, up, low - up)
+    return ResizeCropPlan(rows, cols, vertical_first, h_index, h_weight, v_index, v_weight)
 
 
-def _band_matrix(start: torch.Tensor, coeffs: torch.Tensor, in_len: int) -> torch.Tensor:
-    """(n,), (n, K) -> (in_len, n) float64 matrix M with M[start_j + k, j] = coeffs[j, k]."""
-    n, k = coeffs.shape
-    rows = (start[:, None] + torch.arange(k, device=start.device)).clamp_(max=in_len - 1)
-    cols = torch.arange(n, device=start.device)[:, None].expand(n, k)
-    m = torch.zeros(in_len, n, dtype=torch.float64, device=start.device)
-    return m.index_put_((rows, cols), coeffs.to(torch.float64), accumulate=True)  # clamped ones add 0
+def identity_plan(width: int, height: int) -> ResizeCropPlan:
+    """The plan that returns a (height, width) region unchanged (weights of exactly 1.0)."""
+    def axis(n):
+        return np.arange(n, dtype=np.int64)[:, None], np.full((n, 1), 1 << PRECISION_BITS, np.int64)
+
+    (hi, hw), (vi, vw) = axis(width), axis(height)
+    return ResizeCropPlan((0, height), (0, width), False, hi, hw, vi, vw)
+
+
+@dataclass
+class PlanBatch:
+    """B plans and their regions as padded tensors (what a DataLoader worker collates).
+
+    regions (B, R, C, 3) uint8, padded (with whatever: no weight reads it); h_index/h_weight (B, W, Kh), v_index/v_weight
+    (B, H, Kv) int64, zero-padded (a zero weight reads nothing); vertical_first (B,) bool.
+    """
+
+    regions: torch.Tensor
+    h_index: torch.Tensor
+    h_weight: torch.Tensor
+    v_index: torch.Tensor
+    v_weight: torch.Tensor
+    vertical_first: torch.Tensor
+
+    @classmethod
+    def collate(cls, regions: list[np.ndarray], plans: list[ResizeCropPlan]) -> "PlanBatch":
+        b = len(plans)
+        rmax, cmax = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
+        reg = np.empty((b, rmax, cmax, 3), np.uint8)  # padding is only ever multiplied by zero weights
+        for i, r in enumerate(regions):
+            reg[i, :r.shape[0], :r.shape[1]] = r
+
+        def stack(key):
+            arrays = [getattr(p, key) for p in plans]
+            k = max(a.shape[1] for a in arrays)
+            out = np.zeros((b, arrays[0].shape[0], k), np.int64)
+            for i, a in enumerate(arrays):
+                out[i, :, :a.shape[1]] = a
+            return torch.from_numpy(out)
+
+        return cls(torch.from_numpy(reg), stack("h_index"), stack("h_weight"), stack("v_index"), stack("v_weight"),
+                   torch.tensor([p.vertical_first for p in plans]))
+
+    def pin_memory(self) -> "PlanBatch":
+        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
+        return PlanBatch(*(t.pin_memory() for t in dataclasses.astuple(self)))
+
+    def to(self, device, non_blocking: bool = False) -> "PlanBatch":
+        return PlanBatch(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+
+
+def _band(index: torch.Tensor, weight: torch.Tensor, in_len: int) -> torch.Tensor:
+    """(B, N, K) indices and weights -> (B, in_len, N) float64 matrices M[b, index, n] += weight."""
+    b, n, _ = index.shape
+    m = torch.zeros(b, in_len, n, dtype=torch.float64, device=index.device)
+    return m.scatter_add_(1, index.transpose(1, 2), weight.transpose(1, 2).to(torch.float64))
 
 
 def _round8(acc: torch.Tensor) -> torch.Tensor:
@@ -130,25 +186,34 @@ def _round8(acc: torch.Tensor) -> torch.Tensor:
     return torch.floor((acc + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).clamp_(0, 255)
 
 
-def apply_plan(region: torch.Tensor, plan: ResizeCropPlan) -> torch.Tensor:
-    """(R, C, 3) uint8 region of the photo (``plan.rows`` x ``plan.cols``) -> (3, H, W) uint8
-    crop on the region's device, equal to PIL's ``resize(BICUBIC).crop(box)``."""
-    w_out, h_out = plan.out_size
-    out = torch.zeros(3, h_out, w_out, dtype=torch.uint8, device=region.device)
-    if plan.empty:
-        return out
-    dev = region.device
-    x = region.to(torch.float64).permute(2, 0, 1)  # (3, R, C)
-    hm = _band_matrix(torch.as_tensor(plan.h_start, device=dev), torch.as_tensor(plan.h_coeffs, device=dev),
-                      x.shape[2])  # (C, X)
-    vm = _band_matrix(torch.as_tensor(plan.v_start, device=dev), torch.as_tensor(plan.v_coeffs, device=dev),
-                      x.shape[1])  # (R, Y)
-    if plan.vertical_first:
-        part = _round8(vm.T @ x)         # (3, Y, C)
-        part = _round8(part @ hm)        # (3, Y, X)
-    else:
-        part = _round8(x @ hm)           # (3, R, X)
-        part = _round8(vm.T @ part)      # (3, Y, X)
-    px, py = plan.paste
-    out[:, py:py + part.shape[1], px:px + part.shape[2]] = part.to(torch.uint8)
+def apply_plans(batch: PlanBatch, max_bytes: int = 1 << 28) -> torch.Tensor:
+    """:class:`PlanBatch` (on any device) -> (B, 3, H, W) uint8 crops there, equal to PIL's
+    ``resize(BICUBIC).crop(box)``: a fixed number of kernels per batch (per chunk of at most
+    ``max_bytes`` of float64 region), whatever B."""
+    regions = batch.regions
+    b, r, c, _ = regions.shape
+    out_w, out_h = batch.h_index.shape[1], batch.v_index.shape[1]
+    out = torch.empty(b, 3, out_h, out_w, dtype=torch.uint8, device=regions.device)
+    chunk = max(1, max_bytes // (3 * max(r, out_h) * max(c, out_w) * 8))
+    for s in range(0, b, chunk):
+        sl = slice(s, s + chunk)
+        x = regions[sl].permute(0, 3, 1, 2).to(torch.float64)  # (b, 3, R, C)
+        hm = _band(batch.h_index[sl], batch.h_weight[sl], c).unsqueeze(1)  # (b, 1, C, W)
+        vt = _band(batch.v_index[sl], batch.v_weight[sl], r).transpose(1, 2).unsqueeze(1)  # (b, 1, H, R)
+        vf = batch.vertical_first[sl].view(-1, 1, 1, 1)
+        # both orders are computed only where the batch holds both (Pillow 13 picks per photo size)
+        if bool(vf.all()):
+            res = _round8(_round8(vt @ x) @ hm)
+        elif not bool(vf.any()):
+            res = _round8(vt @ _round8(x @ hm))
+        else:
+            res = torch.where(vf, _round8(_round8(vt @ x) @ hm), _round8(vt @ _round8(x @ hm)))
+        out[sl] = res.to(torch.uint8)
     return out
+
+
+def apply_plan(region: torch.Tensor, plan: ResizeCropPlan) -> torch.Tensor:
+    """One (R, C, 3) uint8 region (``plan.rows`` x ``plan.cols`` of the photo) -> its (3, H, W)
+    uint8 crop, on the region's device."""
+    batch = PlanBatch.collate([region.cpu().numpy()], [plan]).to(region.device)
+    return apply_plans(batch)[0]
