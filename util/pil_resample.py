@@ -165,12 +165,16 @@ class PlanBatch:
         return cls(torch.from_numpy(reg), stack("h_index"), stack("h_weight"), stack("v_index"), stack("v_weight"),
                    torch.tensor([p.vertical_first for p in plans]))
 
+    def _map(self, fn) -> "PlanBatch":
+        return PlanBatch(*(fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "vertical_first"),
+                         vertical_first=self.vertical_first)
+
     def pin_memory(self) -> "PlanBatch":
         """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
-        return PlanBatch(*(t.pin_memory() for t in dataclasses.astuple(self)))
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = False) -> "PlanBatch":
-        return PlanBatch(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 def _band(index: torch.Tensor, weight: torch.Tensor, in_len: int) -> torch.Tensor:
@@ -200,14 +204,15 @@ def apply_plans(batch: PlanBatch, max_bytes: int = 1 << 28) -> torch.Tensor:
         x = regions[sl].permute(0, 3, 1, 2).to(torch.float64)  # (b, 3, R, C)
         hm = _band(batch.h_index[sl], batch.h_weight[sl], c).unsqueeze(1)  # (b, 1, C, W)
         vt = _band(batch.v_index[sl], batch.v_weight[sl], r).transpose(1, 2).unsqueeze(1)  # (b, 1, H, R)
-        vf = batch.vertical_first[sl].view(-1, 1, 1, 1)
+        vf = batch.vertical_first[sl]
         # both orders are computed only where the batch holds both (Pillow 13 picks per photo size)
         if bool(vf.all()):
             res = _round8(_round8(vt @ x) @ hm)
         elif not bool(vf.any()):
             res = _round8(vt @ _round8(x @ hm))
         else:
-            res = torch.where(vf, _round8(_round8(vt @ x) @ hm), _round8(vt @ _round8(x @ hm)))
+            res = torch.where(vf.to(x.device).view(-1, 1, 1, 1), _round8(_round8(vt @ x) @ hm),
+                              _round8(vt @ _round8(x @ hm)))
         out[sl] = res.to(torch.uint8)
     return out
 
