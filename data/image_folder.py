@@ -150,8 +150,8 @@ class AlignedFaces(Dataset):
 
 def collate_faces(items: list[dict]) -> dict:
     """Batch the good items (tensors 'image' (B,3,H,W) uint8 or 'plans', a PlanBatch of their
-    regions and plans, 'lm' (B,5,2), and where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
-    zeros for those without); keep failed ones in 'failed'."""
+    regions and plans; 'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with
+    'has_lm68' (B,) bool, zeros for those without); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}

@@ -243,9 +243,12 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
         if opt.save_png:  # the render only when the picture is written
             arrays["overlay"] = render_overlay(model, face, batch["image"])
-            arrays["crop"] = batch["image"]  # the picture's left panel (on the device when made there)
+            if batch["image"].device.type != "cpu":  # the picture's left panel, made on the device
+                arrays["crop"] = batch["image"]
     host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
     image, lm_gt = host.get("crop"), batch["lm"].numpy()
+    if image is None and opt.save_png:
+        image = batch["image"].numpy()
     results = []
     for i, m in enumerate(batch["meta"]):
         r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
@@ -374,8 +377,9 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
             if batch["meta"]:
-                batch["image"] = batch_crops(batch, device)
-                images = images_to_float(batch["image"])
+                crops = batch_crops(batch, device)
+                batch.setdefault("image", crops)  # made on the device: the pictures take them from there
+                images = images_to_float(crops)
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:
