@@ -246,7 +246,8 @@ class HybridLoss(nn.Module):
             out = self.renderer(face.vertex, fm.face_buf, feat=face.color)
             face_mask = out.mask
             if self.use_crop_face:
-                face_mask = self.renderer(face.vertex, fm.front_face_buf).mask
+                with torch.no_grad():  # a region, never differentiated: no autograd graph for it
+                    face_mask = self.renderer(face.vertex, fm.front_face_buf).mask
             face_mask = face_mask.detach()
         render, mask = out.image, out.mask
 
