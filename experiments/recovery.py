@@ -80,6 +80,8 @@ class RecoveryOptions:
     profile_start: int = opt(10, "first step timed (after warm-up)")
     oracle_only: bool = opt(False, "only compute the landmark oracles (no training; writes <out>/oracles.json)")
     oracle_steps: int = opt(1500, "steps of the landmark oracle on the held-out faces (0 = off; see landmark_oracle)")
+    loss_oracle_steps: int = opt(0, "with --oracle_only: also refine the held-out faces' TRUE coefficients this many "
+                                    "steps on the training loss (0 = off; see training_loss_oracle)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
@@ -244,6 +246,23 @@ def oracle_figures(face_model, test_set: list, steps: int, lm_scale: float) -> d
     return out
 
 
+def training_loss_oracle(loss_fn, batch, steps: int, lr: float = 3e-3) -> torch.Tensor:
+    """Where the training loss's minimum lies: the faces' TRUE (B, 257) coefficients refined by
+    ``steps`` Adam steps (cosine-decayed ``lr``) on ``loss_fn`` (the training's terms and
+    weights) against their renders and true 68 landmarks. A regressor that minimised the loss
+    perfectly would predict these; their figures are the floor the loss itself sets (its
+    regularisation and the stand-in's ambiguities), whatever the network."""
+    x = batch.coeffs.detach().clone().float().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    with torch.enable_grad():
+        for i in range(steps):
+            optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(x, batch.images, batch.lm68).terms.total.backward()
+            optimizer.step()
+    return x.detach()
+
+
 def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor) -> torch.Tensor:
     """(B,3,3), (B,3,3) -> (B,) geodesic angle between the rotations in degrees."""
     cos = ((r_pred.transpose(1, 2) @ r_true).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2
@@ -387,6 +406,12 @@ def hardware(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def training_weights(o: RecoveryOptions) -> LossWeights:
+    """The loss weights of the experiment (no identity network: w_feat 0)."""
+    return LossWeights(w_feat=0.0, w_color=o.w_color, w_lm=o.w_lm, w_reg=o.w_reg, w_gamma=o.w_gamma,
+                       w_reflc=o.w_reflc)
+
+
 def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
     """(face model, renderer, SyntheticConfig, SyntheticFaces) on ``device`` for ``o``'s image size."""
     from models.bfm import ParametricFaceModel
@@ -424,9 +449,7 @@ def run(o: RecoveryOptions) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    weights = LossWeights(w_feat=0.0, w_color=o.w_color, w_lm=o.w_lm, w_reg=o.w_reg, w_gamma=o.w_gamma,
-                          w_reflc=o.w_reflc)
-    loss_fn = HybridLoss(face_model, renderer, weights, use_crop_face=True)
+    loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=o.lr)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     g = torch.Generator(device=device).manual_seed(o.seed)
@@ -528,14 +551,27 @@ def print_oracles(oracles: dict | None) -> None:
 
 def oracles_only(o: RecoveryOptions) -> dict:
     """The landmark oracles alone (no training) on ``--eval_size`` held-out faces: seconds on a GPU,
-    a minute on a CPU for a few hundred faces. Writes ``<out>/oracles.json``."""
+    a minute on a CPU for a few hundred faces; with ``--loss_oracle_steps`` also
+    :func:`training_loss_oracle`. Writes ``<out>/oracles.json``."""
     from models.inference import resolve_device
+    from models.losses import HybridLoss
 
     device = resolve_device(o.device)
-    face_model, _, _, gen = synthetic_setup(o, device)
+    face_model, renderer, _, gen = synthetic_setup(o, device)
     test_set = held_out_test_set(o, gen)
+    lm_scale = 224.0 / o.size
     result = {"faces": o.eval_size, "rigid_fraction": rigid_fraction(face_model), "hardware": hardware(device),
-              "landmark_oracle": oracle_figures(face_model, test_set, o.oracle_steps, 224.0 / o.size)}
+              "landmark_oracle": oracle_figures(face_model, test_set, o.oracle_steps, lm_scale)}
+    if o.loss_oracle_steps > 0:
+        loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
+        sums, losses = ErrorSums(), {"loss_at_truth": 0.0, "loss_refined": 0.0}
+        for b in test_set:
+            refined = training_loss_oracle(loss_fn, b, o.loss_oracle_steps)
+            sums.add(face_model, refined, b.coeffs, b.lm68, lm_scale)
+            with torch.no_grad():
+                for key, c in (("loss_at_truth", b.coeffs), ("loss_refined", refined)):
+                    losses[key] += float(loss_fn(c, b.images, b.lm68).terms.total) * len(c) / o.eval_size
+        result["training_loss_oracle"] = {"steps": o.loss_oracle_steps, **losses, **sums.figures()}
     os.makedirs(o.out, exist_ok=True)
     with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
@@ -550,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{res['faces']} held-out faces on {res['hardware']}; rigid share of the bases: "
               f"identity {res['rigid_fraction']['id']:.2f}, expression {res['rigid_fraction']['exp']:.2f}")
         print_oracles(res["landmark_oracle"])
+        if "training_loss_oracle" in res:
+            t = res["training_loss_oracle"]
+            print(f"  training-loss oracle (true coefficients refined {t['steps']} steps on the training loss): "
+                  f"vertex ratio {t['vertex_error_ratio']:.3f} (aligned {t['vertex_error_ratio_aligned']:.3f}), "
+                  f"pose {t['pose_error_deg']:.2f} deg, orientation {t['orientation_error_deg']:.2f} deg, "
+                  f"lm {t['lm_error_px']:.2f} px; training loss {t['loss_at_truth']:.4f} at the truth, "
+                  f"{t['loss_refined']:.4f} refined")
         print(f"results in {o.out}/oracles.json")
         return 0
     result = run(o)
