@@ -118,9 +118,8 @@ def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, ta
                          "are the landmarks those of a face?")
     left = _int32(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
     up = _int32(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
-    lm_new = np.stack([lm[:, 0] - t[0] + w0 / 2, lm[:, 1] - t[1] + h0 / 2], axis=1) * s
-    lm_new = lm_new - np.array([[w / 2 - target_size / 2, h / 2 - target_size / 2]])
-    return AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up), lm_new
+    transform = AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up)
+    return transform, transform.image_to_crop(lm, target_size)
 
 
 def crop_box(transform: AlignTransform, target_size: float = TARGET_SIZE) -> tuple[int, int, int, int]:
