@@ -15,10 +15,10 @@ with the timed runs' workers and batch size), with CUDA synchronisation:
     which leaves out everything a run pays once (worker and writer start-up, the tail);
   * per stage, ms/image, medians over batches: decode+align (with ``--resample_on_device``: decode
     and the alignment's plan), crops_to_device (the uint8 crops copied to the device, or made
-    there), network (incl. the uint8 -> float
-    conversion), face model, render, compose (the picture's middle panel as bytes, on the
-    device), host copy (device -> numpy results) and pickle (the results as the writer pool
-    sends them), the main process's share of the output work; then, in a writer process set up
+    there), network (incl. the uint8 -> float conversion), face model, render, compose (the
+    picture's middle panel as bytes, on the device), host copy (device -> numpy results) and
+    pickle (the results as the writer pool sends them), the main process's share of the output
+    work; then, in a writer process set up
     as test.py's, writing each output file (.png with the panels, landmarks and encoding, .obj,
     .mat); and payload_kib, the pickled results per face;
   * the network against a bare ResNet-50 forward at the same batch size and precision;
@@ -147,11 +147,11 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             with torch.inference_mode():
                 sync(device)
                 t0 = time.perf_counter()
-                batch["image"] = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
+                images = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
                 sync(device)
                 t["crops_to_device"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                coeffs = model.predict_coeffs(images_to_float(batch["image"]))
+                coeffs = model.predict_coeffs(images_to_float(images))
                 sync(device)
                 t["network"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -162,8 +162,6 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
                 out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
                 sync(device)
                 t["render"] = time.perf_counter() - t0
-                images = batch["image"].to(device)
-                sync(device)
                 t0 = time.perf_counter()
                 overlay_uint8(images, out.image, out.mask)
                 sync(device)

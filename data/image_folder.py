@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
 from util.image_io import list_images, load_image
 from util.pil_resample import PlanBatch, ResizeCropPlan, apply_plans, identity_plan, plan_resize_crop
-from util.preprocess import (AlignTransform, align_img, align_params, crop_box, flip_y, pil_vertical_first,
-                             resize_crop, unit_float_table)
+from util.preprocess import (AlignTransform, align_params, crop_box, flip_y, pil_vertical_first, resize_crop,
+                             unit_float_table)
 
 @dataclass(frozen=True)
 class FaceEntry:
@@ -66,13 +66,18 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tup
     return entries, missing
 
 
+def _photo_alignment(entry: FaceEntry, lm3d: np.ndarray) -> tuple:
+    """Photo + detection -> (the photo, its AlignTransform, (5,2) float32 crop landmarks y up)."""
+    img = load_image(entry.image_path)
+    transform, lm_crop = align_params(img.size, flip_y(read_points(entry.det_path, 5), img.size[1]), lm3d)
+    return img, transform, lm_crop.astype(np.float32)
+
+
 def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, AlignTransform]:
     """Photo + detection -> ((3,224,224) uint8 crop, (5,2) crop landmarks y up, transform)."""
-    img = load_image(entry.image_path)
-    lm = read_points(entry.det_path, 5)
-    lm = flip_y(lm, img.size[1])
-    transform, crop, lm_crop = align_img(img, lm, lm3d)
-    return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy(), lm_crop.astype(np.float32), transform
+    img, transform, lm_crop = _photo_alignment(entry, lm3d)
+    crop = resize_crop(img, (transform.w, transform.h), crop_box(transform))
+    return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy(), lm_crop, transform
 
 
 def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
@@ -80,26 +85,26 @@ def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
     """Photo + detection -> ((R, C, 3) uint8 part of the photo the crop reads, its plan, (5,2)
     crop landmarks y up, transform) for :func:`batch_crops`. Where the installed Pillow's pass
     order is not known, the crop itself ((224, 224, 3), made here) and the identity plan."""
-    img = load_image(entry.image_path)
-    lm = flip_y(read_points(entry.det_path, 5), img.size[1])
-    transform, lm_crop = align_params(img.size, lm, lm3d)
+    img, transform, lm_crop = _photo_alignment(entry, lm3d)
     size, box = (transform.w, transform.h), crop_box(transform)
     order = pil_vertical_first(*img.size, *size)
     if order is None:
         crop = np.array(resize_crop(img, size, box), dtype=np.uint8)
-        return crop, identity_plan(crop.shape[1], crop.shape[0]), lm_crop.astype(np.float32), transform
+        return crop, identity_plan(crop.shape[1], crop.shape[0]), lm_crop, transform
     plan = plan_resize_crop(img.size, size, box, order)
     (r0, r1), (c0, c1) = plan.rows, plan.cols
     region = np.array(img.crop((c0, r0, c1, r1)), dtype=np.uint8)  # only the region is copied (writable)
-    return region, plan, lm_crop.astype(np.float32), transform
+    return region, plan, lm_crop, transform
 
 
 def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
     """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
-    from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`)."""
+    from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`),
+    which then become the batch's 'image' (the pictures take their left panel from there)."""
     if "image" in batch:
         return batch["image"].to(device, non_blocking=True)
-    return apply_plans(batch["plans"].to(device, non_blocking=True))
+    batch["image"] = apply_plans(batch["plans"].to(device, non_blocking=True))
+    return batch["image"]
 
 
 _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}

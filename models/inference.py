@@ -377,9 +377,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
             if batch["meta"]:
-                crops = batch_crops(batch, device)
-                batch.setdefault("image", crops)  # made on the device: the pictures take them from there
-                images = images_to_float(crops)
+                images = images_to_float(batch_crops(batch, device))
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:
