@@ -9,10 +9,10 @@ on N/4 photos. Reported per set-up:
   * ``steady_images_per_s``: the marginal rate (3N/4) / (t_N - t_N/4), which cancels what a run
     pays once whatever its size (start-up, warm-up, the last batch's writes), as
     bench_inference.py does;
-and the scaling of both. ``--cpu_control`` adds one GPU with as many DataLoader workers and writer
-processes as all the ranks together: where it matches the multi-GPU rate, the host's CPU (decoding,
-aligning, writing), not the GPUs, bounds both. Each run's results are deleted after it (the .obj files of a large N
-fill a disk).
+and the scaling of both. ``--cpu_control`` adds one GPU with as many DataLoader workers and
+writer processes as all the ranks together: where it matches the multi-GPU rate, the host's CPU
+(decoding, aligning, writing), not the GPUs, bounds both. Each run's results are deleted after
+it (the .obj files of a large N fill a disk).
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ Evaluation on ``--eval_size`` held-out renders (a separate seed):
 Two geometric variants are reported beside them, because the stand-in's synthetic shape bases
 (unlike the real BFM's, which are built from Procrustes-aligned scans) contain rigid motion:
 about 45 % of their identity variance is a translation, rotation or scaling of the mean face
-(``rigid_fraction`` in the results), which no image can tell apart from pose:
+(``rigid_fraction`` in the results), a part of each basis that no image can tell apart from pose
+(only the rest of the basis identifies its coefficient):
   * ``vertex_error_ratio_aligned``: the same ratio after a similarity (Procrustes) alignment of
     the predicted shape, and of the mean face, to the true shape - the usual protocol of 3D face
     benchmarks;
