@@ -83,6 +83,10 @@ class RecoveryOptions:
     oracle_steps: int = opt(1500, "steps of the landmark oracle on the held-out faces (0 = off; see landmark_oracle)")
     loss_oracle_steps: int = opt(0, "with --oracle_only: also refine the held-out faces' TRUE coefficients this many "
                                     "steps on the training loss (0 = off; see training_loss_oracle)")
+    fit_steps: int = opt(0, "also report the held-out figures after per-image fitting (test.py --fit_steps: "
+                            "fit_coeffs with the true 68 landmarks) of this many steps, from the regressor's "
+                            "prediction; with --oracle_only from the mean face (0 = off; raise --eval_reserve_s)")
+    fit_lr: float = opt(0.05, "base learning rate of that fitting (test.py's FitConfig.lr)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
@@ -262,6 +266,37 @@ def training_loss_oracle(loss_fn, batch, steps: int, lr: float = 3e-3) -> torch.
             loss_fn(x, batch.images, batch.lm68).terms.total.backward()
             optimizer.step()
     return x.detach()
+
+
+def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None) -> dict:
+    """Figures of the held-out faces after per-image fitting as ``test.py --fit_steps`` does it
+    (:func:`models.fitting.fit_coeffs`, each face's true 68 landmarks as its ``landmarks/`` file).
+
+    model: a FaceReconModel (its face model and renderer fit; its network gives the start) or,
+    with ``start``, anything with ``face_model`` and ``renderer``. start: optional function
+    batch -> (B, 257) starting coefficients (default: the network's prediction). The seconds of
+    fitting, device synchronised, are in the result."""
+    from models.fitting import FitConfig, fit_coeffs
+
+    dev = test_set[0].images.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    sums, sums_start, seconds = ErrorSums(), ErrorSums(), 0.0
+    for b in test_set:
+        with torch.no_grad():
+            if start is None:
+                model.net.eval()
+                c0 = model.predict_coeffs(b.images).float()
+            else:
+                c0 = start(b)
+        sync()
+        t = time.perf_counter()
+        fitted = fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=FitConfig(lr=lr))
+        sync()
+        seconds += time.perf_counter() - t
+        sums.add(model.face_model, fitted, b.coeffs, b.lm68, lm_scale)
+        sums_start.add(model.face_model, c0, b.coeffs, b.lm68, lm_scale)
+    return {"steps": steps, "lr": lr, "seconds": round(seconds, 2), **sums.figures(),
+            "start": {k: v for k, v in sums_start.figures().items() if k in TARGETS}}
 
 
 def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor) -> torch.Tensor:
@@ -502,6 +537,7 @@ def run(o: RecoveryOptions) -> dict:
     test_set = held_out_test_set(o, gen)
     final = evaluate(model, test_set, lm_scale)
     oracle = oracle_figures(face_model, test_set, o.oracle_steps, lm_scale) if o.oracle_steps > 0 else None
+    fitted = fitted_figures(model, test_set, o.fit_steps, lm_scale, o.fit_lr) if o.fit_steps > 0 else None
     curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
                   (curve[-1]["loss"] if curve else math.nan),
                   **{k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in TARGETS}})
@@ -522,6 +558,8 @@ def run(o: RecoveryOptions) -> dict:
         "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()},
         "rigid_fraction": rigid_fraction(face_model),
         "landmark_oracle": oracle,
+        "fitted": fitted,
+        "pass_fitted": {k: bool(fitted[k] <= v) for k, v in TARGETS.items()} if fitted else None,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "options": dataclasses.asdict(o),
@@ -550,6 +588,12 @@ def print_oracles(oracles: dict | None) -> None:
               f"{orc['pose_error_deg']:.2f} deg, lm {orc['lm_error_px']:.2f} px")
 
 
+def print_fitted(label: str, f: dict) -> None:
+    print(f"  {label} ({f['steps']} steps, true 68 landmarks, {f['seconds']:.1f} s): vertex ratio "
+          f"{f['vertex_error_ratio']:.3f} (aligned {f['vertex_error_ratio_aligned']:.3f}), pose "
+          f"{f['pose_error_deg']:.2f} deg (orientation {f['orientation_error_deg']:.2f}), lm {f['lm_error_px']:.2f} px")
+
+
 def oracles_only(o: RecoveryOptions) -> dict:
     """The landmark oracles alone (no training) on ``--eval_size`` held-out faces: seconds on a GPU,
     a minute on a CPU for a few hundred faces; with ``--loss_oracle_steps`` also
@@ -573,6 +617,12 @@ def oracles_only(o: RecoveryOptions) -> dict:
                 for key, c in (("loss_at_truth", b.coeffs), ("loss_refined", refined)):
                     losses[key] += float(loss_fn(c, b.images, b.lm68).terms.total) * len(c) / o.eval_size
         result["training_loss_oracle"] = {"steps": o.loss_oracle_steps, **losses, **sums.figures()}
+    if o.fit_steps > 0:
+        from types import SimpleNamespace
+
+        result["fitting_from_mean_face"] = fitted_figures(
+            SimpleNamespace(face_model=face_model, renderer=renderer), test_set, o.fit_steps, lm_scale, o.fit_lr,
+            start=lambda b: torch.zeros_like(b.coeffs, dtype=torch.float32))
     os.makedirs(o.out, exist_ok=True)
     with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
@@ -594,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"pose {t['pose_error_deg']:.2f} deg, orientation {t['orientation_error_deg']:.2f} deg, "
                   f"lm {t['lm_error_px']:.2f} px; training loss {t['loss_at_truth']:.4f} at the truth, "
                   f"{t['loss_refined']:.4f} refined")
+        if "fitting_from_mean_face" in res:
+            print_fitted("fitting from the mean face", res["fitting_from_mean_face"])
         print(f"results in {o.out}/oracles.json")
         return 0
     result = run(o)
@@ -608,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{f['orientation_error_deg']:.2f} deg "
           f"(rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
     print_oracles(result["landmark_oracle"])
+    if result["fitted"]:
+        print_fitted("regressor + per-image fitting", result["fitted"])
     print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
 

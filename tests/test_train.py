@@ -239,6 +239,21 @@ def test_training_loss_oracle_descends_from_the_truth(workspace, tmp_path):
     assert res["steps"] == 2 and res["faces"] == 2 and np.isfinite(res["pose_error_deg"])
 
 
+def test_fitting_figures_from_the_mean_face(workspace, tmp_path):
+    """--fit_steps in --oracle_only fits test.py's way from the mean face: its start is the mean
+    face (vertex ratio exactly 1) and fitting to the true 68 landmarks brings them closer."""
+    from experiments.recovery import main
+
+    out = tmp_path / "orc"
+    assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--eval_size", "2",
+                 "--eval_batch", "2", "--oracle_only", "true", "--oracle_steps", "0", "--fit_steps", "12",
+                 "--out", str(out), "--verbose", "false"]) == 0
+    res = json.load(open(out / "oracles.json"))["fitting_from_mean_face"]
+    assert res["steps"] == 12 and res["faces"] == 2 and res["seconds"] > 0
+    assert res["start"]["vertex_error_ratio"] == pytest.approx(1.0)
+    assert res["lm_error_px"] < res["start"]["lm_error_px"]
+
+
 def test_similarity_align_recovers_a_known_transform():
     from experiments.recovery import rotation_error_deg, similarity_align
     from models.bfm import ParametricFaceModel
