@@ -88,6 +88,18 @@ def test_unknown_pillow_falls_back_to_the_full_resize(monkeypatch):
                                   np.asarray(full_resize_crop(img, (40, 50), (3, 4, 30, 40))))
 
 
+def test_pillow_12_2_pass_order(monkeypatch):
+    """Pillow 12.2-12.x: horizontal pass first (as <= 12.1) except photos over 100x taller than
+    wide, whose Python-level vertical step is left to the full resize."""
+    import PIL
+
+    for version in ("12.2.0", "12.3.1"):
+        monkeypatch.setattr(PIL, "__version__", version)
+        assert pil_vertical_first(100, 400, 50, 200) is False  # Pillow 13 would go vertical first
+        assert pil_vertical_first(1920, 1080, 480, 270) is False
+        assert pil_vertical_first(10, 1001, 5, 500) is None
+
+
 # ----------------------------------------------------------------------------- uint8 crops
 def test_uint8_crops_convert_to_the_original_floats():
     from data.image_folder import images_to_float

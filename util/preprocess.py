@@ -162,13 +162,17 @@ def pil_vertical_first(w0: int, h0: int, w: int, h: int) -> bool | None:
 
     Pillow <= 12.1 always runs the horizontal pass first (Resample.c since Pillow 3.3). Pillow 13
     runs the vertical pass first "if height is being scaled down more than twice the amount the
-    width is" (pull request 9549); 12.2-12.x had a Python-level variant for very tall images.
-    Versions whose rule is not known here return None (the caller then resizes the whole photo)."""
+    width is" (pull request 9549). 12.2-12.x kept the C order and added a Python-level vertical
+    first step only for photos more than 100 times taller than wide (pull request 9524): those
+    return None here, every other photo False. Versions whose rule is not known here return None
+    (the caller then resizes the whole photo, which is exact whatever the order, but slower)."""
     import PIL
 
     major, minor = (int(p) for p in PIL.__version__.split(".")[:2])
     if major < 12 or (major == 12 and minor <= 1):
         return False
+    if major == 12:
+        return None if h0 > 100 * w0 else False
     if major == 13:
         return (h0 - h) > 0 and (h0 - h) > (w0 - w) * 2
     return None
