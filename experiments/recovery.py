@@ -96,6 +96,9 @@ class RecoveryOptions:
     yaw: float = opt(SYNTHETIC.yaw, "synthetic yaw half-range, degrees")
     pitch: float = opt(SYNTHETIC.pitch, "synthetic pitch half-range, degrees")
     roll: float = opt(SYNTHETIC.roll, "synthetic roll half-range, degrees")
+    light_ambient: float = opt(SYNTHETIC.light_ambient, "synthetic ambient light half-range")
+    light_dir: float = opt(SYNTHETIC.light_dir, "synthetic directional light std")
+    light_high: float = opt(SYNTHETIC.light_high, "synthetic second-order light std")
     w_color: float = opt(WEIGHTS.w_color, "photometric weight (the original's)")
     w_lm: float = opt(WEIGHTS.w_lm, "landmark weight (the original's)")
     w_reg: float = opt(WEIGHTS.w_reg, "coefficient regularisation weight (the original's)")
@@ -460,7 +463,8 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
         backend = "cuda" if device.type == "cuda" and nvdiffrast_available() else "cpu"
     face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
     renderer = create_renderer(backend, focal=focal, center=center, device=device)
-    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll)
+    syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll,
+                          light_ambient=o.light_ambient, light_dir=o.light_dir, light_high=o.light_high)
     return face_model, renderer, syn, SyntheticFaces(face_model, renderer, syn)
 
 
