@@ -9,7 +9,8 @@ on N/4 photos. Reported per set-up:
   * ``steady_images_per_s``: the marginal rate (3N/4) / (t_N - t_N/4), which cancels what a run
     pays once whatever its size (start-up, warm-up, the last batch's writes), as
     bench_inference.py does;
-and the scaling of both. ``--cpu_control`` adds one GPU with as many DataLoader workers and
+and the scaling of both, and the mean share of the host's CPUs busy during each run (/proc/stat).
+``--cpu_control`` adds one GPU with as many DataLoader workers and
 writer processes as all the ranks together: where it matches the multi-GPU rate, the host's CPU
 (decoding, aligning, writing), not the GPUs, bounds both. Each run's results are deleted after
 it (the .obj files of a large N fill a disk).
@@ -32,25 +33,48 @@ sys.path.insert(0, ROOT)
 from benchmarks.bench_inference import make_folder  # noqa: E402
 
 
-def run(cmd: list[str]) -> tuple[float, float, str]:
-    """Run test.py; returns (its printed run seconds, wall seconds, its summary line)."""
+def cpu_times() -> tuple[int, int] | None:
+    """(total, idle) jiffies of all CPUs from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(v), v[3] + v[4]
+
+
+def run(cmd: list[str], every: float = 0.5) -> tuple[float, float, str, float | None]:
+    """Run test.py; returns (its printed run seconds, wall seconds, its summary line, mean share of
+    all CPUs busy while it ran: /proc/stat sampled every ``every`` seconds, start-up included)."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    m = re.search(r"done: (\d+) face\(s\) reconstructed, (\d+) failed.*\(([\d.]+) s\)", r.stdout)
-    return float(m.group(3)), wall, m.group(0)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        busy, last = [], cpu_times()
+        while p.poll() is None:
+            time.sleep(every)
+            now = cpu_times()
+            if last and now and now[0] > last[0]:
+                busy.append(1.0 - (now[1] - last[1]) / (now[0] - last[0]))
+            last = now
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    m = re.search(r"done: (\d+) face\(s\) reconstructed, (\d+) failed.*\(([\d.]+) s\)", stdout)
+    return float(m.group(3)), wall, m.group(0), (sum(busy) / len(busy) if busy else None)
 
 
 def measure(label: str, launcher: list[str], common: list[str], folders: dict[int, str], tmp: str) -> dict:
     out = {}
     for n, folder in folders.items():
         res = os.path.join(tmp, f"res_{label}_{n}")
-        secs, wall, line = run([*launcher, *common, f"--img_folder={folder}", f"--results_dir={res}"])
+        secs, wall, line, busy = run([*launcher, *common, f"--img_folder={folder}", f"--results_dir={res}"])
         shutil.rmtree(res, ignore_errors=True)
-        out[n] = {"run_s": secs, "wall_s": round(wall, 2), "images_per_s": n / secs, "summary": line}
-        print(f"{label:>16} N={n:6d}: {n / secs:8.1f} images/s ({secs:.1f} s run, {wall:.1f} s wall)", flush=True)
+        out[n] = {"run_s": secs, "wall_s": round(wall, 2), "images_per_s": n / secs, "summary": line,
+                  "cpu_busy_mean": busy}
+        cpu = f", CPUs {100 * busy:.0f} % busy" if busy is not None else ""
+        print(f"{label:>16} N={n:6d}: {n / secs:8.1f} images/s ({secs:.1f} s run, {wall:.1f} s wall{cpu})", flush=True)
     big, small = max(folders), min(folders)
     dt = out[big]["run_s"] - out[small]["run_s"]
     steady = (big - small) / dt if dt > 0 else float("nan")

@@ -413,3 +413,17 @@ def test_plugin_file_is_where_torch_builds_it(monkeypatch, tmp_path):
     (tmp_path / "nvdiffrast_plugin_x").mkdir(exist_ok=True)
     (tmp_path / "nvdiffrast_plugin_x" / "nvdiffrast_plugin_x.so").write_bytes(b"")
     assert nb._plugin_file("nvdiffrast_plugin_x") == str(tmp_path / "nvdiffrast_plugin_x" / "nvdiffrast_plugin_x.so")
+
+
+def test_multi_gpu_bench_run_parses_the_summary_and_samples_the_cpus():
+    """bench_multi_gpu.run: test.py's printed run time and summary, the wall time, and the CPUs'
+    busy share sampled from /proc/stat while the command ran (a share in 0..1)."""
+    from benchmarks.bench_multi_gpu import cpu_times, run
+
+    script = "import time; time.sleep(0.3); print('done: 3 face(s) reconstructed, 0 failed, 0 skipped (1.5 s)')"
+    secs, wall, line, busy = run([sys.executable, "-c", script], every=0.1)
+    assert secs == 1.5 and line.startswith("done: 3 face(s)") and wall >= 0.3
+    if cpu_times() is not None:
+        assert busy is not None and 0.0 <= busy <= 1.0
+    with pytest.raises(SystemExit, match="failed \\(3\\)"):
+        run([sys.executable, "-c", "import sys; sys.exit(3)"])
