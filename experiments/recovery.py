@@ -86,7 +86,8 @@ class RecoveryOptions:
     fit_steps: int = opt(0, "also report the held-out figures after per-image fitting (test.py --fit_steps: "
                             "fit_coeffs with the true 68 landmarks) of this many steps, from the regressor's "
                             "prediction; with --oracle_only from the mean face (0 = off; raise --eval_reserve_s)")
-    fit_lr: float = opt(0.05, "base learning rate of that fitting (test.py's FitConfig.lr)")
+    fit_lr: float = opt(0.02, "base learning rate of that fitting (test.py's FitConfig.lr is 0.05: tuned for an "
+                              "untrained network's start on real photos; 0.02 fits these better from a trained one)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
@@ -99,6 +100,8 @@ class RecoveryOptions:
     light_ambient: float = opt(SYNTHETIC.light_ambient, "synthetic ambient light half-range")
     light_dir: float = opt(SYNTHETIC.light_dir, "synthetic directional light std")
     light_high: float = opt(SYNTHETIC.light_high, "synthetic second-order light std")
+    in_range: bool = opt(SYNTHETIC.in_range, "move each synthetic face's lighting toward neutral until its colours "
+                                             "stay in 0..1 (no clipped renders; see util.synthetic)")
     w_color: float = opt(WEIGHTS.w_color, "photometric weight (the original's)")
     w_lm: float = opt(WEIGHTS.w_lm, "landmark weight (the original's)")
     w_reg: float = opt(WEIGHTS.w_reg, "coefficient regularisation weight (the original's)")
@@ -464,7 +467,8 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
     face_model = ParametricFaceModel.from_folder(o.bfm_folder, o.bfm_model, focal=focal, center=center).to(device)
     renderer = create_renderer(backend, focal=focal, center=center, device=device)
     syn = SyntheticConfig(id_std=o.id_std, exp_std=o.exp_std, tex_std=o.tex_std, yaw=o.yaw, pitch=o.pitch, roll=o.roll,
-                          light_ambient=o.light_ambient, light_dir=o.light_dir, light_high=o.light_high)
+                          light_ambient=o.light_ambient, light_dir=o.light_dir, light_high=o.light_high,
+                          in_range=o.in_range)
     return face_model, renderer, syn, SyntheticFaces(face_model, renderer, syn)
 
 

@@ -239,6 +239,37 @@ def test_training_loss_oracle_descends_from_the_truth(workspace, tmp_path):
     assert res["steps"] == 2 and res["faces"] == 2 and np.isfinite(res["pose_error_deg"])
 
 
+def test_synthetic_faces_in_range(workspace):
+    """in_range: every face's lit colours end in 0..1; a face already in range keeps its lighting,
+    one out of range keeps its lighting direction (only scaled toward neutral light)."""
+    import dataclasses
+
+    from experiments.recovery import parse_recovery_options, synthetic_setup
+    from models.coeffs import COEFFS
+    from util.synthetic import SyntheticFaces
+
+    o = parse_recovery_options(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64"])
+    face_model, renderer, syn, _ = synthetic_setup(o, torch.device("cpu"))
+    bright = dataclasses.replace(syn, light_dir=0.3)
+    raw = SyntheticFaces(face_model, renderer, bright).sample_coeffs(16, torch.Generator().manual_seed(3))
+    fixed = SyntheticFaces(face_model, renderer, dataclasses.replace(bright, in_range=True)).sample_coeffs(
+        16, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before, after = face_model(raw).color, face_model(fixed).color
+    was_out = ((before < 0) | (before > 1)).flatten(1).any(dim=1)
+    assert was_out.any() and (~was_out).any()  # the fixture has both kinds
+    assert float(after.min()) >= 0.0 and float(after.max()) <= 1.0
+    g_raw, g_fix = COEFFS.split(raw)["gamma"], COEFFS.split(fixed)["gamma"]
+    torch.testing.assert_close(g_fix[~was_out], g_raw[~was_out])
+    s = (g_fix[was_out] * g_raw[was_out]).sum(1) / g_raw[was_out].pow(2).sum(1)  # scale per face
+    assert bool(((s >= 0) & (s < 1)).all())
+    torch.testing.assert_close(g_fix[was_out], s[:, None] * g_raw[was_out])
+    # everything but the lighting is the same draw
+    keep = [k for k in COEFFS.names if k != "gamma"]
+    for k in keep:
+        torch.testing.assert_close(COEFFS.split(fixed)[k], COEFFS.split(raw)[k])
+
+
 def test_fitting_figures_from_the_mean_face(workspace, tmp_path):
     """--fit_steps in --oracle_only fits test.py's way from the mean face: its start is the mean
     face (vertex ratio exactly 1) and fitting to the true 68 landmarks brings them closer."""
