@@ -285,6 +285,25 @@ def test_fitting_figures_from_the_mean_face(workspace, tmp_path):
     assert res["lm_error_px"] < res["start"]["lm_error_px"]
 
 
+def test_loss_landscape_compares_the_two_minima(workspace, tmp_path):
+    """experiments.loss_landscape: the truth has no error, the line runs from the fitted to the
+    refined truth (its ends are those points), and every entry carries the loss terms."""
+    from experiments.loss_landscape import main
+
+    out = tmp_path / "landscape.json"
+    assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--faces", "2",
+                 "--fit_steps", "6", "--refine_steps", "2", "--line_points", "3", "--out", str(out)]) == 0
+    res = json.load(open(out))
+    assert res["faces"] == 2 and res["fit_steps"] == 6 and res["refine_steps"] == 2
+    assert res["truth"]["vertex_error_ratio"] == pytest.approx(0.0, abs=1e-6)
+    line = res["line_fitted_to_truth_refined"]
+    assert [p["t"] for p in line] == [0.0, 0.5, 1.0]
+    for end, key in ((line[0], "fitted_from_mean"), (line[-1], "truth_refined")):
+        for k in ("vertex_error_ratio", "loss_all", "loss_color", "loss_reg"):
+            assert end[k] == pytest.approx(res[key][k], rel=1e-5, abs=1e-7)
+    assert res["fitted_from_mean"]["vertex_error_ratio"] > res["truth_refined"]["vertex_error_ratio"]
+
+
 def test_similarity_align_recovers_a_known_transform():
     from experiments.recovery import rotation_error_deg, similarity_align
     from models.bfm import ParametricFaceModel

@@ -1,0 +1,110 @@
+"""Where does the training loss send the coefficients? Two minima of the same loss, compared.
+
+    python -m experiments.loss_landscape --bfm_folder standin/BFM --device cpu --size 112 \
+        --faces 8 --fit_steps 150 --refine_steps 400 --out docs/recovery/landscape.json
+
+On ``--faces`` held-out synthetic faces (the recovery experiment's generator and loss weights):
+
+  * ``truth`` and ``truth_refined``: the true coefficients, then refined by ``--refine_steps`` Adam
+    steps on the training loss (the recovery experiment's training-loss oracle: the minimum near
+    the truth);
+  * ``fitted_from_mean`` and ``fitted_then_refined``: test.py's per-image fitting from the mean
+    face (``--fit_steps``, the true 68 landmarks), then the same refinement from there;
+  * ``line``: the loss and the figures along the straight line from the fitted to the refined
+    truth (11 points), showing which terms pull which way.
+
+Each entry has the vertex ratio, pose and landmark errors (as the recovery experiment reports
+them) and every weighted loss term. If the minimum reached from the mean face has the lower loss,
+a perfect minimiser of this loss would not recover the truth, whatever the network or its
+training time. Writes ``--out`` (JSON) and prints a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from experiments.recovery import (ErrorSums, RecoveryOptions, held_out_test_set, synthetic_setup, training_loss_oracle,
+                                  training_weights)
+from options.base_options import build_parser, opt
+
+
+@dataclass
+class LandscapeOptions(RecoveryOptions):
+    faces: int = opt(8, "held-out faces (one batch)")
+    fit_steps_landscape: int = opt(150, "steps of test.py's fitting from the mean face (--fit_steps of this script)")
+    refine_steps: int = opt(400, "Adam steps of the training-loss refinement from the truth and from the fitted")
+    line_points: int = opt(11, "points on the line from the fitted to the refined truth")
+    out: str = opt("docs/recovery/landscape.json", "the JSON written")
+
+
+def parse(argv: list[str] | None = None) -> LandscapeOptions:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # this script's --fit_steps is the fitting from the mean face; the recovery option of that name is unused
+    argv = ["--fit_steps_landscape" if a == "--fit_steps" else
+            a.replace("--fit_steps=", "--fit_steps_landscape=") if a.startswith("--fit_steps=") else a for a in argv]
+    p = build_parser(LandscapeOptions, description=__doc__.splitlines()[0])
+    return LandscapeOptions(**vars(p.parse_args(argv)))
+
+
+def landscape(o: LandscapeOptions) -> dict:
+    from models.fitting import FitConfig, fit_coeffs
+    from models.inference import resolve_device
+    from models.losses import HybridLoss
+
+    t0 = time.perf_counter()
+    device = resolve_device(o.device)
+    o = dataclasses.replace(o, eval_size=o.faces, eval_batch=o.faces)
+    face_model, renderer, syn, gen = synthetic_setup(o, device)
+    batch = held_out_test_set(o, gen)[0]
+    loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
+    lm_scale = 224.0 / o.size
+
+    def figures(c: torch.Tensor) -> dict:
+        sums = ErrorSums()
+        sums.add(face_model, c, batch.coeffs, batch.lm68, lm_scale)
+        f = sums.figures()
+        with torch.no_grad():
+            terms = loss_fn(c, batch.images, batch.lm68).terms.as_floats()
+        return {"vertex_error_ratio": f["vertex_error_ratio"], "pose_error_deg": f["pose_error_deg"],
+                "lm_error_px": f["lm_error_px"], **{f"loss_{k}": v for k, v in terms.items()}}
+
+    refined = training_loss_oracle(loss_fn, batch, o.refine_steps)
+    fitted = fit_coeffs(SimpleNamespace(face_model=face_model, renderer=renderer),
+                        torch.zeros_like(batch.coeffs, dtype=torch.float32), batch.images, lm68=batch.lm68,
+                        steps=o.fit_steps_landscape, config=FitConfig(lr=o.fit_lr))
+    fitted_refined = training_loss_oracle(loss_fn, dataclasses.replace(batch, coeffs=fitted), o.refine_steps)
+    n = max(2, o.line_points)
+    line = [{"t": k / (n - 1), **figures((1 - k / (n - 1)) * fitted + k / (n - 1) * refined)} for k in range(n)]
+    return {"faces": o.faces, "size": o.size, "fit_steps": o.fit_steps_landscape, "fit_lr": o.fit_lr,
+            "refine_steps": o.refine_steps, "device": str(device), "synthetic": dataclasses.asdict(syn),
+            "truth": figures(batch.coeffs), "truth_refined": figures(refined),
+            "fitted_from_mean": figures(fitted), "fitted_then_refined": figures(fitted_refined),
+            "line_fitted_to_truth_refined": line, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse(argv)
+    res = landscape(o)
+    print(f"{res['faces']} faces at {res['size']} px on {res['device']} ({res['seconds']:.0f} s):")
+    print(f"  {'':22s} {'vertex':>7s} {'pose':>6s} {'lm px':>6s} {'loss':>7s} {'color':>7s} {'reg':>7s} {'reflc':>7s}")
+    rows = [(k, res[k]) for k in ("truth", "truth_refined", "fitted_from_mean", "fitted_then_refined")]
+    rows += [(f"line t={p['t']:.1f}", p) for p in res["line_fitted_to_truth_refined"]]
+    for name, f in rows:
+        print(f"  {name:22s} {f['vertex_error_ratio']:7.3f} {f['pose_error_deg']:6.2f} {f['lm_error_px']:6.2f} "
+              f"{f['loss_all']:7.4f} {f['loss_color']:7.4f} {f['loss_reg']:7.4f} {f['loss_reflc']:7.4f}")
+    os.makedirs(os.path.dirname(os.path.abspath(o.out)) or ".", exist_ok=True)
+    with open(o.out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    print(f"results in {o.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
