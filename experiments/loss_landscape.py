@@ -38,17 +38,13 @@ from options.base_options import build_parser, opt
 @dataclass
 class LandscapeOptions(RecoveryOptions):
     faces: int = opt(8, "held-out faces (one batch)")
-    fit_steps_landscape: int = opt(150, "steps of test.py's fitting from the mean face (--fit_steps of this script)")
+    fit_steps: int = opt(150, "steps of test.py's fitting from the mean face")
     refine_steps: int = opt(400, "Adam steps of the training-loss refinement from the truth and from the fitted")
     line_points: int = opt(11, "points on the line from the fitted to the refined truth")
     out: str = opt("docs/recovery/landscape.json", "the JSON written")
 
 
 def parse(argv: list[str] | None = None) -> LandscapeOptions:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # this script's --fit_steps is the fitting from the mean face; the recovery option of that name is unused
-    argv = ["--fit_steps_landscape" if a == "--fit_steps" else
-            a.replace("--fit_steps=", "--fit_steps_landscape=") if a.startswith("--fit_steps=") else a for a in argv]
     p = build_parser(LandscapeOptions, description=__doc__.splitlines()[0])
     return LandscapeOptions(**vars(p.parse_args(argv)))
 
@@ -78,14 +74,16 @@ def landscape(o: LandscapeOptions) -> dict:
     refined = training_loss_oracle(loss_fn, batch, o.refine_steps)
     fitted = fit_coeffs(SimpleNamespace(face_model=face_model, renderer=renderer),
                         torch.zeros_like(batch.coeffs, dtype=torch.float32), batch.images, lm68=batch.lm68,
-                        steps=o.fit_steps_landscape, config=FitConfig(lr=o.fit_lr))
+                        steps=o.fit_steps, config=FitConfig(lr=o.fit_lr))
     fitted_refined = training_loss_oracle(loss_fn, dataclasses.replace(batch, coeffs=fitted), o.refine_steps)
+    at_fitted, at_refined = figures(fitted), figures(refined)
     n = max(2, o.line_points)
-    line = [{"t": k / (n - 1), **figures((1 - k / (n - 1)) * fitted + k / (n - 1) * refined)} for k in range(n)]
-    return {"faces": o.faces, "size": o.size, "fit_steps": o.fit_steps_landscape, "fit_lr": o.fit_lr,
+    line = [{"t": k / (n - 1), **(at_fitted if k == 0 else at_refined if k == n - 1 else
+                                  figures((1 - k / (n - 1)) * fitted + k / (n - 1) * refined))} for k in range(n)]
+    return {"faces": o.faces, "size": o.size, "fit_steps": o.fit_steps, "fit_lr": o.fit_lr,
             "refine_steps": o.refine_steps, "device": str(device), "synthetic": dataclasses.asdict(syn),
-            "truth": figures(batch.coeffs), "truth_refined": figures(refined),
-            "fitted_from_mean": figures(fitted), "fitted_then_refined": figures(fitted_refined),
+            "truth": figures(batch.coeffs), "truth_refined": at_refined,
+            "fitted_from_mean": at_fitted, "fitted_then_refined": figures(fitted_refined),
             "line_fitted_to_truth_refined": line, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -285,7 +285,6 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
     from models.fitting import FitConfig, fit_coeffs
 
     dev = test_set[0].images.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
     sums, sums_start, seconds = ErrorSums(), ErrorSums(), 0.0
     for b in test_set:
         with torch.no_grad():
@@ -294,15 +293,21 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                 c0 = model.predict_coeffs(b.images).float()
             else:
                 c0 = start(b)
-        sync()
+        sync(dev)
         t = time.perf_counter()
         fitted = fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=FitConfig(lr=lr))
-        sync()
+        sync(dev)
         seconds += time.perf_counter() - t
         sums.add(model.face_model, fitted, b.coeffs, b.lm68, lm_scale)
         sums_start.add(model.face_model, c0, b.coeffs, b.lm68, lm_scale)
     return {"steps": steps, "lr": lr, "seconds": round(seconds, 2), **sums.figures(),
             "start": {k: v for k, v in sums_start.figures().items() if k in TARGETS}}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing elsewhere. For timings."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor) -> torch.Tensor:
@@ -344,25 +349,20 @@ def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, sc
     from models.losses import backward_step
 
     dev = gen.device
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    sync()
+    sync(dev)
     t = [time.perf_counter()]
     batch = gen.sample(batch_size, generator)
-    sync()
+    sync(dev)
     t.append(time.perf_counter())
     model.net.train()
     coeffs = model.predict_coeffs(batch.images)
-    sync()
+    sync(dev)
     t.append(time.perf_counter())
     out = loss_fn(coeffs, batch.images, batch.lm68)
-    sync()
+    sync(dev)
     t.append(time.perf_counter())
     backward_step(out.terms.total, optimizer, scaler)
-    sync()
+    sync(dev)
     t.append(time.perf_counter())
     names = ("render_data", "network_forward", "face_model_render_loss", "backward_step")
     return out, {k: b - a for k, a, b in zip(names, t[:-1], t[1:])}
@@ -540,8 +540,7 @@ def run(o: RecoveryOptions) -> dict:
                 log.info("step %d (%.0f s): loss %.4f vertex %.3f pose %.2f deg lm %.2f px", step, point["seconds"],
                          point["loss"], point["vertex_error_ratio"], point["pose_error_deg"], point["lm_error_px"])
     train_seconds = time.perf_counter() - train_start
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     test_set = held_out_test_set(o, gen)
     final = evaluate(model, test_set, lm_scale)
     oracle = oracle_figures(face_model, test_set, o.oracle_steps, lm_scale) if o.oracle_steps > 0 else None

@@ -131,14 +131,17 @@ class SyntheticFaces:
         normal = fm.compute_norm(fm.compute_shape(parts["id"], parts["exp"])) @ rot
         texture = fm.compute_texture(parts["tex"])
         gamma = parts["gamma"].clone()
-        for _ in range(rounds):
+
+        def out_of_range() -> torch.Tensor:  # (n,) bool: a colour of the face leaves 0..1
             color = fm.compute_color(texture, normal, gamma)
-            out = ((color < 0) | (color > 1)).flatten(1).any(dim=1)
+            return ((color < 0) | (color > 1)).flatten(1).any(dim=1)
+
+        for _ in range(rounds):
+            out = out_of_range()
             if not bool(out.any()):
                 return gamma
             gamma[out] *= shrink
-        color = fm.compute_color(texture, normal, gamma)
-        gamma[((color < 0) | (color > 1)).flatten(1).any(dim=1)] = 0.0
+        gamma[out_of_range()] = 0.0
         return gamma
 
     @torch.no_grad()
