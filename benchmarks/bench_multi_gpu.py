@@ -10,7 +10,9 @@ on N/4 photos. Reported per set-up:
     pays once whatever its size (start-up, warm-up, the last batch's writes), as
     bench_inference.py does;
 and the scaling of both, and the mean share of the host's CPUs busy during each run (/proc/stat).
-``--cpu_control`` adds one GPU with as many DataLoader workers and
+``--feed`` adds test.py's DataLoader alone (decoding and aligning in its workers, nothing else) in
+1 process and in N side by side, with each rank's worker count: what the host can feed 1 and N
+GPUs, whatever they do. ``--cpu_control`` adds one GPU with as many DataLoader workers and
 writer processes as all the ranks together: where it matches the multi-GPU rate, the host's CPU
 (decoding, aligning, writing), not the GPUs, bounds both. Each run's results are deleted after
 it (the .obj files of a large N fill a disk).
@@ -18,6 +20,7 @@ it (the .obj files of a large N fill a disk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -43,33 +46,80 @@ def cpu_times() -> tuple[int, int] | None:
     return sum(v), v[3] + v[4]
 
 
-def run(cmd: list[str], every: float = 0.5) -> tuple[float, float, str, float | None]:
-    """Run test.py; returns (its printed run seconds, wall seconds, its summary line, mean share of
-    all CPUs busy while it ran: /proc/stat sampled every ``every`` seconds, start-up included)."""
+def run(cmds: list[list[str]], every: float = 0.5, env: dict | None = None) -> tuple[list[str], float, float | None]:
+    """Run the commands side by side; returns (their stdouts, wall seconds, mean share of all CPUs
+    busy while they ran: /proc/stat sampled every ``every`` seconds, start-up included)."""
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+    with contextlib.ExitStack() as stack:
+        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
+                 for _ in cmds]
+        procs = [subprocess.Popen(c, stdout=o, stderr=e, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                 for c, (o, e) in zip(cmds, files)]
         busy, last = [], cpu_times()
-        while p.poll() is None:
+        while any(p.poll() is None for p in procs):
             time.sleep(every)
             now = cpu_times()
             if last and now and now[0] > last[0]:
                 busy.append(1.0 - (now[1] - last[1]) / (now[0] - last[0]))
             last = now
         wall = time.perf_counter() - t0
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    m = re.search(r"done: (\d+) face\(s\) reconstructed, (\d+) failed.*\(([\d.]+) s\)", stdout)
-    return float(m.group(3)), wall, m.group(0), (sum(busy) / len(busy) if busy else None)
+        outs = []
+        for c, p, (o, e) in zip(cmds, procs, files):
+            o.seek(0), e.seek(0)
+            if p.returncode != 0:
+                raise SystemExit(f"failed ({p.returncode}): {' '.join(c)}\n{e.read()[-3000:]}")
+            outs.append(o.read())
+    return outs, wall, (sum(busy) / len(busy) if busy else None)
 
 
-def measure(label: str, launcher: list[str], common: list[str], folders: dict[int, str], tmp: str) -> dict:
+def test_py_runner(launcher: list[str], common: list[str]):
+    """(n, folder, results) -> (run seconds test.py prints, wall seconds, summary line, CPU busy share)."""
+    def go(n: int, folder: str, res: str) -> tuple:
+        (stdout,), wall, busy = run([[*launcher, *common, f"--img_folder={folder}", f"--results_dir={res}"]])
+        m = re.search(r"done: (\d+) face\(s\) reconstructed, (\d+) failed.*\(([\d.]+) s\)", stdout)
+        return float(m.group(3)), wall, m.group(0), busy
+    return go
+
+
+def feed_runner(ranks: int, extra: list[str]):
+    """Like :func:`test_py_runner` for ``ranks`` processes that only run test.py's DataLoader on
+    their shares (:func:`feed_rank`; no GPU, no model, no files written): what the host's CPUs
+    deliver to that many ranks. The run's seconds are the slowest process's."""
+    def go(n: int, folder: str, res: str) -> tuple:
+        cmds = [[sys.executable, os.path.abspath(__file__), "--feed_rank", str(r), "--gpus", str(ranks),
+                 "--feed_folder", folder, "--", *extra] for r in range(ranks)]
+        outs, wall, busy = run(cmds, env={"LOCAL_WORLD_SIZE": str(ranks)})
+        fed = [re.search(r"fed (\d+) face\(s\) in ([\d.]+) s", o) for o in outs]
+        secs = max(float(m.group(2)) for m in fed)
+        return secs, wall, f"fed {sum(int(m.group(1)) for m in fed)} face(s) in {secs:.1f} s", busy
+    return go
+
+
+def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
+    """One rank's share of ``folder`` through test.py's DataLoader (same workers, batch size and
+    alignment as a CUDA rank of ``world``), the batches dropped; prints the faces and seconds."""
+    import torch
+
+    from data.image_folder import scan_folder
+    from models.inference import default_batch_size, face_loader, shard
+    from options.test_options import parse_test_options
+
+    opt = parse_test_options(["--name=standin", "--epoch=20", f"--img_folder={folder}",
+                              f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", *extra])
+    t0 = time.perf_counter()
+    entries, _ = scan_folder(folder, opt.recursive)
+    bs = opt.batch_size if opt.batch_size > 0 else default_batch_size(torch.device("cuda"))
+    loader = face_loader(opt, shard(entries, rank, world), torch.device("cpu"), world, batch_size=bs)
+    n = sum(len(b["meta"]) for b in loader)
+    print(f"fed {n} face(s) in {time.perf_counter() - t0:.2f} s ({loader.num_workers} workers)")
+    return 0
+
+
+def measure(label: str, runner, folders: dict[int, str], tmp: str) -> dict:
     out = {}
     for n, folder in folders.items():
         res = os.path.join(tmp, f"res_{label}_{n}")
-        secs, wall, line, busy = run([*launcher, *common, f"--img_folder={folder}", f"--results_dir={res}"])
+        secs, wall, line, busy = runner(n, folder, res)
         shutil.rmtree(res, ignore_errors=True)
         out[n] = {"run_s": secs, "wall_s": round(wall, 2), "images_per_s": n / secs, "summary": line,
                   "cpu_busy_mean": busy}
@@ -89,9 +139,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu_control", action="store_true",
                     help="also run one GPU with as many DataLoader workers and writer processes as all the "
                          "ranks of the multi-GPU run have together (separates the GPUs' share from the CPU's)")
+    ap.add_argument("--feed", action="store_true",
+                    help="also run test.py's DataLoader alone (no GPU, no model, no files) for 1 rank and for "
+                         "--gpus ranks side by side: the rates the host's CPUs can feed")
     ap.add_argument("--json", default="")
+    ap.add_argument("--feed_rank", type=int, default=-1, help=argparse.SUPPRESS)  # a feed_runner child
+    ap.add_argument("--feed_folder", default="", help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
+    if a.feed_rank >= 0:
+        return feed_rank(a.feed_rank, a.gpus, a.feed_folder, extra)
     tmp = tempfile.mkdtemp(prefix="mgpu_")
     folders = {n: make_folder(os.path.join(tmp, f"photos_{n}"), n) for n in (a.n, a.n // 4)}
     common = ["test.py", "--name=standin", "--epoch=20", f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", *extra]
@@ -102,9 +159,9 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001
         gpu = "unknown"
     res = {"n_images": a.n, "extra_flags": extra, "gpu": gpu, "gpus": a.gpus, "cpu_cores": os.cpu_count()}
-    one = measure("1_gpu", [sys.executable], common, folders, tmp)
-    many = measure(f"{a.gpus}_gpu_torchrun", [sys.executable, "-m", "torch.distributed.run",
-                                              f"--nproc_per_node={a.gpus}"], common, folders, tmp)
+    one = measure("1_gpu", test_py_runner([sys.executable], common), folders, tmp)
+    many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner([sys.executable, "-m", "torch.distributed.run",
+                                                             f"--nproc_per_node={a.gpus}"], common), folders, tmp)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
     if a.cpu_control:
         from models.inference import default_batch_size, loader_workers, writer_workers
@@ -115,10 +172,16 @@ def main(argv=None) -> int:
         loaders = a.gpus * loader_workers(-1, n_rank, bs, a.gpus)
         writers = a.gpus * writer_workers(-1, n_rank, a.gpus)
         del os.environ["LOCAL_WORLD_SIZE"]
-        res["1_gpu_cpu_control"] = measure("1_gpu_all_workers", [sys.executable],
-                                           common + [f"--num_threads={loaders}", f"--write_workers={writers}"],
-                                           folders, tmp)
+        res["1_gpu_cpu_control"] = measure(
+            "1_gpu_all_workers",
+            test_py_runner([sys.executable], common + [f"--num_threads={loaders}", f"--write_workers={writers}"]),
+            folders, tmp)
         res["1_gpu_cpu_control"]["workers"] = {"loader": loaders, "writer": writers}
+    if a.feed:
+        res["feed_1_rank"] = measure("feed_1_rank", feed_runner(1, extra), folders, tmp)
+        res[f"feed_{a.gpus}_ranks"] = measure(f"feed_{a.gpus}_ranks", feed_runner(a.gpus, extra), folders, tmp)
+        res["feed_scaling"] = res[f"feed_{a.gpus}_ranks"]["images_per_s"] / res["feed_1_rank"]["images_per_s"]
+        print(f"the DataLoader alone, {a.gpus} ranks vs 1: {res['feed_scaling']:.2f}x")
     res["scaling"] = many["images_per_s"] / one["images_per_s"]
     res["steady_scaling"] = many["steady_images_per_s"] / one["steady_images_per_s"]
     print(f"scaling with {a.gpus} GPUs: {res['scaling']:.2f}x end to end, {res['steady_scaling']:.2f}x steady")

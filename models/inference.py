@@ -309,6 +309,27 @@ def shard(entries: list, rank: int, world: int) -> list:
     return entries[rank::world]
 
 
+def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_size: int | None = None):
+    """The DataLoader of :func:`run_folder` over ``entries`` (this rank's share): aligned uint8
+    crops in batches of ``batch_size`` (default: ``--batch_size``, or the device's default), decoded
+    in :func:`loader_workers` worker processes, pinned for a CUDA ``device``. Workers start on the
+    first ``iter()``."""
+    from torch.utils.data import DataLoader
+
+    from data.image_folder import AlignedFaces, collate_faces
+    from util.preprocess import load_lm3d
+
+    bs = batch_size or (default_batch_size(device) if opt.batch_size <= 0 else opt.batch_size)
+    try:
+        lm3d = load_lm3d(opt.bfm_folder)
+    except MissingAssetError as e:
+        raise SetupError(str(e)) from None
+    dataset = AlignedFaces(entries, lm3d, resample_on_device=opt.resample_on_device)
+    workers = loader_workers(opt.num_threads, len(entries), bs, world)
+    return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_faces,
+                      pin_memory=device.type == "cuda")
+
+
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
                model=None) -> RunSummary:
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
@@ -317,10 +338,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     the model and the writers; per batch the main process only runs the GPU work and hands
     numpy arrays to the writers.
     """
-    from torch.utils.data import DataLoader
-
-    from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
-    from util.preprocess import load_lm3d
+    from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.results_io import ResultWriter
 
     t0 = time.perf_counter()
@@ -332,19 +350,12 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     if rank == 0:
         summary.photos_without_detection = missing
     entries = shard(entries, rank, world)
-    bs = default_batch_size(device) if opt.batch_size <= 0 else opt.batch_size
-    n_loader = loader_workers(opt.num_threads, len(entries), bs, world)
+    loader = face_loader(opt, entries, device, world)
+    bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
     # that thread starts before the fork only when there are none (a fork beside a thread that
     # holds a lock can hang the child)
-    warm = start_warm_up(opt, device) if model is None and n_loader == 0 else None
-    try:
-        lm3d = load_lm3d(opt.bfm_folder)
-    except MissingAssetError as e:
-        raise SetupError(str(e)) from None
-    dataset = AlignedFaces(entries, lm3d, resample_on_device=opt.resample_on_device)
-    loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=n_loader,
-                        collate_fn=collate_faces, pin_memory=device.type == "cuda")
+    warm = start_warm_up(opt, device) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
     writer = bar = None
     try:
@@ -356,7 +367,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()
-        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), n_loader, n_writers)
+        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers, n_writers)
         if progress:
             from tqdm import tqdm
 
