@@ -32,25 +32,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data.image_folder import load_aligned, scan_folder  # noqa: E402
+from util.preprocess import load_lm3d  # noqa: E402
 
 TASKS = ("compute", "alloc", "decode_mem", "read_file", "load_aligned")
 
 
 class Tasks:
     def __init__(self, folder: str, bfm_folder: str):
-        from data.image_folder import scan_folder
-        from util.preprocess import load_lm3d
-
         self.entries, _ = scan_folder(folder)
         self.lm3d = load_lm3d(bfm_folder)
         self.jpg = [open(e.image_path, "rb").read() for e in self.entries[:5]]
         self.a = np.random.default_rng(0).random((160, 160))
 
     def run(self, name: str, i: int) -> None:
-        from PIL import Image
-
-        from data.image_folder import load_aligned
-
         if name == "compute":
             for _ in range(20):
                 self.a @ self.a
