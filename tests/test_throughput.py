@@ -440,3 +440,15 @@ def test_multi_gpu_bench_feed_splits_the_folder_between_ranks(standin, tmp_path)
                                           "--num_threads=1"])(7, folder, str(tmp_path / "res"))
     assert line.startswith("fed 7 face(s)") and 0 < secs <= wall
     assert not (tmp_path / "res").exists()  # nothing written
+
+
+def test_host_cpu_bench_runs_every_task_in_forked_processes(standin, tmp_path):
+    """bench_host_cpu: every task runs (a DataLoader worker's share of a face among them), and
+    forked processes report their rates back after a common start."""
+    from benchmarks.bench_host_cpu import TASKS, Tasks, rate
+    from benchmarks.bench_inference import make_folder
+
+    tasks = Tasks(make_folder(str(tmp_path / "photos"), 5), standin["bfm_folder"])
+    for name in TASKS:
+        tasks.run(name, 0)
+    assert rate(tasks, "alloc", 1, 0.1) > 0 and rate(tasks, "load_aligned", 2, 0.1) > 0
