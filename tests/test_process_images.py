@@ -346,6 +346,13 @@ def test_large_image_detected_downscaled_in_original_pixels(tmp_path, fake):
     np.testing.assert_allclose(lm, expected, atol=3.0)  # one pixel of the 1/5 copy
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action. A shell without job control starts
+    background commands (``cmd &``) with SIGINT ignored, and Python then keeps ignoring it, so
+    pytest run that way would hand the ignored signal down and the interrupt tests could not work."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_photos_and_no_half_files_then_resumes(tmp_path, sig):
     d = str(tmp_path / "photos")
@@ -354,7 +361,8 @@ def test_interrupt_leaves_photos_and_no_half_files_then_resumes(tmp_path, sig):
         squares_image(squares=[(10 + i, 30, 60, 1.0)]).save(os.path.join(d, f"p{i:02d}.png"))
     before = snapshot(d)
     code = fake_main_subprocess_code([d, "--detector", "fake", "--no-progress"], delay=0.1)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     t0 = time.time()
     while time.time() - t0 < 60 and not (os.path.isdir(os.path.join(d, "detections"))
                                          and len(os.listdir(os.path.join(d, "detections"))) >= 3):
@@ -547,7 +555,7 @@ def test_real_ctrl_c_with_the_shell_wrapper(tmp_path):
     copy_faces(d)
     before = snapshot(d)
     proc = subprocess.Popen([os.path.join(ROOT, "process_images.sh"), d, "--no-progress"], cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     det_dir = os.path.join(d, "detections")
     t0 = time.time()
     while time.time() - t0 < 120 and not (os.path.isdir(det_dir) and len(os.listdir(det_dir)) >= 2):
