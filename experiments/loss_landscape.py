@@ -11,7 +11,9 @@ On ``--faces`` held-out synthetic faces (the recovery experiment's generator and
   * ``fitted_from_mean`` and ``fitted_then_refined``: test.py's per-image fitting from the mean
     face (``--fit_steps``, the true 68 landmarks), then the same refinement from there;
   * ``line``: the loss and the figures along the straight line from the fitted to the refined
-    truth (11 points), showing which terms pull which way.
+    truth (11 points), showing which terms pull which way;
+  * with ``--more_steps N``: both refined points refined further, ``--more_rounds`` rounds of N
+    steps at the larger ``--more_lr`` (figures after each round): where each really settles.
 
 Each entry has the vertex ratio, pose and landmark errors (as the recovery experiment reports
 them) and every weighted loss term. If the minimum reached from the mean face has the lower loss,
@@ -41,6 +43,10 @@ class LandscapeOptions(RecoveryOptions):
     fit_steps: int = opt(150, "steps of test.py's fitting from the mean face")
     refine_steps: int = opt(400, "Adam steps of the training-loss refinement from the truth and from the fitted")
     line_points: int = opt(11, "points on the line from the fitted to the refined truth")
+    more_steps: int = opt(0, "then refine both refined points further, in rounds of this many Adam steps (0: no)")
+    more_rounds: int = opt(2, "rounds of --more_steps")
+    more_lr: float = opt(0.02, "learning rate of those rounds (the first refinement's 3e-3 moves a coefficient by at "
+                               "most ~1 in 400 steps)")
     out: str = opt("docs/recovery/landscape.json", "the JSON written")
 
 
@@ -80,11 +86,19 @@ def landscape(o: LandscapeOptions) -> dict:
     n = max(2, o.line_points)
     line = [{"t": k / (n - 1), **(at_fitted if k == 0 else at_refined if k == n - 1 else
                                   figures((1 - k / (n - 1)) * fitted + k / (n - 1) * refined))} for k in range(n)]
+    more = {"truth_refined": [], "fitted_then_refined": []}
+    ends = {"truth_refined": refined, "fitted_then_refined": fitted_refined}
+    for _ in range(o.more_steps and o.more_rounds):
+        for key, c in ends.items():
+            ends[key] = training_loss_oracle(loss_fn, dataclasses.replace(batch, coeffs=c), o.more_steps, lr=o.more_lr)
+            more[key].append(figures(ends[key]))
     return {"faces": o.faces, "size": o.size, "fit_steps": o.fit_steps, "fit_lr": o.fit_lr,
             "refine_steps": o.refine_steps, "device": str(device), "synthetic": dataclasses.asdict(syn),
             "truth": figures(batch.coeffs), "truth_refined": at_refined,
             "fitted_from_mean": at_fitted, "fitted_then_refined": figures(fitted_refined),
-            "line_fitted_to_truth_refined": line, "seconds": round(time.perf_counter() - t0, 1)}
+            "line_fitted_to_truth_refined": line,
+            "refined_further": {"steps_per_round": o.more_steps, "lr": o.more_lr, **more},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'':22s} {'vertex':>7s} {'pose':>6s} {'lm px':>6s} {'loss':>7s} {'color':>7s} {'reg':>7s} {'reflc':>7s}")
     rows = [(k, res[k]) for k in ("truth", "truth_refined", "fitted_from_mean", "fitted_then_refined")]
     rows += [(f"line t={p['t']:.1f}", p) for p in res["line_fitted_to_truth_refined"]]
+    further = res["refined_further"]
+    for key in ("truth_refined", "fitted_then_refined"):
+        rows += [(f"{key.split('_')[0]} +{(i + 1) * further['steps_per_round']} @{further['lr']:g}", p)
+                 for i, p in enumerate(further[key])]
     for name, f in rows:
         print(f"  {name:22s} {f['vertex_error_ratio']:7.3f} {f['pose_error_deg']:6.2f} {f['lm_error_px']:6.2f} "
               f"{f['loss_all']:7.4f} {f['loss_color']:7.4f} {f['loss_reg']:7.4f} {f['loss_reflc']:7.4f}")

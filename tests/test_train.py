@@ -292,8 +292,11 @@ def test_loss_landscape_compares_the_two_minima(workspace, tmp_path):
 
     out = tmp_path / "landscape.json"
     assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--faces", "2",
-                 "--fit_steps", "6", "--refine_steps", "2", "--line_points", "3", "--out", str(out)]) == 0
+                 "--fit_steps", "6", "--refine_steps", "2", "--line_points", "3", "--more_steps", "2",
+                 "--out", str(out)]) == 0
     res = json.load(open(out))
+    further = res["refined_further"]
+    assert further["steps_per_round"] == 2 and len(further["truth_refined"]) == len(further["fitted_then_refined"]) == 2
     assert res["faces"] == 2 and res["fit_steps"] == 6 and res["refine_steps"] == 2
     assert res["truth"]["vertex_error_ratio"] == pytest.approx(0.0, abs=1e-6)
     line = res["line_fitted_to_truth_refined"]
