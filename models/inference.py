@@ -367,7 +367,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()
-        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers, n_writers)
+        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers,
+                 n_writers)
         if progress:
             from tqdm import tqdm
 
