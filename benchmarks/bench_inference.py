@@ -14,8 +14,8 @@ with the timed runs' workers and batch size), with CUDA synchronisation:
     start-up included), ``steady_images_per_s`` the marginal rate (3N/4) / (t_N - t_N/4),
     which leaves out everything a run pays once (worker and writer start-up, the tail);
   * per stage, ms/image, medians over batches: decode+align (with ``--resample_on_device``: decode
-    and the alignment's plan), crops_to_device (the uint8 crops copied to the device, or made
-    there), network (incl. the uint8 -> float conversion), face model, render, compose (the
+    and the alignment's plan; with ``--decode_on_device``: reading the JPEGs and the plan),
+    crops_to_device (the uint8 crops copied to the device, or made there, JPEGs decoded there), network (incl. the uint8 -> float conversion), face model, render, compose (the
     picture's middle panel as bytes, on the device), host copy (device -> numpy results) and
     pickle (the results as the writer pool sends them), the main process's share of the output
     work; then, in a writer process set up
@@ -127,7 +127,8 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from util.results_io import keep_freed_memory, process_context
 
     entries, _ = scan_folder(opt.img_folder)
-    ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder), resample_on_device=opt.resample_on_device)
+    ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder), resample_on_device=opt.resample_on_device,
+                      decode_on_device=opt.decode_on_device)
     bs = opt.batch_size
     keys = ("decode_align", "crops_to_device", "network", "face_model", "render", "compose", "host_copy",
             "pickle", "write_png", "write_obj", "write_mat", "payload_kib")
@@ -220,6 +221,34 @@ def amp_accuracy(model, device, images: torch.Tensor) -> dict:
     return out
 
 
+def decode_accuracy(model, device, folder: str, lm3d: np.ndarray, bs: int) -> dict:
+    """--decode_on_device against PIL's decoding on the faces of ``folder`` (with detections):
+    differences of the aligned crops' pixels (0..255), the coefficients and the vertices (mm)."""
+    from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
+
+    entries, _ = scan_folder(folder)
+    sets = [AlignedFaces(entries, lm3d, decode_on_device=on) for on in (False, True)]
+    px, coeff, vert, n_jpeg = [], [], [], 0
+    with torch.inference_mode():
+        for start in range(0, len(entries), bs):
+            idx = range(start, min(start + bs, len(entries)))
+            batches = [collate_faces([ds[i] for i in idx]) for ds in sets]
+            n_jpeg += len(batches[1].get("jpeg", []))
+            crops = [batch_crops(b, device) for b in batches]
+            if len(crops[0]) != len(crops[1]):
+                raise RuntimeError("a photo failed on one side only")
+            c = [model.predict_coeffs(images_to_float(x)).float() for x in crops]
+            v = [model.face_model(x).vertex for x in c]
+            px.append((crops[0].int() - crops[1].int()).abs().flatten(1).float())
+            coeff.append((c[0] - c[1]).abs())
+            vert.append((v[0] - v[1]).abs().flatten(1) * 100)  # decimetres -> mm
+    px, coeff, vert = torch.cat(px), torch.cat(coeff), torch.cat(vert)
+    return {"faces": len(entries), "jpeg_faces_decoded_on_device": n_jpeg,
+            "pixel_max_abs": float(px.max()), "pixel_mean_abs": float(px.mean()),
+            "coeff_max_abs": float(coeff.max()), "coeff_mean_abs": float(coeff.mean()),
+            "vertex_max_abs_mm": float(vert.max()), "vertex_mean_abs_mm": float(vert.mean())}
+
+
 def startup_seconds(folder1: str, out: str, device: str, runs: int,
                     env: dict | None = None) -> tuple[float, float | None]:
     """Fresh ``python test.py --verbose`` processes on one photo: the median wall time to their
@@ -288,6 +317,11 @@ def main(argv=None) -> int:
     ap.add_argument("--amp", default="none")
     ap.add_argument("--resample_on_device", action="store_true",
                     help="test.py --resample_on_device for the batched runs and the stage times")
+    ap.add_argument("--decode_on_device", action="store_true",
+                    help="test.py --decode_on_device (JPEGs decoded on the device; needs torchvision) likewise")
+    ap.add_argument("--decode_check_folder", default="",
+                    help="with --decode_on_device on CUDA: compare the two decoders' results on this folder's "
+                         "faces (photos and detections; default: the example photos)")
     ap.add_argument("--startup_runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
                     help="CPU smoke run: --device cpu --n 16 --batch_size 4, one start-up run, no network comparison")
@@ -309,7 +343,7 @@ def main(argv=None) -> int:
     from models.inference import build_model, loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
-                 "resample_on_device": a.resample_on_device,
+                 "resample_on_device": a.resample_on_device, "decode_on_device": a.decode_on_device,
                  "num_threads": loader_workers(a.num_threads, n, bs),
                  "write_workers": writer_workers(a.write_workers, n),
                  "amp": a.amp,
@@ -333,6 +367,8 @@ def main(argv=None) -> int:
     # once - the writer pool's forkserver start, the first batch's kernels - stays out of them
     warm_folder = make_folder(os.path.join(tmp, "warm_batch"), min(n, max(2 * bs, 40)))
     on_device = dict(resample_on_device="true") if a.resample_on_device else {}
+    if a.decode_on_device:
+        on_device["decode_on_device"] = "true"
     timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, amp=a.amp,
                       num_threads=a.num_threads, write_workers=a.write_workers, **on_device), device, model)
     measure_startup(res, folder1, tmp, a.device, a.startup_runs)
@@ -379,6 +415,10 @@ def main(argv=None) -> int:
         ds = AlignedFaces(entries[:bs], load_lm3d(base.bfm_folder))
         images = images_to_float(torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))])).to(device))
         res["amp_vs_fp32"] = amp_accuracy(model, device, images)
+        if a.decode_on_device:
+            res["decode_on_device_vs_pil"] = decode_accuracy(model, device, a.decode_check_folder
+                                                             or os.path.join(ROOT, "examples"),
+                                                             load_lm3d(base.bfm_folder), bs)
 
     print("\n| measure | value |\n| --- | --- |")
     print(f"| device | {res['hardware']['gpu'] or res['hardware']['cpu']} ({cores} cores), torch {torch.__version__} |")
@@ -398,6 +438,12 @@ def main(argv=None) -> int:
         for k, v in res["amp_vs_fp32"].items():
             print(f"| {k} vs fp32: coeff max / mean abs, vertex max mm | {v['coeff_max_abs']:.2e} / "
                   f"{v['coeff_mean_abs']:.2e}, {v['vertex_max_abs_mm']:.3f} |")
+        d = res.get("decode_on_device_vs_pil")
+        if d:
+            print(f"| decode on device vs PIL ({d['faces']} faces): crop pixels max / mean, coeff max / mean abs, "
+                  f"vertex max / mean mm | {d['pixel_max_abs']:.0f} / {d['pixel_mean_abs']:.3f}, "
+                  f"{d['coeff_max_abs']:.2e} / {d['coeff_mean_abs']:.2e}, {d['vertex_max_abs_mm']:.3f} / "
+                  f"{d['vertex_mean_abs_mm']:.4f} |")
     return finish(res, a.json, tmp)
 
 

@@ -11,7 +11,11 @@ float32 values of the original's ``np.array(img) / 255.``.
 
 With ``resample_on_device`` the workers only decode and fit the alignment: each item carries the
 part of the photo the crop reads and the plan of PIL's resize (:mod:`util.pil_resample`), and
-:func:`batch_crops` makes the crops where the batch goes (the same pixels, on the GPU).
+:func:`batch_crops` makes the crops where the batch goes (the same pixels, on the GPU). With
+``decode_on_device`` as well, the workers do not even decode plain JPEGs: they read the file's
+bytes and its size, and :func:`batch_crops` decodes them there (nvJPEG on a GPU, whose pixels are
+not libjpeg's: it trades PIL's exact pixels for the host's CPU time; other photos are decoded as
+before).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
-from util.image_io import list_images, load_image
+from util.image_io import decode_error_reason, list_images, load_image, read_plain_jpeg
 from util.pil_resample import PlanBatch, ResizeCropPlan, apply_plans, identity_plan, plan_resize_crop
 from util.preprocess import (AlignTransform, align_params, crop_box, flip_y, pil_vertical_first, resize_crop,
                              unit_float_table)
@@ -69,8 +73,13 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tup
 def _photo_alignment(entry: FaceEntry, lm3d: np.ndarray) -> tuple:
     """Photo + detection -> (the photo, its AlignTransform, (5,2) float32 crop landmarks y up)."""
     img = load_image(entry.image_path)
-    transform, lm_crop = align_params(img.size, flip_y(read_points(entry.det_path, 5), img.size[1]), lm3d)
-    return img, transform, lm_crop.astype(np.float32)
+    return (img,) + _alignment(entry, img.size, lm3d)
+
+
+def _alignment(entry: FaceEntry, size: tuple[int, int], lm3d: np.ndarray) -> tuple[AlignTransform, np.ndarray]:
+    """Detection of a (width, height) photo -> (its AlignTransform, (5,2) float32 crop landmarks y up)."""
+    transform, lm_crop = align_params(size, flip_y(read_points(entry.det_path, 5), size[1]), lm3d)
+    return transform, lm_crop.astype(np.float32)
 
 
 def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, AlignTransform]:
@@ -97,14 +106,96 @@ def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
     return region, plan, lm_crop, transform
 
 
+def load_aligned_jpeg(entry: FaceEntry, lm3d: np.ndarray
+                      ) -> tuple[np.ndarray, ResizeCropPlan, np.ndarray, AlignTransform] | None:
+    """Photo + detection -> ((n,) uint8 bytes of the JPEG file, the plan of its crop, (5,2) crop
+    landmarks y up, transform) for :func:`batch_crops` to decode and resample on its device,
+    without decoding here; None where :func:`load_aligned_region` must do it (not a plain JPEG,
+    see :func:`util.image_io.read_plain_jpeg`, or Pillow's pass order unknown)."""
+    found = read_plain_jpeg(entry.image_path)
+    if found is None:
+        return None
+    data, img_size = found
+    transform, lm_crop = _alignment(entry, img_size, lm3d)
+    size, box = (transform.w, transform.h), crop_box(transform)
+    order = pil_vertical_first(*img_size, *size)
+    if order is None:
+        return None
+    return data, plan_resize_crop(img_size, size, box, order), lm_crop, transform
+
+
 def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
     """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
     from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`),
-    which then become the batch's 'image' (the pictures take their left panel from there)."""
+    which then become the batch's 'image' (the pictures take their left panel from there).
+
+    Its 'jpeg' photos (:func:`load_aligned_jpeg`) are decoded on ``device`` first; one that does
+    not decode leaves the batch (:func:`drop_faces`) for its 'failed', with the reason."""
     if "image" in batch:
         return batch["image"].to(device, non_blocking=True)
-    batch["image"] = apply_plans(batch["plans"].to(device, non_blocking=True))
+    plans = batch["plans"].to(device, non_blocking=True)
+    if "jpeg" in batch:
+        errors = decode_into(plans.regions, batch.pop("jpeg"), batch.pop("jpeg_slots"),
+                             [(p.rows, p.cols) for p in batch.pop("jpeg_plans")], device)
+        if errors:
+            plans = plans.select(drop_faces(batch, errors).to(device))
+    batch["image"] = apply_plans(plans)
     return batch["image"]
+
+
+def torchvision_jpeg_decoder():
+    """``decode(datas, device)``: (n,) uint8 tensors of JPEG files -> (3, H, W) uint8 RGB images on
+    ``device`` (nvJPEG on CUDA), through torchvision's ``decode_jpeg``; raises ImportError that
+    says what to install where torchvision is missing."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as e:  # noqa: BLE001 - absent, or built for another torch
+        raise ImportError(f"--decode_on_device needs torchvision, the release built for torch {torch.__version__} "
+                          f"(pip install torchvision; see pytorch.org for the pairs): {e}") from None
+
+    def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[int], boxes: list[tuple], device
+                ) -> dict[int, str]:
+    """Decode JPEG files on ``device`` into ``regions`` (B, R, C, 3) uint8 there: ``datas[k]``'s
+    rows x cols ``boxes[k]`` go to ``regions[slots[k]]``. All in one batched call; where that fails,
+    one at a time. Returns {slot: reason} of the files that would not decode."""
+    decode = torchvision_jpeg_decoder()
+    try:
+        images = decode(datas, device)
+    except Exception:  # noqa: BLE001 - one bad file fails the batch: find it
+        images = []
+        for data in datas:
+            try:
+                images.append(decode([data], device)[0])
+            except Exception as e:  # noqa: BLE001
+                images.append(e)
+    errors = {}
+    for img, slot, ((r0, r1), (c0, c1)) in zip(images, slots, boxes):
+        if isinstance(img, BaseException):
+            errors[slot] = f"{decode_error_reason(img)} ({img})"
+            continue
+        regions[slot, :r1 - r0, :c1 - c0] = img[:, r0:r1, c0:c1].permute(1, 2, 0)
+    return errors
+
+
+def drop_faces(batch: dict, errors: dict[int, str]) -> torch.Tensor:
+    """Move the faces at ``errors``' slots (index in the batch -> reason) from a collated batch to
+    its 'failed'; returns the (B,) bool mask of those kept, for the batch's other tensors."""
+    keep = torch.ones(len(batch["meta"]), dtype=torch.bool)
+    keep[list(errors)] = False
+    for slot, reason in sorted(errors.items()):
+        m = batch["meta"][slot]
+        batch["failed"].append(dict(m, error=f"{m['image_path']}: {reason}"))
+    batch["meta"] = [m for m, k in zip(batch["meta"], keep.tolist()) if k]
+    for key in ("lm", "lm68", "has_lm68"):
+        if key in batch:
+            batch[key] = batch[key][keep.to(batch[key].device)]
+    return keep
 
 
 _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -129,10 +220,13 @@ class AlignedFaces(Dataset):
     """Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
     crop pixels y up, lm68 (68,2) float32 crop pixels y up or None (entries without
     ``lm68_path``), transform AlignTransform | None, error str | None). With
-    ``resample_on_device``, 'region' and 'plan' (:func:`load_aligned_region`) instead of 'image'."""
+    ``resample_on_device``, 'region' and 'plan' (:func:`load_aligned_region`) instead of 'image';
+    with ``decode_on_device`` too, 'jpeg' and 'plan' (:func:`load_aligned_jpeg`) for plain JPEGs."""
 
-    def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray, resample_on_device: bool = False):
-        self.entries, self.lm3d, self.resample_on_device = entries, lm3d, resample_on_device
+    def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray, resample_on_device: bool = False,
+                 decode_on_device: bool = False):
+        self.entries, self.lm3d = entries, lm3d
+        self.resample_on_device, self.decode_on_device = resample_on_device or decode_on_device, decode_on_device
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -142,7 +236,10 @@ class AlignedFaces(Dataset):
         item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
                     lm68=None)
         try:
-            if self.resample_on_device:
+            jpeg = load_aligned_jpeg(e, self.lm3d) if self.decode_on_device else None
+            if jpeg is not None:
+                item["jpeg"], item["plan"], item["lm"], item["transform"] = jpeg
+            elif self.resample_on_device:
                 item["region"], item["plan"], item["lm"], item["transform"] = load_aligned_region(e, self.lm3d)
             else:
                 item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
@@ -155,14 +252,19 @@ class AlignedFaces(Dataset):
 
 def collate_faces(items: list[dict]) -> dict:
     """Batch the good items (tensors 'image' (B,3,H,W) uint8 or 'plans', a PlanBatch of their
-    regions and plans; 'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with
+    regions and plans, with 'jpeg' (files to decode into its regions), 'jpeg_slots' and
+    'jpeg_plans' where some items are JPEGs to decode on the device; 'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with
     'has_lm68' (B,) bool, zeros for those without); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
     if good:
-        if "region" in good[0]:
-            batch["plans"] = PlanBatch.collate([it["region"] for it in good], [it["plan"] for it in good])
+        if "plan" in good[0]:
+            batch["plans"] = PlanBatch.collate([it.get("region") for it in good], [it["plan"] for it in good])
+            slots = [i for i, it in enumerate(good) if "jpeg" in it]
+            if slots:  # decoded where the batch goes (batch_crops)
+                batch["jpeg"] = [torch.from_numpy(good[i]["jpeg"]) for i in slots]
+                batch["jpeg_slots"], batch["jpeg_plans"] = slots, [good[i]["plan"] for i in slots]
         else:
             batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
         batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))

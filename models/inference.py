@@ -324,7 +324,15 @@ def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_
         lm3d = load_lm3d(opt.bfm_folder)
     except MissingAssetError as e:
         raise SetupError(str(e)) from None
-    dataset = AlignedFaces(entries, lm3d, resample_on_device=opt.resample_on_device)
+    if opt.decode_on_device:
+        from data.image_folder import torchvision_jpeg_decoder
+
+        try:
+            torchvision_jpeg_decoder()
+        except ImportError as e:
+            raise SetupError(str(e)) from None
+    dataset = AlignedFaces(entries, lm3d, resample_on_device=opt.resample_on_device,
+                           decode_on_device=opt.decode_on_device)
     workers = loader_workers(opt.num_threads, len(entries), bs, world)
     return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_faces,
                       pin_memory=device.type == "cuda")
@@ -385,11 +393,12 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     summary.failures.append((name, error))
 
         for batch in batches:
+            crops = batch_crops(batch, device) if batch["meta"] else None  # may add to batch["failed"]
             for it in batch["failed"]:
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
             if batch["meta"]:
-                images = images_to_float(batch_crops(batch, device))
+                images = images_to_float(crops)
                 with torch.inference_mode():
                     coeffs = model.predict_coeffs(images)
                 if opt.fit_steps > 0:

@@ -19,6 +19,10 @@ class TestOptions(BaseOptions):
     resample_on_device: bool = opt(False, "make the aligned crops (PIL's bicubic resize, the same pixels) on the "
                                           "run's device; the DataLoader workers then only decode photos and fit "
                                           "the alignment (for GPU hosts whose CPU limits the rate)")
+    decode_on_device: bool = opt(False, "also decode JPEG photos on the run's device (nvJPEG through torchvision, "
+                                        "which must be installed; implies --resample_on_device): the workers then "
+                                        "only read files. Not PIL's pixels: nvJPEG's colour upsampling differs "
+                                        "(coefficient differences in the README)")
     save_mesh: bool = opt(True, "write <name>.obj")
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")

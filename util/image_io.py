@@ -19,6 +19,7 @@ Files that cannot be used raise :class:`ImageLoadError` whose ``reason`` is one 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -106,7 +107,7 @@ def load_image(path: str) -> Image.Image:
     a decodable image; never modifies the file.
     """
     _check_regular_file(path)
-    try:
+    with _load_errors(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=PIL_FORMATS) as im:
@@ -116,6 +117,39 @@ def load_image(path: str) -> Image.Image:
                 except Exception:  # a broken EXIF block must not make a good photo unusable
                     pass
                 return _to_rgb8(im)  # the decoded image (the file is closed) or a converted one
+
+
+def read_plain_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A JPEG whose decoded pixels need nothing of :func:`load_image`'s normalisation - 3-channel
+    colour (PIL mode 'RGB'), no EXIF turn - as (its bytes, a (n,) uint8 array, and its (width,
+    height)), read without decoding (for a decoder elsewhere, e.g. the GPU's); None for any other
+    image, which :func:`load_image` must decode. Raises :class:`ImageLoadError` as it does for
+    files that are not images (a JPEG whose data is corrupt is only found out by its decoder)."""
+    _check_regular_file(path)
+    with _load_errors(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=PIL_FORMATS) as im:
+                if im.format != "JPEG" or im.mode != "RGB" or _exif_orientation(im) not in (None, 1):
+                    return None
+                size = im.size
+        return np.fromfile(path, dtype=np.uint8), size
+
+
+def _exif_orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = upright), None without one; a broken EXIF block reads as
+    upright, as :func:`load_image` treats it."""
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@contextlib.contextmanager
+def _load_errors(path: str):
+    """Turn what opening or decoding ``path`` raises into :class:`ImageLoadError`."""
+    try:
+        yield
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -127,10 +161,13 @@ def load_image(path: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not_an_image", LOAD_REASONS["not_an_image"]) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        msg = str(e)
-        reason = "truncated" if ("truncated" in msg or "ended prematurely" in msg
-                                 or isinstance(e, EOFError)) else "corrupt"
-        raise ImageLoadError(path, reason, msg) from None
+        raise ImageLoadError(path, decode_error_reason(e), str(e)) from None
+
+
+def decode_error_reason(e: BaseException) -> str:
+    """'truncated' or 'corrupt' (:data:`LOAD_REASONS`) for a decoder's exception."""
+    msg = str(e)
+    return "truncated" if ("truncated" in msg or "ended prematurely" in msg or isinstance(e, EOFError)) else "corrupt"
 
 
 def load_image_array(path: str) -> np.ndarray:

@@ -147,12 +147,15 @@ class PlanBatch:
     vertical_first: torch.Tensor
 
     @classmethod
-    def collate(cls, regions: list[np.ndarray], plans: list[ResizeCropPlan]) -> "PlanBatch":
+    def collate(cls, regions: list[np.ndarray | None], plans: list[ResizeCropPlan]) -> "PlanBatch":
+        """Regions given as None are left for the caller to fill (their size is the plan's)."""
         b = len(plans)
-        rmax, cmax = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
+        rmax = max(p.rows[1] - p.rows[0] for p in plans)
+        cmax = max(p.cols[1] - p.cols[0] for p in plans)
         reg = np.empty((b, rmax, cmax, 3), np.uint8)  # padding is only ever multiplied by zero weights
         for i, r in enumerate(regions):
-            reg[i, :r.shape[0], :r.shape[1]] = r
+            if r is not None:
+                reg[i, :r.shape[0], :r.shape[1]] = r
 
         def stack(key):
             arrays = [getattr(p, key) for p in plans]
@@ -168,6 +171,10 @@ class PlanBatch:
     def _map(self, fn) -> "PlanBatch":
         return PlanBatch(*(fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "vertical_first"),
                          vertical_first=self.vertical_first)
+
+    def select(self, keep: torch.Tensor) -> "PlanBatch":
+        """The plans (and regions) at ``keep``, a (B,) bool mask."""
+        return PlanBatch(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
 
     def pin_memory(self) -> "PlanBatch":
         """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""

@@ -1,0 +1,150 @@
+"""test.py --decode_on_device: the workers read plain JPEGs without decoding them and the batch's
+device decodes them. On the CPU the decoder is stood in for by PIL (torchvision is not installed
+here), so the run must write exactly the default run's files; on CUDA, nvJPEG's pixels differ from
+libjpeg's and the coefficients stay within the README's figures."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.image_folder as image_folder
+from conftest import make_photo_folder
+from util.image_io import ImageLoadError, read_plain_jpeg
+
+EXAMPLES = ["000002.jpg", "vd006.png", "trump_hillary.jpg"]  # a PNG among JPEGs: both paths in a batch
+
+
+def pil_decoder():
+    """A stand-in for torchvision's decode_jpeg: libjpeg's pixels through PIL."""
+    def decode(datas, device):
+        out = []
+        for d in datas:
+            with Image.open(io.BytesIO(d.numpy().tobytes())) as im:
+                out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
+        return out
+
+    return decode
+
+
+def run(standin, folder, out, *extra):
+    import test as test_cli
+
+    return test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
+                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+                          "--batch_size=2", "--write_workers=0", f"--results_dir={out}", *extra])
+
+
+def save_jpeg(path, size=(64, 48), **kw):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, "JPEG", **kw)
+
+
+def test_read_plain_jpeg_reads_bytes_and_size_without_decoding(tmp_path):
+    p = tmp_path / "a.jpg"
+    save_jpeg(p, (64, 48))
+    data, size = read_plain_jpeg(str(p))
+    assert size == (64, 48) and data.dtype == np.uint8 and data.tobytes() == p.read_bytes()
+
+
+def test_read_plain_jpeg_leaves_other_photos_to_pil(tmp_path):
+    """PNG, grayscale JPEG and a JPEG that EXIF says to turn need load_image's normalisation."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8)).save(tmp_path / "gray.jpg", "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees
+    Image.new("RGB", (8, 6)).save(tmp_path / "turned.jpg", "JPEG", exif=exif.tobytes())
+    exif[0x0112] = 1
+    Image.new("RGB", (8, 6)).save(tmp_path / "upright.jpg", "JPEG", exif=exif.tobytes())
+    for name in ("a.png", "gray.jpg", "turned.jpg"):
+        assert read_plain_jpeg(str(tmp_path / name)) is None, name
+    assert read_plain_jpeg(str(tmp_path / "upright.jpg"))[1] == (8, 6)
+
+
+def test_read_plain_jpeg_reports_files_that_are_not_images(tmp_path):
+    (tmp_path / "text.jpg").write_text("not a photo")
+    with pytest.raises(ImageLoadError) as e:
+        read_plain_jpeg(str(tmp_path / "text.jpg"))
+    assert e.value.reason == "not_an_image"
+    with pytest.raises(ImageLoadError) as e:
+        read_plain_jpeg(str(tmp_path / "gone.jpg"))
+    assert e.value.reason == "missing"
+
+
+def test_run_decoding_on_the_device_equals_the_default(standin, tmp_path, monkeypatch):
+    """With the same decoder's pixels, --decode_on_device writes byte-identical files (through
+    DataLoader workers, JPEGs and a PNG in the same batches)."""
+    from test_throughput import read_all
+
+    monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
+    assert run(standin, folder, tmp_path / "a", "--num_threads=0") == 0
+    assert run(standin, folder, tmp_path / "b", "--num_threads=2", "--decode_on_device=true") == 0
+    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
+    assert len(a) == 9 and a == b  # .obj, .png, .mat of 3 faces
+
+
+def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch, capsys):
+    """A JPEG whose header reads but whose data is broken is found by the device's decoder: that
+    face is reported as failed (exit code 1), the others are written."""
+    monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
+    broken = os.path.join(folder, "000002.jpg")
+    data = open(broken, "rb").read()
+    with open(broken, "wb") as f:
+        f.write(data[:len(data) // 3])  # header intact, data ends early
+    assert read_plain_jpeg(broken) is not None  # the worker cannot tell
+    out = tmp_path / "out"
+    assert run(standin, folder, out, "--num_threads=0", "--decode_on_device=true") == 1
+    err = capsys.readouterr()
+    assert "000002" in err.out + err.err and "truncated" in err.out + err.err
+    written = sorted(os.listdir(out))
+    assert "000002.mat" not in written
+    assert {"vd006.mat", "trump_hillary.mat"} <= set(written)
+
+
+def test_without_torchvision_the_run_says_what_to_install(standin, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import torchvision raises
+    monkeypatch.setitem(__import__("sys").modules, "torchvision.io", None)
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES[:1])
+    assert run(standin, folder, tmp_path / "out", "--decode_on_device=true") == 2
+    err = capsys.readouterr().err
+    assert "--decode_on_device needs torchvision" in err and "pip install torchvision" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _cuda_decoder_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    try:
+        image_folder.torchvision_jpeg_decoder()
+    except ImportError:
+        pytest.skip("needs torchvision")
+
+
+def test_cuda_run_decoding_on_the_gpu_stays_near_the_default(standin, tmp_path):
+    """nvJPEG's pixels are not libjpeg's; the coefficients of the examples stay within the
+    README's bound of the default run's (float32 network)."""
+    from scipy.io import loadmat
+
+    _cuda_decoder_or_skip()
+    import test as test_cli
+
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
+    base = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
+            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}"]
+    assert test_cli.main(base + [f"--results_dir={tmp_path / 'a'}"]) == 0
+    assert test_cli.main(base + [f"--results_dir={tmp_path / 'b'}", "--decode_on_device=true"]) == 0
+    keys = ("id", "exp", "tex", "angle", "gamma", "trans")
+    for name in ("000002", "vd006", "trump_hillary"):
+        a, b = (loadmat(str(tmp_path / d / f"{name}.mat")) for d in "ab")
+        diff = max(float(np.abs(a[k] - b[k]).max()) for k in keys)
+        print(f"{name}: largest coefficient difference {diff:.2e}")
+        if name == "vd006":  # a PNG: decoded by PIL either way
+            assert diff <= 1e-5
+        else:
+            assert 0 < diff < 0.05, (name, diff)
