@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
 from util.image_io import decode_error_reason, list_images, load_image, read_plain_jpeg
-from util.pil_resample import PlanBatch, ResizeCropPlan, apply_plans, identity_plan, plan_resize_crop
+from util.pil_resample import (PlanBatch, ResizeCropPlan, apply_plans, identity_plan, pad_regions, plan_resize_crop,
+                               region_shape)
 from util.preprocess import (AlignTransform, align_params, crop_box, flip_y, pil_vertical_first, resize_crop,
                              unit_float_table)
 
@@ -124,6 +125,25 @@ def load_aligned_jpeg(entry: FaceEntry, lm3d: np.ndarray
     return data, plan_resize_crop(img_size, size, box, order), lm_crop, transform
 
 
+def _collate_jpegs(batch: dict, good: list[dict]) -> None:
+    """Batch items of which some carry JPEG files to decode where the batch goes: 'plans' with a
+    placeholder for the regions, which :func:`batch_crops` makes there ('region_shape'); 'jpeg'
+    (the files' bytes, one after another: a DataLoader worker hands each tensor over through its
+    own file descriptor, a few hundred microseconds of the main process each), 'jpeg_sizes',
+    'jpeg_slots' (their places in the batch), 'jpeg_boxes' ((rows, cols) each reads); the others'
+    regions in 'cpu_regions' with their 'cpu_slots'."""
+    plans = [it["plan"] for it in good]
+    slots = [i for i, it in enumerate(good) if "jpeg" in it]
+    others = [i for i, it in enumerate(good) if "jpeg" not in it]
+    batch["plans"], batch["region_shape"] = PlanBatch.collate(None, plans), region_shape(plans)
+    batch["jpeg"] = torch.from_numpy(np.concatenate([good[i]["jpeg"] for i in slots]))
+    batch["jpeg_sizes"] = [len(good[i]["jpeg"]) for i in slots]
+    batch["jpeg_slots"], batch["jpeg_boxes"] = slots, [(plans[i].rows, plans[i].cols) for i in slots]
+    if others:
+        batch["cpu_regions"] = torch.from_numpy(pad_regions([good[i]["region"] for i in others]))
+        batch["cpu_slots"] = others
+
+
 def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
     """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
     from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`),
@@ -135,8 +155,13 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
         return batch["image"].to(device, non_blocking=True)
     plans = batch["plans"].to(device, non_blocking=True)
     if "jpeg" in batch:
-        errors = decode_into(plans.regions, batch.pop("jpeg"), batch.pop("jpeg_slots"),
-                             [(p.rows, p.cols) for p in batch.pop("jpeg_plans")], device)
+        regions = torch.empty((len(batch["meta"]), *batch.pop("region_shape"), 3), dtype=torch.uint8, device=device)
+        if "cpu_regions" in batch:  # photos the workers decoded
+            cpu = batch.pop("cpu_regions").to(device, non_blocking=True)
+            regions[batch.pop("cpu_slots"), :cpu.shape[1], :cpu.shape[2]] = cpu
+        datas = list(torch.split(batch.pop("jpeg"), batch.pop("jpeg_sizes")))
+        errors = decode_into(regions, datas, batch.pop("jpeg_slots"), batch.pop("jpeg_boxes"), device)
+        plans = plans.with_regions(regions)
         if errors:
             plans = plans.select(drop_faces(batch, errors).to(device))
     batch["image"] = apply_plans(plans)
@@ -252,19 +277,17 @@ class AlignedFaces(Dataset):
 
 def collate_faces(items: list[dict]) -> dict:
     """Batch the good items (tensors 'image' (B,3,H,W) uint8 or 'plans', a PlanBatch of their
-    regions and plans, with 'jpeg' (files to decode into its regions), 'jpeg_slots' and
-    'jpeg_plans' where some items are JPEGs to decode on the device; 'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with
-    'has_lm68' (B,) bool, zeros for those without); keep failed ones in 'failed'."""
+    regions and plans (see :func:`_collate_jpegs` where some are JPEGs to decode on the device);
+    'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
+    zeros for those without); keep failed ones in 'failed'."""
     good = [it for it in items if it["error"] is None]
     batch = {"failed": [it for it in items if it["error"] is not None],
              "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
     if good:
-        if "plan" in good[0]:
-            batch["plans"] = PlanBatch.collate([it.get("region") for it in good], [it["plan"] for it in good])
-            slots = [i for i, it in enumerate(good) if "jpeg" in it]
-            if slots:  # decoded where the batch goes (batch_crops)
-                batch["jpeg"] = [torch.from_numpy(good[i]["jpeg"]) for i in slots]
-                batch["jpeg_slots"], batch["jpeg_plans"] = slots, [good[i]["plan"] for i in slots]
+        if any("jpeg" in it for it in good):
+            _collate_jpegs(batch, good)
+        elif "plan" in good[0]:
+            batch["plans"] = PlanBatch.collate([it["region"] for it in good], [it["plan"] for it in good])
         else:
             batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
         batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))

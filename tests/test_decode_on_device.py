@@ -1,7 +1,7 @@
 """test.py --decode_on_device: the workers read plain JPEGs without decoding them and the batch's
 device decodes them. On the CPU the decoder is stood in for by PIL (torchvision is not installed
 here), so the run must write exactly the default run's files; on CUDA, nvJPEG's pixels differ from
-libjpeg's and the coefficients stay within the README's figures."""
+libjpeg's and the aligned crops stay within a level on average."""
 from __future__ import annotations
 
 import io
@@ -36,7 +36,7 @@ def run(standin, folder, out, *extra):
 
     return test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
                           f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-                          "--batch_size=2", "--write_workers=0", f"--results_dir={out}", *extra])
+                          "--write_workers=0", f"--results_dir={out}", *extra])
 
 
 def save_jpeg(path, size=(64, 48), **kw):
@@ -82,10 +82,13 @@ def test_run_decoding_on_the_device_equals_the_default(standin, tmp_path, monkey
 
     monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
-    assert run(standin, folder, tmp_path / "a", "--num_threads=0") == 0
-    assert run(standin, folder, tmp_path / "b", "--num_threads=2", "--decode_on_device=true") == 0
-    a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
-    assert len(a) == 9 and a == b  # .obj, .png, .mat of 3 faces
+    for b in (2, 3):  # batches of JPEGs alone and of PNG and JPEGs together (same batches on both sides:
+        # the CPU's convolutions round differently for other batch sizes)
+        assert run(standin, folder, tmp_path / f"a{b}", "--num_threads=0", f"--batch_size={b}") == 0
+        assert run(standin, folder, tmp_path / f"b{b}", "--num_threads=2", f"--batch_size={b}",
+                   "--decode_on_device=true") == 0
+        a = read_all(tmp_path / f"a{b}")
+        assert len(a) == 9 and read_all(tmp_path / f"b{b}") == a  # .obj, .png, .mat of 3 faces
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch, capsys):
@@ -99,7 +102,7 @@ def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch,
         f.write(data[:len(data) // 3])  # header intact, data ends early
     assert read_plain_jpeg(broken) is not None  # the worker cannot tell
     out = tmp_path / "out"
-    assert run(standin, folder, out, "--num_threads=0", "--decode_on_device=true") == 1
+    assert run(standin, folder, out, "--num_threads=0", "--batch_size=3", "--decode_on_device=true") == 1
     err = capsys.readouterr()
     assert "000002" in err.out + err.err and "truncated" in err.out + err.err
     written = sorted(os.listdir(out))
@@ -126,25 +129,34 @@ def _cuda_decoder_or_skip():
         pytest.skip("needs torchvision")
 
 
-def test_cuda_run_decoding_on_the_gpu_stays_near_the_default(standin, tmp_path):
-    """nvJPEG's pixels are not libjpeg's; the coefficients of the examples stay within the
-    README's bound of the default run's (float32 network)."""
-    from scipy.io import loadmat
+def test_cuda_crops_decoded_on_the_gpu_stay_near_pils(tmp_path):
+    """nvJPEG's pixels are not libjpeg's (its colour upsampling differs): the aligned crops of
+    the JPEGs differ by less than a level on average; the PNG's, decoded by PIL either way, not at all."""
+    from data.image_folder import AlignedFaces, batch_crops, collate_faces, scan_folder
+    from util.preprocess import load_lm3d
 
     _cuda_decoder_or_skip()
-    import test as test_cli
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES + ["015316.jpg", "000114.jpg"])
+    entries, _ = scan_folder(folder)
+    lm3d = load_lm3d(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BFM"))
+    a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda")).int()
+            for ds in (AlignedFaces(entries, lm3d), AlignedFaces(entries, lm3d, decode_on_device=True)))
+    diff = (a - b).abs().flatten(1).float()
+    png = [e.name for e in entries].index("vd006")
+    assert diff[png].max() == 0
+    jpeg = torch.arange(len(entries)) != png
+    print(f"crop differences: max {diff[jpeg].max():.0f}, mean {diff[jpeg].mean():.3f} levels")
+    assert diff[jpeg].mean() < 1.0 and diff[jpeg].max() < 64
+
+
+def test_cuda_run_decoding_on_the_gpu(standin, tmp_path):
+    _cuda_decoder_or_skip()
+    from test_throughput import read_all
 
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
-    base = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
-            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}"]
-    assert test_cli.main(base + [f"--results_dir={tmp_path / 'a'}"]) == 0
-    assert test_cli.main(base + [f"--results_dir={tmp_path / 'b'}", "--decode_on_device=true"]) == 0
-    keys = ("id", "exp", "tex", "angle", "gamma", "trans")
-    for name in ("000002", "vd006", "trump_hillary"):
-        a, b = (loadmat(str(tmp_path / d / f"{name}.mat")) for d in "ab")
-        diff = max(float(np.abs(a[k] - b[k]).max()) for k in keys)
-        print(f"{name}: largest coefficient difference {diff:.2e}")
-        if name == "vd006":  # a PNG: decoded by PIL either way
-            assert diff <= 1e-5
-        else:
-            assert 0 < diff < 0.05, (name, diff)
+    import test as test_cli
+
+    assert test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
+                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+                          f"--results_dir={tmp_path / 'out'}", "--decode_on_device=true"]) == 0
+    assert len(read_all(tmp_path / "out")) == 9

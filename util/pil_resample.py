@@ -147,15 +147,12 @@ class PlanBatch:
     vertical_first: torch.Tensor
 
     @classmethod
-    def collate(cls, regions: list[np.ndarray | None], plans: list[ResizeCropPlan]) -> "PlanBatch":
-        """Regions given as None are left for the caller to fill (their size is the plan's)."""
+    def collate(cls, regions: list[np.ndarray] | None, plans: list[ResizeCropPlan]) -> "PlanBatch":
+        """With ``regions`` None, the regions are a (B, 0, 0, 3) placeholder for the caller to
+        replace (their shape: :func:`region_shape`)."""
         b = len(plans)
-        rmax = max(p.rows[1] - p.rows[0] for p in plans)
-        cmax = max(p.cols[1] - p.cols[0] for p in plans)
-        reg = np.empty((b, rmax, cmax, 3), np.uint8)  # padding is only ever multiplied by zero weights
-        for i, r in enumerate(regions):
-            if r is not None:
-                reg[i, :r.shape[0], :r.shape[1]] = r
+        reg = np.empty((b, 0, 0, 3), np.uint8) if regions is None else pad_regions(regions)
+
 
         def stack(key):
             arrays = [getattr(p, key) for p in plans]
@@ -172,6 +169,9 @@ class PlanBatch:
         return PlanBatch(*(fn(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "vertical_first"),
                          vertical_first=self.vertical_first)
 
+    def with_regions(self, regions: torch.Tensor) -> "PlanBatch":
+        return dataclasses.replace(self, regions=regions)
+
     def select(self, keep: torch.Tensor) -> "PlanBatch":
         """The plans (and regions) at ``keep``, a (B,) bool mask."""
         return PlanBatch(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
@@ -182,6 +182,21 @@ class PlanBatch:
 
     def to(self, device, non_blocking: bool = False) -> "PlanBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def region_shape(plans: list[ResizeCropPlan]) -> tuple[int, int]:
+    """(rows, cols) of the padded regions of ``plans``."""
+    return max(p.rows[1] - p.rows[0] for p in plans), max(p.cols[1] - p.cols[0] for p in plans)
+
+
+def pad_regions(regions: list[np.ndarray]) -> np.ndarray:
+    """(R_i, C_i, 3) uint8 regions -> one (n, max R_i, max C_i, 3) array; the padding holds
+    whatever was in memory (it is only ever multiplied by zero weights)."""
+    rmax, cmax = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
+    out = np.empty((len(regions), rmax, cmax, 3), np.uint8)
+    for i, r in enumerate(regions):
+        out[i, :r.shape[0], :r.shape[1]] = r
+    return out
 
 
 def _band(index: torch.Tensor, weight: torch.Tensor, in_len: int) -> torch.Tensor:
