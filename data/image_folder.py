@@ -168,20 +168,47 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
     return batch["image"]
 
 
+RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB
+
+
 def torchvision_jpeg_decoder():
     """``decode(datas, device)``: (n,) uint8 tensors of JPEG files -> (3, H, W) uint8 RGB images on
-    ``device`` (nvJPEG on CUDA), through torchvision's ``decode_jpeg``; raises ImportError that
-    says what to install where torchvision is missing."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except Exception as e:  # noqa: BLE001 - absent, or built for another torch
-        raise ImportError(f"--decode_on_device needs torchvision, the release built for torch {torch.__version__} "
-                          f"(pip install torchvision; see pytorch.org for the pairs): {e}") from None
+    ``device`` (nvJPEG on CUDA), by torchvision's image operators; raises ImportError that says
+    what to install where torchvision is missing."""
+    if not _load_torchvision_image_ops():
+        try:
+            import torchvision.io  # noqa: F401 - registers the operators
+        except Exception as e:  # noqa: BLE001 - absent, or built for another torch
+            raise ImportError(f"--decode_on_device needs torchvision, the release built for torch {torch.__version__} "
+                              f"(pip install torchvision; see pytorch.org for the pairs): {e}") from None
 
     def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        if device.type == "cuda":
+            return torch.ops.image.decode_jpegs_cuda(datas, RGB_MODE, device)
+        return [torch.ops.image.decode_jpeg(d, RGB_MODE, False) for d in datas]
 
     return decode
+
+
+def _load_torchvision_image_ops() -> bool:
+    """Load torchvision's compiled image library alone (its operators, torch.ops.image), without
+    importing the torchvision package, whose ``__init__`` imports its models, datasets and torch's
+    compiler stack (1-5 s of a run's start-up). False where that cannot be done; the caller then
+    imports torchvision.io."""
+    import glob
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torchvision")
+        folders = list(spec.submodule_search_locations or []) if spec is not None else []
+        libs = [p for d in folders for p in glob.glob(os.path.join(d, "image.*")) if p.endswith((".so", ".pyd"))]
+        if not libs:
+            return False
+        torch.ops.load_library(libs[0])
+        args = [a.name for a in torch.ops.image.decode_jpegs_cuda.default._schema.arguments]
+        return len(args) == 3 and hasattr(torch.ops.image, "decode_jpeg")  # (encoded, mode, device)
+    except Exception:  # noqa: BLE001 - another layout or release: the public import decides
+        return False
 
 
 def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[int], boxes: list[tuple], device

@@ -160,3 +160,19 @@ def test_cuda_run_decoding_on_the_gpu(standin, tmp_path):
                           f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
                           f"--results_dir={tmp_path / 'out'}", "--decode_on_device=true"]) == 0
     assert len(read_all(tmp_path / "out")) == 9
+
+
+def test_the_decoder_loads_without_importing_torchvision():
+    """Only torchvision's image library is loaded: a fresh process that readies the decoder has
+    not imported the torchvision package (whose __init__ costs seconds of start-up)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("needs torchvision")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch; from data.image_folder import torchvision_jpeg_decoder as d; d(); "
+            "print('torchvision' in sys.modules, hasattr(torch.ops.image, 'decode_jpegs_cuda'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
