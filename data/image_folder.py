@@ -44,30 +44,42 @@ class FaceEntry:
     lm68_path: str = ""  # its 68-point landmarks (landmarks/<name>.txt) when asked for and present
 
 
-def scan_folder(folder: str, recursive: bool = False, lm68: bool = False) -> tuple[list[FaceEntry], list[str]]:
+def scan_folder(folder: str, recursive: bool = False, lm68: bool = False, share: tuple[int, int] = (0, 1)
+                ) -> tuple[list[FaceEntry], list[str]]:
     """Return (faces to reconstruct, photos skipped for lack of a detection file), photos listed
     by the same :func:`util.image_io.list_images` the detector uses. With ``lm68``, each face
     also gets the path of its 68-point landmarks (``landmarks/<name>.txt``, as
     ``process_images.sh --landmarks68`` writes them) where that file exists.
 
+    ``share`` (rank, world): only every world-th photo from the rank-th (in listing order), as one
+    of ``world`` processes sharing the folder takes them; the others' detection files are not
+    even looked up.
+
     Photos sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like
     process_images.py, only the first in listing order uses it; the others are skipped, with why.
     """
+    rank, world = share
     entries, missing = [], []
     owner: dict[tuple[str, str], str] = {}
     index: dict = {}  # one listing per detections (and landmarks) folder
-    for rel in list_images(folder, recursive):
-        key = (os.path.dirname(rel), os.path.splitext(os.path.basename(rel))[0])
+    for i, rel in enumerate(list_images(folder, recursive)):
+        rel_dir, name = os.path.split(rel)
+        key = (rel_dir, os.path.splitext(name)[0])
+        mine = i % world == rank
         if key in owner:
-            missing.append(f"{os.path.join(folder, rel)} (same name as {owner[key]}, whose detection file it would reuse)")
+            if mine:
+                missing.append(f"{os.path.join(folder, rel)} (same name as {owner[key]}, whose detection file it "
+                               "would reuse)")
             continue
-        owner[key] = os.path.basename(rel)
+        owner[key] = name
+        if not mine:
+            continue
         faces = face_detection_files(folder, rel, index=index)
         if not faces:
             missing.append(os.path.join(folder, rel))
         lm_files = dict(face_detection_files(folder, rel, subdir=LANDMARKS_DIR, index=index)) if lm68 else {}
-        entries += [FaceEntry(os.path.join(folder, rel), path, name, os.path.dirname(rel), lm_files.get(name, ""))
-                    for name, path in faces]
+        path = os.path.join(folder, rel)
+        entries += [FaceEntry(path, det, face, rel_dir, lm_files.get(face, "")) for face, det in faces]
     return entries, missing
 
 

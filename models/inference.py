@@ -139,7 +139,7 @@ class RunSummary:
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
         self.faces_failed += other.faces_failed
-        self.photos_without_detection += other.photos_without_detection
+        self.photos_without_detection = sorted(self.photos_without_detection + other.photos_without_detection)
         self.failures += other.failures
         self.seconds = max(self.seconds, other.seconds)
         done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
@@ -304,11 +304,6 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 8
 
 
-def shard(entries: list, rank: int, world: int) -> list:
-    """Rank ``rank``'s share of ``entries`` (round-robin, so every rank gets similar work)."""
-    return entries[rank::world]
-
-
 def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_size: int | None = None):
     """The DataLoader of :func:`run_folder` over ``entries`` (this rank's share): aligned uint8
     crops in batches of ``batch_size`` (default: ``--batch_size``, or the device's default), decoded
@@ -353,11 +348,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     if not os.path.isdir(opt.img_folder):
         raise SetupError(f"--img_folder {opt.img_folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
-    entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0)
-    summary = RunSummary(out_dir=results_dir(opt))
-    if rank == 0:
-        summary.photos_without_detection = missing
-    entries = shard(entries, rank, world)
+    entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0, share=(rank, world))
+    summary = RunSummary(out_dir=results_dir(opt), photos_without_detection=missing)
     loader = face_loader(opt, entries, device, world)
     bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so

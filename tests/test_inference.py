@@ -181,6 +181,27 @@ def test_multi_face_detection_files_are_reconstructed(standin, tmp_path):
     assert os.path.isfile(os.path.join(out, "trump_hillary__face02.mat"))
 
 
+def test_scan_folder_shares_photos_between_ranks(tmp_path):
+    """Each of N ranks takes every N-th photo in listing order (all faces of a photo together)
+    and reports its share of the photos without a detection: together, exactly the whole scan."""
+    from data.image_folder import scan_folder
+    from util.detections_io import detection_path, write_points
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "015259.jpg", "trump_hillary.jpg",
+                                                          "vd006.png"])
+    write_points(detection_path(folder, "trump_hillary.jpg", face=2), np.zeros((5, 2)))
+    shutil.copyfile(os.path.join(ROOT, "examples", "JianzhuGuo.jpg"), os.path.join(folder, "JianzhuGuo.jpg"))
+    os.makedirs(os.path.join(folder, "detections", "JianzhuGuo.txt"))  # a folder is no detection file
+    whole, missing = scan_folder(folder)
+    assert [e.name for e in whole] == ["000002", "015259", "trump_hillary", "trump_hillary__face02", "vd006"]
+    assert missing == [os.path.join(folder, "JianzhuGuo.jpg")]
+    parts = [scan_folder(folder, share=(r, 2)) for r in range(2)]
+    # listed: 000002.jpg 015259.jpg JianzhuGuo.jpg trump_hillary.jpg vd006.png
+    assert [e.name for e in parts[0][0]] == ["000002", "vd006"]
+    assert [e.name for e in parts[1][0]] == ["015259", "trump_hillary", "trump_hillary__face02"]
+    assert parts[0][1] == missing and parts[1][1] == []
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_shard_the_folder(standin, tmp_path):
     """torchrun --nproc_per_node=2 (CPU, gloo): each rank writes its share, one summary."""

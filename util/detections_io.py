@@ -34,16 +34,21 @@ def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DET
 
 
 class _DirIndex:
-    """One listing of a detections folder: which ``<stem>.txt`` exist and each stem's extra faces."""
+    """One listing of a detections folder: its ``.txt`` files (regular files, or links to them)
+    and each stem's extra faces."""
 
     def __init__(self, det_dir: str):
-        names = os.listdir(det_dir) if os.path.isdir(det_dir) else []
+        try:
+            with os.scandir(det_dir) as it:
+                names = [e.name for e in it if e.name.endswith(".txt") and e.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
         self.files = set(names)
         self.extra: dict[str, list[tuple[int, str]]] = {}
         for f in names:
-            m = _EXTRA_FACE.match(os.path.splitext(f)[0])
-            if f.endswith(".txt") and m:
-                self.extra.setdefault(m.group("stem"), []).append((int(m.group("k")), os.path.splitext(f)[0]))
+            m = _EXTRA_FACE.match(f[:-4])
+            if m:
+                self.extra.setdefault(m.group("stem"), []).append((int(m.group("k")), f[:-4]))
 
 
 def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_DIR,
@@ -53,17 +58,17 @@ def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_D
     The output name is the detection file's stem (``photo`` or ``photo__face02``).
     ``subdir=LANDMARKS_DIR`` lists the 68-point landmark files instead. Pass the same dict as
     ``index`` for every photo of a folder to list each detections folder only once (a folder of
-    N photos then costs O(N), not O(N^2)).
+    N photos then costs O(N), not O(N^2), and no file system call per photo).
     """
     main = detection_path(folder, rel_image, subdir=subdir)
     det_dir, main_name = os.path.split(main)
     if index is None:
         index = {}
-    if det_dir not in index:
-        index[det_dir] = _DirIndex(det_dir)
-    listing = index[det_dir]
-    out = [(os.path.splitext(main_name)[0], main)] if main_name in listing.files and os.path.isfile(main) else []
-    stem = os.path.splitext(os.path.basename(rel_image))[0]
+    listing = index.get(det_dir)
+    if listing is None:
+        listing = index[det_dir] = _DirIndex(det_dir)
+    stem = main_name[:-4]  # detection_path's <stem>.txt
+    out = [(stem, main)] if main_name in listing.files else []
     out += [(name, os.path.join(det_dir, name + ".txt")) for _, name in sorted(listing.extra.get(stem, []))]
     return out
 
