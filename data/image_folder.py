@@ -151,6 +151,7 @@ def _collate_jpegs(batch: dict, good: list[dict]) -> None:
     batch["jpeg"] = torch.from_numpy(np.concatenate([good[i]["jpeg"] for i in slots]))
     batch["jpeg_sizes"] = [len(good[i]["jpeg"]) for i in slots]
     batch["jpeg_slots"], batch["jpeg_boxes"] = slots, [(plans[i].rows, plans[i].cols) for i in slots]
+    batch["jpeg_shapes"] = [(good[i]["transform"].h0, good[i]["transform"].w0) for i in slots]
     if others:
         batch["cpu_regions"] = torch.from_numpy(pad_regions([good[i]["region"] for i in others]))
         batch["cpu_slots"] = others
@@ -172,7 +173,8 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
             cpu = batch.pop("cpu_regions").to(device, non_blocking=True)
             regions[batch.pop("cpu_slots"), :cpu.shape[1], :cpu.shape[2]] = cpu
         datas = list(torch.split(batch.pop("jpeg"), batch.pop("jpeg_sizes")))
-        errors = decode_into(regions, datas, batch.pop("jpeg_slots"), batch.pop("jpeg_boxes"), device)
+        errors = decode_into(regions, datas, batch.pop("jpeg_slots"), batch.pop("jpeg_boxes"),
+                             batch.pop("jpeg_shapes"), device)
         plans = plans.with_regions(regions)
         if errors:
             plans = plans.select(drop_faces(batch, errors).to(device))
@@ -223,11 +225,12 @@ def _load_torchvision_image_ops() -> bool:
         return False
 
 
-def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[int], boxes: list[tuple], device
-                ) -> dict[int, str]:
+def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[int], boxes: list[tuple],
+                shapes: list[tuple[int, int]], device) -> dict[int, str]:
     """Decode JPEG files on ``device`` into ``regions`` (B, R, C, 3) uint8 there: ``datas[k]``'s
-    rows x cols ``boxes[k]`` go to ``regions[slots[k]]``. All in one batched call; where that fails,
-    one at a time. Returns {slot: reason} of the files that would not decode."""
+    rows x cols ``boxes[k]`` go to ``regions[slots[k]]``; it must decode to (height, width)
+    ``shapes[k]`` (its header's, which the alignment used). All in one batched call; where that
+    fails, one at a time. Returns {slot: reason} of the files that would not decode."""
     decode = torchvision_jpeg_decoder()
     try:
         images = decode(datas, device)
@@ -239,9 +242,12 @@ def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[in
             except Exception as e:  # noqa: BLE001
                 images.append(e)
     errors = {}
-    for img, slot, ((r0, r1), (c0, c1)) in zip(images, slots, boxes):
+    for img, slot, ((r0, r1), (c0, c1)), shape in zip(images, slots, boxes, shapes):
         if isinstance(img, BaseException):
             errors[slot] = f"{decode_error_reason(img)} ({img})"
+            continue
+        if tuple(img.shape) != (3, *shape):
+            errors[slot] = f"corrupt (decoded to {tuple(img.shape)}, the header says 3 x {shape[0]} x {shape[1]})"
             continue
         regions[slot, :r1 - r0, :c1 - c0] = img[:, r0:r1, c0:c1].permute(1, 2, 0)
     return errors

@@ -110,6 +110,21 @@ def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch,
     assert {"vd006.mat", "trump_hillary.mat"} <= set(written)
 
 
+def test_a_jpeg_decoded_to_another_size_fails_alone(standin, tmp_path, monkeypatch, capsys):
+    """A decoder whose image is not the size the header gave (which the alignment used) must not
+    be cropped silently: that face fails with the reason."""
+    def decoder():
+        pil = pil_decoder()
+        return lambda datas, device: [img[:, 1:] for img in pil(datas, device)]  # one row short
+
+    monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", decoder)
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    assert run(standin, folder, tmp_path / "out", "--num_threads=0", "--decode_on_device=true") == 1
+    text = "".join(capsys.readouterr())
+    assert "000002" in text and "decoded to (3, 593, 423), the header says 3 x 594 x 423" in text
+    assert os.path.isfile(tmp_path / "out" / "vd006.mat")
+
+
 def test_without_torchvision_the_run_says_what_to_install(standin, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import torchvision raises
     monkeypatch.setitem(__import__("sys").modules, "torchvision.io", None)
