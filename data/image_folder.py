@@ -183,25 +183,30 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
 
 
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB
+_image_ops_loaded = False  # torchvision's image operators registered in this process
 
 
 def torchvision_jpeg_decoder():
     """``decode(datas, device)``: (n,) uint8 tensors of JPEG files -> (3, H, W) uint8 RGB images on
     ``device`` (nvJPEG on CUDA), by torchvision's image operators; raises ImportError that says
     what to install where torchvision is missing."""
-    if not _load_torchvision_image_ops():
-        try:
-            import torchvision.io  # noqa: F401 - registers the operators
-        except Exception as e:  # noqa: BLE001 - absent, or built for another torch
-            raise ImportError(f"--decode_on_device needs torchvision, the release built for torch {torch.__version__} "
-                              f"(pip install torchvision; see pytorch.org for the pairs): {e}") from None
+    global _image_ops_loaded
+    if not _image_ops_loaded:
+        if not _load_torchvision_image_ops():
+            try:
+                import torchvision.io  # noqa: F401 - registers the operators
+            except Exception as e:  # noqa: BLE001 - absent, or built for another torch
+                raise ImportError(f"--decode_on_device needs torchvision, the release built for torch "
+                                  f"{torch.__version__} (pip install torchvision; see pytorch.org for the pairs): "
+                                  f"{e}") from None
+        _image_ops_loaded = True
+    return _decode_jpegs
 
-    def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        if device.type == "cuda":
-            return torch.ops.image.decode_jpegs_cuda(datas, RGB_MODE, device)
-        return [torch.ops.image.decode_jpeg(d, RGB_MODE, False) for d in datas]
 
-    return decode
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type == "cuda":
+        return torch.ops.image.decode_jpegs_cuda(datas, RGB_MODE, device)
+    return [torch.ops.image.decode_jpeg(d, RGB_MODE, False) for d in datas]
 
 
 def _load_torchvision_image_ops() -> bool:

@@ -126,6 +126,7 @@ def test_a_jpeg_decoded_to_another_size_fails_alone(standin, tmp_path, monkeypat
 
 
 def test_without_torchvision_the_run_says_what_to_install(standin, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(image_folder, "_image_ops_loaded", False)  # as in a process that never loaded them
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import torchvision raises
     monkeypatch.setitem(__import__("sys").modules, "torchvision.io", None)
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES[:1])
@@ -191,3 +192,22 @@ def test_the_decoder_loads_without_importing_torchvision():
             "print('torchvision' in sys.modules, hasattr(torch.ops.image, 'decode_jpegs_cuda'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_cuda_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, capsys):
+    """The same on the GPU with nvJPEG: the truncated JPEG fails alone, the others are written."""
+    _cuda_decoder_or_skip()
+    folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
+    broken = os.path.join(folder, "000002.jpg")
+    data = open(broken, "rb").read()
+    with open(broken, "wb") as f:
+        f.write(data[:len(data) // 3])
+    import test as test_cli
+
+    out = tmp_path / "out"
+    assert test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
+                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+                          f"--results_dir={out}", "--decode_on_device=true"]) == 1
+    assert "000002" in "".join(capsys.readouterr())
+    written = set(os.listdir(out))
+    assert "000002.mat" not in written and {"vd006.mat", "trump_hillary.mat"} <= written

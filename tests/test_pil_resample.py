@@ -121,3 +121,15 @@ def test_run_with_crops_made_on_the_device_equals_the_default(standin, tmp_path)
     assert test_cli.main(base + [f"--results_dir={tmp_path / 'b'}", "--num_threads=2", "--resample_on_device=true"]) == 0
     a, b = read_all(tmp_path / "a"), read_all(tmp_path / "b")
     assert len(a) == 9 and a == b  # .obj, .png, .mat of 3 faces
+
+
+def test_plan_batch_select_keeps_the_masked_plans():
+    """PlanBatch.select: the kept plans' fields, regions included, in order."""
+    photo = np.arange(40 * 30 * 3, dtype=np.uint8).reshape(40, 30, 3)
+    plans = [plan_resize_crop((30, 40), (15 + k, 20 + k), (0, 0, 8, 8), False) for k in range(3)]
+    regions = [photo[p.rows[0]:p.rows[1], p.cols[0]:p.cols[1]].copy() for p in plans]
+    full = PlanBatch.collate(regions, plans)
+    kept = full.select(torch.tensor([True, False, True]))
+    both = PlanBatch.collate([regions[0], regions[2]], [plans[0], plans[2]])
+    assert torch.equal(apply_plans(kept), apply_plans(both))
+    assert torch.equal(apply_plans(kept), apply_plans(full)[[0, 2]])

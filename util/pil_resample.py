@@ -153,7 +153,6 @@ class PlanBatch:
         b = len(plans)
         reg = np.empty((b, 0, 0, 3), np.uint8) if regions is None else pad_regions(regions)
 
-
         def stack(key):
             arrays = [getattr(p, key) for p in plans]
             k = max(a.shape[1] for a in arrays)
@@ -173,8 +172,10 @@ class PlanBatch:
         return dataclasses.replace(self, regions=regions)
 
     def select(self, keep: torch.Tensor) -> "PlanBatch":
-        """The plans (and regions) at ``keep``, a (B,) bool mask."""
-        return PlanBatch(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
+        """The plans (and regions) at ``keep``, a (B,) bool mask on any device (vertical_first
+        stays on the CPU, where :meth:`to` leaves it)."""
+        return PlanBatch(*(getattr(self, f.name)[keep.to(getattr(self, f.name).device)]
+                           for f in dataclasses.fields(self)))
 
     def pin_memory(self) -> "PlanBatch":
         """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
