@@ -212,8 +212,8 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch
 def _load_torchvision_image_ops() -> bool:
     """Load torchvision's compiled image library alone (its operators, torch.ops.image), without
     importing the torchvision package, whose ``__init__`` imports its models, datasets and torch's
-    compiler stack (1-5 s of a run's start-up). False where that cannot be done; the caller then
-    imports torchvision.io."""
+    compiler stack (about 5 s of start-up where nothing is byte-compiled). False where that cannot
+    be done; the caller then imports torchvision.io."""
     import glob
     import importlib.util
 
