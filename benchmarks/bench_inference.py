@@ -15,8 +15,9 @@ with the timed runs' workers and batch size), with CUDA synchronisation:
     which leaves out everything a run pays once (worker and writer start-up, the tail);
   * per stage, ms/image, medians over batches: decode+align (with ``--resample_on_device``: decode
     and the alignment's plan; with ``--decode_on_device``: reading the JPEGs and the plan),
-    crops_to_device (the uint8 crops copied to the device, or made there, JPEGs decoded there), network (incl. the uint8 -> float conversion), face model, render, compose (the
-    picture's middle panel as bytes, on the device), host copy (device -> numpy results) and
+    crops_to_device (the uint8 crops copied to the device, or made there, JPEGs decoded there),
+    network (incl. the uint8 -> float conversion), face model, render, compose (the picture's
+    middle panel as bytes, on the device), host copy (device -> numpy results) and
     pickle (the results as the writer pool sends them), the main process's share of the output
     work; then, in a writer process set up
     as test.py's, writing each output file (.png with the panels, landmarks and encoding, .obj,
@@ -33,7 +34,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess

@@ -177,7 +177,7 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
                              batch.pop("jpeg_shapes"), device)
         plans = plans.with_regions(regions)
         if errors:
-            plans = plans.select(drop_faces(batch, errors).to(device))
+            plans = plans.select(drop_faces(batch, errors))
     batch["image"] = apply_plans(plans)
     return batch["image"]
 

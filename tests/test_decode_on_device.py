@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import data.image_folder as image_folder
-from conftest import make_photo_folder
+from conftest import ROOT, make_photo_folder
 from util.image_io import ImageLoadError, read_plain_jpeg
 
 EXAMPLES = ["000002.jpg", "vd006.png", "trump_hillary.jpg"]  # a PNG among JPEGs: both paths in a batch
@@ -31,12 +31,19 @@ def pil_decoder():
     return decode
 
 
-def run(standin, folder, out, *extra):
+def run(standin, folder, out, *extra, device="cpu"):
     import test as test_cli
 
-    return test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
+    return test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", f"--device={device}",
                           f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
                           "--write_workers=0", f"--results_dir={out}", *extra])
+
+
+def truncate(path):
+    """Cut a file to its first third: a JPEG keeps its header, its data ends early."""
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 3])
 
 
 def save_jpeg(path, size=(64, 48), **kw):
@@ -97,9 +104,7 @@ def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch,
     monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
     broken = os.path.join(folder, "000002.jpg")
-    data = open(broken, "rb").read()
-    with open(broken, "wb") as f:
-        f.write(data[:len(data) // 3])  # header intact, data ends early
+    truncate(broken)
     assert read_plain_jpeg(broken) is not None  # the worker cannot tell
     out = tmp_path / "out"
     assert run(standin, folder, out, "--num_threads=0", "--batch_size=3", "--decode_on_device=true") == 1
@@ -154,7 +159,7 @@ def test_cuda_crops_decoded_on_the_gpu_stay_near_pils(tmp_path):
     _cuda_decoder_or_skip()
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES + ["015316.jpg", "000114.jpg"])
     entries, _ = scan_folder(folder)
-    lm3d = load_lm3d(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BFM"))
+    lm3d = load_lm3d(os.path.join(ROOT, "BFM"))
     a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda")).int()
             for ds in (AlignedFaces(entries, lm3d), AlignedFaces(entries, lm3d, decode_on_device=True)))
     diff = (a - b).abs().flatten(1).float()
@@ -170,11 +175,7 @@ def test_cuda_run_decoding_on_the_gpu(standin, tmp_path):
     from test_throughput import read_all
 
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
-    import test as test_cli
-
-    assert test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
-                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-                          f"--results_dir={tmp_path / 'out'}", "--decode_on_device=true"]) == 0
+    assert run(standin, folder, tmp_path / "out", "--decode_on_device=true", device="cuda") == 0
     assert len(read_all(tmp_path / "out")) == 9
 
 
@@ -187,10 +188,9 @@ def test_the_decoder_loads_without_importing_torchvision():
 
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("needs torchvision")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, torch; from data.image_folder import torchvision_jpeg_decoder as d; d(); "
             "print('torchvision' in sys.modules, hasattr(torch.ops.image, 'decode_jpegs_cuda'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
 
 
@@ -198,16 +198,9 @@ def test_cuda_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, capsys)
     """The same on the GPU with nvJPEG: the truncated JPEG fails alone, the others are written."""
     _cuda_decoder_or_skip()
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
-    broken = os.path.join(folder, "000002.jpg")
-    data = open(broken, "rb").read()
-    with open(broken, "wb") as f:
-        f.write(data[:len(data) // 3])
-    import test as test_cli
-
+    truncate(os.path.join(folder, "000002.jpg"))
     out = tmp_path / "out"
-    assert test_cli.main([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cuda",
-                          f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-                          f"--results_dir={out}", "--decode_on_device=true"]) == 1
+    assert run(standin, folder, out, "--decode_on_device=true", device="cuda") == 1
     assert "000002" in "".join(capsys.readouterr())
     written = set(os.listdir(out))
     assert "000002.mat" not in written and {"vd006.mat", "trump_hillary.mat"} <= written
