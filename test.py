@@ -101,6 +101,8 @@ def _log_timing(summary, started: float, ready: float) -> None:
     first = summary.first_result_at  # None: nothing written
     log.info("start-up: imports and options %s, first results after %s, %d face(s) after %s", since(ready),
              "-" if first is None else since(first), summary.faces_ok, since(time.perf_counter()))
+    if summary.timeline:  # the slowest rank's, from the start of its run
+        log.info("run timeline: %s", ", ".join(f"{k} {v:.2f} s" for k, v in summary.timeline.items()))
 
 
 if __name__ == "__main__":

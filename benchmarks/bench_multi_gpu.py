@@ -46,9 +46,11 @@ def cpu_times() -> tuple[int, int] | None:
     return sum(v), v[3] + v[4]
 
 
-def run(cmds: list[list[str]], every: float = 0.5, env: dict | None = None) -> tuple[list[str], float, float | None]:
+def run(cmds: list[list[str]], every: float = 0.5, env: dict | None = None, stderr: list | None = None
+        ) -> tuple[list[str], float, float | None]:
     """Run the commands side by side; returns (their stdouts, wall seconds, mean share of all CPUs
-    busy while they ran: /proc/stat sampled every ``every`` seconds, start-up included)."""
+    busy while they ran: /proc/stat sampled every ``every`` seconds, start-up included). Their
+    stderrs are appended to ``stderr`` where given."""
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
@@ -69,15 +71,22 @@ def run(cmds: list[list[str]], every: float = 0.5, env: dict | None = None) -> t
             if p.returncode != 0:
                 raise SystemExit(f"failed ({p.returncode}): {' '.join(c)}\n{e.read()[-3000:]}")
             outs.append(o.read())
+            if stderr is not None:
+                stderr.append(e.read())
     return outs, wall, (sum(busy) / len(busy) if busy else None)
 
 
 def test_py_runner(launcher: list[str], common: list[str]):
-    """(n, folder, results) -> (run seconds test.py prints, wall seconds, summary line, CPU busy share)."""
+    """(n, folder, results) -> (run seconds test.py prints, wall seconds, summary line, CPU busy share,
+    {phase: seconds} of the run's timeline as ``--verbose`` logs it, the slowest rank's)."""
     def go(n: int, folder: str, res: str) -> tuple:
-        (stdout,), wall, busy = run([[*launcher, *common, f"--img_folder={folder}", f"--results_dir={res}"]])
+        err = []
+        (stdout,), wall, busy = run([[*launcher, *common, "--verbose", f"--img_folder={folder}",
+                                      f"--results_dir={res}"]], stderr=err)
         m = re.search(r"done: (\d+) face\(s\) reconstructed, (\d+) failed.*\(([\d.]+) s\)", stdout)
-        return float(m.group(3)), wall, m.group(0), busy
+        t = re.search(r"run timeline: (.*)", err[0])
+        timeline = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", t.group(1))} if t else {}
+        return float(m.group(3)), wall, m.group(0), busy, timeline
     return go
 
 
@@ -91,7 +100,7 @@ def feed_runner(ranks: int, extra: list[str]):
         outs, wall, busy = run(cmds, env={"LOCAL_WORLD_SIZE": str(ranks)})
         fed = [re.search(r"fed (\d+) face\(s\) in ([\d.]+) s", o) for o in outs]
         secs = max(float(m.group(2)) for m in fed)
-        return secs, wall, f"fed {sum(int(m.group(1)) for m in fed)} face(s) in {secs:.1f} s", busy
+        return secs, wall, f"fed {sum(int(m.group(1)) for m in fed)} face(s) in {secs:.1f} s", busy, {}
     return go
 
 
@@ -119,12 +128,14 @@ def measure(label: str, runner, folders: dict[int, str], tmp: str) -> dict:
     out = {}
     for n, folder in folders.items():
         res = os.path.join(tmp, f"res_{label}_{n}")
-        secs, wall, line, busy = runner(n, folder, res)
+        secs, wall, line, busy, timeline = runner(n, folder, res)
         shutil.rmtree(res, ignore_errors=True)
         out[n] = {"run_s": secs, "wall_s": round(wall, 2), "images_per_s": n / secs, "summary": line,
-                  "cpu_busy_mean": busy}
+                  "cpu_busy_mean": busy, "timeline": timeline}
         cpu = f", CPUs {100 * busy:.0f} % busy" if busy is not None else ""
         print(f"{label:>16} N={n:6d}: {n / secs:8.1f} images/s ({secs:.1f} s run, {wall:.1f} s wall{cpu})", flush=True)
+        if timeline:
+            print(" " * 18 + "timeline: " + ", ".join(f"{k} {v:.2f}" for k, v in timeline.items()), flush=True)
     big, small = max(folders), min(folders)
     dt = out[big]["run_s"] - out[small]["run_s"]
     steady = (big - small) / dt if dt > 0 else float("nan")

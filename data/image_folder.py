@@ -20,6 +20,7 @@ before).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,6 +185,7 @@ def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
 
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB
 _image_ops_loaded = False  # torchvision's image operators registered in this process
+_image_ops_lock = threading.Lock()  # the warm-up and the prefetch threads may both ask first
 
 
 def torchvision_jpeg_decoder():
@@ -191,16 +193,29 @@ def torchvision_jpeg_decoder():
     ``device`` (nvJPEG on CUDA), by torchvision's image operators; raises ImportError that says
     what to install where torchvision is missing."""
     global _image_ops_loaded
-    if not _image_ops_loaded:
-        if not _load_torchvision_image_ops():
-            try:
-                import torchvision.io  # noqa: F401 - registers the operators
-            except Exception as e:  # noqa: BLE001 - absent, or built for another torch
-                raise ImportError(f"--decode_on_device needs torchvision, the release built for torch "
-                                  f"{torch.__version__} (pip install torchvision; see pytorch.org for the pairs): "
-                                  f"{e}") from None
-        _image_ops_loaded = True
+    with _image_ops_lock:
+        if not _image_ops_loaded:
+            if not _load_torchvision_image_ops():
+                try:
+                    import torchvision.io  # noqa: F401 - registers the operators
+                except Exception as e:  # noqa: BLE001 - absent, or built for another torch
+                    raise ImportError(f"--decode_on_device needs torchvision, the release built for torch "
+                                      f"{torch.__version__} (pip install torchvision; see pytorch.org for the "
+                                      f"pairs): {e}") from None
+            _image_ops_loaded = True
     return _decode_jpegs
+
+
+def warm_up_decoder(device: torch.device) -> None:
+    """Decode a small JPEG on ``device``: the first call readies the decoder (nvJPEG's handles
+    and kernels on CUDA), so that the first batch does not wait for it."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 64, 32)).save(buf, "JPEG")
+    torchvision_jpeg_decoder()([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
 
 
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

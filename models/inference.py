@@ -64,11 +64,16 @@ def results_dir(opt) -> str:
     return os.path.join(opt.checkpoints_dir, opt.name, "results", folder, f"epoch_{opt.epoch}_000000")
 
 
-def _warm_up_device(device: torch.device, backend: str) -> None:
-    """CUDA context and nvdiffrast plugin, ahead of the first batch (run in a thread while the
-    model files load). Errors are left for the real calls to report."""
+def _warm_up_device(device: torch.device, backend: str, decode: bool = False) -> None:
+    """CUDA context and nvdiffrast plugin, and with ``decode`` the JPEG decoder (a first nvJPEG
+    call costs ~0.9 s), ahead of the first batch (run in a thread while the model files load).
+    Errors are left for the real calls to report."""
     try:
         torch.empty(0, device=device)
+        if decode:
+            from data.image_folder import warm_up_decoder
+
+            warm_up_decoder(device)
         if backend != "cpu":
             from models.renderer import nvdiffrast_backend
 
@@ -84,8 +89,9 @@ def start_warm_up(opt, device: torch.device):
         return None
     import threading
 
-    warm = threading.Thread(target=_warm_up_device, args=(device, renderer_backend(device, opt.use_opengl)),
-                            name="warm-up", daemon=True)
+    decode = getattr(opt, "decode_on_device", False)  # train.py's options have no such flag
+    warm = threading.Thread(target=_warm_up_device, name="warm-up", daemon=True,
+                            args=(device, renderer_backend(device, opt.use_opengl), decode))
     warm.start()
     return warm
 
@@ -135,6 +141,7 @@ class RunSummary:
     out_dir: str = ""
     seconds: float = 0.0
     first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
+    timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds from the run's start when it ended
 
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
@@ -144,6 +151,8 @@ class RunSummary:
         self.seconds = max(self.seconds, other.seconds)
         done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
         self.first_result_at = min(done) if done else None
+        for phase, t in other.timeline.items():  # the slowest rank's
+            self.timeline[phase] = max(t, self.timeline.get(phase, t))
 
     @property
     def exit_code(self) -> int:
@@ -338,10 +347,13 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
-    the model and the writers; per batch the main process only runs the GPU work and hands
-    numpy arrays to the writers.
+    the model and the writers. A thread (:class:`util.prefetch.Prefetcher`) takes the batches
+    from the DataLoader and readies their crops on the device (:func:`data.image_folder.batch_crops`),
+    ``opt.prefetch_batches`` ahead (0: the main thread does); the main thread runs the network on
+    them and hands numpy arrays to the writers. ``RunSummary.timeline`` records when each phase ended.
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
+    from util.prefetch import prefetched
     from util.results_io import ResultWriter
 
     t0 = time.perf_counter()
@@ -350,6 +362,11 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                          "that ./process_images.sh prepared")
     entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0, share=(rank, world))
     summary = RunSummary(out_dir=results_dir(opt), photos_without_detection=missing)
+
+    def mark(phase: str) -> None:
+        summary.timeline[phase] = time.perf_counter() - t0
+
+    mark("scanned")
     loader = face_loader(opt, entries, device, world)
     bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
@@ -357,16 +374,28 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     # holds a lock can hang the child)
     warm = start_warm_up(opt, device) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
+    # CUDA work issued by the prefetch thread goes to the device the main thread uses
+    select = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+
+    def prepare(batch: dict) -> tuple:
+        crops = batch_crops(batch, device) if batch["meta"] else None
+        if "first_crops" not in summary.timeline:
+            mark("first_crops")  # in the thread: the workers' first batch, on the device
+        return batch, crops
+
+    prepared = prefetched(batches, prepare, opt.prefetch_batches, on_thread_start=select, name=f"crops[{rank}]")
     writer = bar = None
     try:
         if model is None:
             model = build_model(opt, device, warm)
+        mark("model_ready")
         out_dir = summary.out_dir
         os.makedirs(out_dir, exist_ok=True)
         n_writers = writer_workers(opt.write_workers, len(entries), world)
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()
+        mark("writers_started")
         log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers,
                  n_writers)
         if progress:
@@ -380,12 +409,14 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     summary.faces_ok += 1
                     if summary.first_result_at is None:
                         summary.first_result_at = time.perf_counter()
+                        mark("first_result")
                 else:  # disk full, permissions, ...
                     summary.faces_failed += 1
                     summary.failures.append((name, error))
 
-        for batch in batches:
-            crops = batch_crops(batch, device) if batch["meta"] else None  # may add to batch["failed"]
+        for batch, crops in prepared:  # crops made in the thread; it may have added to batch["failed"]
+            if "first_batch" not in summary.timeline:
+                mark("first_batch")
             for it in batch["failed"]:
                 summary.faces_failed += 1
                 summary.failures.append((it["name"], it["error"]))
@@ -402,13 +433,17 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                 record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))
+        mark("last_batch")
         record(writer.finish())
+        mark("written")
     finally:
+        prepared.stop()
         if writer is not None:
             writer.close(cancel=True)
         shutdown = getattr(batches, "_shutdown_workers", None)  # stop decoding at once on errors
         if shutdown is not None:
             shutdown()
+        prepared.close()
         if bar is not None:
             bar.close()
     summary.seconds = time.perf_counter() - t0

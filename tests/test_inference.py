@@ -96,6 +96,20 @@ def test_batched_equals_one_at_a_time(done, standin, tmp_path):
     assert not os.path.exists(os.path.join(out1, "000002.png"))
 
 
+def test_batches_readied_in_the_main_thread_give_the_same_files(done, standin, tmp_path):
+    """--prefetch_batches 0 (no crops thread) writes byte-identical files to the default (a .mat
+    file's 128-byte header holds the time it was written)."""
+    folder, out, _ = done
+    out0 = str(tmp_path / "p0")
+    assert run(standin, folder, out0, "--use_opengl", "False", "--batch_size=2", "--prefetch_batches=0") == 0
+    names = sorted(os.listdir(out))
+    assert names == sorted(os.listdir(out0)) and len(names) == 9
+    for name in names:
+        skip = 128 if name.endswith(".mat") else 0
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(out0, name), "rb") as b:
+            assert a.read()[skip:] == b.read()[skip:], name
+
+
 def test_default_results_location(standin, tmp_path):
     """Without --results_dir: checkpoints/<name>/results/<folder name>/epoch_<E>_000000/."""
     folder = make_photo_folder(str(tmp_path / "my_photos"), ["vd006.png"])

@@ -136,6 +136,15 @@ def test_test_py_logs_its_start_up(tmp_path, standin, caplog):
     with caplog.at_level(logging.INFO, logger="test"):
         assert test_cli.main(argv) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "test"]
-    assert len(lines) == 1 and lines[0].startswith("start-up: imports and options ")
+    assert len(lines) == 2 and lines[0].startswith("start-up: imports and options ")
     assert "first results after " in lines[0] and "1 face(s) after " in lines[0]
     assert os.path.isfile(tmp_path / "out" / "000002.png")
+    # the run's phases, in the order they end, each at a time not before the one before it
+    assert lines[1].startswith("run timeline: ")
+    phases = [p.rsplit(" ", 2) for p in lines[1][len("run timeline: "):].split(", ")]
+    assert all(p[2] == "s" for p in phases)
+    seconds = {p[0]: float(p[1]) for p in phases}
+    main_thread = ["scanned", "model_ready", "writers_started", "first_batch", "first_result", "last_batch", "written"]
+    assert sorted(seconds) == sorted(main_thread + ["first_crops"])  # first_crops: the prefetch thread's
+    assert [seconds[k] for k in main_thread] == sorted(seconds[k] for k in main_thread) and seconds["scanned"] >= 0
+    assert seconds["scanned"] <= seconds["first_crops"] <= seconds["first_batch"]

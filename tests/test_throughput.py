@@ -417,12 +417,16 @@ def test_plugin_file_is_where_torch_builds_it(monkeypatch, tmp_path):
 
 def test_multi_gpu_bench_run_parses_the_summary_and_samples_the_cpus(tmp_path):
     """bench_multi_gpu's test.py runner: test.py's printed run time and summary, the wall time,
-    and the CPUs' busy share sampled from /proc/stat while the command ran (a share in 0..1)."""
+    the CPUs' busy share sampled from /proc/stat while the command ran (a share in 0..1), and the
+    run's timeline from its log."""
     from benchmarks.bench_multi_gpu import cpu_times, run, test_py_runner
 
-    script = "import time; time.sleep(0.3); print('done: 3 face(s) reconstructed, 0 failed, 0 skipped (1.5 s)')"
-    secs, wall, line, busy = test_py_runner([sys.executable, "-c", script], [])(3, str(tmp_path), str(tmp_path))
+    script = ("import sys, time; time.sleep(0.3); print('done: 3 face(s) reconstructed, 0 failed, 0 skipped (1.5 s)'); "
+              "print('INFO: run timeline: scanned 0.01 s, first_crops 0.75 s, written 1.49 s', file=sys.stderr)")
+    secs, wall, line, busy, timeline = test_py_runner([sys.executable, "-c", script], [])(3, str(tmp_path),
+                                                                                           str(tmp_path))
     assert secs == 1.5 and line.startswith("done: 3 face(s)") and wall >= 0.3
+    assert timeline == {"scanned": 0.01, "first_crops": 0.75, "written": 1.49}
     if cpu_times() is not None:
         assert busy is not None and 0.0 <= busy <= 1.0
     with pytest.raises(SystemExit, match="failed \\(3\\)"):
@@ -436,7 +440,7 @@ def test_multi_gpu_bench_feed_splits_the_folder_between_ranks(standin, tmp_path)
     from benchmarks.bench_multi_gpu import feed_runner
 
     folder = make_folder(str(tmp_path / "photos"), 7)
-    secs, wall, line, _ = feed_runner(2, [f"--bfm_folder={standin['bfm_folder']}", "--batch_size=2",
+    secs, wall, line, _, _ = feed_runner(2, [f"--bfm_folder={standin['bfm_folder']}", "--batch_size=2",
                                           "--num_threads=1"])(7, folder, str(tmp_path / "res"))
     assert line.startswith("fed 7 face(s)") and 0 < secs <= wall
     assert not (tmp_path / "res").exists()  # nothing written
