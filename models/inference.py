@@ -65,11 +65,13 @@ def results_dir(opt) -> str:
 
 
 def _warm_up_device(device: torch.device, backend: str, decode: bool = False) -> None:
-    """CUDA context and nvdiffrast plugin, and with ``decode`` the JPEG decoder (a first nvJPEG
-    call costs ~0.9 s), ahead of the first batch (run in a thread while the model files load).
-    Errors are left for the real calls to report."""
+    """CUDA context, cuDNN and cuBLAS, the nvdiffrast plugin, and with ``decode`` the JPEG decoder
+    (a first nvJPEG call costs ~0.9 s), ahead of the first batch (run in a thread while the model
+    files load). Errors are left for the real calls to report."""
     try:
-        torch.empty(0, device=device)
+        x = torch.zeros(1, 3, 8, 8, device=device)
+        torch.nn.functional.conv2d(x, torch.zeros(4, 3, 3, 3, device=device))  # loads cuDNN
+        x.flatten(1) @ torch.zeros(192, 4, device=device)  # and cuBLAS
         if decode:
             from data.image_folder import warm_up_decoder
 
@@ -313,6 +315,15 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 8
 
 
+def prefetch_depth(requested: int, device: torch.device) -> int:
+    """``--prefetch_batches -1``: 2 on CUDA; 0 on the CPU, where a crops thread would share the
+    cores with the network, and the float rounding of the CPU's convolutions can depend on how
+    many threads they get (runs would then differ in the last bits from run to run)."""
+    if requested >= 0:
+        return requested
+    return 2 if device.type == "cuda" else 0
+
+
 def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_size: int | None = None):
     """The DataLoader of :func:`run_folder` over ``entries`` (this rank's share): aligned uint8
     crops in batches of ``batch_size`` (default: ``--batch_size``, or the device's default), decoded
@@ -347,14 +358,14 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
-    the model and the writers. A thread (:class:`util.prefetch.Prefetcher`) takes the batches
-    from the DataLoader and readies their crops on the device (:func:`data.image_folder.batch_crops`),
-    ``opt.prefetch_batches`` ahead (0: the main thread does); the main thread runs the network on
-    them and hands numpy arrays to the writers. ``RunSummary.timeline`` records when each phase ended.
+    the model and the writers (their forkserver imports its modules meanwhile). On CUDA a thread
+    (:class:`util.prefetch.Prefetcher`) takes the batches from the DataLoader and readies their
+    crops on the device (:func:`data.image_folder.batch_crops`), :func:`prefetch_depth` batches
+    ahead; the main thread runs the network on them and hands numpy arrays to the writers. ``RunSummary.timeline`` records when each phase ended.
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
-    from util.results_io import ResultWriter
+    from util.results_io import ResultWriter, launch_writer_server
 
     t0 = time.perf_counter()
     if not os.path.isdir(opt.img_folder):
@@ -383,15 +394,18 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             mark("first_crops")  # in the thread: the workers' first batch, on the device
         return batch, crops
 
-    prepared = prefetched(batches, prepare, opt.prefetch_batches, on_thread_start=select, name=f"crops[{rank}]")
+    prepared = prefetched(batches, prepare, prefetch_depth(opt.prefetch_batches, device), on_thread_start=select,
+                          name=f"crops[{rank}]")
     writer = bar = None
     try:
+        n_writers = writer_workers(opt.write_workers, len(entries), world)
+        if n_writers > 0:
+            launch_writer_server()  # it imports the writers' modules while the model loads
         if model is None:
             model = build_model(opt, device, warm)
         mark("model_ready")
         out_dir = summary.out_dir
         os.makedirs(out_dir, exist_ok=True)
-        n_writers = writer_workers(opt.write_workers, len(entries), world)
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()

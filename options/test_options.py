@@ -23,9 +23,9 @@ class TestOptions(BaseOptions):
                                         "which must be installed; implies --resample_on_device): the workers then "
                                         "only read files. Not PIL's pixels: nvJPEG's colour upsampling differs "
                                         "(coefficient differences in the README)")
-    prefetch_batches: int = opt(2, "batches a thread readies on the device (crops, and JPEG decoding with "
-                                   "--decode_on_device) while the network runs on the current one (0 = none: "
-                                   "the main thread readies each batch itself)")
+    prefetch_batches: int = opt(-1, "batches a thread readies on the device (crops, and JPEG decoding with "
+                                    "--decode_on_device) while the network runs on the current one (0 = none: "
+                                    "the main thread readies each batch; -1 = auto: 2 on CUDA, 0 on the CPU)")
     save_mesh: bool = opt(True, "write <name>.obj")
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")

@@ -96,17 +96,28 @@ def test_batched_equals_one_at_a_time(done, standin, tmp_path):
     assert not os.path.exists(os.path.join(out1, "000002.png"))
 
 
-def test_batches_readied_in_the_main_thread_give_the_same_files(done, standin, tmp_path):
-    """--prefetch_batches 0 (no crops thread) writes byte-identical files to the default (a .mat
-    file's 128-byte header holds the time it was written)."""
-    folder, out, _ = done
-    out0 = str(tmp_path / "p0")
-    assert run(standin, folder, out0, "--use_opengl", "False", "--batch_size=2", "--prefetch_batches=0") == 0
-    names = sorted(os.listdir(out))
-    assert names == sorted(os.listdir(out0)) and len(names) == 9
+def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path):
+    """--prefetch_batches 2 (a crops thread; on CUDA by default) writes byte-identical files to
+    the CPU's default, the main thread alone (a .mat file's 128-byte header holds the time it was
+    written). With one CPU thread: the convolutions' rounding then cannot depend on the threads."""
+    from models.inference import prefetch_depth
+
+    assert prefetch_depth(-1, torch.device("cpu")) == 0 and prefetch_depth(-1, torch.device("cuda")) == 2
+    assert prefetch_depth(3, torch.device("cpu")) == 3
+    folder = done[0]
+    main_thread, thread = str(tmp_path / "main_thread"), str(tmp_path / "thread")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run(standin, folder, main_thread, "--use_opengl", "False", "--batch_size=2") == 0
+        assert run(standin, folder, thread, "--use_opengl", "False", "--batch_size=2", "--prefetch_batches=2") == 0
+    finally:
+        torch.set_num_threads(threads)
+    names = sorted(os.listdir(main_thread))
+    assert names == sorted(os.listdir(thread)) and len(names) == 9
     for name in names:
         skip = 128 if name.endswith(".mat") else 0
-        with open(os.path.join(out, name), "rb") as a, open(os.path.join(out0, name), "rb") as b:
+        with open(os.path.join(main_thread, name), "rb") as a, open(os.path.join(thread, name), "rb") as b:
             assert a.read()[skip:] == b.read()[skip:], name
 
 
