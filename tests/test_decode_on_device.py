@@ -46,6 +46,17 @@ def truncate(path):
         f.write(data[:len(data) // 3])
 
 
+def break_huffman_table(path):
+    """Make a JPEG's first Huffman table bogus (its code counts sum far over 256): the header
+    still reads and the file still ends with its end marker; decoders refuse the data."""
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"\xff\xc4")  # DHT: marker, 2-byte length, class/id, 16 code counts
+    assert at > 0
+    data[at + 5:at + 21] = b"\xff" * 16
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
 def save_jpeg(path, size=(64, 48), **kw):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, "JPEG", **kw)
@@ -72,6 +83,18 @@ def test_read_plain_jpeg_leaves_other_photos_to_pil(tmp_path):
     assert read_plain_jpeg(str(tmp_path / "upright.jpg"))[1] == (8, 6)
 
 
+def test_read_plain_jpeg_leaves_a_cut_short_jpeg_to_pil(tmp_path):
+    """A JPEG without its end marker last (a copy that stopped early) goes to PIL, which says it is
+    truncated (nvJPEG would decode it without a word); one with bytes after the marker too."""
+    save_jpeg(tmp_path / "a.jpg", (64, 48))
+    data = (tmp_path / "a.jpg").read_bytes()
+    assert data.endswith(b"\xff\xd9") and read_plain_jpeg(str(tmp_path / "a.jpg")) is not None
+    truncate(tmp_path / "a.jpg")
+    assert read_plain_jpeg(str(tmp_path / "a.jpg")) is None
+    (tmp_path / "b.jpg").write_bytes(data + b"\0\0")
+    assert read_plain_jpeg(str(tmp_path / "b.jpg")) is None
+
+
 def test_read_plain_jpeg_reports_files_that_are_not_images(tmp_path):
     (tmp_path / "text.jpg").write_text("not a photo")
     with pytest.raises(ImageLoadError) as e:
@@ -82,9 +105,10 @@ def test_read_plain_jpeg_reports_files_that_are_not_images(tmp_path):
     assert e.value.reason == "missing"
 
 
-def test_run_decoding_on_the_device_equals_the_default(standin, tmp_path, monkeypatch):
+def test_run_decoding_on_the_device_equals_the_default(standin, tmp_path, monkeypatch, one_thread):
     """With the same decoder's pixels, --decode_on_device writes byte-identical files (through
-    DataLoader workers, JPEGs and a PNG in the same batches)."""
+    DataLoader workers, JPEGs and a PNG in the same batches). One CPU thread: see
+    test_inference.py's test_batched_equals_one_at_a_time."""
     from test_throughput import read_all
 
     monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
@@ -98,18 +122,21 @@ def test_run_decoding_on_the_device_equals_the_default(standin, tmp_path, monkey
         assert len(a) == 9 and read_all(tmp_path / f"b{b}") == a  # .obj, .png, .mat of 3 faces
 
 
-def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch, capsys):
-    """A JPEG whose header reads but whose data is broken is found by the device's decoder: that
-    face is reported as failed (exit code 1), the others are written."""
+@pytest.mark.parametrize("damage", [break_huffman_table, truncate])
+def test_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, monkeypatch, capsys, damage):
+    """A JPEG whose header reads but whose data is broken is found by the device's decoder (a
+    bogus Huffman table), or by PIL in the worker (a file cut short): that face is reported as
+    failed with the reason (exit code 1), the others are written."""
     monkeypatch.setattr(image_folder, "torchvision_jpeg_decoder", pil_decoder)
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
     broken = os.path.join(folder, "000002.jpg")
-    truncate(broken)
-    assert read_plain_jpeg(broken) is not None  # the worker cannot tell
+    damage(broken)
+    assert (read_plain_jpeg(broken) is not None) == (damage is break_huffman_table)  # only then the device's
     out = tmp_path / "out"
     assert run(standin, folder, out, "--num_threads=0", "--batch_size=3", "--decode_on_device=true") == 1
     err = capsys.readouterr()
-    assert "000002" in err.out + err.err and "truncated" in err.out + err.err
+    reason = "truncated" if damage is truncate else "corrupt"
+    assert f"000002.jpg: {reason}" in err.out + err.err
     written = sorted(os.listdir(out))
     assert "000002.mat" not in written
     assert {"vd006.mat", "trump_hillary.mat"} <= set(written)
@@ -194,13 +221,16 @@ def test_the_decoder_loads_without_importing_torchvision():
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_cuda_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, capsys):
-    """The same on the GPU with nvJPEG: the truncated JPEG fails alone, the others are written."""
+@pytest.mark.parametrize("damage", [break_huffman_table, truncate])
+def test_cuda_a_jpeg_that_does_not_decode_fails_alone(standin, tmp_path, capsys, damage):
+    """The same on the GPU with nvJPEG: the broken JPEG fails alone, the others are written.
+    (nvJPEG decodes a file cut short without an error; the worker's end-marker check sends it to
+    PIL.)"""
     _cuda_decoder_or_skip()
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES)
-    truncate(os.path.join(folder, "000002.jpg"))
+    damage(os.path.join(folder, "000002.jpg"))
     out = tmp_path / "out"
     assert run(standin, folder, out, "--decode_on_device=true", device="cuda") == 1
-    assert "000002" in "".join(capsys.readouterr())
+    assert f"000002.jpg: {'truncated' if damage is truncate else 'corrupt'}" in "".join(capsys.readouterr())
     written = set(os.listdir(out))
     assert "000002.mat" not in written and {"vd006.mat", "trump_hillary.mat"} <= written

@@ -79,10 +79,16 @@ def test_png_layout(done):
     assert red.sum() > 68 * 4 and blue.sum() >= 5 * 4
 
 
-def test_batched_equals_one_at_a_time(done, standin, tmp_path):
-    """fp32: batches of 2 and batches of 1 give the same coefficients (<= 1e-5) and meshes."""
-    folder, out, _ = done
-    out1 = str(tmp_path / "b1")
+def test_batched_equals_one_at_a_time(done, standin, tmp_path, one_thread):
+    """fp32: batches of 2 and batches of 1 give the same coefficients (<= 1e-5) and meshes.
+
+    With one CPU thread: with 32 (a GPU host's CPU) the two runs differed by up to 0.084 in the
+    identity coefficients. The CPU's convolutions can sum in other orders for other batch sizes
+    and threads, and the untrained stand-in network magnifies last-bit differences (as its bf16
+    figures in the README show)."""
+    folder = done[0]
+    out, out1 = str(tmp_path / "b2"), str(tmp_path / "b1")
+    assert run(standin, folder, out, "--use_opengl", "False", "--batch_size=2") == 0
     assert run(standin, folder, out1, "--batch_size=1", "--save_png=false") == 0
     for stem in ("000002", "trump_hillary", "vd006"):
         a, b = loadmat(os.path.join(out, stem + ".mat")), loadmat(os.path.join(out1, stem + ".mat"))
@@ -96,23 +102,18 @@ def test_batched_equals_one_at_a_time(done, standin, tmp_path):
     assert not os.path.exists(os.path.join(out1, "000002.png"))
 
 
-def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path):
+def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path, one_thread):
     """--prefetch_batches 2 (a crops thread; on CUDA by default) writes byte-identical files to
     the CPU's default, the main thread alone (a .mat file's 128-byte header holds the time it was
-    written). With one CPU thread: the convolutions' rounding then cannot depend on the threads."""
+    written). With one CPU thread (see test_batched_equals_one_at_a_time)."""
     from models.inference import prefetch_depth
 
     assert prefetch_depth(-1, torch.device("cpu")) == 0 and prefetch_depth(-1, torch.device("cuda")) == 2
     assert prefetch_depth(3, torch.device("cpu")) == 3
     folder = done[0]
     main_thread, thread = str(tmp_path / "main_thread"), str(tmp_path / "thread")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run(standin, folder, main_thread, "--use_opengl", "False", "--batch_size=2") == 0
-        assert run(standin, folder, thread, "--use_opengl", "False", "--batch_size=2", "--prefetch_batches=2") == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run(standin, folder, main_thread, "--use_opengl", "False", "--batch_size=2") == 0
+    assert run(standin, folder, thread, "--use_opengl", "False", "--batch_size=2", "--prefetch_batches=2") == 0
     names = sorted(os.listdir(main_thread))
     assert names == sorted(os.listdir(thread)) and len(names) == 9
     for name in names:

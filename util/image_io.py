@@ -121,10 +121,15 @@ def load_image(path: str) -> Image.Image:
 
 def read_plain_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
     """A JPEG whose decoded pixels need nothing of :func:`load_image`'s normalisation - 3-channel
-    colour (PIL mode 'RGB'), no EXIF turn - as (its bytes, a (n,) uint8 array, and its (width,
-    height)), read without decoding (for a decoder elsewhere, e.g. the GPU's); None for any other
-    image, which :func:`load_image` must decode. Raises :class:`ImageLoadError` as it does for
-    files that are not images (a JPEG whose data is corrupt is only found out by its decoder)."""
+    colour (PIL mode 'RGB'), no EXIF turn - and whose file ends with the end-of-image marker, as
+    (its bytes, a (n,) uint8 array, and its (width, height)), read without decoding (for a decoder
+    elsewhere, e.g. the GPU's); None for any other image, which :func:`load_image` must decode.
+
+    A file cut short (a copy that stopped early) has no end marker: nvJPEG decodes such a file
+    without a word, filling what is missing, where PIL reports it truncated; so it goes to PIL.
+    So do files with bytes after the marker (PIL reads those as usual). Raises
+    :class:`ImageLoadError` as :func:`load_image` does for files that are not images; other
+    corrupt data is only found out by the decoder."""
     _check_regular_file(path)
     with _load_errors(path):
         with warnings.catch_warnings():
@@ -133,7 +138,10 @@ def read_plain_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
                 if im.format != "JPEG" or im.mode != "RGB" or _exif_orientation(im) not in (None, 1):
                     return None
                 size = im.size
-        return np.fromfile(path, dtype=np.uint8), size
+        data = np.fromfile(path, dtype=np.uint8)
+        if data.size < 2 or data[-2] != 0xFF or data[-1] != 0xD9:  # no end-of-image marker last
+            return None
+        return data, size
 
 
 def _exif_orientation(im: Image.Image) -> int | None:
