@@ -30,6 +30,7 @@ DataLoader workers and writer processes default to test.py's automatic choice (-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from options.test_options import parse_test_options  # noqa: E402
+from util.precision import ieee_fp32  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -192,8 +194,12 @@ def network_vs_bare(model, device, bs: int, amp: str, iters: int) -> dict:
     x = torch.rand(bs, 3, 224, 224, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
+    # float32 as test.py runs it: full precision (ieee_fp32) unless --tf32
+    exact = ieee_fp32(device) if dtype is None and model.ieee_fp32 else contextlib.nullcontext()
+
     def bench(f):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None), exact:
             for _ in range(3):
                 f(x)
             sync(device)
@@ -207,12 +213,15 @@ def network_vs_bare(model, device, bs: int, amp: str, iters: int) -> dict:
 
 
 def amp_accuracy(model, device, images: torch.Tensor) -> dict:
+    """Coefficient and vertex differences of bf16, fp16 (autocast) and TF32 (PyTorch's default for
+    cuDNN's float32 convolutions, test.py --tf32) against full float32."""
     out = {}
     with torch.inference_mode():
-        ref = model.net(images).float()
+        with ieee_fp32(device):
+            ref = model.net(images).float()
         v_ref = model.face_model(ref).vertex
-        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            with torch.autocast(device.type, dtype=dtype):
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", None)):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 c = model.net(images).float()
             v = model.face_model(c).vertex
             out[name] = {"coeff_max_abs": float((c - ref).abs().max()), "coeff_mean_abs": float((c - ref).abs().mean()),
@@ -324,6 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num_threads", type=int, default=-1, help="DataLoader workers (-1: test.py's automatic choice)")
     ap.add_argument("--write_workers", type=int, default=-1, help="writer processes (-1: test.py's automatic choice)")
     ap.add_argument("--amp", default="none")
+    ap.add_argument("--tf32", action="store_true", help="test.py --tf32 (TF32 convolutions) for every run")
     ap.add_argument("--resample_on_device", action="store_true",
                     help="test.py --resample_on_device for the batched runs and the stage times")
     ap.add_argument("--decode_on_device", action="store_true",
@@ -355,7 +365,7 @@ def main(argv=None) -> int:
                  "resample_on_device": a.resample_on_device, "decode_on_device": a.decode_on_device,
                  "num_threads": loader_workers(a.num_threads, n, bs),
                  "write_workers": writer_workers(a.write_workers, n),
-                 "amp": a.amp,
+                 "amp": a.amp, "tf32": a.tf32,
                  "hardware": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                               "gpu": torch.cuda.get_device_name(device) if cuda else None},
                  "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -365,10 +375,11 @@ def main(argv=None) -> int:
         print("\n| measure | value |\n| --- | --- |")
         print_startup(res, a.startup_runs)
         return finish(res, a.json, tmp)
+    prec = dict(amp=a.amp, tf32=str(a.tf32).lower())
     folder = make_folder(os.path.join(tmp, "photos"), n)
     folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     t0 = time.perf_counter()
-    base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, amp=a.amp)
+    base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, **prec)
     model = build_model(base, device)
     res["model_build_s"] = time.perf_counter() - t0
     timed_run(options(folder1, os.path.join(tmp, "warm"), a.device, num_threads=0), device, model)  # warm-up
@@ -378,14 +389,14 @@ def main(argv=None) -> int:
     on_device = dict(resample_on_device="true") if a.resample_on_device else {}
     if a.decode_on_device:
         on_device["decode_on_device"] = "true"
-    timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, amp=a.amp,
+    timed_run(options(warm_folder, os.path.join(tmp, "warm_batch_out"), a.device, batch_size=bs, **prec,
                       num_threads=a.num_threads, write_workers=a.write_workers, **on_device), device, model)
     measure_startup(res, folder1, tmp, a.device, a.startup_runs)
 
     workers = dict(num_threads=a.num_threads, write_workers=a.write_workers, **on_device)
     runs = {
-        "all_outputs": dict(batch_size=bs, amp=a.amp, **workers),
-        "coeffs_only": dict(batch_size=bs, amp=a.amp, save_mesh="false", save_png="false", **workers),
+        "all_outputs": dict(batch_size=bs, **prec, **workers),
+        "coeffs_only": dict(batch_size=bs, **prec, save_mesh="false", save_png="false", **workers),
         "one_at_a_time": dict(batch_size=1, num_threads=0, write_workers=0),
     }
     res["images_per_s"], res["steady_images_per_s"] = {}, {}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.bfm import FaceOutput, ParametricFaceModel
+from util import precision
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,18 @@ class FaceReconModel(nn.Module):
     Args:
         amp: None, 'bf16' or 'fp16': autocast for the network only (CUDA); the face model and the
             renderer always run in float32.
+        ieee_fp32: without ``amp``, run the network's float32 convolutions in full precision on
+            CUDA (:func:`util.precision.ieee_fp32`), not in the TF32 that PyTorch lets cuDNN use
+            by default; test.py's default (its ``--tf32`` turns it off).
     """
 
     def __init__(self, net: nn.Module, face_model: ParametricFaceModel, renderer: nn.Module,
-                 amp: str | None = None, channels_last: bool = False):
+                 amp: str | None = None, channels_last: bool = False, ieee_fp32: bool = False):
         super().__init__()
         self.net, self.face_model, self.renderer = net, face_model, renderer
         self.amp = None if amp in (None, "none") else amp
         self.channels_last = channels_last
+        self.ieee_fp32 = ieee_fp32
 
     def predict_coeffs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, 224, 224) RGB 0..1 -> (B, 257) float32."""
@@ -51,6 +56,8 @@ class FaceReconModel(nn.Module):
         if self.amp is not None:
             dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
             ctx = torch.autocast(device_type=images.device.type, dtype=dtype)
+        elif self.ieee_fp32:
+            ctx = precision.ieee_fp32(images.device)
         with ctx:
             coeffs = self.net(images)
         return coeffs.float()

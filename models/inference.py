@@ -122,7 +122,8 @@ def build_model(opt, device: torch.device, warm=None):
             warm.join()
     renderer = create_renderer(backend, focal=opt.focal, center=opt.center,
                                z_near=opt.z_near, z_far=opt.z_far, device=device)
-    model = FaceReconModel(net, face_model, renderer, amp=opt.amp, channels_last=opt.channels_last)
+    model = FaceReconModel(net, face_model, renderer, amp=opt.amp, channels_last=opt.channels_last,
+                           ieee_fp32=not getattr(opt, "tf32", False))
     model = model.to(device).eval()
     if opt.channels_last:
         model.net.to(memory_format=torch.channels_last)

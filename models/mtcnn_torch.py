@@ -64,8 +64,7 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.assets import require_file
+from util.precision import ieee_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -668,29 +668,6 @@ def _pack(tiles: list[_Tile], max_pixels: int) -> tuple[list[_Tile], list[tuple[
     return placed, shapes
 
 
-@contextmanager
-def _ieee_fp32(device: torch.device) -> Iterator[None]:
-    """Full float32 convolutions and matmuls on CUDA (cuDNN uses TF32 by default), restored after."""
-    if device.type != "cuda":
-        yield
-        return
-    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
-    new_api = hasattr(conv, "fp32_precision")  # torch >= 2.9; mixing in the legacy flags is an error
-    if new_api:
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-    else:
-        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if new_api:
-            conv.fp32_precision, matmul.fp32_precision = saved
-        else:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
-
-
 # --------------------------------------------------------------------------- detector
 
 
@@ -752,7 +729,7 @@ class TorchMTCNN:
                 raise TypeError(f"image {i}: expected dtype uint8, got {image.dtype}")
         if not images:
             return []
-        with torch.inference_mode(), _ieee_fp32(self.device):
+        with torch.inference_mode(), ieee_fp32(self.device):
             batch = _Batch(images, self.device)
             found = self._stage_pnet(batch)
             found = self._stage_rnet(batch, found)

@@ -33,6 +33,9 @@ class TestOptions(BaseOptions):
     results_dir: str = opt("", "where results go; default checkpoints/<name>/results/<folder name>/epoch_<E>_000000")
     amp: str = opt("none", "network precision: none (float32) | bf16 | fp16 (CUDA autocast)",
                    choices=["none", "bf16", "fp16"])
+    tf32: bool = opt(False, "let cuDNN run the network's float32 convolutions in TF32 (PyTorch's own default; "
+                            "faster on Ampere and later GPUs, coefficients differ from float32 as the README "
+                            "says); off: full float32")
     channels_last: bool = opt(False, "run the network in channels_last memory format")
     compile: bool = opt(False, "torch.compile the network (CUDA; first batch slower)")
     write_workers: int = opt(-1, "processes writing .obj/.png/.mat off the critical path (0 = in the main process; "
