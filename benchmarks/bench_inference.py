@@ -195,11 +195,12 @@ def network_vs_bare(model, device, bs: int, amp: str, iters: int) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     # float32 as test.py runs it: full precision (ieee_fp32) unless --tf32
-    exact = ieee_fp32(device) if dtype is None and model.ieee_fp32 else contextlib.nullcontext()
+    def exact():
+        return ieee_fp32(device) if dtype is None and model.ieee_fp32 else contextlib.nullcontext()
 
     def bench(f):
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None), exact:
+                                                    enabled=dtype is not None), exact():
             for _ in range(3):
                 f(x)
             sync(device)

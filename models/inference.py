@@ -386,8 +386,12 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     # holds a lock can hang the child)
     warm = start_warm_up(opt, device) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
-    # CUDA work issued by the prefetch thread goes to the device the main thread uses
-    select = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+    # CUDA work issued by the prefetch thread goes to the device the main thread uses ('cuda'
+    # without an index: the main thread's current one)
+    select = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        select = lambda: torch.cuda.set_device(index)  # noqa: E731
 
     def prepare(batch: dict) -> tuple:
         crops = batch_crops(batch, device) if batch["meta"] else None

@@ -122,6 +122,23 @@ def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path
             assert a.read()[skip:] == b.read()[skip:], name
 
 
+@pytest.mark.gpu
+def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
+    """A library caller's torch.device('cuda') (no index) works: the crops thread uses the current
+    device (bench_inference passes one)."""
+    from models.inference import run_folder
+    from options.test_options import parse_test_options
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+    opt = parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+                              f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+                              f"--results_dir={tmp_path / 'out'}", "--num_threads=0", "--batch_size=2"])
+    summary = run_folder(opt, torch.device("cuda"), progress=False)
+    assert summary.faces_ok == 3 and summary.faces_failed == 0
+
+
 def test_default_results_location(standin, tmp_path):
     """Without --results_dir: checkpoints/<name>/results/<folder name>/epoch_<E>_000000/."""
     folder = make_photo_folder(str(tmp_path / "my_photos"), ["vd006.png"])
