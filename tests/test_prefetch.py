@@ -52,15 +52,16 @@ def test_an_error_reaches_the_consumer_after_the_items_before_it(where):
     assert got == [0, 1, 2]
 
 
+def counted(n: int, taken: list):
+    """0..n-1, each appended to ``taken`` as it is taken."""
+    for i in range(n):
+        taken.append(i)
+        yield i
+
+
 def test_looks_at_most_depth_items_ahead():
     taken = []
-
-    def items():
-        for i in range(100):
-            taken.append(i)
-            yield i
-
-    p = Prefetcher(items(), lambda x: x, depth=2)
+    p = Prefetcher(counted(100, taken), lambda x: x, depth=2)
     try:
         assert next(p) == 0
         time.sleep(0.3)  # let the thread run as far as it may
@@ -72,13 +73,7 @@ def test_looks_at_most_depth_items_ahead():
 
 def test_close_stops_the_thread_and_takes_no_more_items():
     taken = []
-
-    def items():
-        for i in range(10_000):
-            taken.append(i)
-            yield i
-
-    p = Prefetcher(items(), lambda x: x, depth=2)
+    p = Prefetcher(counted(10_000, taken), lambda x: x, depth=2)
     next(p)
     p.close()
     n = len(taken)
