@@ -318,8 +318,8 @@ def default_batch_size(device: torch.device) -> int:
 
 def prefetch_depth(requested: int, device: torch.device) -> int:
     """``--prefetch_batches -1``: 2 on CUDA; 0 on the CPU, where a crops thread would share the
-    cores with the network, and the float rounding of the CPU's convolutions can depend on how
-    many threads they get (runs would then differ in the last bits from run to run)."""
+    cores with the network (with it, a CPU test of byte-equal files failed once in two runs on a
+    32-core host: the convolutions' rounding may depend on the threads they get)."""
     if requested >= 0:
         return requested
     return 2 if device.type == "cuda" else 0
@@ -362,7 +362,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     the model and the writers (their forkserver imports its modules meanwhile). On CUDA a thread
     (:class:`util.prefetch.Prefetcher`) takes the batches from the DataLoader and readies their
     crops on the device (:func:`data.image_folder.batch_crops`), :func:`prefetch_depth` batches
-    ahead; the main thread runs the network on them and hands numpy arrays to the writers. ``RunSummary.timeline`` records when each phase ended.
+    ahead; the main thread runs the network on them and hands numpy arrays to the writers.
+    ``RunSummary.timeline`` records when each phase ended.
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched

@@ -133,8 +133,9 @@ def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
         pytest.skip("needs CUDA")
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     opt = parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
-                              f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-                              f"--results_dir={tmp_path / 'out'}", "--num_threads=0", "--batch_size=2"])
+                              f"--bfm_folder={standin['bfm_folder']}",
+                              f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}",
+                              "--num_threads=0", "--batch_size=2"])
     summary = run_folder(opt, torch.device("cuda"), progress=False)
     assert summary.faces_ok == 3 and summary.faces_failed == 0
 
