@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util.detections_io import LANDMARKS_DIR, face_detection_files, read_points
+from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, read_points, stem_detection_files
 from util.image_io import decode_error_reason, list_images, load_image, read_plain_jpeg
 from util.pil_resample import (PlanBatch, ResizeCropPlan, apply_plans, identity_plan, pad_regions, plan_resize_crop,
                                region_shape)
@@ -63,23 +63,24 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False, share:
     entries, missing = [], []
     owner: dict[tuple[str, str], str] = {}
     index: dict = {}  # one listing per detections (and landmarks) folder
+    prefix = os.path.join(folder, "")  # prefix + rel == os.path.join(folder, rel)
     for i, rel in enumerate(list_images(folder, recursive)):
-        rel_dir, name = os.path.split(rel)
-        key = (rel_dir, os.path.splitext(name)[0])
+        rel_dir, _, name = rel.rpartition("/")  # list_images' paths are '/'-separated everywhere
+        key = (rel_dir, file_stem(name))
         mine = i % world == rank
         if key in owner:
             if mine:
-                missing.append(f"{os.path.join(folder, rel)} (same name as {owner[key]}, whose detection file it "
-                               "would reuse)")
+                missing.append(f"{prefix + rel} (same name as {owner[key]}, whose detection file it would reuse)")
             continue
         owner[key] = name
         if not mine:
             continue
-        faces = face_detection_files(folder, rel, index=index)
+        faces = stem_detection_files(folder, rel_dir, key[1], DETECTIONS_DIR, index)
+        path = prefix + rel
         if not faces:
-            missing.append(os.path.join(folder, rel))
-        lm_files = dict(face_detection_files(folder, rel, subdir=LANDMARKS_DIR, index=index)) if lm68 else {}
-        path = os.path.join(folder, rel)
+            missing.append(path)
+            continue
+        lm_files = dict(stem_detection_files(folder, rel_dir, key[1], LANDMARKS_DIR, index)) if lm68 else {}
         entries += [FaceEntry(path, det, face, rel_dir, lm_files.get(face, "")) for face, det in faces]
     return entries, missing
 

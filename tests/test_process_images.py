@@ -593,3 +593,13 @@ def test_end_to_end_with_test_py(mtcnn_folder, standin, tmp_path):
     made = sorted(os.path.splitext(f)[0] for f in os.listdir(out) if f.endswith(".png"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert made == sorted(faces), r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_file_stem_is_splitexts():
+    """file_stem (the fast stem scan_folder uses for every photo) equals os.path.splitext's, on
+    awkward names too."""
+    from util.detections_io import file_stem
+
+    for name in ["a.jpg", "a.b.jpg", "..jpg", ".a.jpg", "a", "a.", "a..jpg", "...", "x.JPEG", "two faces.png",
+                 ".hidden"]:
+        assert file_stem(name) == os.path.splitext(name)[0], name

@@ -24,10 +24,17 @@ class DetectionFileError(ValueError):
     """A detection file exists but does not hold 5 points of 2 finite numbers."""
 
 
+def file_stem(name: str) -> str:
+    """``os.path.splitext(name)[0]`` for a file name without folders, in a quarter of the time
+    (a folder of 60000 photos computes it for each)."""
+    i = name.rfind(".")
+    return name[:i] if i > 0 and name[:i].strip(".") else name
+
+
 def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DETECTIONS_DIR) -> str:
     """Where the detection of face ``face`` (1-based) of ``folder/rel_image`` lives."""
     rel_dir, name = os.path.split(rel_image)
-    stem = os.path.splitext(name)[0]
+    stem = file_stem(name)
     if face > 1:
         stem = f"{stem}{FACE_SUFFIX}{face:02d}"
     return os.path.join(folder, subdir, rel_dir, stem + ".txt")
@@ -35,9 +42,10 @@ def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DET
 
 class _DirIndex:
     """One listing of a detections folder: its ``.txt`` files (regular files, or links to them)
-    and each stem's extra faces."""
+    and each stem's extra faces; ``prefix``: the folder's path with a separator at its end."""
 
     def __init__(self, det_dir: str):
+        self.prefix = os.path.join(det_dir, "")
         try:
             with os.scandir(det_dir) as it:
                 names = [e.name for e in it if e.name.endswith(".txt") and e.is_file()]
@@ -60,16 +68,21 @@ def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_D
     ``index`` for every photo of a folder to list each detections folder only once (a folder of
     N photos then costs O(N), not O(N^2), and no file system call per photo).
     """
-    main = detection_path(folder, rel_image, subdir=subdir)
-    det_dir, main_name = os.path.split(main)
-    if index is None:
-        index = {}
-    listing = index.get(det_dir)
+    rel_dir, name = os.path.split(rel_image)
+    return stem_detection_files(folder, rel_dir, file_stem(name), subdir, {} if index is None else index)
+
+
+def stem_detection_files(folder: str, rel_dir: str, stem: str, subdir: str, index: dict) -> list[tuple[str, str]]:
+    """:func:`face_detection_files` of the photo ``stem.*`` in ``folder/rel_dir`` (for callers
+    that have split the photo's path already)."""
+    listing = index.get((subdir, rel_dir))  # the paths of detection_path, one join per folder
     if listing is None:
-        listing = index[det_dir] = _DirIndex(det_dir)
-    stem = main_name[:-4]  # detection_path's <stem>.txt
-    out = [(stem, main)] if main_name in listing.files else []
-    out += [(name, os.path.join(det_dir, name + ".txt")) for _, name in sorted(listing.extra.get(stem, []))]
+        listing = index[(subdir, rel_dir)] = _DirIndex(os.path.join(folder, subdir, rel_dir))
+    main_name = stem + ".txt"
+    out = [(stem, listing.prefix + main_name)] if main_name in listing.files else []
+    extra = listing.extra.get(stem)
+    if extra:
+        out += [(face, listing.prefix + face + ".txt") for _, face in sorted(extra)]
     return out
 
 
