@@ -329,3 +329,42 @@ def test_a_malformed_landmarks_file_fails_only_its_face(standin, tmp_path, capsy
     assert "000002:" in report and "expected 68 lines" in report and "process_images.sh --landmarks68" in report
     assert os.path.isfile(out / "vd006.mat") and not os.path.exists(out / "000002.mat")
     assert open(bad).read() == before  # the user's file is only read
+
+
+@pytest.mark.parametrize("prefetch", ["0", "2"])
+def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, prefetch):
+    """SIGINT in the middle of a run (DataLoader workers, writer processes, with and without the
+    crops thread): test.py exits with 130 within seconds, says so, and every file it wrote is
+    whole (no .part file; every .mat loads)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.bench_inference import make_folder
+
+    folder = make_folder(str(tmp_path / "photos"), 200)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "test.py"), f"--name={standin['name']}", "--epoch=20",
+           f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
+           f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={out}", "--device=cpu",
+           "--batch_size=2", "--num_threads=2", "--write_workers=2", "--save_png=false",
+           f"--prefetch_batches={prefetch}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.is_dir() and any(n.endswith(".mat") for n in os.listdir(out)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert time.monotonic() - t0 < 15
+    names = os.listdir(out)
+    assert not [n for n in names if n.endswith(".part")]
+    mats = [n for n in names if n.endswith(".mat")]
+    assert 0 < len(mats) < 200
+    for n in mats:
+        assert loadmat(os.path.join(out, n))["id"].shape == (1, 80)
