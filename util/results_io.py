@@ -231,15 +231,22 @@ def process_context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+def writer_context():
+    """:func:`process_context` for writer processes: a forkserver is told to import
+    :data:`WRITER_MODULES` once, so that each writer is a cheap fork of it."""
+    ctx = process_context()
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(list(WRITER_MODULES))
+    return ctx
+
+
 def launch_writer_server() -> None:
     """Start the forkserver that writer processes fork from, without waiting for it: it imports
     :data:`WRITER_MODULES` (~0.3 s) while the caller goes on (e.g. loads the model), instead of
     while :meth:`ResultWriter.start` waits. Nothing to do where writers are spawned."""
-    ctx = process_context()
-    if ctx.get_start_method() == "forkserver":
+    if writer_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        ctx.set_forkserver_preload(list(WRITER_MODULES))
         forkserver.ensure_running()
 
 
@@ -262,11 +269,8 @@ class ResultWriter:
         if workers > 0:
             from concurrent.futures import ProcessPoolExecutor
 
-            ctx = process_context()
-            if ctx.get_start_method() == "forkserver":
-                # the server imports these once; each writer is then a cheap fork of it
-                ctx.set_forkserver_preload(list(WRITER_MODULES))
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg,))
+            self._pool = ProcessPoolExecutor(workers, mp_context=writer_context(), initializer=_init_worker,
+                                             initargs=(cfg,))
             self.workers = workers
         else:
             self.workers = 0
