@@ -64,18 +64,13 @@ def results_dir(opt) -> str:
     return os.path.join(opt.checkpoints_dir, opt.name, "results", folder, f"epoch_{opt.epoch}_000000")
 
 
-def _warm_up_device(device: torch.device, backend: str, decode: bool = False) -> None:
-    """CUDA context, cuDNN and cuBLAS, the nvdiffrast plugin, and with ``decode`` the JPEG decoder
-    (a first nvJPEG call costs ~0.9 s), ahead of the first batch (run in a thread while the model
-    files load). Errors are left for the real calls to report."""
+def _warm_up_device(device: torch.device, backend: str) -> None:
+    """CUDA context, cuDNN and cuBLAS, and the nvdiffrast plugin, ahead of the first batch (run in
+    a thread while the model files load). Errors are left for the real calls to report."""
     try:
         x = torch.zeros(1, 3, 8, 8, device=device)
         torch.nn.functional.conv2d(x, torch.zeros(4, 3, 3, 3, device=device))  # loads cuDNN
         x.flatten(1) @ torch.zeros(192, 4, device=device)  # and cuBLAS
-        if decode:
-            from data.image_folder import warm_up_decoder
-
-            warm_up_decoder(device)
         if backend != "cpu":
             from models.renderer import nvdiffrast_backend
 
@@ -84,18 +79,47 @@ def _warm_up_device(device: torch.device, backend: str, decode: bool = False) ->
         pass
 
 
+def _warm_up_decoder(device: torch.device) -> None:
+    try:
+        from data.image_folder import warm_up_decoder
+
+        warm_up_decoder(device)
+    except Exception:  # noqa: BLE001 - the first real decode reports it
+        pass
+
+
+def _thread(target, name: str, *args):
+    import threading
+
+    t = threading.Thread(target=target, name=name, args=args, daemon=True)
+    t.start()
+    return t
+
+
 def start_warm_up(opt, device: torch.device):
     """On CUDA, start readying the device and the nvdiffrast plugin in a thread (CUDA context
     creation and the plugin load take most of a GPU run's start-up); returns the thread or None."""
     if device.type != "cuda":
         return None
-    import threading
+    return _thread(_warm_up_device, "warm-up", device, renderer_backend(device, opt.use_opengl))
 
-    decode = getattr(opt, "decode_on_device", False)  # train.py's options have no such flag
-    warm = threading.Thread(target=_warm_up_device, name="warm-up", daemon=True,
-                            args=(device, renderer_backend(device, opt.use_opengl), decode))
-    warm.start()
-    return warm
+
+def start_decoder_warm_up(opt, device: torch.device):
+    """With ``--decode_on_device`` on CUDA, ready nvJPEG in a thread of its own (its first call
+    costs ~0.9 s, as much as the rest of the warm-up; beside it the network runs its first batch);
+    returns the thread or None."""
+    if device.type != "cuda" or not getattr(opt, "decode_on_device", False):
+        return None
+    return _thread(_warm_up_decoder, "warm-up-decoder", device)
+
+
+def warm_up_network(model, batch_size: int, device: torch.device) -> None:
+    """One forward pass on zeros at the run's batch size: cuDNN picks its kernels for every layer
+    now, beside the decoder's warm-up, not when the first batch of photos is waiting."""
+    if device.type != "cuda":
+        return
+    with torch.inference_mode():
+        model.predict_coeffs(torch.zeros(batch_size, 3, 224, 224, device=device))
 
 
 def build_model(opt, device: torch.device, warm=None):
@@ -359,7 +383,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
-    the model and the writers (their forkserver imports its modules meanwhile). On CUDA a thread
+    the model and the writers (their forkserver imports its modules meanwhile). On CUDA the
+    network's first pass runs on zeros while a thread readies the JPEG decoder, and a thread
     (:class:`util.prefetch.Prefetcher`) takes the batches from the DataLoader and readies their
     crops on the device (:func:`data.image_folder.batch_crops`), :func:`prefetch_depth` batches
     ahead; the main thread runs the network on them and hands numpy arrays to the writers.
@@ -387,6 +412,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     # holds a lock can hang the child)
     warm = start_warm_up(opt, device) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
+    decoder_warm = start_decoder_warm_up(opt, device)
     # CUDA work issued by the prefetch thread goes to the device the main thread uses ('cuda'
     # without an index: the main thread's current one)
     select = None
@@ -395,6 +421,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         select = lambda: torch.cuda.set_device(index)  # noqa: E731
 
     def prepare(batch: dict) -> tuple:
+        if decoder_warm is not None:
+            decoder_warm.join()  # the decoder's first call is not made from two threads at once
         crops = batch_crops(batch, device) if batch["meta"] else None
         if "first_crops" not in summary.timeline:
             mark("first_crops")  # in the thread: the workers' first batch, on the device
@@ -409,6 +437,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             launch_writer_server()  # it imports the writers' modules while the model loads
         if model is None:
             model = build_model(opt, device, warm)
+            warm_up_network(model, bs, device)
         mark("model_ready")
         out_dir = summary.out_dir
         os.makedirs(out_dir, exist_ok=True)

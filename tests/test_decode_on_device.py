@@ -207,6 +207,24 @@ def test_cuda_run_decoding_on_the_gpu(standin, tmp_path):
     assert len(read_all(tmp_path / "out")) == 9
 
 
+def test_the_decoder_warms_up_in_its_own_thread_only_on_cuda():
+    """``start_decoder_warm_up``: a thread only where the run decodes on a CUDA device; on CUDA
+    it ends with the decoder ready (the crops thread waits for it before its first batch)."""
+    from types import SimpleNamespace
+
+    from models.inference import start_decoder_warm_up
+
+    assert start_decoder_warm_up(SimpleNamespace(decode_on_device=True), torch.device("cpu")) is None
+    assert start_decoder_warm_up(SimpleNamespace(decode_on_device=False), torch.device("cuda")) is None
+    assert start_decoder_warm_up(SimpleNamespace(), torch.device("cuda")) is None  # train.py's options
+    if torch.cuda.is_available():
+        _cuda_decoder_or_skip()
+        thread = start_decoder_warm_up(SimpleNamespace(decode_on_device=True), torch.device("cuda"))
+        assert thread.name == "warm-up-decoder"
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+
 def test_the_decoder_loads_without_importing_torchvision():
     """Only torchvision's image library is loaded: a fresh process that readies the decoder has
     not imported the torchvision package (whose __init__ costs seconds of start-up)."""
