@@ -19,6 +19,8 @@ before).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import threading
 from dataclasses import dataclass
@@ -59,6 +61,22 @@ def scan_folder(folder: str, recursive: bool = False, lm68: bool = False, share:
     Photos sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like
     process_images.py, only the first in listing order uses it; the others are skipped, with why.
     """
+    with _gc_paused():  # a run's scan makes ~10 objects a photo: the collector's passes cost a third of it
+        return _scan(folder, recursive, lm68, share)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _scan(folder: str, recursive: bool, lm68: bool, share: tuple[int, int]) -> tuple[list[FaceEntry], list[str]]:
     rank, world = share
     entries, missing = [], []
     owner: dict[tuple[str, str], str] = {}

@@ -245,6 +245,15 @@ def test_scan_folder_shares_photos_between_ranks(tmp_path):
     assert [e.name for e in parts[0][0]] == ["000002", "vd006"]
     assert [e.name for e in parts[1][0]] == ["015259", "trump_hillary", "trump_hillary__face02"]
     assert parts[0][1] == missing and parts[1][1] == []
+    # the scan pauses the garbage collector and leaves it as it found it
+    import gc
+
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert scan_folder(folder)[0] == whole and not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow
