@@ -433,6 +433,21 @@ def test_multi_gpu_bench_run_parses_the_summary_and_samples_the_cpus(tmp_path):
         run([[sys.executable, "-c", "import sys; sys.exit(3)"]])
 
 
+def test_multi_gpu_bench_rates_between_sizes_and_within_a_run(tmp_path):
+    """measure(): end to end = N / run time; steady = the marginal rate between the two sizes;
+    after the first results = N / (last batch - first result) of the larger run's timeline."""
+    from benchmarks.bench_multi_gpu import measure
+
+    runs = {800: (10.0, {"first_result": 2.0, "last_batch": 9.9}), 200: (4.0, {"first_result": 1.5, "last_batch": 3.9})}
+    fake = lambda n, folder, res: (runs[n][0], runs[n][0] + 1, "done", None, runs[n][1])  # noqa: E731
+    out = measure("x", fake, {800: "a", 200: "b"}, str(tmp_path))
+    assert out["images_per_s"] == 80.0
+    assert out["steady_images_per_s"] == 600 / 6.0
+    assert out["after_first_result_images_per_s"] == 800 / 7.9
+    runs[800] = (10.0, {})  # no timeline (a test.py without --verbose's log): no such rate
+    assert measure("x", fake, {800: "a", 200: "b"}, str(tmp_path))["after_first_result_images_per_s"] is None
+
+
 def test_multi_gpu_bench_feed_splits_the_folder_between_ranks(standin, tmp_path):
     """--feed: each of 2 side-by-side processes decodes and aligns its own share of the folder
     through test.py's DataLoader; together they see every photo once."""
