@@ -124,10 +124,10 @@ def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
     return 0
 
 
-def measure(label: str, runner, folders: dict[int, str], tmp: str) -> dict:
+def measure(label: str, runner, folders: dict[int, str], results_root: str) -> dict:
     out = {}
     for n, folder in folders.items():
-        res = os.path.join(tmp, f"res_{label}_{n}")
+        res = os.path.join(results_root, f"res_{label}_{n}")
         secs, wall, line, busy, timeline = runner(n, folder, res)
         shutil.rmtree(res, ignore_errors=True)
         out[n] = {"run_s": secs, "wall_s": round(wall, 2), "images_per_s": n / secs, "summary": line,
@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--feed", action="store_true",
                     help="also run test.py's DataLoader alone (no GPU, no model, no files) for 1 rank and for "
                          "--gpus ranks side by side: the rates the host's CPUs can feed")
+    ap.add_argument("--results_root", default="",
+                    help="where the runs write their results (default: the temporary folder of the photos); "
+                         "e.g. /dev/shm to take the disk's file-creation rate out of the measurement")
     ap.add_argument("--json", default="")
     ap.add_argument("--feed_rank", type=int, default=-1, help=argparse.SUPPRESS)  # a feed_runner child
     ap.add_argument("--feed_folder", default="", help=argparse.SUPPRESS)
@@ -167,6 +170,7 @@ def main(argv=None) -> int:
     if a.feed_rank >= 0:
         return feed_rank(a.feed_rank, a.gpus, a.feed_folder, extra)
     tmp = tempfile.mkdtemp(prefix="mgpu_")
+    results_root = tempfile.mkdtemp(prefix="mgpu_results_", dir=a.results_root) if a.results_root else tmp
     folders = {n: make_folder(os.path.join(tmp, f"photos_{n}"), n) for n in (a.n, a.n // 4)}
     common = ["test.py", "--name=standin", "--epoch=20", f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", *extra]
     try:
@@ -175,10 +179,11 @@ def main(argv=None) -> int:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     except Exception:  # noqa: BLE001
         gpu = "unknown"
-    res = {"n_images": a.n, "extra_flags": extra, "gpu": gpu, "gpus": a.gpus, "cpu_cores": os.cpu_count()}
-    one = measure("1_gpu", test_py_runner([sys.executable], common), folders, tmp)
+    res = {"n_images": a.n, "extra_flags": extra, "results_root": a.results_root or "beside the photos", "gpu": gpu,
+           "gpus": a.gpus, "cpu_cores": os.cpu_count()}
+    one = measure("1_gpu", test_py_runner([sys.executable], common), folders, results_root)
     many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner([sys.executable, "-m", "torch.distributed.run",
-                                                             f"--nproc_per_node={a.gpus}"], common), folders, tmp)
+                                                             f"--nproc_per_node={a.gpus}"], common), folders, results_root)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
     if a.cpu_control:
         from models.inference import default_batch_size, loader_workers, writer_workers
@@ -192,11 +197,12 @@ def main(argv=None) -> int:
         res["1_gpu_cpu_control"] = measure(
             "1_gpu_all_workers",
             test_py_runner([sys.executable], common + [f"--num_threads={loaders}", f"--write_workers={writers}"]),
-            folders, tmp)
+            folders, results_root)
         res["1_gpu_cpu_control"]["workers"] = {"loader": loaders, "writer": writers}
     if a.feed:
-        res["feed_1_rank"] = measure("feed_1_rank", feed_runner(1, extra), folders, tmp)
-        res[f"feed_{a.gpus}_ranks"] = measure(f"feed_{a.gpus}_ranks", feed_runner(a.gpus, extra), folders, tmp)
+        res["feed_1_rank"] = measure("feed_1_rank", feed_runner(1, extra), folders, results_root)
+        res[f"feed_{a.gpus}_ranks"] = measure(f"feed_{a.gpus}_ranks", feed_runner(a.gpus, extra), folders,
+                                              results_root)
         res["feed_scaling"] = res[f"feed_{a.gpus}_ranks"]["images_per_s"] / res["feed_1_rank"]["images_per_s"]
         print(f"the DataLoader alone, {a.gpus} ranks vs 1: {res['feed_scaling']:.2f}x")
     res["scaling"] = many["images_per_s"] / one["images_per_s"]
@@ -210,6 +216,7 @@ def main(argv=None) -> int:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(results_root, ignore_errors=True)
     return 0
 
 
