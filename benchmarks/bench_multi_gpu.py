@@ -182,8 +182,8 @@ def main(argv=None) -> int:
     res = {"n_images": a.n, "extra_flags": extra, "results_root": a.results_root or "beside the photos", "gpu": gpu,
            "gpus": a.gpus, "cpu_cores": os.cpu_count()}
     one = measure("1_gpu", test_py_runner([sys.executable], common), folders, results_root)
-    many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner([sys.executable, "-m", "torch.distributed.run",
-                                                             f"--nproc_per_node={a.gpus}"], common), folders, results_root)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.gpus}"]
+    many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner(torchrun, common), folders, results_root)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
     if a.cpu_control:
         from models.inference import default_batch_size, loader_workers, writer_workers
@@ -208,8 +208,9 @@ def main(argv=None) -> int:
     res["scaling"] = many["images_per_s"] / one["images_per_s"]
     res["steady_scaling"] = many["steady_images_per_s"] / one["steady_images_per_s"]
     flowing = ""
-    if many["after_first_result_images_per_s"] and one["after_first_result_images_per_s"]:
-        res["after_first_result_scaling"] = many["after_first_result_images_per_s"] / one["after_first_result_images_per_s"]
+    rates = (many["after_first_result_images_per_s"], one["after_first_result_images_per_s"])
+    if all(rates):
+        res["after_first_result_scaling"] = rates[0] / rates[1]
         flowing = f", {res['after_first_result_scaling']:.2f}x after the first results"
     print(f"scaling with {a.gpus} GPUs: {res['scaling']:.2f}x end to end, {res['steady_scaling']:.2f}x steady{flowing}")
     if a.json:

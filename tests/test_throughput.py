@@ -448,6 +448,26 @@ def test_multi_gpu_bench_rates_between_sizes_and_within_a_run(tmp_path):
     assert measure("x", fake, {800: "a", 200: "b"}, str(tmp_path))["after_first_result_images_per_s"] is None
 
 
+def test_file_writes_bench_writes_every_file_whole_and_cleans_up(tmp_path):
+    """bench_file_writes: K processes write N files (renamed into place) into one folder; the case
+    counts them all, reports positive rates and removes its folder."""
+    from benchmarks.bench_file_writes import PAYLOAD, _writer, write_case
+
+    r = write_case(str(tmp_path), 3, 40)
+    assert r["files"] == 40 and r["procs"] == 3
+    assert r["files_per_s"] > 0 and r["first_half_files_per_s"] > 0 and r["second_half_files_per_s"] > 0
+    assert os.listdir(tmp_path) == []
+
+    class Go:  # one writer in this process: its files are whole, none left under the temporary name
+        def wait(self):
+            pass
+
+    half = type("V", (), {"value": 0.0})()
+    _writer(str(tmp_path), 1, 2, 6, half, Go())
+    assert sorted(os.listdir(tmp_path)) == [f"{i:06d}_photo.mat" for i in (1, 3, 5)]
+    assert all(os.path.getsize(tmp_path / f) == PAYLOAD for f in os.listdir(tmp_path)) and half.value > 0
+
+
 def test_multi_gpu_bench_feed_splits_the_folder_between_ranks(standin, tmp_path):
     """--feed: each of 2 side-by-side processes decodes and aligns its own share of the folder
     through test.py's DataLoader; together they see every photo once."""
