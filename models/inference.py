@@ -412,13 +412,15 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     # holds a lock can hang the child)
     warm = start_warm_up(opt, device) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
-    decoder_warm = start_decoder_warm_up(opt, device)
-    # CUDA work issued by the prefetch thread goes to the device the main thread uses ('cuda'
-    # without an index: the main thread's current one)
+    # CUDA work issued by other threads goes to the device the main thread uses ('cuda' without
+    # an index: the main thread's current one, which a new thread does not inherit)
     select = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         select = lambda: torch.cuda.set_device(index)  # noqa: E731
+        decoder_warm = start_decoder_warm_up(opt, torch.device("cuda", index))
+    else:
+        decoder_warm = None
 
     def prepare(batch: dict) -> tuple:
         if decoder_warm is not None:
