@@ -1,6 +1,7 @@
 """Multi-GPU scaling of test.py: one process on one GPU vs torchrun on N GPUs (not collected by pytest).
 
-    python benchmarks/bench_multi_gpu.py --n 8000 --gpus 2 [--json out.json] [-- extra test.py flags]
+    python benchmarks/bench_multi_gpu.py --n 8000 --gpus 2 [--results_root /dev/shm] [--json out.json] \
+        [-- extra test.py flags]
 
 Both set-ups reconstruct copies of the example photos with the stand-in model, twice: on N and
 on N/4 photos. Reported per set-up:
@@ -9,7 +10,11 @@ on N/4 photos. Reported per set-up:
   * ``steady_images_per_s``: the marginal rate (3N/4) / (t_N - t_N/4), which cancels what a run
     pays once whatever its size (start-up, warm-up, the last batch's writes), as
     bench_inference.py does;
-and the scaling of both, and the mean share of the host's CPUs busy during each run (/proc/stat).
+  * ``after_first_result_images_per_s``: N / (last batch - first results) of the larger run's
+    timeline (``test.py --verbose``; the slowest rank's), the start-up left out within one run;
+and the scaling of all three, and the mean share of the host's CPUs busy during each run
+(/proc/stat). ``--results_root /dev/shm`` writes the results to memory: on a disk that throttles
+writeback, a large N measures the disk's file-creation rate (benchmarks/bench_file_writes.py).
 ``--feed`` adds test.py's DataLoader alone (decoding and aligning in its workers, nothing else) in
 1 process and in N side by side, with each rank's worker count: what the host can feed 1 and N
 GPUs, whatever they do. ``--cpu_control`` adds one GPU with as many DataLoader workers and
