@@ -298,6 +298,7 @@ def test_loss_landscape_compares_the_two_minima(workspace, tmp_path):
     further = res["refined_further"]
     assert further["steps_per_round"] == 2 and len(further["truth_refined"]) == len(further["fitted_then_refined"]) == 2
     assert res["faces"] == 2 and res["fit_steps"] == 6 and res["refine_steps"] == 2
+    assert res["weights"]["w_reg"] == 3e-4 and res["weights"]["w_feat"] == 0.0  # the original's, no identity net
     assert res["truth"]["vertex_error_ratio"] == pytest.approx(0.0, abs=1e-6)
     line = res["line_fitted_to_truth_refined"]
     assert [p["t"] for p in line] == [0.0, 0.5, 1.0]
