@@ -30,7 +30,6 @@ DataLoader workers and writer processes default to test.py's automatic choice (-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -187,20 +186,15 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     return out
 
 
-def network_vs_bare(model, device, bs: int, amp: str, iters: int) -> dict:
+def network_vs_bare(model, device, bs: int, iters: int) -> dict:
+    """Our network and a bare ResNet-50, both in the precision test.py runs the network in."""
     from models.networks import Bottleneck, ResNet
 
     bare = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=1000, use_last_fc=True).to(device).eval()
     x = torch.rand(bs, 3, 224, 224, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-
-    # float32 as test.py runs it: full precision (ieee_fp32) unless --tf32
-    def exact():
-        return ieee_fp32(device) if dtype is None and model.ieee_fp32 else contextlib.nullcontext()
 
     def bench(f):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None), exact():
+        with torch.inference_mode(), model.network_precision(device):
             for _ in range(3):
                 f(x)
             sync(device)
@@ -427,7 +421,7 @@ def main(argv=None) -> int:
     if cuda:
         res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if not a.quick:
-        res["network_vs_bare"] = network_vs_bare(model, device, bs, a.amp, iters=20 if cuda else 2)
+        res["network_vs_bare"] = network_vs_bare(model, device, bs, iters=20 if cuda else 2)
     if cuda:
         from data.image_folder import AlignedFaces, images_to_float, scan_folder
         from util.preprocess import load_lm3d

@@ -48,17 +48,21 @@ class FaceReconModel(nn.Module):
         self.channels_last = channels_last
         self.ieee_fp32 = ieee_fp32
 
+    def network_precision(self, device: torch.device):
+        """The context the network runs in on ``device``: autocast with ``amp``, else full float32
+        where ``ieee_fp32``, else PyTorch's settings."""
+        if self.amp is not None:
+            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+            return torch.autocast(device_type=device.type, dtype=dtype)
+        if self.ieee_fp32:
+            return precision.ieee_fp32(device)
+        return contextlib.nullcontext()
+
     def predict_coeffs(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, 224, 224) RGB 0..1 -> (B, 257) float32."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        ctx = contextlib.nullcontext()
-        if self.amp is not None:
-            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-            ctx = torch.autocast(device_type=images.device.type, dtype=dtype)
-        elif self.ieee_fp32:
-            ctx = precision.ieee_fp32(images.device)
-        with ctx:
+        with self.network_precision(images.device):
             coeffs = self.net(images)
         return coeffs.float()
 
