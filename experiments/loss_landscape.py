@@ -94,7 +94,8 @@ def landscape(o: LandscapeOptions) -> dict:
             more[key].append(figures(ends[key]))
     return {"faces": o.faces, "size": o.size, "fit_steps": o.fit_steps, "fit_lr": o.fit_lr,
             "refine_steps": o.refine_steps, "device": str(device), "synthetic": dataclasses.asdict(syn),
-            "weights": dataclasses.asdict(training_weights(o)), "truth": figures(batch.coeffs), "truth_refined": at_refined,
+            "weights": dataclasses.asdict(training_weights(o)), "truth": figures(batch.coeffs),
+            "truth_refined": at_refined,
             "fitted_from_mean": at_fitted, "fitted_then_refined": figures(fitted_refined),
             "line_fitted_to_truth_refined": line,
             "refined_further": {"steps_per_round": o.more_steps, "lr": o.more_lr, **more},
