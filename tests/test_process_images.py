@@ -45,6 +45,11 @@ def temp_files(folder) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.startswith(".tmp_")]
 
 
+def finished_files(folder) -> int:
+    """Files in ``folder`` that are done: temporary files of a write in flight are not counted."""
+    return len([f for f in os.listdir(folder) if not f.startswith(".tmp_")]) if os.path.isdir(folder) else 0
+
+
 def iod_error(a: np.ndarray, b: np.ndarray) -> float:
     """Mean point distance normalised by the inter-ocular distance of ``b``."""
     return float(np.linalg.norm(a - b, axis=1).mean() / np.linalg.norm(b[1] - b[0]))
@@ -364,8 +369,8 @@ def test_interrupt_leaves_photos_and_no_half_files_then_resumes(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=default_sigint)
     t0 = time.time()
-    while time.time() - t0 < 60 and not (os.path.isdir(os.path.join(d, "detections"))
-                                         and len(os.listdir(os.path.join(d, "detections"))) >= 3):
+    # 4 finished files: the last one's report row may still be on its way when the signal lands
+    while time.time() - t0 < 60 and finished_files(os.path.join(d, "detections")) < 4:
         time.sleep(0.02)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -558,7 +563,7 @@ def test_real_ctrl_c_with_the_shell_wrapper(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     det_dir = os.path.join(d, "detections")
     t0 = time.time()
-    while time.time() - t0 < 120 and not (os.path.isdir(det_dir) and len(os.listdir(det_dir)) >= 2):
+    while time.time() - t0 < 120 and finished_files(det_dir) < 3:  # >= 2 reported, as above
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
