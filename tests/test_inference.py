@@ -275,6 +275,35 @@ def test_torchrun_two_ranks_shard_the_folder(standin, tmp_path):
                                              for e in ("mat", "png"))
 
 
+@pytest.mark.slow
+def test_torchrun_rendezvous_across_two_nodes(standin, tmp_path):
+    """The multi-node command: two torchrun agents (two "nodes" here, one process each, CPU,
+    gloo) meet through a c10d rendezvous; the folder is shared between them, one summary."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=faces", os.path.join(ROOT, "test.py"), "--name=standin",
+           "--epoch=20", f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
+           f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={out}", "--device=cpu",
+           "--num_threads=0", "--save_mesh=false"]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in nodes]
+    for p, (_, err) in zip(nodes, outputs):
+        assert p.returncode == 0, err[-2000:]
+    stdout = "".join(o for o, _ in outputs)
+    assert stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in stdout
+    assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
+                                             for e in ("mat", "png"))
+
+
 def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
     folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
     shutil.copyfile(os.path.join(ROOT, "examples", "000002.jpg"), os.path.join(folder, "vd006.jpg"))
