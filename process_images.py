@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
+
+from util.interrupts import sigterm_as_interrupt
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.update(1)
 
-    restore = _sigterm_as_interrupt()
     try:
-        report = run_plan(plan, on_result=on_result)
+        with sigterm_as_interrupt():
+            report = run_plan(plan, on_result=on_result)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         print(f"process_images: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    finally:
-        restore()
     if bar is not None:
         bar.close()
 
@@ -132,18 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print("process_images: --strict: some photos were skipped (see the report)", file=sys.stderr)
         return EXIT_NOTHING
     return EXIT_OK
-
-
-def _sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C while running (report written, no half files); returns an undo."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,39 @@ def _run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool)
 
 
 def _spawned_main(rank: int, world: int, opt, queue) -> None:
-    queue.put((rank, _run_rank(rank, world, opt, rank, spawned=True)))
+    from util.interrupts import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        queue.put((rank, _run_rank(rank, world, opt, rank, spawned=True)))
+
+
+def _run_spawned(world: int, opt):
+    """``--gpu_ids`` with several GPUs: one spawned process per GPU; the ranks are stopped (as by
+    SIGTERM, which they take as Ctrl-C) when this process is interrupted."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    ranks = mp.start_processes(_spawned_main, args=(world, opt, queue), nprocs=world, start_method="spawn",
+                               join=False)
+    summaries = {}
+
+    def receive() -> None:  # read while they run: a summary larger than the pipe's buffer blocks its sender
+        while not queue.empty():
+            rank, summary = queue.get()
+            summaries[rank] = summary
+
+    try:
+        while not ranks.join(timeout=0.2):  # raises if a rank failed
+            receive()
+    except KeyboardInterrupt:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ranks.processes:
+            p.join(60)
+        raise
+    receive()
+    return summaries[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,36 +92,37 @@ def main(argv: list[str] | None = None) -> int:
     from models.inference import SetupError
 
     ready = time.perf_counter()  # options parsed, torch imported
+    from util.interrupts import sigterm_as_interrupt
+
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # launched by torchrun
-            rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-            summary = _run_rank(rank, world, opt, local_rank, spawned=False)
-            if rank != 0:
-                return summary.exit_code
-        else:
-            ids = [i for i in opt.gpu_ids.split(",") if i.strip() and int(i) >= 0]
-            import torch
-
-            if len(ids) > 1 and opt.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
-                import torch.multiprocessing as mp
-
-                ctx = mp.get_context("spawn")
-                queue = ctx.SimpleQueue()
-                mp.start_processes(_spawned_main, args=(len(ids), opt, queue), nprocs=len(ids),
-                                   start_method="spawn")
-                summary = dict(queue.get() for _ in ids)[0]
-            else:
-                summary = _run_rank(0, 1, opt, None, spawned=False)
+        with sigterm_as_interrupt():
+            summary, reporting = _run(opt)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: files already written are complete; re-run to redo the rest", file=sys.stderr)
+        print("interrupted: files already written are complete; the same command with --skip_existing true "
+              "does only the rest", file=sys.stderr)
         return 130
-    print(summary.report())
-    _log_timing(summary, started, ready)
+    if reporting:
+        print(summary.report())
+        _log_timing(summary, started, ready)
     return summary.exit_code
+
+
+def _run(opt):
+    """(the run's summary, of all ranks; whether this process reports it: all but torchrun's
+    ranks other than 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        return _run_rank(rank, world, opt, local_rank, spawned=False), rank == 0
+    ids = [i for i in opt.gpu_ids.split(",") if i.strip() and int(i) >= 0]
+    import torch
+
+    if len(ids) > 1 and opt.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        return _run_spawned(len(ids), opt), True
+    return _run_rank(0, 1, opt, None, spawned=False), True
 
 
 def _log_timing(summary, started: float, ready: float) -> None:

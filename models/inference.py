@@ -165,6 +165,7 @@ class RunSummary:
     faces_failed: int = 0
     photos_without_detection: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (photo or face, reason)
+    faces_done_before: int = 0  # left out by --skip_existing: their outputs were all there
     out_dir: str = ""
     seconds: float = 0.0
     first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
@@ -173,6 +174,7 @@ class RunSummary:
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
         self.faces_failed += other.faces_failed
+        self.faces_done_before += other.faces_done_before
         self.photos_without_detection = sorted(self.photos_without_detection + other.photos_without_detection)
         self.failures += other.failures
         self.seconds = max(self.seconds, other.seconds)
@@ -183,20 +185,23 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0: every face with a detection was reconstructed; 1: some failed or nothing to do."""
-        return 0 if self.faces_failed == 0 and self.faces_ok > 0 else 1
+        """0: every face with a detection was reconstructed (now or, with --skip_existing, before);
+        1: some failed or nothing to do."""
+        return 0 if self.faces_failed == 0 and self.faces_ok + self.faces_done_before > 0 else 1
 
     def report(self) -> str:
         lines = [f"done: {self.faces_ok} face(s) reconstructed, {self.faces_failed} failed, "
                  f"{len(self.photos_without_detection)} photo(s) skipped without a detection file "
                  f"({self.seconds:.1f} s); results in {self.out_dir}"]
+        if self.faces_done_before:
+            lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already (--skip_existing)")
         if self.photos_without_detection:
             lines.append("skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):")
             lines += [f"  {p}" for p in self.photos_without_detection]
         if self.failures:
             lines.append("failed:")
             lines += [f"  {what}: {why}" for what, why in self.failures]
-        if self.faces_ok == 0 and not self.failures:
+        if self.faces_ok == 0 and not self.failures and not self.faces_done_before:
             lines.append("nothing was reconstructed: no photo in the folder has a detection file")
         return "\n".join(lines)
 
@@ -294,6 +299,32 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
             r.image, r.overlay, r.lm_gt = image[i], host["overlay"][i], lm_gt[i]
         results.append(r)
     return results
+
+
+def output_suffixes(opt) -> list[str]:
+    """The files test.py writes per face, as the save_* switches ask."""
+    return [suffix for suffix, wanted in ((".png", opt.save_png), (".obj", opt.save_mesh), (".mat", opt.save_mat))
+            if wanted]
+
+
+def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[list, int]:
+    """``--skip_existing``: (the entries not all of whose ``suffixes`` files are in ``out_dir``
+    (under their ``rel_dir``), how many were left out). One listing per results sub-folder; a
+    file being written has a temporary name, so a name present is a complete file."""
+    if not suffixes:
+        return entries, 0
+    listed: dict[str, set[str]] = {}
+    todo = []
+    for e in entries:
+        names = listed.get(e.rel_dir)
+        if names is None:
+            try:
+                names = listed[e.rel_dir] = set(os.listdir(os.path.join(out_dir, e.rel_dir)))
+            except (FileNotFoundError, NotADirectoryError):
+                names = listed[e.rel_dir] = set()
+        if not all(e.name + suffix in names for suffix in suffixes):
+            todo.append(e)
+    return todo, len(entries) - len(todo)
 
 
 # --------------------------------------------------------------------------- workers
@@ -400,6 +431,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                          "that ./process_images.sh prepared")
     entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0, share=(rank, world))
     summary = RunSummary(out_dir=results_dir(opt), photos_without_detection=missing)
+    if opt.skip_existing:
+        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(opt))
 
     def mark(phase: str) -> None:
         summary.timeline[phase] = time.perf_counter() - t0

@@ -29,6 +29,9 @@ class TestOptions(BaseOptions):
     save_mesh: bool = opt(True, "write <name>.obj")
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)")
+    skip_existing: bool = opt(False, "leave out faces whose requested outputs (.png/.obj/.mat, as the save_* "
+                                     "switches ask) are all in the results folder already: resumes an interrupted "
+                                     "run (files are complete or absent). Only the files' presence is checked")
     recursive: bool = opt(False, "also process photos in sub-folders (detections mirrored under detections/)")
     results_dir: str = opt("", "where results go; default checkpoints/<name>/results/<folder name>/epoch_<E>_000000")
     amp: str = opt("none", "network precision: none (float32) | bf16 | fp16 (CUDA autocast)",

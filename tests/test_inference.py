@@ -304,6 +304,71 @@ def test_torchrun_rendezvous_across_two_nodes(standin, tmp_path):
                                              for e in ("mat", "png"))
 
 
+def test_skip_existing_redoes_only_faces_missing_an_output(standin, tmp_path, capsys):
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+    out = tmp_path / "out"
+    assert run(standin, folder, str(out)) == 0
+    stamps = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    os.remove(out / "vd006.png")  # one face lacks one of its files
+    os.rename(out / "000002.png", out / "000002.png.part")  # one was being written: it does not count
+    capsys.readouterr()
+    assert run(standin, folder, str(out), "--skip_existing=true") == 0
+    text = capsys.readouterr().out
+    assert "done: 2 face(s) reconstructed, 0 failed" in text and "1 face(s) left out" in text
+    after = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    redone = {n for n in after if after[n] != stamps.get(n)}
+    assert redone == {f"{s}.{e}" for s in ("vd006", "000002") for e in ("png", "obj", "mat")}
+    # everything there: nothing to do is success; asking for fewer outputs needs only those
+    assert run(standin, folder, str(out), "--skip_existing=true") == 0
+    assert "3 face(s) left out" in capsys.readouterr().out
+    os.remove(out / "trump_hillary.obj")
+    assert run(standin, folder, str(out), "--skip_existing=true", "--save_mesh=false") == 0
+    assert "3 face(s) left out" in capsys.readouterr().out
+
+
+def test_without_finished_lists_each_results_folder_once(tmp_path, monkeypatch):
+    from data.image_folder import FaceEntry
+    from models import inference
+
+    (tmp_path / "sub").mkdir()
+    for n in ("a.mat", "a.obj", "b.mat", "sub/c.mat", "sub/c.obj"):
+        (tmp_path / n).write_bytes(b"x")
+    entries = [FaceEntry("", "", name, rel) for name, rel in (("a", ""), ("b", ""), ("c", "sub"), ("d", "none"))]
+    calls = []
+    listdir = os.listdir
+    monkeypatch.setattr(inference.os, "listdir", lambda p: calls.append(p) or listdir(p))
+    todo, left_out = inference.without_finished(entries, str(tmp_path), [".obj", ".mat"])
+    assert [e.name for e in todo] == ["b", "d"] and left_out == 2
+    assert sorted(calls) == sorted(os.path.join(str(tmp_path), d) for d in ("", "sub", "none"))
+    assert inference.without_finished(entries, str(tmp_path), []) == (entries, 0)
+
+
+@pytest.mark.slow
+def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
+    """--gpu_ids 0,1 spawns one process per GPU, each sending its summary back through a pipe;
+    one of 3000 photos without a detection file (~200 KB, more than a pipe holds) must not hang
+    the run. Here on the CPU: the spawning itself, called directly."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+    for i in range(3000):
+        open(os.path.join(folder, f"no_detection_for_this_photo_{i:05d}.jpg"), "wb").close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
+            f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}", "--device=cpu",
+            "--num_threads=0", "--save_mesh=false", "--save_png=false", f"--ddp_port={port}"]
+    code = ("import sys, test; from options.test_options import parse_test_options\n"
+            f"s = test._run_spawned(2, parse_test_options({argv!r}))\n"
+            "print(s.faces_ok, s.faces_failed, len(s.photos_without_detection))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["3", "0", "3000"]
+
+
 def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
     folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
     shutil.copyfile(os.path.join(ROOT, "examples", "000002.jpg"), os.path.join(folder, "vd006.jpg"))
@@ -369,11 +434,11 @@ def test_a_malformed_landmarks_file_fails_only_its_face(standin, tmp_path, capsy
     assert open(bad).read() == before  # the user's file is only read
 
 
-@pytest.mark.parametrize("prefetch", ["0", "2"])
-def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, prefetch):
-    """SIGINT in the middle of a run (DataLoader workers, writer processes, with and without the
-    crops thread): test.py exits with 130 within seconds, says so, and every file it wrote is
-    whole (no .part file; every .mat loads)."""
+@pytest.mark.parametrize("prefetch,sig", [("0", "SIGINT"), ("2", "SIGINT"), ("2", "SIGTERM")])
+def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, prefetch, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (a batch scheduler's stop) in the middle of a run (DataLoader
+    workers, writer processes, with and without the crops thread): test.py exits with 130 within
+    seconds, says so, and every file it wrote is whole (no .part file; every .mat loads)."""
     import signal
     import subprocess
     import sys
@@ -395,10 +460,10 @@ def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, 
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err and "--skip_existing true" in err
     assert time.monotonic() - t0 < 15
     names = os.listdir(out)
     assert not [n for n in names if n.endswith(".part")]
@@ -406,3 +471,12 @@ def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, 
     assert 0 < len(mats) < 200
     for n in mats:
         assert loadmat(os.path.join(out, n))["id"].shape == (1, 80)
+    if prefetch == "0":  # once: the same command with --skip_existing does only the rest
+        done = {n[:-4] for n in mats} & {n[:-4] for n in names if n.endswith(".obj")}
+        stamps = {n: os.stat(out / f"{n}.mat").st_mtime_ns for n in done}
+        r = subprocess.run(cmd + ["--skip_existing=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"done: {200 - len(done)} face(s) reconstructed, 0 failed" in r.stdout
+        assert f"{len(done)} face(s) left out: their outputs were there already" in r.stdout
+        assert len([n for n in os.listdir(out) if n.endswith(".mat")]) == 200
+        assert {n: os.stat(out / f"{n}.mat").st_mtime_ns for n in done} == stamps
