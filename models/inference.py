@@ -194,7 +194,8 @@ class RunSummary:
                  f"{len(self.photos_without_detection)} photo(s) skipped without a detection file "
                  f"({self.seconds:.1f} s); results in {self.out_dir}"]
         if self.faces_done_before:
-            lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already (--skip_existing)")
+            lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already "
+                         "(--skip_existing)")
         if self.photos_without_detection:
             lines.append("skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):")
             lines += [f"  {p}" for p in self.photos_without_detection]

@@ -358,8 +358,8 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
-            f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}", "--device=cpu",
+    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}", "--device=cpu",
             "--num_threads=0", "--save_mesh=false", "--save_png=false", f"--ddp_port={port}"]
     code = ("import sys, test; from options.test_options import parse_test_options\n"
             f"s = test._run_spawned(2, parse_test_options({argv!r}))\n"
