@@ -17,6 +17,7 @@ import sys
 import time
 
 log = logging.getLogger(__name__)
+LISTED = 20  # photos skipped / faces failed shown in the summary; longer lists go to files beside the results
 
 
 def _run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool):
@@ -105,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
               "does only the rest", file=sys.stderr)
         return 130
     if reporting:
-        print(summary.report())
+        listed = LISTED
+        try:
+            summary.write_long_lists(LISTED)
+        except OSError as e:  # the lists stay whole on the terminal
+            print(f"warning: could not write the lists of photos skipped and faces failed: {e}", file=sys.stderr)
+            listed = None
+        print(summary.report(listed))
         _log_timing(summary, started, ready)
     return summary.exit_code
 

@@ -157,6 +157,9 @@ def build_model(opt, device: torch.device, warm=None):
 
 
 # --------------------------------------------------------------------------- outputs
+SKIPPED_LIST, FAILED_LIST = "skipped_photos.txt", "failed_faces.txt"  # beside the results, when long
+
+
 @dataclass
 class RunSummary:
     """Counts of one run (or one rank of a multi-GPU run)."""
@@ -189,19 +192,43 @@ class RunSummary:
         1: some failed or nothing to do."""
         return 0 if self.faces_failed == 0 and self.faces_ok + self.faces_done_before > 0 else 1
 
-    def report(self) -> str:
+    def _lists(self) -> dict[str, list[str]]:
+        """File name -> lines of the run's two lists: photos skipped, faces failed (with why)."""
+        return {SKIPPED_LIST: self.photos_without_detection,
+                FAILED_LIST: [f"{what}: {why}" for what, why in self.failures]}
+
+    def write_long_lists(self, listed: int) -> list[str]:
+        """Write each list longer than ``listed`` to its file in the results folder (one line an
+        entry), for :meth:`report` to point at; returns the files written."""
+        written = []
+        for name, lines in self._lists().items():
+            if len(lines) > listed:
+                os.makedirs(self.out_dir, exist_ok=True)
+                path = os.path.join(self.out_dir, name)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(f"{line}\n" for line in lines)
+                written.append(path)
+        return written
+
+    def report(self, listed: int | None = None) -> str:
+        """The run's summary for the terminal: counts, then the photos skipped and the faces that
+        failed, at most ``listed`` of each (None: all) with the rest's count and the file that
+        :meth:`write_long_lists` wrote."""
         lines = [f"done: {self.faces_ok} face(s) reconstructed, {self.faces_failed} failed, "
                  f"{len(self.photos_without_detection)} photo(s) skipped without a detection file "
                  f"({self.seconds:.1f} s); results in {self.out_dir}"]
         if self.faces_done_before:
             lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already "
                          "(--skip_existing)")
-        if self.photos_without_detection:
-            lines.append("skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):")
-            lines += [f"  {p}" for p in self.photos_without_detection]
-        if self.failures:
-            lines.append("failed:")
-            lines += [f"  {what}: {why}" for what, why in self.failures]
+        titles = {SKIPPED_LIST: "skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):",
+                  FAILED_LIST: "failed:"}
+        for name, entries in self._lists().items():
+            if entries:
+                lines.append(titles[name])
+                lines += [f"  {e}" for e in entries[:listed]]
+                if listed is not None and len(entries) > listed:
+                    lines.append(f"  ... and {len(entries) - listed} more: all {len(entries)} in "
+                                 f"{os.path.join(self.out_dir, name)}")
         if self.faces_ok == 0 and not self.failures and not self.faces_done_before:
             lines.append("nothing was reconstructed: no photo in the folder has a detection file")
         return "\n".join(lines)

@@ -369,6 +369,23 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
     assert r.stdout.split() == ["3", "0", "3000"]
 
 
+def test_long_lists_go_to_files_beside_the_results(standin, tmp_path, capsys):
+    """A summary names at most 20 photos skipped (and 20 faces failed); a longer list is written
+    whole, one line each, to a file in the results folder that the summary names."""
+    folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
+    names = [os.path.join(folder, f"photo_{i:02d}.jpg") for i in range(25)]
+    for n in names:
+        open(n, "wb").close()
+    out = tmp_path / "out"
+    assert run(standin, folder, str(out), "--save_mesh=false", "--save_png=false") == 0
+    text = capsys.readouterr().out
+    listed = [line.strip() for line in text.splitlines() if "photo_" in line and line.startswith("  /")]
+    assert listed == names[:20]
+    assert f"  ... and 5 more: all 25 in {out / 'skipped_photos.txt'}" in text
+    assert (out / "skipped_photos.txt").read_text().splitlines() == names
+    assert sorted(os.listdir(out)) == ["skipped_photos.txt", "vd006.mat"]  # no list of failures: none failed
+
+
 def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
     folder = make_photo_folder(str(tmp_path / "photos"), ["vd006.png"])
     shutil.copyfile(os.path.join(ROOT, "examples", "000002.jpg"), os.path.join(folder, "vd006.jpg"))
