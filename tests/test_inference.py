@@ -384,6 +384,11 @@ def test_long_lists_go_to_files_beside_the_results(standin, tmp_path, capsys):
     assert f"  ... and 5 more: all 25 in {out / 'skipped_photos.txt'}" in text
     assert (out / "skipped_photos.txt").read_text().splitlines() == names
     assert sorted(os.listdir(out)) == ["skipped_photos.txt", "vd006.mat"]  # no list of failures: none failed
+    for n in names[3:]:
+        os.remove(n)
+    assert run(standin, folder, str(out), "--save_mesh=false", "--save_png=false") == 0
+    assert "photo_02.jpg" in capsys.readouterr().out
+    assert os.listdir(out) == ["vd006.mat"]  # the earlier run's list, no longer this run's, is gone
 
 
 def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
