@@ -1,0 +1,85 @@
+"""The processes of a test.py run: one, torchrun's ranks, or one spawned per ``--gpu_ids`` GPU.
+
+Each rank reconstructs its share of the folder (:func:`models.inference.run_folder`, every
+world-th photo) on its GPU and writes its faces' files; the ranks' summaries are gathered into one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from models.inference import RunSummary, resolve_device, run_folder
+from util.interrupts import sigterm_as_interrupt
+
+
+def run_ranks(opt) -> tuple[RunSummary, bool]:
+    """(the run's summary, of all ranks; whether this process reports it: all but torchrun's
+    ranks other than 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        return run_rank(rank, world, opt, local_rank, spawned=False), rank == 0
+    ids = [i for i in opt.gpu_ids.split(",") if i.strip() and int(i) >= 0]
+    if len(ids) > 1 and opt.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        return run_spawned(len(ids), opt), True
+    return run_rank(0, 1, opt, None, spawned=False), True
+
+
+def run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool) -> RunSummary:
+    """Rank ``rank`` of ``world``: its share of the folder on its device (GPU ``local_rank``);
+    with several ranks, joins their gloo group (``spawned``: on this machine, at ``--ddp_port``)
+    and returns the summary of all of them."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if spawned:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(opt.ddp_port))
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = resolve_device(opt.device, opt.gpu_ids, local_rank)
+    summary = run_folder(opt, device, rank=rank, world=world, progress=rank == 0 or opt.verbose)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, summary)
+        total = RunSummary(out_dir=summary.out_dir)
+        for p in parts:
+            total.merge(p)
+        summary = total
+        dist.destroy_process_group()
+    return summary
+
+
+def _spawned_main(rank: int, world: int, opt, queue) -> None:
+    with sigterm_as_interrupt():
+        queue.put((rank, run_rank(rank, world, opt, rank, spawned=True)))
+
+
+def run_spawned(world: int, opt) -> RunSummary:
+    """``--gpu_ids`` with several GPUs: one spawned process per GPU; the ranks are stopped (as by
+    SIGTERM, which they take as Ctrl-C) when this process is interrupted."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    ranks = mp.start_processes(_spawned_main, args=(world, opt, queue), nprocs=world, start_method="spawn",
+                               join=False)
+    summaries = {}
+
+    def receive() -> None:  # read while they run: a summary larger than the pipe's buffer blocks its sender
+        while not queue.empty():
+            rank, summary = queue.get()
+            summaries[rank] = summary
+
+    try:
+        while not ranks.join(timeout=0.2):  # raises if a rank failed
+            receive()
+    except KeyboardInterrupt:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in ranks.processes:
+            p.join(60)
+        raise
+    receive()
+    return summaries[0]
