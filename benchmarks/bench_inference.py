@@ -116,7 +116,7 @@ def timed_writes(cfg, results) -> dict:
 def stage_times(opt, device, model, n_batches: int) -> dict:
     """ms per image of each stage, measured one after the other on the same batches; medians
     over the batches. The main process's stages run here, the writes in one writer process set
-    up as test.py's (its allocator keeps freed memory, see util.results_io.keep_freed_memory).
+    up as test.py's (its allocator keeps freed memory, see util.subprocesses.keep_freed_memory).
     Also ``payload_kib``: KiB per face that the main process pickles for the writers."""
     import pickle
     from concurrent.futures import ProcessPoolExecutor
@@ -125,7 +125,8 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
     from models.inference import batch_results, output_config, overlay_uint8
     from util.preprocess import load_lm3d
-    from util.results_io import keep_freed_memory, process_context
+    from util.results_io import process_context
+    from util.subprocesses import keep_freed_memory
 
     entries, _ = scan_folder(opt.img_folder)
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder), resample_on_device=opt.resample_on_device,

@@ -437,7 +437,15 @@ def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_
                            decode_on_device=opt.decode_on_device)
     workers = loader_workers(opt.num_threads, len(entries), bs, world)
     return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_faces,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init if workers else None)
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """A DataLoader worker keeps its freed memory: each face's alignment makes arrays of the
+    same sizes (:func:`util.subprocesses.keep_freed_memory`)."""
+    from util.subprocesses import keep_freed_memory
+
+    keep_freed_memory()
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,

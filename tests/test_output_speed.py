@@ -152,7 +152,7 @@ def test_obj_words_match_the_general_formatter(scale):
 def test_writer_processes_keep_freed_memory():
     import platform
 
-    from util.results_io import keep_freed_memory
+    from util.subprocesses import keep_freed_memory
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory() is True

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from util.subprocesses import main_module_hidden
+from util.subprocesses import keep_freed_memory, main_module_hidden
 
 log = logging.getLogger(__name__)
 
@@ -176,30 +176,6 @@ _WORKER_CFG: OutputConfig | None = None
 
 # what a writer process imports; a forkserver imports them once for all writers
 WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io")
-
-# glibc's mallopt parameters, and the values writer processes use (32 MiB: glibc's largest mmap threshold)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BLOCKS_BELOW, _KEEP_FREE_TOP = 32 << 20, 256 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Let this process's allocator (glibc's malloc) keep freed memory for reuse: blocks below
-    32 MiB come from the heap instead of fresh ``mmap`` pages, and up to 256 MiB of free heap top
-    is kept instead of handed back. A face's arrays (a 2.6 MB .obj text, 0.3 MB number columns,
-    ~0.5 MB pictures) then land in pages already mapped, rather than in fresh pages whose first
-    touch costs a page fault each (measured: about half of a mesh's formatting time on a VM).
-    The process keeps its peak heap (some tens of MB for a writer). Meant for writer processes;
-    returns False where there is no glibc (nothing changed)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BLOCKS_BELOW) & mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_TOP))
-
 
 def _init_worker(cfg: OutputConfig) -> None:
     """Writer process set-up: Ctrl-C is the main process's business (it lets running writes

@@ -1,9 +1,11 @@
-"""Starting worker processes without re-running the caller's script.
+"""Worker processes: starting them without re-running the caller's script, and their allocator.
 
 With the ``forkserver`` and ``spawn`` start methods Python runs the main script's top level again
 in every child process (as ``__mp_main__``), so that functions defined there can be unpickled. The
 project's workers (writer processes, detection workers) need nothing from the caller's script: their
 functions live in importable modules. :func:`main_module_hidden` keeps the script out of them.
+:func:`keep_freed_memory` lets a worker that makes the same arrays face after face (writers, the
+DataLoader's decoding and aligning workers) reuse their pages instead of faulting in fresh ones.
 """
 from __future__ import annotations
 
@@ -29,3 +31,29 @@ def main_module_hidden():
     finally:
         if saved is not None:
             sys.modules["__main__"] = saved
+
+
+# glibc's mallopt parameters, and the values workers use (32 MiB: glibc's largest mmap threshold)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BLOCKS_BELOW, _KEEP_FREE_TOP = 32 << 20, 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's allocator (glibc's malloc) keep freed memory for reuse: blocks below
+    32 MiB come from the heap instead of fresh ``mmap`` pages, and up to 256 MiB of free heap top
+    is kept instead of handed back. A face's arrays (for a writer: a 2.6 MB .obj text, 0.3 MB
+    number columns, ~0.5 MB pictures; for a DataLoader worker: the alignment's ~1 MB int32
+    passes) then land in pages already mapped, rather than in fresh pages whose first touch costs
+    a page fault each (measured: about half of a mesh's formatting time on a VM; the alignment's
+    resize took 2.5 instead of 1.2 ms a face for its first few hundred faces). The process keeps
+    its peak heap (some tens of MB). Meant for worker processes; returns False where there is no
+    glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BLOCKS_BELOW) & mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_TOP))
