@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import SHARED_FACES, golden_lm5
 from util.image_io import load_image
-from util.pil_resample import PlanBatch, apply_plan, apply_plans, axis_coeffs, identity_plan, plan_resize_crop
+from util.pil_resample import (PlanBatch, apply_plan, apply_plans, axis_coeffs, identity_plan, plan_resize_crop,
+                                resize_crop_array)
 from util.preprocess import align_img, crop_box, flip_y, load_lm3d, pil_vertical_first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,8 @@ def test_large_photo_strong_reduction():
     size, box = (250, 183), (10, -20, 234, 204)
     ref = np.asarray(Image.fromarray(photo).resize(size, BICUBIC).crop(box))
     np.testing.assert_array_equal(resample(photo, size, box), ref)
+    plan = plan_resize_crop((3000, 2200), size, box, pil_vertical_first(3000, 2200, *size))
+    np.testing.assert_array_equal(resize_crop_array(Image.fromarray(photo), plan), ref)  # the CPU workers' way
 
 
 @pytest.mark.parametrize("name", sorted(golden_lm5()))

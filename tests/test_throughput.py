@@ -78,6 +78,13 @@ def test_resize_crop_tall_photo_both_orders():
                                           np.asarray(full_resize_crop(img, (w0 // 2, h0 // 2), box)))
 
 
+def test_resize_crop_of_a_grey_photo_is_the_full_resize():
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (90, 70), dtype=np.uint8))
+    out = resize_crop(img, (40, 50), (-3, 4, 30, 40))
+    assert out.mode == "L"
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(full_resize_crop(img, (40, 50), (-3, 4, 30, 40))))
+
+
 def test_unknown_pillow_falls_back_to_the_full_resize(monkeypatch):
     import PIL
 

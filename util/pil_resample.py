@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point fraction for 8-bit images
 BICUBIC_SUPPORT = 2.0
@@ -183,6 +184,50 @@ class PlanBatch:
 
     def to(self, device, non_blocking: bool = False) -> "PlanBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def _band_csr(index: np.ndarray, weight: np.ndarray, in_len: int):
+    """(N, K) indices and weights -> the (N, in_len) int32 CSR matrix of a pass (repeated
+    indices, which carry zero weights, are summed)."""
+    from scipy.sparse import csr_matrix
+
+    n, k = index.shape
+    return csr_matrix((weight.astype(np.int32).ravel(), index.ravel(), np.arange(0, n * k + 1, k)), shape=(n, in_len))
+
+
+def _clip8(acc: np.ndarray) -> np.ndarray:
+    """Pillow's ``clip8`` of int32 fixed-point sums, in place: ((acc + half) >> 22) in 0..255, uint8."""
+    acc += 1 << (PRECISION_BITS - 1)
+    acc >>= PRECISION_BITS
+    return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
+
+
+def _transposed(pixels: np.ndarray) -> np.ndarray:
+    """(n, m, 3) uint8 -> (m, n, 3) uint8, by PIL (4x faster than numpy's copy of 3-byte pixels)."""
+    return np.asarray(Image.fromarray(pixels).transpose(Image.Transpose.TRANSPOSE))
+
+
+def resize_crop_array(img: Image.Image, plan: ResizeCropPlan) -> np.ndarray:
+    """``plan`` on an RGB photo, on the CPU: the (H, W, 3) uint8 crop, Pillow's pixels, computing
+    only the crop's own pixels (PIL's resize computes every pixel of the resized photo, 5x the
+    work for a face a quarter of the photo's width).
+
+    Each pass is the plan's sparse band matrix (scipy CSR, int32 weights) times the pixels in
+    int32 - the arithmetic of Pillow's C loops: integer sums, so exact in any order, that cannot
+    overflow (at most 255 x the weights' absolute sum, below 2**31), then ``clip8``. The photo is
+    transposed for the pass that runs along its rows; the region is all that is read."""
+    (r0, r1), (c0, c1) = plan.rows, plan.cols
+    region = img.crop((c0, r0, c1, r1))
+    cols, rows = region.size
+    w, h = plan.out_size
+    across, down = _band_csr(plan.h_index, plan.h_weight, cols), _band_csr(plan.v_index, plan.v_weight, rows)
+    if plan.vertical_first:
+        tall = _clip8(down @ np.asarray(region).reshape(rows, cols * 3).astype(np.int32))  # (h, cols*3)
+        wide = _transposed(tall.reshape(h, cols, 3)).reshape(cols, h * 3).astype(np.int32)
+        return _transposed(_clip8(across @ wide).reshape(w, h, 3))
+    flipped = np.asarray(region.transpose(Image.Transpose.TRANSPOSE)).reshape(cols, rows * 3).astype(np.int32)
+    narrow = _clip8(across @ flipped).reshape(w, rows, 3)  # the horizontal pass, transposed
+    return _clip8(down @ _transposed(narrow).reshape(rows, w * 3).astype(np.int32)).reshape(h, w, 3)
 
 
 def region_shape(plans: list[ResizeCropPlan]) -> tuple[int, int]:
