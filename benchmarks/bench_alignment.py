@@ -89,7 +89,8 @@ def main(argv=None) -> int:
           f"{means['load_aligned_ms']:12.2f}")
     res = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
            "pillow": PIL.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-           "folder": a.folder, "repeats": a.repeats, "allocator_defaults": a.allocator_defaults, "faces": rows, "means": means}
+           "folder": a.folder, "repeats": a.repeats, "allocator_defaults": a.allocator_defaults, "faces": rows,
+           "means": means}
     print(f"{res['cpu']}, Pillow {res['pillow']}, numpy {res['numpy']}, scipy {res['scipy']}")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

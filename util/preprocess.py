@@ -172,13 +172,14 @@ def resize_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, in
     on the pass's input and output lengths. Resizing just a *box* of the photo would not do: PIL
     takes the box as float32 and its filter positions move, so 0.01-10% of the pixels change by
     1-4 levels (checked on the test photos). Instead :func:`util.pil_resample.resize_crop_array`
-    computes the crop's pixels from the full-size coefficients with Pillow's integer arithmetic:
-    2.2x faster than resizing through PIL the rows and columns the crop needs on the example
-    photos, 4x on a wide group photo, exact by construction (integer sums).
-    tests/test_throughput.py and tests/test_pil_resample.py check it against Pillow on every test
-    photo and thousands of synthetic cases of both pass orders. An RGB photo whose pass order is
-    not known for the installed Pillow (:func:`pil_vertical_first`), or another mode, is resized
-    whole by PIL (exact whatever the order, but slower).
+    computes the crop's pixels from the full-size coefficients with Pillow's integer arithmetic,
+    exact by construction (integer sums): 2x faster than resizing through PIL the rows and
+    columns the crop needs on the example photos, 3.5x on a wide group photo
+    (benchmarks/bench_alignment.py). tests/test_throughput.py and tests/test_pil_resample.py
+    check it against Pillow on every test photo and hundreds of synthetic cases of both orders.
+    An RGB photo whose pass order is not known for the installed Pillow
+    (:func:`pil_vertical_first`), or another mode, is resized whole by PIL (exact whatever the
+    order, but slower).
     """
     from util.pil_resample import plan_resize_crop, resize_crop_array
 
