@@ -360,7 +360,8 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
         port = s.getsockname()[1]
     argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
             f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-            f"--results_dir={tmp_path / 'out'}", "--device=cpu", "--num_threads=0", "--save_mesh=false", "--save_png=false", f"--ddp_port={port}"]
+            f"--results_dir={tmp_path / 'out'}", "--device=cpu", "--num_threads=0", "--save_mesh=false",
+            "--save_png=false", f"--ddp_port={port}"]
     code = ("from models.ranks import run_spawned; from options.test_options import parse_test_options\n"
             f"s = run_spawned(2, parse_test_options({argv!r}))\n"
             "print(s.faces_ok, s.faces_failed, len(s.photos_without_detection))\n")
