@@ -29,6 +29,7 @@ import PIL  # noqa: E402
 import scipy  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.hardware import cpu_model  # noqa: E402
 from data.image_folder import _photo_alignment, load_aligned, scan_folder  # noqa: E402
 from util.preprocess import crop_box, load_lm3d, resize_crop  # noqa: E402
 
@@ -41,17 +42,6 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -87,7 +77,7 @@ def main(argv=None) -> int:
     means = {k: statistics.mean(r[k] for r in rows) for k in ("pil_whole_ms", "resize_crop_ms", "load_aligned_ms")}
     print(f"{'mean':>24} {'':>11} {'':>11} {means['pil_whole_ms']:9.2f} {means['resize_crop_ms']:11.2f} "
           f"{means['load_aligned_ms']:12.2f}")
-    res = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+    res = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
            "pillow": PIL.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
            "folder": a.folder, "repeats": a.repeats, "allocator_defaults": a.allocator_defaults, "faces": rows,
            "means": means}

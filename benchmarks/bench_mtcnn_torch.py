@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere
 
+from benchmarks.hardware import cpu_model  # noqa: E402
 from models.mtcnn_torch import DEFAULT_THRESHOLDS, TorchMTCNN  # noqa: E402
 
 # ../shared/faces (28 photos), else the checkout's examples/ (5 of them).
@@ -47,17 +48,6 @@ def load_photos(folder: str, n: int) -> list[np.ndarray]:
         with Image.open(os.path.join(folder, name)) as im:
             photos.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
     return [photos[i % len(photos)] for i in range(n)]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> dict:
