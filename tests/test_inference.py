@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,11 +21,31 @@ import test as test_cli
 PHOTOS = ["000002.jpg", "trump_hillary.jpg", "vd006.png"]
 
 
-def run(standin, folder, out, *extra):
-    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+def cli_args(standin, folder, out, *extra) -> list[str]:
+    """test.py's arguments: the stand-in model on ``folder``, results to ``out``, no DataLoader workers."""
+    return [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
             f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
             f"--results_dir={out}", "--num_threads=0", *extra]
-    return test_cli.main(argv)
+
+
+def run(standin, folder, out, *extra):
+    return test_cli.main(cli_args(standin, folder, out, *extra))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*launcher_args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_args, os.path.join(ROOT, "test.py")]
+
+
+def assert_one_summary_of_the_three_photos(stdout: str, out) -> None:
+    assert stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in stdout
+    assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
+                                             for e in ("mat", "png"))
 
 
 @pytest.fixture(scope="module")
@@ -259,49 +282,30 @@ def test_scan_folder_shares_photos_between_ranks(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_shard_the_folder(standin, tmp_path):
     """torchrun --nproc_per_node=2 (CPU, gloo): each rank writes its share, one summary."""
-    import subprocess
-    import sys
-
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(ROOT, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder}",
-           f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-           f"--results_dir={out}", "--device=cpu", "--num_threads=0", "--save_mesh=false"]
+    cmd = torchrun("--nproc_per_node=2", "--master_port=29533") + cli_args(standin, folder, out, "--device=cpu",
+                                                                           "--save_mesh=false")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in r.stdout
-    assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
-                                             for e in ("mat", "png"))
+    assert_one_summary_of_the_three_photos(r.stdout, out)
 
 
 @pytest.mark.slow
 def test_torchrun_rendezvous_across_two_nodes(standin, tmp_path):
     """The multi-node command: two torchrun agents (two "nodes" here, one process each, CPU,
     gloo) meet through a c10d rendezvous; the folder is shared between them, one summary."""
-    import socket
-    import subprocess
-    import sys
-
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     out = tmp_path / "out"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=faces", os.path.join(ROOT, "test.py"), "--name=standin",
-           "--epoch=20", f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
-           f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={out}", "--device=cpu",
-           "--num_threads=0", "--save_mesh=false"]
+    cmd = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=faces")
+    cmd += cli_args(standin, folder, out, "--device=cpu", "--save_mesh=false")
     nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in nodes]
     for p, (_, err) in zip(nodes, outputs):
         assert p.returncode == 0, err[-2000:]
-    stdout = "".join(o for o, _ in outputs)
-    assert stdout.count("done:") == 1 and "3 face(s) reconstructed, 0 failed" in stdout
-    assert sorted(os.listdir(out)) == sorted(f"{s}.{e}" for s in ("000002", "trump_hillary", "vd006")
-                                             for e in ("mat", "png"))
+    assert_one_summary_of_the_three_photos("".join(o for o, _ in outputs), out)
 
 
 def test_skip_existing_redoes_only_faces_missing_an_output(standin, tmp_path, capsys):
@@ -348,20 +352,11 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
     """--gpu_ids 0,1 spawns one process per GPU, each sending its summary back through a pipe;
     one of 3000 photos without a detection file (~200 KB, more than a pipe holds) must not hang
     the run. Here on the CPU: the spawning itself, called directly."""
-    import socket
-    import subprocess
-    import sys
-
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     for i in range(3000):
         open(os.path.join(folder, f"no_detection_for_this_photo_{i:05d}.jpg"), "wb").close()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
-            f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
-            f"--results_dir={tmp_path / 'out'}", "--device=cpu", "--num_threads=0", "--save_mesh=false",
-            "--save_png=false", f"--ddp_port={port}"]
+    argv = cli_args(standin, folder, tmp_path / "out", "--device=cpu", "--save_mesh=false", "--save_png=false",
+                    f"--ddp_port={free_port()}")
     code = ("from models.ranks import run_spawned; from options.test_options import parse_test_options\n"
             f"s = run_spawned(2, parse_test_options({argv!r}))\n"
             "print(s.faces_ok, s.faces_failed, len(s.photos_without_detection))\n")
@@ -463,8 +458,6 @@ def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, 
     workers, writer processes, with and without the crops thread): test.py exits with 130 within
     seconds, says so, and every file it wrote is whole (no .part file; every .mat loads)."""
     import signal
-    import subprocess
-    import sys
     import time
 
     from benchmarks.bench_inference import make_folder
