@@ -197,21 +197,18 @@ class RunSummary:
         return {SKIPPED_LIST: self.photos_without_detection,
                 FAILED_LIST: [f"{what}: {why}" for what, why in self.failures]}
 
-    def write_long_lists(self, listed: int) -> list[str]:
+    def write_long_lists(self, listed: int) -> None:
         """Write each list longer than ``listed`` to its file in the results folder (one line an
         entry), for :meth:`report` to point at, and remove an earlier run's file of a list that
-        is short now; returns the files written."""
-        written = []
+        is short now."""
         for name, lines in self._lists().items():
             path = os.path.join(self.out_dir, name)
             if len(lines) > listed:
                 os.makedirs(self.out_dir, exist_ok=True)
                 with open(path, "w", encoding="utf-8") as f:
                     f.writelines(f"{line}\n" for line in lines)
-                written.append(path)
             elif os.path.isfile(path):
                 os.remove(path)
-        return written
 
     def report(self, listed: int | None = None) -> str:
         """The run's summary for the terminal: counts, then the photos skipped and the faces that
