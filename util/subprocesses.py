@@ -57,3 +57,29 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BLOCKS_BELOW) & mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE_TOP))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int | None = None) -> bool:
+    """Ask the kernel to send this process ``sig`` (default SIGKILL) when its parent dies, so a
+    worker never outlives a run that was killed with ``kill -9`` (Linux ``prctl``). Call it first
+    thing in a child process. If the parent is already gone (re-parented to init), the child exits
+    at once. Returns False where ``prctl`` is not available (nothing changed)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import signal
+
+    sig = signal.SIGKILL if sig is None else sig
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    parent = os.getppid()
+    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+        os._exit(1)
+    return True

@@ -1,0 +1,110 @@
+"""Files that are whole or absent: one temporary-name scheme for every writer of the project.
+
+Every output (detection files, reports, result pictures, meshes, .mat files) is written to a
+temporary name in its final folder and renamed into place: the rename is the only step another
+program can see. Temporary names carry this project's own prefix, the writing process's id and a
+random part, so two runs writing into the same folder never share one, and a later run can prove
+that a leftover is ours and that its writer is gone before it deletes it::
+
+    .d3dfr-<pid>-<8 hex>.<final name>.part
+
+:func:`stale_temp_files` finds only such names whose pid is no longer alive; files of any other
+name (a user's ``.tmp_mine.txt``, another program's temporaries) are never touched.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from typing import Callable, IO
+
+PREFIX = ".d3dfr-"
+SUFFIX = ".part"
+_TEMP_RE = re.compile(r"^\.d3dfr-(\d+)-[0-9a-f]{8}\..*\.part$", re.DOTALL)
+
+
+def temp_path(path: str) -> str:
+    """A temporary name beside ``path``, unique to this process and call."""
+    d, name = os.path.split(path)
+    return os.path.join(d, f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{name}{SUFFIX}")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def write_atomic(path: str, write: Callable[[IO[bytes]], None], mode: int = 0o666) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file is created with ``mode`` filtered by the process's umask (like ``open``), so outputs
+    follow the user's umask. On any failure (disk full, permissions, an exception in ``write``,
+    Ctrl-C) the temporary file is removed and the exception propagates; ``path`` is then
+    untouched (absent or its old content).
+    """
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, data: bytes | list[bytes]) -> None:
+    """:func:`write_atomic` for bytes or a list of byte chunks."""
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+    def write(fh: IO[bytes]) -> None:
+        for c in chunks:
+            fh.write(c)
+
+    write_atomic(path, write)
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid in one of our temporary names, or None when ``name`` is not one of ours."""
+    m = _TEMP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+def stale_temp_files(folder: str, recursive: bool = False) -> list[str]:
+    """Our temporary files in ``folder`` whose writing process is gone (safe to delete)."""
+    out = []
+    if not os.path.isdir(folder):
+        return out
+    walker = os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]
+    for d, _, files in walker:
+        for f in files:
+            pid = temp_owner(f)
+            if pid is not None and pid != os.getpid() and not pid_alive(pid):
+                out.append(os.path.join(d, f))
+    return out
+
+
+def remove_stale_temp_files(folder: str, recursive: bool = False) -> int:
+    """Delete :func:`stale_temp_files`; returns how many were removed."""
+    n = 0
+    for p in stale_temp_files(folder, recursive):
+        try:
+            os.remove(p)
+            n += 1
+        except OSError:
+            pass
+    return n
