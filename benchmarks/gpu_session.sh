@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the lead's `device` tool): install carried wheels and GL
-# libraries, build the stand-in, run the GPU tests, the examples on CUDA and OpenGL, the
-# renderer agreement and the inference benchmark. Everything lands in $OUT.
+# The GPU verification in one command, run from the repository root on a CUDA machine:
+#   bash benchmarks/gpu_session.sh [step ...]      (default: every step below, in order)
+# Installs carried wheels (.whl/) and GL libraries (.gl/) where present, builds the stand-in,
+# then runs the steps: gpu (the GPU-marked tests and the CUDA cases of the inference tests),
+# examples (test.py on examples/ with the CUDA rasterizer, and with OpenGL where .gl/ is present:
+# the two .mat sets must be identical), agreement (CPU vs nvdiffrast renders), bench (the
+# inference benchmark). Logs and JSON land in $OUT (default /tmp/out); the exit code is the
+# number of failed steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,3 +25,39 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 step() { echo "== $1"; shift; ( time "$@" ) 2>&1 | tee -a "$OUT/log.txt" | tail -n 25; }
+
+failed=0
+run_step() { local name=$1; shift; echo "== $name"; if ! ( time "$@" ) >"$OUT/$name.log" 2>&1; then
+  failed=$((failed + 1)); echo "FAILED: $name"; fi; tail -n 25 "$OUT/$name.log"; }
+
+step_gpu() { python3 -m pytest -q -m gpu -p no:cacheprovider tests/ && \
+  python3 -m pytest -q -p no:cacheprovider tests/test_inference.py tests/test_startup.py; }
+step_examples() {
+  ls examples/detections/*.txt >/dev/null 2>&1 || ./process_images.sh examples --detector torch || return 1
+  local common=(--name=standin --epoch=20 --img_folder=examples --bfm_folder=standin/BFM --device=cuda)
+  python3 test.py "${common[@]}" --results_dir="$OUT/ex_cuda" || return 1
+  [ -d .gl ] || return 0
+  python3 test.py "${common[@]}" --use_opengl True --results_dir="$OUT/ex_gl" || return 1
+  python3 - "$OUT/ex_cuda" "$OUT/ex_gl" <<'PY'
+import glob, os, sys
+import numpy as np
+from scipy.io import loadmat
+a, b = sys.argv[1:]
+names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(a, "*.mat")))
+worst = max(float(np.abs(loadmat(os.path.join(a, n))[k] - loadmat(os.path.join(b, n))[k]).max())
+            for n in names for k in ("id", "exp", "tex", "angle", "gamma", "trans", "lm68"))
+print(f"{len(names)} faces, CUDA rasterizer vs OpenGL: largest .mat difference {worst}")
+sys.exit(worst != 0.0)
+PY
+}
+step_agreement() { python3 benchmarks/render_agreement.py --json "$OUT/render_agreement.json"; }
+step_bench() { python3 benchmarks/bench_inference.py --device cuda --n 2048 --json "$OUT/bench_inference.json"; }
+
+[ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m util.standin
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench)
+for s in "${steps[@]}"; do
+  declare -F "step_$s" >/dev/null || { echo "unknown step: $s (gpu examples agreement bench)"; exit 2; }
+  run_step "$s" "step_$s"
+done
+echo "gpu_session: ${#steps[@]} step(s), $failed failed"
+exit "$failed"
