@@ -147,25 +147,25 @@ def signed_areas(uv: np.ndarray, faces: np.ndarray) -> np.ndarray:
 class UvRaster:
     """Where each texel of a ``size`` x ``size`` texture lies on the mesh (made once per run).
 
-    texel: (T,) int64 flat indices (row-major, row 0 = the image's top = v near 1) of the texels
-    whose centre lies in a triangle of the layout; tri: (T,) int64 that triangle; bary: (T, 3)
-    float32 the centre's barycentric coordinates; nearest: (size * size,) int64 for every texel
-    the index (into ``texel``) of the nearest chart texel within :data:`PAD_TEXELS` (itself
-    inside the chart), ``T`` (one past the end: the chart's mean colour) farther away;
-    faces: (F, 3) int64 the mesh's triangles.
+    texel: (T,) int32 flat indices (row-major, row 0 = the image's top = v near 1) of the texels
+    whose centre lies in a triangle of the layout; weights: (T, N) sparse CSR float32, each row
+    the texel centre's barycentric coordinates on its triangle's three vertices (so that
+    ``weights @ per_vertex`` interpolates any per-vertex values, one sparse product for all);
+    nearest: (size * size,) int32 for every texel the index (into ``texel``) of the nearest chart
+    texel within :data:`PAD_TEXELS` (itself inside the chart), ``T`` (one past the end: the
+    chart's mean colour) farther away.
     """
 
     size: int
     texel: np.ndarray
-    tri: np.ndarray
-    bary: np.ndarray
+    weights: object
     nearest: np.ndarray
-    faces: np.ndarray
 
 
 def uv_raster(uv: np.ndarray, faces: np.ndarray, size: int = 512) -> UvRaster:
     """Rasterise the layout ``uv`` (N, 2) of ``faces`` (F, 3) into a ``size``-texel square:
     texel centres tested against every triangle's bounding box, vectorised over triangles."""
+    import scipy.sparse as sp
     from scipy.ndimage import distance_transform_edt
 
     faces = np.asarray(faces, np.int64)
@@ -189,7 +189,7 @@ def uv_raster(uv: np.ndarray, faces: np.ndarray, size: int = 512) -> UvRaster:
             tris.append(t[inside])
             barys.append(np.stack([l0, l1, l2], 1)[inside])
     texel, first = np.unique(np.concatenate(texels), return_index=True)  # a texel on an edge: one triangle
-    tri, bary = np.concatenate(tris)[first], np.concatenate(barys)[first].astype(np.float32)
+    tri, bary = np.concatenate(tris)[first].astype(np.int32), np.concatenate(barys)[first].astype(np.float32)
     chart = np.zeros(size * size, bool)
     chart[texel] = True
     dist, (iy, ix) = distance_transform_edt(~chart.reshape(size, size), return_indices=True)
@@ -197,7 +197,9 @@ def uv_raster(uv: np.ndarray, faces: np.ndarray, size: int = 512) -> UvRaster:
     slot[texel] = np.arange(len(texel))
     slot[-1] = len(texel)  # the chart's mean colour (face_texture appends it)
     nearest = np.where(dist.ravel() <= PAD_TEXELS, iy.ravel() * size + ix.ravel(), size * size)
-    return UvRaster(size, texel, tri, bary, slot[nearest], faces)
+    weights = sp.csr_matrix((bary.ravel(), (np.repeat(np.arange(len(texel)), 3), faces[tri].ravel())),
+                            shape=(len(texel), int(faces.max()) + 1))
+    return UvRaster(size, texel.astype(np.int32), weights, slot[nearest].astype(np.int32))
 
 
 REPO_BFM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BFM")
@@ -224,12 +226,13 @@ def _bilinear(image: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray
     """(T, 3) float32 colours of the (H, W, 3) uint8 ``image`` at pixel-centre coordinates (clamped)."""
     h, w = image.shape[:2]
     col, row = np.clip(col, 0, w - 1), np.clip(row, 0, h - 1)
-    c0, r0 = np.minimum(col.astype(np.int64), w - 2), np.minimum(row.astype(np.int64), h - 2)
+    c0, r0 = np.minimum(col.astype(np.int32), w - 2), np.minimum(row.astype(np.int32), h - 2)
     fc, fr = (col - c0)[:, None], (row - r0)[:, None]
-    img = image.astype(np.float32)
-    top = img[r0, c0] * (1 - fc) + img[r0, c0 + 1] * fc
-    bottom = img[r0 + 1, c0] * (1 - fc) + img[r0 + 1, c0 + 1] * fc
-    return top * (1 - fr) + bottom * fr
+    flat = image.reshape(-1, 3).astype(np.float32)
+    i = r0 * w + c0
+    p00, p01, p10, p11 = (np.take(flat, i + k, axis=0) for k in (0, 1, w, w + 1))
+    top = p00 + (p01 - p00) * fc
+    return top + (p10 + (p11 - p10) * fc - top) * fr
 
 
 def face_texture(raster: UvRaster, vertex: np.ndarray, albedo: np.ndarray, visibility: np.ndarray,
@@ -242,13 +245,10 @@ def face_texture(raster: UvRaster, vertex: np.ndarray, albedo: np.ndarray, visib
     aligned crop that the vertices project into (``col = focal x / z + center - 0.5``,
     ``row = center - focal y / z - 0.5``, the renderer's pixel centres).
     """
-    corners = raster.faces[raster.tri]  # (T, 3)
-    bary = raster.bary[:, :, None]
-    point = (vertex[corners].astype(np.float32) * bary).sum(1)
-    z = point[:, 2]
-    photo = _bilinear(image, focal * point[:, 0] / z + center - 0.5, center - focal * point[:, 1] / z - 0.5)
-    w = (visibility[corners].astype(np.float32) * raster.bary).sum(1)[:, None] / 255.0
-    base = (albedo[corners].astype(np.float32) * bary).sum(1)
-    colour = np.clip(w * photo + (1 - w) * base + 0.5, 0, 255).astype(np.uint8)
+    per_vertex = np.concatenate([vertex, visibility[:, None], albedo], axis=1, dtype=np.float32)
+    x, y, z, w, r, g, b = (raster.weights @ per_vertex).T  # (T,) each, interpolated at the texel centres
+    photo = _bilinear(image, focal * x / z + center - 0.5, center - focal * y / z - 0.5)
+    w = (w / 255.0)[:, None]
+    colour = np.clip(w * photo + (1 - w) * np.stack([r, g, b], 1) + 0.5, 0, 255).astype(np.uint8)
     colour = np.concatenate([colour, colour.mean(0, keepdims=True).astype(np.uint8)])
     return colour[raster.nearest].reshape(raster.size, raster.size, 3)
