@@ -255,6 +255,8 @@ def output_extras(opt, face_buf: np.ndarray):
 
     s = output_format_settings(opt)
     uv = None
+    if s.uv_texture and not 16 <= s.uv_texture_size <= 8192:
+        raise SetupError(f"--uv_texture_size {s.uv_texture_size}: give a side between 16 and 8192 pixels")
     if s.uv_texture:
         try:
             uv = load_uv_layout(opt.bfm_folder, int(face_buf.max()) + 1)

@@ -138,3 +138,22 @@ def test_report_end_to_end_in_chromium(standin, tmp_path, capsys):
     assert box.shape[0] > 300 and box.shape[1] > 300  # the 420 x 420 canvas
     mesh_pixels = (np.abs(box - VIEWER_BG).sum(-1) > 30).mean()
     assert mesh_pixels > 0.2  # the face covers a good part of the viewer
+
+
+def test_terminal_says_how_to_install_the_viewer(tmp_path, monkeypatch, capsys):
+    import test as test_cli
+    from models.inference import RunSummary
+
+    write_fake_run(str(tmp_path))
+    monkeypatch.setattr(report, "VENDOR_DIR", str(tmp_path / "no-vendor"))
+    test_cli._write_report(RunSummary(out_dir=str(tmp_path), faces_ok=2))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"report: {tmp_path / 'index.html'}",
+                       "report: no 3D viewer (three.js is not vendored): run tools/vendor_viewer.sh, then --report again"]
+
+
+def test_bad_texture_size_stops_the_run(standin, tmp_path, capsys):
+    from tests.test_inference import run
+
+    assert run(standin, str(tmp_path), str(tmp_path / "out"), "--uv_texture", "--uv_texture_size", "4") == 2
+    assert "--uv_texture_size 4: give a side between 16 and 8192 pixels" in capsys.readouterr().err
