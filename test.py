@@ -53,8 +53,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: could not write the lists of photos skipped and faces failed: {e}", file=sys.stderr)
             listed = None
         print(summary.report(listed))
+        if opt.report:
+            _write_report(summary)
         _log_timing(summary, started, ready)
     return summary.exit_code
+
+
+def _write_report(summary) -> None:
+    """--report: index.html in the results folder (util.report), and a line saying where."""
+    from util.report import INSTALL_HINT, write_report
+
+    try:
+        path, viewer = write_report(summary.out_dir, summary.failures, summary.photos_without_detection)
+    except OSError as e:
+        print(f"warning: could not write the report: {e}", file=sys.stderr)
+        return
+    print(f"report: {path}")
+    if not viewer:
+        print(f"report: no 3D viewer (three.js is not vendored): run {INSTALL_HINT}, then --report again")
 
 
 def _log_timing(summary, started: float, ready: float) -> None:

@@ -242,7 +242,28 @@ def output_config(opt, face_buf: np.ndarray, out_dir: str):
     return OutputConfig(out_dir=out_dir, save_png=opt.save_png, save_mesh=opt.save_mesh, save_mat=opt.save_mat,
                         coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
                         face_lines=face_lines(face_buf) if opt.save_mesh else b"",
-                        crop_size=int(2 * opt.center), camera_d=float(opt.camera_d))
+                        crop_size=int(2 * opt.center), camera_d=float(opt.camera_d),
+                        extras=output_extras(opt, face_buf))
+
+
+def output_extras(opt, face_buf: np.ndarray):
+    """The run's :class:`util.output_extras.OutputExtras` (--mesh_format, --uv_texture, --report),
+    or None for plain .obj/.png/.mat; raises SetupError when the UV layout file is missing."""
+    from options.output_options import output_format_settings
+    from util.output_extras import make_output_extras
+    from util.uv_texture import load_uv_layout
+
+    s = output_format_settings(opt)
+    uv = None
+    if s.uv_texture and not 16 <= s.uv_texture_size <= 8192:
+        raise SetupError(f"--uv_texture_size {s.uv_texture_size}: give a side between 16 and 8192 pixels")
+    if s.uv_texture:
+        try:
+            uv = load_uv_layout(opt.bfm_folder, int(face_buf.max()) + 1)
+        except (FileNotFoundError, ValueError) as e:
+            raise SetupError(str(e)) from None
+    return make_output_extras(s.mesh_format, face_buf, opt.save_mesh, uv, s.uv_texture_size, s.report,
+                              opt.focal, opt.center, (COEFFS.slices()["angle"].start, COEFFS.slices()["angle"].stop))
 
 
 def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
@@ -299,40 +320,59 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
     :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
     as small as the files allow: colours and the picture's middle panel are made bytes on the
     device (the picture's float work happens there, batched), vertices stay float32."""
+    from options.output_options import output_format_settings
     from util.results_io import FaceResult
 
+    extra = output_format_settings(opt)  # --uv_texture and --report need the mesh, the render and the crop
+    need_mesh = opt.save_mesh or extra.uv_texture or extra.report
+    need_render = opt.save_png or extra.uv_texture or extra.report
     with torch.inference_mode():
-        if not (opt.save_mesh or opt.save_png):  # coefficients and landmarks only
+        if not (need_mesh or need_render):  # coefficients and landmarks only
             arrays = {"coeffs": coeffs, "lm68": model.face_model.landmarks(coeffs)}
             face = None
         else:
             face = model.face_model(coeffs)
             arrays = {"coeffs": coeffs, "lm68": face.landmark}
-        if opt.save_mesh:
+        if need_mesh:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
-        if opt.save_png:  # the render only when the picture is written
-            arrays["overlay"] = render_overlay(model, face, batch["image"])
+        if need_render:  # the render only when the picture (or a texture, the report) is written
+            if extra.uv_texture or extra.report:
+                from models.output_extras import extra_arrays
+
+                out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+                arrays["overlay"] = overlay_uint8(batch["image"].to(out.image.device, non_blocking=True), out.image,
+                                                  out.mask)
+                arrays.update(extra_arrays(model, face, out, batch["image"], extra.uv_texture, extra.report))
+            else:
+                arrays["overlay"] = render_overlay(model, face, batch["image"])
             if batch["image"].device.type != "cpu":  # the picture's left panel, made on the device
                 arrays["crop"] = batch["image"]
     host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
     image, lm_gt = host.get("crop"), batch["lm"].numpy()
-    if image is None and opt.save_png:
+    if image is None and need_render:
         image = batch["image"].numpy()
     results = []
     for i, m in enumerate(batch["meta"]):
         r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
-        if opt.save_mesh:
+        if need_mesh:
             r.vertex, r.color = host["vertex"][i], host["color"][i]
-        if opt.save_png:
+        if need_render:
             r.image, r.overlay, r.lm_gt = image[i], host["overlay"][i], lm_gt[i]
+        for k in ("visibility", "albedo", "photo_error"):
+            if k in host:
+                setattr(r, k, host[k][i])
         results.append(r)
     return results
 
 
 def output_suffixes(opt) -> list[str]:
     """The files test.py writes per face, as the save_* switches ask."""
-    return [suffix for suffix, wanted in ((".png", opt.save_png), (".obj", opt.save_mesh), (".mat", opt.save_mat))
-            if wanted]
+    from options.output_options import output_format_settings
+    from util.output_extras import extra_suffixes
+
+    extra = output_format_settings(opt)
+    return ([".png"] if opt.save_png else []) + extra_suffixes(extra.mesh_format, opt.save_mesh, extra.uv_texture) \
+        + ([".mat"] if opt.save_mat else [])
 
 
 def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[list, int]:

@@ -40,10 +40,14 @@ import zlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from util.subprocesses import keep_freed_memory, main_module_hidden
+
+if TYPE_CHECKING:
+    from util.output_extras import OutputExtras
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class OutputConfig:
     face_lines: bytes = b""
     crop_size: int = 224
     camera_d: float = 10.0
+    extras: "OutputExtras | None" = None  # mesh formats, UV texture, report files (util.output_extras)
 
 
 @dataclass
@@ -91,6 +96,10 @@ class FaceResult:
     image: np.ndarray | None = None
     overlay: np.ndarray | None = None
     lm_gt: np.ndarray | None = None
+    # for util.output_extras (UV texture, report): (N,) uint8, (N, 3) uint8, float
+    visibility: np.ndarray | None = None
+    albedo: np.ndarray | None = None
+    photo_error: float | None = None
 
 
 # --------------------------------------------------------------------------- one face
@@ -144,7 +153,11 @@ def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
             for part in png_chunks(result_picture(res)):
                 fh.write(part)
         os.replace(tmp, base + ".png")
-    if cfg.save_mesh:
+    if cfg.extras is not None:  # its own mesh writer (any format, textures) and the report's files
+        from util.output_extras import write_extras
+
+        write_extras(cfg, res, base)
+    elif cfg.save_mesh:
         from util.mesh_io import write_obj
 
         world = res.vertex.copy()
@@ -175,7 +188,8 @@ _WORKER_CFG: OutputConfig | None = None
 
 
 # what a writer process imports; a forkserver imports them once for all writers
-WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io")
+WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io",
+                  "util.output_extras")
 
 def _init_worker(cfg: OutputConfig) -> None:
     """Writer process set-up: Ctrl-C is the main process's business (it lets running writes

@@ -1,0 +1,41 @@
+"""test.py's options for extra output formats: mesh file format, UV texture, HTML report.
+
+A dataclass mixin of :mod:`options.base_options` fields (each becomes a ``--flag``);
+:class:`options.test_options.TestOptions` inherits it. :func:`output_format_settings` turns the
+parsed options into the small frozen settings the library takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from options.base_options import opt
+
+MESH_FORMATS = ("obj", "ply", "glb")
+
+
+@dataclass
+class OutputFormatOptions:
+    mesh_format: str = opt("obj", "mesh file format: obj (text, the original's) | ply (binary) | glb (binary "
+                                  "glTF 2.0); all with per-vertex colours", choices=list(MESH_FORMATS))
+    uv_texture: bool = opt(False, "also write <name>_texture.png, a UV texture sampled from the photo where the "
+                                  "face is visible (the model's albedo elsewhere), and give the mesh UVs that "
+                                  "use it (.obj + .mtl, .ply with TextureFile, .glb with the texture inside)")
+    uv_texture_size: int = opt(512, "side of the UV texture in pixels")
+    report: bool = opt(False, "write index.html in the results folder: thumbnails, per-face fit numbers, the "
+                              "failures, and a 3D viewer (needs tools/vendor_viewer.sh run once)")
+
+
+@dataclass(frozen=True)
+class OutputFormatSettings:
+    """What the library needs of the options above."""
+
+    mesh_format: str = "obj"
+    uv_texture: bool = False
+    uv_texture_size: int = 512
+    report: bool = False
+
+
+def output_format_settings(o) -> OutputFormatSettings:
+    """The settings of parsed options ``o`` (any object with the fields above; defaults where absent)."""
+    d = OutputFormatSettings()
+    return OutputFormatSettings(**{k: getattr(o, k, getattr(d, k)) for k in d.__dataclass_fields__})
