@@ -2,7 +2,7 @@
 reports every skip with a reason, resumes, survives Ctrl-C; real photos with mtcnn and dlib.
 
 Fast tests use a fake detector (tests/helpers_images.py) that finds green squares; the slow ones
-run the real detectors on copies of ../shared/faces, loading TensorFlow once per module.
+run the real detectors on copies of tests/data/faces, loading TensorFlow once per module.
 """
 from __future__ import annotations
 
@@ -402,7 +402,7 @@ def test_shell_wrapper_runs_from_any_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def mtcnn_folder(tmp_path_factory):
-    """Copies of ../shared/faces + every odd file + a sub-folder, processed once with mtcnn."""
+    """Copies of tests/data/faces + every odd file + a sub-folder, processed once with mtcnn."""
     pytest.importorskip("mtcnn")
     d = str(tmp_path_factory.mktemp("real") / "photos")
     names = copy_faces(d)
