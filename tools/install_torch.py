@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.error
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -46,6 +48,14 @@ def torch_index() -> str | None:
     return None if has_nvidia_gpu() else CPU_INDEX
 
 
+def reachable(url: str, timeout: float = 15.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def main() -> int:
     req = torch_requirement()
     try:
@@ -57,6 +67,11 @@ def main() -> int:
     cmd = [sys.executable, "-m", "pip", "install", "-q", req]
     if index:
         cmd += ["--index-url", index]
+        if index.startswith("http") and not reachable(index.rstrip("/") + "/torch/"):
+            # a machine that only reaches its own mirrors: pip's other sources (find-links,
+            # extra indexes of its configuration) without retrying the index five times a package
+            print(f"{index} is not reachable: trying pip's other configured sources", flush=True)
+            cmd += ["--retries", "0", "--timeout", "15"]
     print(f"installing {req} from {index or 'PyPI (CUDA build)'}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         print(f"error: could not install torch; install it for your platform (https://pytorch.org), "
