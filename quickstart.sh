@@ -11,8 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+export PYTHON="$PY"   # process_images.sh runs the same interpreter
 EXTRAS=${EXTRAS:-mtcnn-tf,dev}
-"$PY" .ci/install_torch.py
+"$PY" tools/install_torch.py
 "$PY" -m pip install -q -e ".[$EXTRAS]"
 "$PY" -m util.standin
 ./process_images.sh examples

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.coeffs import COEFFS
-from util.assets import MissingAssetError
+from util.assets import MissingAssetError, checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def renderer_backend(device: torch.device, use_opengl: bool) -> str:
 
 
 def checkpoint_path(opt) -> str:
-    return os.path.join(opt.checkpoints_dir, opt.name, f"epoch_{opt.epoch}.pth")
+    return checkpoint_file(opt.checkpoints_dir, opt.name, opt.epoch)
 
 
 def results_dir(opt) -> str:
