@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # the lists stay whole on the terminal
             print(f"warning: could not write the lists of photos skipped and faces failed: {e}", file=sys.stderr)
             listed = None
+        if summary.faces_ok == 0:
+            summary.remove_empty_dirs()
         print(summary.report(listed))
         _log_timing(summary, started, ready)
     return summary.exit_code

@@ -88,7 +88,8 @@ class BaseOptions:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N. auto = CUDA when available (GPU from --gpu_ids), else CPU",
                       group="performance")
 
-    isTrain = False  # class attribute, not an option
+    isTrain = False  # class attributes, not options
+    default_group = ""  # the --help section of fields that name none
 
     @property
     def phase_name(self) -> str:
@@ -105,14 +106,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser(cls: type, description: str = "", usage: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--<field>`` per dataclass field of ``cls``, in the --help
-    sections of :data:`GROUPS` (fields without a group: the parser's own list). Fields marked
+    sections of :data:`GROUPS` (fields without a group: ``cls.default_group``'s, else the parser's
+    own list). Fields marked
     ``train_only`` are accepted but not listed unless ``cls.isTrain``."""
     parser = OneLineErrorParser(description=description, usage=usage,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sections = {g: parser.add_argument_group(title) for g, title in GROUPS.items()
-                if any(f.metadata.get("group") == g for f in dataclasses.fields(cls))}
+    default = getattr(cls, "default_group", "")
+    groups = [f.metadata.get("group") or default for f in dataclasses.fields(cls)]
+    sections = {g: parser.add_argument_group(title) for g, title in GROUPS.items() if g in groups}
     listed = getattr(cls, "isTrain", True)
-    for f in dataclasses.fields(cls):
+    for f, group in zip(dataclasses.fields(cls), groups):
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
         if f.metadata.get("train_only") and not listed:
             kw["help"] = argparse.SUPPRESS
@@ -126,7 +129,7 @@ def build_parser(cls: type, description: str = "", usage: str | None = None) -> 
             kw["type"] = float
         else:
             kw["type"] = str
-        sections.get(f.metadata.get("group"), parser).add_argument("--" + f.name, **kw)
+        sections.get(group, parser).add_argument("--" + f.name, **kw)
     return parser
 
 

@@ -73,6 +73,7 @@ class TrainOptions(BaseOptions):
     log_dir: str = opt("", "tensorboard folder; default checkpoints/<name>/logs")
 
     isTrain = True
+    default_group = "training"
 
 
 def parse_train_options(argv: list[str] | None = None) -> TrainOptions:
