@@ -403,7 +403,8 @@ def test_shell_wrapper_runs_from_any_folder(tmp_path):
 @pytest.fixture(scope="module")
 def mtcnn_folder(tmp_path_factory):
     """Copies of tests/data/faces + every odd file + a sub-folder, processed once with mtcnn."""
-    pytest.importorskip("mtcnn")
+    pytest.importorskip("mtcnn", reason='the mtcnn detector is not installed: pip install -e ".[mtcnn-tf]"')
+    pytest.importorskip("tensorflow", reason='the mtcnn detector needs TensorFlow: pip install -e ".[mtcnn-tf]"')
     d = str(tmp_path_factory.mktemp("real") / "photos")
     names = copy_faces(d)
     odd = make_odd_files(d)
