@@ -64,7 +64,7 @@ class BaseOptions:
     world_size: int = opt(1, "number of processes (set from --gpu_ids)", group="performance")
     model: str = opt("facerecon", "model to use (only 'facerecon' exists)", group="model", choices=["facerecon"])
     epoch: str = opt("latest", "which epoch to load: checkpoints/<name>/epoch_<epoch>.pth", group="model")
-    verbose: bool = opt(False, "print more information (and the detectors' and libraries' own logs)", group="outputs")
+    verbose: bool = opt(False, "print more information", group="outputs")
     suffix: str = opt("", "customized suffix: name = name + '_' + suffix.format(**options)", group="model")
     # model parameters
     net_recon: str = opt("resnet50", "network structure", group="model", choices=["resnet18", "resnet34", "resnet50"])
