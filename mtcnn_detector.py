@@ -27,8 +27,9 @@ import numpy as np
 
 from util.assets import require_file
 
-MTCNN_INSTALL = "pip install mtcnn tensorflow-cpu"
-DLIB_INSTALL = "pip install dlib-bin face_recognition_models"
+# the pyproject.toml extras that install each backend (run in the checkout), and their packages
+MTCNN_INSTALL = 'pip install -e ".[mtcnn-tf]" (the packages: mtcnn tensorflow-cpu)'
+DLIB_INSTALL = 'pip install -e ".[dlib]" (the packages: dlib-bin face_recognition_models)'
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 PREDICTOR_HELP = (
     "Get it with `pip install face_recognition_models` (found automatically) or download "
@@ -220,7 +221,8 @@ def _load_mtcnn(device: str, threads: int):
     if device in _MTCNN_MODELS:
         return _MTCNN_MODELS[device]
     if importlib.util.find_spec("mtcnn") is None or importlib.util.find_spec("tensorflow") is None:
-        raise DetectorUnavailableError(f"the 'mtcnn' detector needs the mtcnn and TensorFlow packages: {MTCNN_INSTALL}")
+        raise DetectorUnavailableError(f"the 'mtcnn' detector needs the mtcnn and TensorFlow packages: {MTCNN_INSTALL}; "
+                                       "or --detector torch, its PyTorch port without TensorFlow")
     import tensorflow as tf
     from mtcnn import MTCNN
 

@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     from options.test_options import parse_test_options
 
     opt = parse_test_options(argv)
+    from util.assets import checkpoint_file, inputs_error
+
+    missing = inputs_error(opt.img_folder, checkpoint_file(opt.checkpoints_dir, opt.name, opt.epoch), opt.bfm_folder,
+                           opt.bfm_model)
+    if missing:  # before torch loads: a mistyped path is reported at once
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from models.inference import SetupError
 
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # the lists stay whole on the terminal
             print(f"warning: could not write the lists of photos skipped and faces failed: {e}", file=sys.stderr)
             listed = None
+        if summary.faces_ok == 0:
+            summary.remove_empty_dirs()
         print(summary.report(listed))
         if opt.report:
             _write_report(summary)

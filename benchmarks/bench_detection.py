@@ -1,4 +1,4 @@
-"""Detection cost of process_images' backends on ../shared/faces, and mtcnn-vs-dlib agreement.
+"""Detection cost of process_images' backends on tests/data/faces, and mtcnn-vs-dlib agreement.
 
     python benchmarks/bench_detection.py                         # mtcnn, dlib, torch
     python benchmarks/bench_detection.py --detectors mtcnn --folder-runs 1,2 --json bench.json
@@ -37,7 +37,7 @@ import mtcnn_detector as md  # noqa: E402
 from util.image_io import list_images, load_image_array  # noqa: E402
 from util.prepare import order_faces  # noqa: E402
 
-DEFAULT_FACES = os.path.normpath(os.path.join(ROOT, "..", "shared", "faces"))
+DEFAULT_FACES = os.path.join(ROOT, "tests", "data", "faces")  # the 28 test photos
 
 
 def bench_backend(name: str, photos: dict[str, np.ndarray], repeat: int) -> dict:
@@ -91,7 +91,7 @@ def folder_run(folder: str, workers: int, detector: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--faces", default=DEFAULT_FACES, help="folder of photos (default ../shared/faces)")
+    p.add_argument("--faces", default=DEFAULT_FACES, help="folder of photos (default tests/data/faces)")
     p.add_argument("--detectors", default="mtcnn,dlib,torch", help="comma-separated backends")
     p.add_argument("--repeat", type=int, default=1, help="timed passes over the folder")
     p.add_argument("--folder-runs", default="", help="comma-separated --workers values for whole runs, e.g. 1,2")

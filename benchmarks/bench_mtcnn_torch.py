@@ -5,7 +5,7 @@
     python benchmarks/bench_mtcnn_torch.py -n 280 --backends torch-cpu,torch-cuda \\
         --batch-sizes 1,8,32 --json bench_mtcnn.json          # on a GPU machine
 
-The photos of --faces (default ../shared/faces, else examples/) are decoded once, outside the
+The photos of --faces (default tests/data/faces, the 28 test photos) are decoded once, outside the
 timing, and the list is repeated to -n images. The package detects one image per call (its
 batch mode pads the images to a common size, which changes the results); TorchMTCNN runs
 ``detect_batch`` on chunks of each --batch-sizes value. Every backend gets --warmup untimed
@@ -33,9 +33,7 @@ sys.path.insert(0, ROOT)  # run from anywhere
 from benchmarks.hardware import cpu_model  # noqa: E402
 from models.mtcnn_torch import DEFAULT_THRESHOLDS, TorchMTCNN  # noqa: E402
 
-# ../shared/faces (28 photos), else the checkout's examples/ (5 of them).
-DEFAULT_FACES = next((d for d in (os.path.join(os.path.dirname(ROOT), "shared", "faces"), os.path.join(ROOT, "examples"))
-                      if os.path.isdir(d)), os.path.join(os.path.dirname(ROOT), "shared", "faces"))
+DEFAULT_FACES = os.path.join(ROOT, "tests", "data", "faces")  # the 28 test photos
 BACKENDS = ("package", "torch-cpu", "torch-cuda")
 
 
@@ -120,7 +118,7 @@ def _version(dist: str) -> str | None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--faces", default=DEFAULT_FACES,
-                        help="folder of photos (default ../shared/faces, else examples/)")
+                        help="folder of photos (default tests/data/faces)")
     parser.add_argument("-n", "--images", type=int, default=28, help="images timed per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed images first")
     parser.add_argument("--backends", default=",".join(BACKENDS),

@@ -1,6 +1,6 @@
 """Per-image fitting on real photos: 68-point landmark error against dlib, before and after.
 
-    python -m experiments.fitting_eval --img_folder ../shared/faces --name standin --epoch 20 \\
+    python -m experiments.fitting_eval --img_folder tests/data/faces --name standin --epoch 20 \\
         --bfm_folder standin/BFM --out docs/fitting --image docs/images/fitting_before_after.png
 
 The photos are prepared as for test.py (``process_images.py --landmarks68`` on a copy in
@@ -33,7 +33,7 @@ log = logging.getLogger("fitting_eval")
 
 @dataclass
 class FittingEvalOptions:
-    img_folder: str = opt("../shared/faces", "photos to fit")
+    img_folder: str = opt("tests/data/faces", "photos to fit")
     work_dir: str = opt("", "where a copy of the photos is prepared (default checkpoints/<name>/fitting_eval_photos)")
     name: str = opt("standin", "checkpoints/<name>/epoch_<epoch>.pth is the regressor")
     epoch: str = opt("20", "which epoch to load")

@@ -8,6 +8,7 @@ Worker counts default to the machine's cores (see :func:`loader_workers`, :func:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from models.coeffs import COEFFS
-from util.assets import MissingAssetError
+from util.assets import MissingAssetError, checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def renderer_backend(device: torch.device, use_opengl: bool) -> str:
 
 
 def checkpoint_path(opt) -> str:
-    return os.path.join(opt.checkpoints_dir, opt.name, f"epoch_{opt.epoch}.pth")
+    return checkpoint_file(opt.checkpoints_dir, opt.name, opt.epoch)
 
 
 def results_dir(opt) -> str:
@@ -170,6 +171,8 @@ class RunSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (photo or face, reason)
     faces_done_before: int = 0  # left out by --skip_existing: their outputs were all there
     out_dir: str = ""
+    img_folder: str = ""
+    created_dirs: list[str] = field(default_factory=list)  # folders the run made for its results
     seconds: float = 0.0
     first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
     timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds from the run's start when it ended
@@ -180,6 +183,8 @@ class RunSummary:
         self.faces_done_before += other.faces_done_before
         self.photos_without_detection = sorted(self.photos_without_detection + other.photos_without_detection)
         self.failures += other.failures
+        self.img_folder = self.img_folder or other.img_folder
+        self.created_dirs = sorted(set(self.created_dirs + other.created_dirs))
         self.seconds = max(self.seconds, other.seconds)
         done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
         self.first_result_at = min(done) if done else None
@@ -210,18 +215,42 @@ class RunSummary:
             elif os.path.isfile(path):
                 os.remove(path)
 
+    def remove_empty_dirs(self) -> None:
+        """Remove the folders this run created for its results that are still empty (a run that
+        reconstructed nothing leaves no empty results folder behind)."""
+        for d in sorted(self.created_dirs, key=len, reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:  # not empty, or gone
+                pass
+
+    def _why_nothing(self) -> str:
+        """Why a run reconstructed nothing, pointing at what to do next."""
+        folder = self.img_folder or "the folder"
+        if not self.photos_without_detection:
+            return f"nothing was reconstructed: no photos found in {folder}"
+        report_path, reasons = process_report_reasons(self.img_folder)
+        if reasons:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+            return (f"nothing was reconstructed: process_images.sh gave no photo a detection file ({counts}); "
+                    f"the reason for each photo is in {report_path}")
+        return f"nothing was reconstructed: no photo has a detection file; run ./process_images.sh {folder} first"
+
     def report(self, listed: int | None = None) -> str:
         """The run's summary for the terminal: counts, then the photos skipped and the faces that
         failed, at most ``listed`` of each (None: all) with the rest's count and the file that
         :meth:`write_long_lists` wrote."""
         lines = [f"done: {self.faces_ok} face(s) reconstructed, {self.faces_failed} failed, "
                  f"{len(self.photos_without_detection)} photo(s) skipped without a detection file "
-                 f"({self.seconds:.1f} s); results in {self.out_dir}"]
+                 f"({self.seconds:.1f} s); "
+                 + (f"results in {self.out_dir}" if os.path.isdir(self.out_dir) else "no results folder written")]
         if self.faces_done_before:
             lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already "
                          "(--skip_existing)")
-        titles = {SKIPPED_LIST: "skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):",
-                  FAILED_LIST: "failed:"}
+        report_path, reasons = process_report_reasons(self.img_folder)
+        skipped = (f"skipped (no detections/<stem>.txt; process_images.sh's reasons in {report_path}):" if reasons
+                   else "skipped (no detections/<stem>.txt; run ./process_images.sh on the folder first):")
+        titles = {SKIPPED_LIST: skipped, FAILED_LIST: "failed:"}
         for name, entries in self._lists().items():
             if entries:
                 lines.append(titles[name])
@@ -230,8 +259,30 @@ class RunSummary:
                     lines.append(f"  ... and {len(entries) - listed} more: all {len(entries)} in "
                                  f"{os.path.join(self.out_dir, name)}")
         if self.faces_ok == 0 and not self.failures and not self.faces_done_before:
-            lines.append("nothing was reconstructed: no photo in the folder has a detection file")
+            lines.append(self._why_nothing())
         return "\n".join(lines)
+
+
+def process_report_reasons(img_folder: str) -> tuple[str, dict[str, int]]:
+    """(``<img_folder>/process_report.json``, its count of photos skipped per reason); the counts
+    are empty when there is no such report or it cannot be read."""
+    path = os.path.join(img_folder, "process_report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            skipped = json.load(f)["summary"]["skipped"]
+        return path, {str(k): int(v) for k, v in skipped.items() if int(v) > 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return path, {}
+
+
+def make_dirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the folders it created, outermost first."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return created[::-1]
 
 
 def output_config(opt, face_buf: np.ndarray, out_dir: str):
@@ -506,7 +557,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         raise SetupError(f"--img_folder {opt.img_folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
     entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0, share=(rank, world))
-    summary = RunSummary(out_dir=results_dir(opt), photos_without_detection=missing)
+    summary = RunSummary(out_dir=results_dir(opt), img_folder=opt.img_folder, photos_without_detection=missing)
     if opt.skip_existing:
         entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(opt))
 
@@ -551,7 +602,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             warm_up_network(model, bs, device)
         mark("model_ready")
         out_dir = summary.out_dir
-        os.makedirs(out_dir, exist_ok=True)
+        summary.created_dirs = make_dirs(out_dir)
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()

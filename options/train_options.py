@@ -46,8 +46,9 @@ class TrainOptions(BaseOptions):
     net_recog: str = opt("r50", "face recognition network: ArcFace iresnet r18|r34|r50|r100, a torch.export "
                                 "program (export, .pt2) or a TorchScript file (torchscript)",
                          choices=["r18", "r34", "r50", "r100", "export", "torchscript"])
-    net_recog_path: str = opt(DEFAULT_RECOG_PATH, "recognition network file (InsightFace backbone.pth, .pt2, TorchScript); "
-                                                  "'' or the default path missing: train without the identity loss")
+    net_recog_path: str = opt(DEFAULT_RECOG_PATH, "recognition network file (InsightFace backbone.pth, .pt2, "
+                                                  "TorchScript); '' or the default path missing: train without "
+                                                  "the identity loss")
     use_crop_face: bool = opt(True, "photometric loss only on the front-face triangles")
     use_predef_M: bool = opt(False, "warp the rendered face to the recogniser with the input's landmarks' transform")
     shift_pixs: float = opt(10.0, "augmentation: shift in pixels")
@@ -72,7 +73,9 @@ class TrainOptions(BaseOptions):
     log_dir: str = opt("", "tensorboard folder; default checkpoints/<name>/logs")
 
     isTrain = True
+    default_group = "training"
 
 
 def parse_train_options(argv: list[str] | None = None) -> TrainOptions:
-    return parse_options(TrainOptions, argv, description="Train the coefficient regressor with the hybrid loss.")
+    return parse_options(TrainOptions, argv, description="Train the coefficient regressor with the hybrid loss.",
+                         usage="%(prog)s --name=<name> --init_path=<weights> [options]")

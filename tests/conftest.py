@@ -12,8 +12,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_FACES = os.path.join(os.path.dirname(ROOT), "shared", "faces")
 DATA = os.path.join(ROOT, "tests", "data")
+FACES = os.path.join(DATA, "faces")  # the 28 test photos (tests/data/faces/README.md)
+SHARED_FACES = FACES  # the name of the folder before it moved into the repository
 STANDIN_BFM = os.path.join(ROOT, "standin", "BFM")
 STANDIN_CKPT = os.path.join(ROOT, "checkpoints", "standin", "epoch_20.pth")
 
@@ -98,19 +99,19 @@ def standin_face_model(standin):
 
 
 def golden_lm5() -> dict[str, list]:
-    """MTCNN 5-point detections of ../shared/faces (first face of each photo), y down."""
+    """MTCNN 5-point detections of tests/data/faces (first face of each photo), y down."""
     with open(os.path.join(DATA, "faces_lm5.json")) as f:
         return json.load(f)
 
 
 def make_photo_folder(dst: str, names: list[str], with_detections: bool = True) -> str:
-    """Copy photos from ../shared/faces (or examples/) into ``dst`` with their golden detections."""
+    """Copy photos from tests/data/faces (or examples/) into ``dst`` with their golden detections."""
     from util.detections_io import detection_path, write_points
 
     os.makedirs(dst, exist_ok=True)
     lm = golden_lm5()
     for name in names:
-        src = os.path.join(SHARED_FACES, name)
+        src = os.path.join(FACES, name)
         if not os.path.isfile(src):
             src = os.path.join(ROOT, "examples", name)
         shutil.copyfile(src, os.path.join(dst, name))

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_FACES = os.path.join(os.path.dirname(ROOT), "shared", "faces")
+FACES = os.path.join(ROOT, "tests", "data", "faces")
+SHARED_FACES = FACES  # the name of the folder before it moved into the repository
 FAKE_LM = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]])
 
 
@@ -111,10 +112,13 @@ def snapshot(folder: str, skip=("detections", "landmarks", "debug_vis", "process
 
 
 def copy_faces(dst: str, names: list[str] | None = None) -> list[str]:
+    """Copy the test photos ``names`` (default: all 28) into ``dst``; returns the names."""
+    from util.image_io import list_images
+
     os.makedirs(dst, exist_ok=True)
-    names = names or sorted(os.listdir(SHARED_FACES))
+    names = names or list_images(FACES)
     for n in names:
-        shutil.copyfile(os.path.join(SHARED_FACES, n), os.path.join(dst, n))
+        shutil.copyfile(os.path.join(FACES, n), os.path.join(dst, n))
     return names
 
 
@@ -129,7 +133,7 @@ def _exif_orientation(value: int) -> bytes:
 def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, str]]:
     """Write odd/bad files into ``dst``; returns {relative path: (status, reason)}."""
     os.makedirs(dst, exist_ok=True)
-    src = Image.open(os.path.join(SHARED_FACES, face)).convert("RGB")
+    src = Image.open(os.path.join(FACES, face)).convert("RGB")
     rgb = np.asarray(src)
     exp: dict[str, tuple[str, str]] = {}
 
@@ -195,7 +199,7 @@ def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, s
     # symbolic links: to a photo elsewhere (followed), and broken
     outside = os.path.join(os.path.dirname(os.path.abspath(dst)), "outside_" + os.path.basename(dst))
     os.makedirs(outside, exist_ok=True)
-    shutil.copyfile(os.path.join(SHARED_FACES, "000006.jpg"), os.path.join(outside, "linked.jpg"))
+    shutil.copyfile(os.path.join(FACES, "000006.jpg"), os.path.join(outside, "linked.jpg"))
     os.symlink(os.path.join(outside, "linked.jpg"), os.path.join(dst, "link.jpg"))
     exp["link.jpg"] = ("ok", "")
     os.symlink(os.path.join(outside, "nowhere.jpg"), os.path.join(dst, "broken_link.jpg"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_images import SHARED_FACES, make_odd_files, sha256
+from helpers_images import FACES, make_odd_files, sha256
 from util.image_io import (ALPHA_BACKGROUND, IMAGE_EXTENSIONS, LOAD_REASONS, ImageLoadError, is_image_file,
                            list_images, load_image, load_image_array)
 
@@ -22,7 +22,7 @@ def odd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def face_rgb():
-    return np.asarray(Image.open(os.path.join(SHARED_FACES, "000002.jpg")).convert("RGB"))
+    return np.asarray(Image.open(os.path.join(FACES, "000002.jpg")).convert("RGB"))
 
 
 def test_every_odd_file_loads_or_gives_its_reason(odd):

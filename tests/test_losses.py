@@ -3,6 +3,7 @@ tiny synthetic face model that lowers every term and reaches the network."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from models.losses import (LM_HEAVY, HybridLoss, LossWeights, coeff_reg_loss, ga
 from models.recog import RecogNet, estimate_norm, similarity_transform
 from models.renderer import create_renderer
 from util.preprocess import extract_5p
+
+needs_kornia = pytest.mark.skipif(importlib.util.find_spec("kornia") is None,
+                                  reason='the identity loss needs kornia: pip install -e ".[train]"')
 
 SIZE = 64  # small renders: camera scaled from the original 224
 
@@ -167,6 +171,7 @@ def target_batch(fm, renderer, b: int = 2):
     return images, face.landmark
 
 
+@needs_kornia
 def test_hybrid_loss_terms_and_one_step_lowers_each(tiny_model_dict):
     fm, renderer = tiny_setup(tiny_model_dict)
     images, lm = target_batch(fm, renderer)
@@ -231,6 +236,7 @@ def test_front_only_and_attention(tiny_model_dict):
 
 # ----------------------------------------------------------------------------- the identity network
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@needs_kornia
 def test_recog_loading_iresnet_torchscript_and_errors(tmp_path):
     from models.recog import RecogError, iresnet, load_recog_net
 

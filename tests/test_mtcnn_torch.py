@@ -2,7 +2,7 @@
 
 Fast tests need only the package's weight files; tests marked ``slow`` import TensorFlow and run
 the package itself (its Keras networks, TF's resize kernels, and detect_faces on the photos of
-../shared/faces).
+tests/data/faces).
 """
 from __future__ import annotations
 
@@ -18,10 +18,7 @@ from PIL import Image, ImageOps
 
 from models import mtcnn_torch as mt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ../shared/faces (28 photos), else the checkout's examples/ (5 of them, e.g. on a GPU machine).
-FACES_DIR = next((d for d in (os.path.join(os.path.dirname(REPO), "shared", "faces"), os.path.join(REPO, "examples"))
-                  if os.path.isdir(d)), os.path.join(os.path.dirname(REPO), "shared", "faces"))
+from conftest import FACES as FACES_DIR, ROOT as REPO  # FACES_DIR: the 28 test photos
 
 
 def _weights_available() -> bool:
@@ -36,8 +33,6 @@ pytestmark = pytest.mark.skipif(not _weights_available(), reason="mtcnn package 
 
 
 def _face_paths() -> list[str]:
-    if not os.path.isdir(FACES_DIR):
-        return []
     return sorted(os.path.join(FACES_DIR, f) for f in os.listdir(FACES_DIR)
                   if f.lower().endswith((".jpg", ".jpeg", ".png")))
 

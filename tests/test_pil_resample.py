@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_FACES, golden_lm5
+from conftest import FACES, golden_lm5
 from util.image_io import load_image
 from util.pil_resample import (PlanBatch, apply_plan, apply_plans, axis_coeffs, identity_plan, plan_resize_crop,
                                 resize_crop_array)
@@ -103,7 +103,7 @@ def test_large_photo_strong_reduction():
 
 @pytest.mark.parametrize("name", sorted(golden_lm5()))
 def test_alignment_crops_of_the_test_photos(name):
-    img = load_image(os.path.join(SHARED_FACES, name))
+    img = load_image(os.path.join(FACES, name))
     lm3d = load_lm3d(os.path.join(ROOT, "BFM"))
     tr, crop, _ = align_img(img, flip_y(np.array(golden_lm5()[name], np.float32), img.size[1]), lm3d)
     np.testing.assert_array_equal(resample(np.asarray(img), (tr.w, tr.h), crop_box(tr)), np.asarray(crop))

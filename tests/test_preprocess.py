@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA, SHARED_FACES, golden_lm5
+from conftest import DATA, FACES, golden_lm5
 from util.preprocess import align_img, extract_5p, flip_y, image_to_array, load_lm3d, pos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_pos_recovers_a_known_similarity(lm3d):
 def test_alignment_matches_the_original_on_real_photos(name, lm3d):
     """Golden values were computed with the original implementation's align_img (tests/data)."""
     gold = json.load(open(os.path.join(DATA, "align_golden.json")))[name]
-    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    img = Image.open(os.path.join(FACES, name)).convert("RGB")
     lm = flip_y(np.array(golden_lm5()[name], np.float32), img.size[1])
     tr, crop, lm_crop = align_img(img, lm, lm3d)
     assert crop.size == (224, 224)
@@ -62,7 +62,7 @@ def test_rounding_is_truncation_toward_zero(lm3d):
 
 def test_crop_to_image_inverts_alignment(lm3d):
     name = "000002.jpg"
-    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    img = Image.open(os.path.join(FACES, name)).convert("RGB")
     lm_down = np.array(golden_lm5()[name], np.float32)
     tr, _, lm_crop = align_img(img, flip_y(lm_down, img.size[1]), lm3d)
     back = tr.crop_to_image(flip_y(lm_crop, 224))
@@ -72,7 +72,7 @@ def test_crop_to_image_inverts_alignment(lm3d):
 
 def test_image_to_crop_is_the_mapping_align_img_applies(lm3d):
     name = "000002.jpg"
-    img = Image.open(os.path.join(SHARED_FACES, name)).convert("RGB")
+    img = Image.open(os.path.join(FACES, name)).convert("RGB")
     lm_up = flip_y(np.array(golden_lm5()[name], np.float64), img.size[1])
     tr, _, lm_crop = align_img(img, lm_up, lm3d)
     np.testing.assert_allclose(tr.image_to_crop(lm_up), lm_crop, atol=1e-9)

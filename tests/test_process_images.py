@@ -2,10 +2,11 @@
 reports every skip with a reason, resumes, survives Ctrl-C; real photos with mtcnn and dlib.
 
 Fast tests use a fake detector (tests/helpers_images.py) that finds green squares; the slow ones
-run the real detectors on copies of ../shared/faces, loading TensorFlow once per module.
+run the real detectors on copies of tests/data/faces, loading TensorFlow once per module.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -400,10 +401,16 @@ def test_shell_wrapper_runs_from_any_folder(tmp_path):
 
 # --------------------------------------------------------------------------- real photos (slow)
 
+MTCNN_TF = all(importlib.util.find_spec(m) is not None for m in ("mtcnn", "tensorflow"))
+NO_MTCNN_TF = 'the default detector needs the mtcnn package and TensorFlow: pip install -e ".[mtcnn-tf]"'
+needs_mtcnn_tf = pytest.mark.skipif(not MTCNN_TF, reason=NO_MTCNN_TF)
+
+
 @pytest.fixture(scope="module")
 def mtcnn_folder(tmp_path_factory):
-    """Copies of ../shared/faces + every odd file + a sub-folder, processed once with mtcnn."""
-    pytest.importorskip("mtcnn")
+    """Copies of tests/data/faces + every odd file + a sub-folder, processed once with mtcnn."""
+    if not MTCNN_TF:
+        pytest.skip(NO_MTCNN_TF)
     d = str(tmp_path_factory.mktemp("real") / "photos")
     names = copy_faces(d)
     odd = make_odd_files(d)
@@ -480,6 +487,7 @@ def test_real_rerun_is_idempotent(mtcnn_folder):
 
 
 @pytest.mark.slow
+@needs_mtcnn_tf
 def test_real_all_faces_in_group_photos(tmp_path):
     d = str(tmp_path)
     copy_faces(d, list(GROUP) + ["000002.jpg"])
@@ -555,6 +563,7 @@ def test_real_torch_port_agrees_with_mtcnn(mtcnn_folder):
 
 
 @pytest.mark.slow
+@needs_mtcnn_tf
 def test_real_ctrl_c_with_the_shell_wrapper(tmp_path):
     d = str(tmp_path / "photos")
     copy_faces(d)

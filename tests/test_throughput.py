@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA, SHARED_FACES, golden_lm5
+from conftest import DATA, FACES, golden_lm5
 from util.image_io import load_image
 from util.preprocess import align_img, flip_y, image_to_array, load_lm3d, pil_vertical_first, resize_crop
 
@@ -31,7 +31,7 @@ def full_resize_crop(img, size, box):
 
 @pytest.mark.parametrize("name", sorted(golden_lm5()))
 def test_resize_crop_is_the_full_resize_on_every_test_photo(name, lm3d):
-    img = load_image(os.path.join(SHARED_FACES, name))
+    img = load_image(os.path.join(FACES, name))
     tr, crop, _ = align_img(img, flip_y(np.array(golden_lm5()[name], np.float32), img.size[1]), lm3d)
     box = (tr.left, tr.up, tr.left + 224, tr.up + 224)
     np.testing.assert_array_equal(np.asarray(crop), np.asarray(full_resize_crop(img, (tr.w, tr.h), box)))

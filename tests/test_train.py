@@ -2,6 +2,7 @@
 for missing data; data preparation and augmentation; the recovery experiment's smoke run."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -140,7 +141,8 @@ def test_train_checkpoint_loads_in_test_py_and_resume(workspace, caplog):
     first = ckpt(ws, "run", 1)
     assert set(first) >= {"net_recon", "opt_00", "sched_00"} and first["total_iters"] == 2
     assert json.load(open(os.path.join(folder, "train_opt.json")))["batch_size"] == 2
-    assert any(f.startswith("events") for f in os.listdir(os.path.join(folder, "logs")))
+    if importlib.util.find_spec("tensorboard") is not None:  # the train extra; without it train.py logs nothing
+        assert any(f.startswith("events") for f in os.listdir(os.path.join(folder, "logs")))
     load_recon_net(os.path.join(folder, "epoch_1.pth"), "resnet18")
 
     # the checkpoint reconstructs the photos with test.py, unchanged
@@ -348,6 +350,7 @@ def test_rigid_fraction_and_landmark_oracle(workspace):
 
 
 def test_train_with_an_identity_network(workspace, tmp_path, caplog):
+    pytest.importorskip("kornia", reason='the identity loss needs kornia: pip install -e ".[train]"')
     from test_losses import TinyRecog
     from train import main
 

@@ -27,3 +27,26 @@ def require_file(path: str, what: str, how: str) -> str:
     if not os.path.isfile(path):
         raise MissingAssetError(f"{what} not found: {path}. {how}")
     return path
+
+
+def checkpoint_file(checkpoints_dir: str, name: str, epoch: str) -> str:
+    """Where a model's checkpoint lies: ``<checkpoints_dir>/<name>/epoch_<epoch>.pth`` (the original's layout)."""
+    return os.path.join(checkpoints_dir, name, f"epoch_{epoch}.pth")
+
+
+def inputs_error(img_folder: str, checkpoint: str, bfm_folder: str, bfm_model: str) -> str | None:
+    """The first missing input of a test.py run, as one line saying what to do (None: all there).
+
+    Only looks at paths (no import beyond ``os``), so test.py reports a mistyped path before it
+    loads torch; the model loaders check the files' contents later."""
+    if not os.path.isdir(img_folder):
+        return f"--img_folder {img_folder} is not a folder; give the folder of photos that ./process_images.sh prepared"
+    if not os.path.isfile(checkpoint):
+        return f"checkpoint not found: {checkpoint}. {CHECKPOINT_HELP.format(path=checkpoint)}"
+    if not os.path.isdir(bfm_folder):
+        return f"--bfm_folder {bfm_folder} is not a folder. {BFM_HELP.format(folder=bfm_folder)}"
+    model = os.path.join(bfm_folder, bfm_model)
+    if not (os.path.isfile(model) or os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat"))):
+        return (f"Face model not found: {model} (nor 01_MorphableModel.mat to convert it from). "
+                f"{BFM_HELP.format(folder=bfm_folder)}")
+    return None

@@ -18,6 +18,8 @@ import argparse
 import os
 import shutil
 import sys
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -27,6 +29,10 @@ MEAN_SHAPE = os.path.join(ROOT, "BFM", "standin_mean_shape_53490_dm.npy")
 AUX = ("BFM_front_idx.mat", "BFM_exp_idx.mat", "facemodel_info.mat", "select_vertex_id.mat",
        "similarity_Lm3D_all.mat", "std_exp.txt")
 N_SHAPE, N_EXP, N_VERT_EXP = 199, 79, 53215
+# what a build costs, measured on a 2-core CPU (README, Quick start): seconds, and megabytes it writes;
+# the first test.py run adds the converted BFM_model_front.mat and its cache beside them
+BUILD_SECONDS = 60
+BFM_MB, CHECKPOINT_MB, FIRST_RUN_MB = 310, 97, 255
 
 
 def _smooth_basis(points: np.ndarray, n: int, rng: np.random.Generator, n_centres: int = 24,
@@ -36,20 +42,28 @@ def _smooth_basis(points: np.ndarray, n: int, rng: np.random.Generator, n_centre
     v = points.shape[0]
     out = np.empty((3 * v, n), dtype=np.float64)
     lo, hi = points.min(0), points.max(0)
+    coords = [np.ascontiguousarray(points[:, j:j + 1]) for j in range(3)]  # (V, 1) each
     for k in range(n):
         centres = rng.uniform(lo, hi, size=(n_centres, 3))
         dirs = rng.normal(size=(n_centres, 3))
         w = width / (1 + 0.03 * k)  # later components vary faster, as PCA bases do
-        d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+        # squared distances (V, n_centres), summed x, y, z in that order: the same bits as
+        # ((points[:, None] - centres) ** 2).sum(-1), without its (V, n_centres, 3) temporary
+        d2 = (coords[0] - centres[:, 0]) ** 2
+        d2 += (coords[1] - centres[:, 1]) ** 2
+        d2 += (coords[2] - centres[:, 2]) ** 2
         out[:, k] = (np.exp(-d2 / (2 * w * w)) @ dirs).reshape(-1)
     q, _ = np.linalg.qr(out)
     return q
 
 
-def make_standin_bfm(out_dir: str, seed: int = 0) -> None:
-    """Write stand-in ``01_MorphableModel.mat`` and ``Exp_Pca.bin`` (exact formats) + aux files."""
+def make_standin_bfm(out_dir: str, seed: int = 0, progress: Callable[[str], None] | None = None) -> None:
+    """Write stand-in ``01_MorphableModel.mat`` and ``Exp_Pca.bin`` (exact formats) + aux files.
+
+    ``progress(step)`` is called before each of the build's steps (bases, files)."""
     from scipy.io import loadmat, savemat
 
+    step = progress or (lambda what: None)
     os.makedirs(out_dir, exist_ok=True)
     for name in AUX:
         shutil.copyfile(os.path.join(ROOT, "BFM", name), os.path.join(out_dir, name))
@@ -57,17 +71,21 @@ def make_standin_bfm(out_dir: str, seed: int = 0) -> None:
     mean = np.load(MEAN_SHAPE).astype(np.float64)  # (53490, 3) decimetres
     # BFM stores micrometres and is not centred: the converter and face model must cope
     shape_mu = (mean + np.array([0.02, 0.15, -0.3])) * 1e5
+    step(f"identity basis ({N_SHAPE} components over {mean.shape[0]} vertices)")
     shape_pc = _smooth_basis(mean, N_SHAPE, rng)
     shape_ev = 8e5 / np.arange(1, N_SHAPE + 1) ** 0.75
     skin = np.array([200.0, 155.0, 130.0])
     tex_mu = np.tile(skin, (mean.shape[0], 1)) * (1 - 0.15 * np.clip(mean[:, 2:3] - 0.3, -1, 1))
+    step(f"texture basis ({N_SHAPE} components)")
     tex_pc = _smooth_basis(mean, N_SHAPE, rng, width=0.25)
     tex_ev = 2000.0 / np.arange(1, N_SHAPE + 1) ** 0.6
+    step("writing 01_MorphableModel.mat")
     savemat(os.path.join(out_dir, "01_MorphableModel.mat"), {
         "shapeMU": shape_mu.reshape(-1, 1).astype(np.float32), "shapePC": shape_pc.astype(np.float32),
         "shapeEV": shape_ev.reshape(-1, 1).astype(np.float32), "texMU": tex_mu.reshape(-1, 1).astype(np.float32),
         "texPC": tex_pc.astype(np.float32), "texEV": tex_ev.reshape(-1, 1).astype(np.float32)})
     trim = loadmat(os.path.join(ROOT, "BFM", "BFM_exp_idx.mat"))["trimIndex"].ravel().astype(np.int64) - 1
+    step(f"expression basis ({N_EXP} components)")
     exp_pc = _smooth_basis(mean[trim], N_EXP, rng, width=0.2)  # (3*53215, 79)
     with open(os.path.join(out_dir, "Exp_Pca.bin"), "wb") as f:
         np.array([N_EXP], np.int32).tofile(f)
@@ -139,16 +157,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if the files exist")
     a = ap.parse_args(argv)
-    if a.force or not all(os.path.isfile(os.path.join(a.bfm_folder, f)) for f in
-                          ("01_MorphableModel.mat", "Exp_Pca.bin", "similarity_Lm3D_all.mat")):
-        print(f"writing stand-in BFM files to {a.bfm_folder} (~300 MB, ~20 s) ...", flush=True)
-        make_standin_bfm(a.bfm_folder, a.seed)
+    bfm = a.force or not all(os.path.isfile(os.path.join(a.bfm_folder, f)) for f in
+                             ("01_MorphableModel.mat", "Exp_Pca.bin", "similarity_Lm3D_all.mat"))
+    ckpt = a.force or not os.path.isfile(a.checkpoint)
+    if bfm or ckpt:
+        mb = (BFM_MB + FIRST_RUN_MB) * bfm + CHECKPOINT_MB * ckpt
+        print(f"building the stand-in model: about {BUILD_SECONDS} s on 2 CPU cores; it needs ~{mb} MB of disk "
+              f"({BFM_MB} MB of BFM files, {CHECKPOINT_MB} MB checkpoint, and {FIRST_RUN_MB} MB that the first "
+              "test.py run adds: the converted face model and its cache)", flush=True)
+    start, steps, done = time.perf_counter(), 5 * bfm + ckpt, 0
+
+    def progress(what: str) -> None:
+        nonlocal done
+        done += 1
+        print(f"  [{done}/{steps}] {time.perf_counter() - start:5.1f} s  {what}", flush=True)
+
+    if bfm:
+        progress(f"copying the auxiliary BFM files to {a.bfm_folder}")
+        make_standin_bfm(a.bfm_folder, a.seed, progress)
         stale = os.path.join(a.bfm_folder, "BFM_model_front.mat")
         if os.path.exists(stale):
             os.remove(stale)
-    if a.force or not os.path.isfile(a.checkpoint):
-        print(f"writing stand-in checkpoint {a.checkpoint} ...", flush=True)
+    if ckpt:
+        progress(f"writing the stand-in checkpoint {a.checkpoint}")
         make_standin_checkpoint(a.checkpoint, a.seed)
+    if bfm or ckpt:
+        print(f"  built in {time.perf_counter() - start:.1f} s")
     print("stand-in ready: python test.py --name=standin --epoch=20 --img_folder=examples "
           f"--bfm_folder={os.path.relpath(a.bfm_folder)}")
     return 0
