@@ -173,6 +173,7 @@ class RunSummary:
     seconds: float = 0.0
     first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
     timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds from the run's start when it ended
+    stopped: str = ""  # why the run stopped before the end (disk full, read-only results): one line
 
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
@@ -181,6 +182,7 @@ class RunSummary:
         self.photos_without_detection = sorted(self.photos_without_detection + other.photos_without_detection)
         self.failures += other.failures
         self.seconds = max(self.seconds, other.seconds)
+        self.stopped = self.stopped or other.stopped
         done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
         self.first_result_at = min(done) if done else None
         for phase, t in other.timeline.items():  # the slowest rank's
@@ -189,8 +191,9 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         """0: every face with a detection was reconstructed (now or, with --skip_existing, before);
-        1: some failed or nothing to do."""
-        return 0 if self.faces_failed == 0 and self.faces_ok + self.faces_done_before > 0 else 1
+        1: some failed, the run stopped (:attr:`stopped`) or nothing to do."""
+        ok = self.faces_failed == 0 and not self.stopped and self.faces_ok + self.faces_done_before > 0
+        return 0 if ok else 1
 
     def _lists(self) -> dict[str, list[str]]:
         """File name -> lines of the run's two lists: photos skipped, faces failed (with why)."""
@@ -232,6 +235,36 @@ class RunSummary:
         if self.faces_ok == 0 and not self.failures and not self.faces_done_before:
             lines.append("nothing was reconstructed: no photo in the folder has a detection file")
         return "\n".join(lines)
+
+
+def prepare_results_dir(out_dir: str, recursive: bool = False) -> None:
+    """Create the results folder and prove that a file can be made in it (before the model
+    loads); remove the temporary files that killed runs left there (ours only, of dead
+    processes: :func:`util.atomic_files.remove_stale_temp_files`). Raises SetupError, one line."""
+    from util.atomic_files import remove_stale_temp_files, temp_path
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SetupError(f"the results folder {out_dir} is a file, not a folder; give another --results_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = temp_path(os.path.join(out_dir, "probe"))
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as e:
+        raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
+    remove_stale_temp_files(out_dir, recursive)
+
+
+def stop_line(reason, summary: "RunSummary", n_faces: int) -> str:
+    """The one line of a run that a :class:`util.results_io.RunStop` ended: why, what was done,
+    what is left and about how much space it needs, how to finish."""
+    from util.results_io import human_bytes
+
+    left = max(0, n_faces - summary.faces_ok - summary.faces_failed)
+    need = f" (about {human_bytes(left * reason.face_bytes)} more)" if reason.face_bytes and left else ""
+    failed = f", {summary.faces_failed} failed" if summary.faces_failed else ""
+    return (f"{reason}; {summary.faces_ok} face(s) written{failed}, {left} left{need}; once there is "
+            "room (or the folder is writable), the same command with --skip_existing true finishes the job")
 
 
 def output_config(opt, face_buf: np.ndarray, out_dir: str):
@@ -439,10 +472,18 @@ def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_
 
 def loader_worker_init(worker_id: int) -> None:
     """A DataLoader worker keeps its freed memory: each face's alignment makes arrays of the
-    same sizes (:func:`util.subprocesses.keep_freed_memory`)."""
-    from util.subprocesses import keep_freed_memory
+    same sizes (:func:`util.subprocesses.keep_freed_memory`), and ends with the run's process,
+    even one killed with ``kill -9`` (torch's own check takes up to 5 s): SIGTERM when the
+    parent dies, taken as an exit, so that multiprocessing's exit removes the worker's
+    ``pymp-*`` folder (the socket it hands tensors over by)."""
+    import signal
+    import sys
+
+    from util.subprocesses import die_with_parent, keep_freed_memory
 
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+    die_with_parent(signal.SIGTERM)
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
@@ -459,7 +500,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
-    from util.results_io import ResultWriter, launch_writer_server
+    from util.results_io import ResultWriter, RunStop, launch_writer_server
 
     t0 = time.perf_counter()
     if not os.path.isdir(opt.img_folder):
@@ -474,6 +515,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         summary.timeline[phase] = time.perf_counter() - t0
 
     mark("scanned")
+    prepare_results_dir(summary.out_dir, opt.recursive)
     loader = face_loader(opt, entries, device, world)
     bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
@@ -510,9 +552,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             model = build_model(opt, device, warm)
             warm_up_network(model, bs, device)
         mark("model_ready")
-        out_dir = summary.out_dir
-        os.makedirs(out_dir, exist_ok=True)
-        writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
+        writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), summary.out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()
         mark("writers_started")
@@ -523,16 +563,22 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
 
             bar = tqdm(total=len(entries), unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
 
-        def record(outcomes: list[tuple[str, str | None]]) -> None:
+        stops: list[RunStop] = []
+
+        def record(outcomes: list[tuple[str, str | None]]) -> bool:
+            """Count the outcomes; True once one has stopped the run (disk full, read-only)."""
             for name, error in outcomes:
-                if error is None:
+                if isinstance(error, RunStop):
+                    stops.append(error)
+                elif error is None:
                     summary.faces_ok += 1
                     if summary.first_result_at is None:
                         summary.first_result_at = time.perf_counter()
                         mark("first_result")
-                else:  # disk full, permissions, ...
+                else:  # a bad face, a file that could not be written
                     summary.faces_failed += 1
                     summary.failures.append((name, error))
+            return bool(stops)
 
         for batch, crops in prepared:  # crops made in the thread; it may have added to batch["failed"]
             if "first_batch" not in summary.timeline:
@@ -550,11 +596,14 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     lm68 = batch.get("lm68")
                     coeffs = fit_batch(model, coeffs, images, batch["lm"].to(device), opt.fit_steps,
                                        None if lm68 is None else lm68.to(device), batch.get("has_lm68"))
-                record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
+                if record(writer.submit(batch_results(model, coeffs.detach(), batch, opt))):
+                    break
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))
         mark("last_batch")
-        record(writer.finish())
+        record(writer.abort() if stops else writer.finish())  # on a stop, the faces being written finish
+        if stops:
+            summary.stopped = stop_line(stops[0], summary, len(entries))
         mark("written")
     finally:
         prepared.stop()
