@@ -477,13 +477,24 @@ def loader_worker_init(worker_id: int) -> None:
     parent dies, taken as an exit, so that multiprocessing's exit removes the worker's
     ``pymp-*`` folder (the socket it hands tensors over by)."""
     import signal
-    import sys
 
     from util.subprocesses import die_with_parent, keep_freed_memory
 
     keep_freed_memory()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     die_with_parent(signal.SIGTERM)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """Exit through Python's exit (multiprocessing's clean-up runs), or at once after 2 s if
+    that clean-up hangs (a queue whose reader is gone)."""
+    import sys
+    import threading
+
+    timer = threading.Timer(2.0, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    sys.exit(1)
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
@@ -604,6 +615,10 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         record(writer.abort() if stops else writer.finish())  # on a stop, the faces being written finish
         if stops:
             summary.stopped = stop_line(stops[0], summary, len(entries))
+        if writer.gave_up:  # a writer process that died may have left a temporary file
+            from util.atomic_files import remove_stale_temp_files
+
+            remove_stale_temp_files(summary.out_dir, opt.recursive)
         mark("written")
     finally:
         prepared.stop()

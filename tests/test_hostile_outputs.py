@@ -133,6 +133,20 @@ def test_a_file_that_cannot_be_placed_fails_its_face_and_leaves_none_of_its_file
     assert names == sorted([f"face01{blocked}"] + [f"face0{i}{s}" for i in (0, 2) for s in SUFFIXES])
 
 
+def test_a_face_that_cannot_reach_a_writer_process_is_a_failed_face(tmp_path):
+    """A task whose data cannot be sent to a writer process (here: not picklable) fails its
+    faces with the reason; the faces of other tasks are written."""
+    from util.results_io import ResultWriter
+
+    results = tiny_results(4, np.random.default_rng(2))
+    results[1].lm_gt = lambda: None  # cannot be pickled
+    w = ResultWriter(tiny_config(str(tmp_path)), workers=2, chunk=1)
+    got = w.submit(results) + w.finish()
+    assert [n for n, e in got if e is None] == ["face00", "face02", "face03"]
+    (name, err), = [(n, e) for n, e in got if e is not None]
+    assert name == "face01" and err.startswith("writing results failed: ") and "pickle" in err.lower()
+
+
 @pytest.mark.parametrize("target", ["util.results_io.png_chunks", "util.mesh_io.obj_chunks", "scipy.io.savemat"])
 def test_an_exception_in_each_writer_is_a_failed_face_in_the_summary(standin, tmp_path, monkeypatch, capsys,
                                                                      target):
@@ -257,7 +271,8 @@ def test_a_really_full_disk_with_writer_processes(r18, tmp_path, tmpfs):
     once the filesystem is larger, --skip_existing finishes the job."""
     from benchmarks.bench_inference import make_folder
 
-    folder = make_folder(str(tmp_path / "photos"), 12)
+    n = 6
+    folder = make_folder(str(tmp_path / "photos"), n)
     before = digest(folder)
     disk = tmpfs("disk", "6m")
     cmd = command(r18, folder, disk / "out", "--batch_size=2", "--num_threads=2", "--write_workers=2")
@@ -266,12 +281,12 @@ def test_a_really_full_disk_with_writer_processes(r18, tmp_path, tmpfs):
     line = one_error_line(r.stderr)
     assert "the results' disk is full" in line and "No space left on device" in line and "MB more" in line
     k = len(assert_whole_faces(disk / "out"))
-    assert k <= 1 and f"{k} face(s) written, {12 - k} left (about " in line  # one face fits, at most
-    subprocess.run(["mount", "-o", "remount,size=80m", str(disk)], check=True)
+    assert k <= 1 and f"{k} face(s) written, {n - k} left (about " in line  # one face fits, at most
+    subprocess.run(["mount", "-o", "remount,size=40m", str(disk)], check=True)
     r = subprocess.run(cmd + ["--skip_existing=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"done: {12 - k} face(s) reconstructed, 0 failed" in r.stdout
-    assert len(assert_whole_faces(disk / "out")) == 12
+    assert f"done: {n - k} face(s) reconstructed, 0 failed" in r.stdout
+    assert len(assert_whole_faces(disk / "out")) == n
     assert digest(folder) == before
 
 
@@ -384,7 +399,8 @@ def test_kill_9_leaves_no_process_no_partial_face_and_skip_existing_completes(r1
     """kill -9 of test.py in the middle of 100 photos (DataLoader workers, writer processes):
     within seconds no process of the run is left and no pymp-* folder; then the same command
     with --skip_existing true: every face whole and loadable, none missing, none twice, no
-    temporary file; the photos untouched."""
+    temporary file; the photos untouched. (.obj and .mat: the pictures, ~40 % of the CPU time,
+    go through the same writer; the tests above load them.)"""
     from benchmarks.bench_inference import make_folder
 
     n = 100
@@ -395,9 +411,11 @@ def test_kill_9_leaves_no_process_no_partial_face_and_skip_existing_completes(r1
     tmp.mkdir()
     marker = f"D3DFR_TEST_RUN={uuid.uuid4().hex}"
     env = dict(os.environ, TMPDIR=str(tmp), D3DFR_TEST_RUN=marker.split("=")[1])
-    cmd = command(r18, folder, out, "--batch_size=4", "--num_threads=2", "--write_workers=2")
+    cmd = command(r18, folder, out, "--batch_size=4", "--num_threads=2", "--write_workers=2", "--save_png=false")
+    suffixes = (".obj", ".mat")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert wait_for(lambda: out.is_dir() and len(faces_on_disk(out)) >= 8 or proc.poll() is not None, 300)
+    assert wait_for(lambda: out.is_dir() and len(faces_on_disk(out, suffixes)) >= 8 or proc.poll() is not None,
+                    300)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     assert len(processes_with(marker)) >= 5  # the run, 2 loaders, the forkserver, 2 writers (, the tracker)
     proc.send_signal(signal.SIGKILL)
@@ -407,12 +425,12 @@ def test_kill_9_leaves_no_process_no_partial_face_and_skip_existing_completes(r1
     assert wait_for(lambda: not [p for p in os.listdir(tmp) if p.startswith("pymp-")], 5), os.listdir(tmp)
     names = os.listdir(out)
     temps = [t for t in names if temp_owner(t) is not None]  # the killed writers' (removed by the next run)
-    k = len(faces_on_disk(out))
-    assert 8 <= k < n and len(names) == 3 * k + len(temps)  # killed in the middle; each face whole
+    k = len(faces_on_disk(out, suffixes))
+    assert 8 <= k < n and len(names) == 2 * k + len(temps)  # killed in the middle; each face whole
     r = subprocess.run(cmd + ["--skip_existing=true"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"done: {n - k} face(s) reconstructed, 0 failed" in r.stdout and f"{k} face(s) left out" in r.stdout
-    assert len(assert_whole_faces(out)) == n
+    assert len(assert_whole_faces(out, suffixes)) == n
     assert digest(folder) == before
     assert not processes_with(marker) and os.listdir(tmp) == []

@@ -358,6 +358,7 @@ class ResultWriter:
         self._pending: deque[tuple[list[FaceResult], Future]] = deque()
         self._n_pending = 0
         self._pool = None
+        self.gave_up = False  # a writer process died (it may have left a temporary file)
         if workers > 0:
             from concurrent.futures import ProcessPoolExecutor
 
@@ -438,10 +439,13 @@ class ResultWriter:
             except (BrokenProcessPool, CancelledError) as e:  # a writer process died: write these here
                 self._give_up_pool(e)
                 done += write_results(self.cfg, part)
+            except Exception as e:  # noqa: BLE001 - the task itself failed (its results could not come back, ...)
+                done += [(r.name, f"writing results failed: {type(e).__name__}: {e}") for r in part]
         return done
 
     def _give_up_pool(self, err: Exception) -> None:
         if self._pool is not None:
+            self.gave_up = True
             log.warning("a writer process failed (%s); writing the remaining results in the main process", err)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
