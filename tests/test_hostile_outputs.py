@@ -23,11 +23,12 @@ from PIL import Image
 from scipy.io import loadmat
 
 from conftest import ROOT, make_photo_folder
-from test_inference import cli_args, run
+from test_inference import cli_args, run, test_cli
 from test_throughput import tiny_config, tiny_results
 from util.atomic_files import temp_owner
 
 PHOTOS = ["000002.jpg", "trump_hillary.jpg", "vd006.png"]
+FIVE = ["000002.jpg", "015259.jpg", "JianzhuGuo.jpg", "trump_hillary.jpg", "vd006.png"]
 STEMS = ("000002", "trump_hillary", "vd006")
 SUFFIXES = (".png", ".obj", ".mat")
 N_VERTICES = 35709
@@ -107,6 +108,11 @@ def r18_args(r18, folder, out, *extra) -> list[str]:
     return cli_args(r18, folder, out, "--net_recon=resnet18", "--device=cpu", *extra)
 
 
+def run18(r18, folder, out, *extra) -> int:
+    """test.py in this process with the resnet18 checkpoint; returns the exit code."""
+    return test_cli.main(r18_args(r18, folder, str(out), *extra))
+
+
 def command(r18, folder, out, *extra) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "test.py"), *r18_args(r18, folder, out, *extra)]
 
@@ -147,41 +153,42 @@ def test_a_face_that_cannot_reach_a_writer_process_is_a_failed_face(tmp_path):
     assert name == "face01" and err.startswith("writing results failed: ") and "pickle" in err.lower()
 
 
-@pytest.mark.parametrize("target", ["util.results_io.png_chunks", "util.mesh_io.obj_chunks", "scipy.io.savemat"])
-def test_an_exception_in_each_writer_is_a_failed_face_in_the_summary(standin, tmp_path, monkeypatch, capsys,
-                                                                     target):
-    """test.py: an exception while encoding one face's .png, .obj or .mat: that face is counted
-    and named as failed with the reason, exit code 1, none of its files left; the others whole."""
+def test_an_exception_in_each_writer_is_a_failed_face_in_the_summary(r18, tmp_path, monkeypatch, capsys):
+    """test.py: an exception while encoding a face's .png, another's .obj, another's .mat (each
+    writer's second call fails): each of the three is counted and named as failed with its
+    reason, exit code 1, none of their files left; the other two faces are whole."""
     import importlib
 
-    module, attr = target.rsplit(".", 1)
-    real = getattr(importlib.import_module(module), attr)
+    targets = ["util.results_io.png_chunks", "util.mesh_io.obj_chunks", "scipy.io.savemat"]
+    for target in targets:
+        module, attr = target.rsplit(".", 1)
+        real = getattr(importlib.import_module(module), attr)
 
-    def flaky(*args, **kw):
-        if flaky.calls == 1:  # the second face
-            flaky.calls += 1
-            raise RuntimeError(f"injected failure in {attr}")
-        flaky.calls += 1
-        return real(*args, **kw)
+        def flaky(*args, _real=real, _attr=attr, _calls=[], **kw):
+            _calls.append(1)
+            if len(_calls) == 2:
+                raise RuntimeError(f"injected failure in {_attr}")
+            return _real(*args, **kw)
 
-    flaky.calls = 0
-    monkeypatch.setattr(target, flaky)
-    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
+        monkeypatch.setattr(target, flaky)
+    folder = make_photo_folder(str(tmp_path / "photos"), FIVE)
     out = tmp_path / "out"
-    assert run(standin, folder, str(out), "--write_workers=0", "--batch_size=3") == 1
+    assert run18(r18, folder, out, "--write_workers=0", "--batch_size=5") == 1
     text = capsys.readouterr().out
-    assert "done: 2 face(s) reconstructed, 1 failed" in text
-    assert f"trump_hillary: writing results failed: RuntimeError: injected failure in {attr}" in text
-    assert assert_whole_faces(out) == {"000002", "vd006"}
+    assert "done: 2 face(s) reconstructed, 3 failed" in text
+    failed = [ln.split(":")[0].strip() for ln in text.splitlines() if "writing results failed: RuntimeError" in ln]
+    for target in targets:
+        assert text.count(f"writing results failed: RuntimeError: injected failure in {target.split('.')[-1]}") == 1
+    assert assert_whole_faces(out) == {os.path.splitext(n)[0] for n in FIVE} - set(failed) and len(failed) == 3
 
 
-def test_a_failing_write_in_test_py_with_writer_processes_is_counted(standin, tmp_path, capsys):
+def test_a_failing_write_in_test_py_with_writer_processes_is_counted(r18, tmp_path, capsys):
     """test.py with writer processes: a face whose .mat cannot be placed (a folder of that name)
     is named in the summary, exit code 1; its .png and .obj (renamed before) are gone."""
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     out = tmp_path / "out"
     (out / "vd006.mat").mkdir(parents=True)
-    assert run(standin, folder, str(out), "--write_workers=2", "--batch_size=2") == 1
+    assert run18(r18, folder, out, "--write_workers=2", "--batch_size=2") == 1
     text = capsys.readouterr().out
     assert "done: 2 face(s) reconstructed, 1 failed" in text and "vd006: writing results failed:" in text
     os.rmdir(out / "vd006.mat")
@@ -189,7 +196,7 @@ def test_a_failing_write_in_test_py_with_writer_processes_is_counted(standin, tm
 
 
 # ----------------------------------------------------------------------------- 22.3 / 24.6: disk full, read-only
-def test_disk_full_stops_the_run_with_one_line_then_skip_existing_finishes(standin, tmp_path, monkeypatch, capsys):
+def test_disk_full_stops_the_run_with_one_line_then_skip_existing_finishes(r18, tmp_path, monkeypatch, capsys):
     """ENOSPC (injected) on the second face: one line (what, where, how much), exit 1, no
     temporary or partial file, the first face whole; then --skip_existing does the rest."""
     from util import results_io
@@ -206,7 +213,7 @@ def test_disk_full_stops_the_run_with_one_line_then_skip_existing_finishes(stand
     monkeypatch.setattr(results_io, "write_together", full)
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     out = tmp_path / "out"
-    assert run(standin, folder, str(out), "--write_workers=0", "--batch_size=1") == 1
+    assert run18(r18, folder, out, "--write_workers=0", "--batch_size=1") == 1
     captured = capsys.readouterr()
     assert "done:" not in captured.out
     line = one_error_line(captured.err)
@@ -216,14 +223,14 @@ def test_disk_full_stops_the_run_with_one_line_then_skip_existing_finishes(stand
     assert len(calls) == 2  # it stopped: the third face was not tried
     assert assert_whole_faces(out) == {"000002"}
     monkeypatch.setattr(results_io, "write_together", real)  # space is back
-    assert run(standin, folder, str(out), "--skip_existing=true") == 0
+    assert run18(r18, folder, out, "--skip_existing=true") == 0
     assert "done: 2 face(s) reconstructed, 0 failed" in capsys.readouterr().out
     assert assert_whole_faces(out) == set(STEMS)
 
 
 @pytest.mark.parametrize("code,words", [(errno.EROFS, "read-only filesystem"),
                                         (errno.EACCES, "not writable")])
-def test_results_folder_turning_read_only_stops_the_run(standin, tmp_path, monkeypatch, capsys, code, words):
+def test_results_folder_turning_read_only_stops_the_run(r18, tmp_path, monkeypatch, capsys, code, words):
     from util import results_io
 
     def refuse(files):
@@ -232,7 +239,7 @@ def test_results_folder_turning_read_only_stops_the_run(standin, tmp_path, monke
     monkeypatch.setattr(results_io, "write_together", refuse)
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS)
     out = tmp_path / "out"
-    assert run(standin, folder, str(out), "--write_workers=0", "--batch_size=1") == 1
+    assert run18(r18, folder, out, "--write_workers=0", "--batch_size=1") == 1
     line = one_error_line(capsys.readouterr().err)
     assert words in line and "0 face(s) written, 3 left" in line
     assert os.listdir(out) == []
