@@ -174,15 +174,18 @@ def free_bytes(folder: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+class NotFiniteError(ValueError):
+    """A face's numbers are NaN or inf (broken weights or input): no file of it would be right."""
+
+
 def face_files(cfg: OutputConfig, res: FaceResult) -> list[tuple[str, list]]:
     """(file suffix, its bytes-like chunks) of each file of the face that ``cfg`` asks for; raises
-    ValueError where the face holds non-finite numbers (broken weights or input): no file would
-    be right."""
+    :class:`NotFiniteError` where the face holds non-finite numbers."""
     for key in ("coeffs", "lm68", "vertex"):
         a = getattr(res, key)
         if a is not None and not np.isfinite(a).all():
-            raise ValueError(f"the reconstruction is not finite (NaN or inf in its {key}): the checkpoint's "
-                             "weights or this photo's detection are broken")
+            raise NotFiniteError(f"the reconstruction is not finite (NaN or inf in its {key}): the checkpoint's "
+                                 "weights or this photo's detection are broken")
     files: list[tuple[str, list]] = []
     if cfg.save_png:
         files.append((".png", png_chunks(result_picture(res))))
@@ -277,6 +280,8 @@ def write_results(cfg: OutputConfig, results: list[FaceResult]) -> list[tuple[st
                 out.append((res.name, stop))
                 break
             out.append((res.name, f"writing results failed: {e}"))
+        except NotFiniteError as e:
+            out.append((res.name, f"reconstruction failed: {e}"))
         except Exception as e:  # noqa: BLE001 - a bad face (non-finite numbers, ...): reported, the others go on
             out.append((res.name, f"writing results failed: {type(e).__name__}: {e}"))
     return out
