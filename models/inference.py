@@ -237,22 +237,43 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def prepare_results_dir(out_dir: str, recursive: bool = False) -> None:
-    """Create the results folder and prove that a file can be made in it (before the model
-    loads); remove the temporary files that killed runs left there (ours only, of dead
-    processes: :func:`util.atomic_files.remove_stale_temp_files`). Raises SetupError, one line."""
+def check_results_dir(out_dir: str, recursive: bool = False) -> None:
+    """Fail early (before the model loads), creating nothing: the results folder must be a
+    folder that a file can be made in (proved with a temporary file), or one that can be created
+    (its nearest existing parent a writable folder). Removes the temporary files that killed
+    runs left in it (ours only, of dead processes: :func:`util.atomic_files.remove_stale_temp_files`).
+    Raises SetupError, one line."""
     from util.atomic_files import remove_stale_temp_files, temp_path
+
+    def refuse(why: str) -> SetupError:
+        return SetupError(f"cannot write results into {out_dir}: {why}; give a writable --results_dir")
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SetupError(f"the results folder {out_dir} is a file, not a folder; give another --results_dir")
+    if os.path.isdir(out_dir):
+        try:
+            probe = temp_path(os.path.join(out_dir, "probe"))
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.remove(probe)
+        except OSError as e:
+            raise refuse(e.strerror) from None
+        remove_stale_temp_files(out_dir, recursive)
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise refuse(f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"no folder can be created in {parent} (read-only filesystem or no permission)")
+
+
+def make_results_dir(out_dir: str) -> None:
+    """Create the results folder (:func:`check_results_dir` said it can be); SetupError, one line."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = temp_path(os.path.join(out_dir, "probe"))
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.remove(probe)
     except OSError as e:
         raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
-    remove_stale_temp_files(out_dir, recursive)
 
 
 def stop_line(reason, summary: "RunSummary", n_faces: int) -> str:
@@ -526,7 +547,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         summary.timeline[phase] = time.perf_counter() - t0
 
     mark("scanned")
-    prepare_results_dir(summary.out_dir, opt.recursive)
+    check_results_dir(summary.out_dir, opt.recursive)
     loader = face_loader(opt, entries, device, world)
     bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
@@ -563,6 +584,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             model = build_model(opt, device, warm)
             warm_up_network(model, bs, device)
         mark("model_ready")
+        make_results_dir(summary.out_dir)
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), summary.out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()

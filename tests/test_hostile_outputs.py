@@ -300,11 +300,12 @@ def test_a_really_full_disk_with_writer_processes(r18, tmp_path, tmpfs):
 def test_read_only_filesystem_results_folder_is_one_line(standin, tmp_path, tmpfs, capsys):
     ro = tmpfs("ro", "1m", "ro")
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS[:1])
-    for out in (ro, ro / "new" / "results"):  # existing, and to be created
-        assert run(standin, folder, str(out)) == 2
-        err = capsys.readouterr().err
-        assert err.strip() == f"error: cannot write results into {out}: Read-only file system; give a writable " \
-                              "--results_dir"
+    assert run(standin, folder, str(ro)) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write results into {ro}: Read-only file system; " \
+                                              "give a writable --results_dir"
+    assert run(standin, folder, str(ro / "new" / "results")) == 2  # to be created
+    assert capsys.readouterr().err.strip() == f"error: cannot write results into {ro / 'new' / 'results'}: no " \
+        f"folder can be created in {ro} (read-only filesystem or no permission); give a writable --results_dir"
 
 
 # ----------------------------------------------------------------------------- 24.2: results folder is a file
@@ -316,8 +317,8 @@ def test_results_dir_that_is_a_file_is_one_line_exit_2(standin, tmp_path, capsys
     assert capsys.readouterr().err.strip() == f"error: the results folder {f} is a file, not a folder; give " \
                                               "another --results_dir"
     assert run(standin, folder, str(f / "sub")) == 2  # a folder under a file
-    assert capsys.readouterr().err.strip() == f"error: cannot write results into {f / 'sub'}: Not a directory; " \
-                                              "give a writable --results_dir"
+    assert capsys.readouterr().err.strip() == f"error: cannot write results into {f / 'sub'}: {f} is not a " \
+                                              "folder; give a writable --results_dir"
     assert f.read_text() == "mine"
 
 
