@@ -5,8 +5,9 @@
 reads <folder>/detections/<stem>.txt (written by ./process_images.sh) and writes
 checkpoints/<model>/results/<folder name>/epoch_20_000000/<stem>.{png,obj,mat}.
 Several GPUs: torchrun --nproc_per_node=N test.py ... (or --gpu_ids 0,1) shards the folder.
-Exit code: 0 when every detected face was reconstructed, 1 when some failed or none was found,
-2 when the run could not start (the message says what is missing).
+Exit code: 0 when every detected face was reconstructed, 1 when some failed, none was found or
+the run stopped (disk full, results folder read-only: one line says so), 2 when the run could not
+start (the message says what is missing).
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: files already written are complete; the same command with --skip_existing true "
               "does only the rest", file=sys.stderr)
         return 130
-    if reporting:
+    if reporting and summary.stopped:  # disk full, read-only results: one line says it all
+        print(f"error: {summary.stopped}", file=sys.stderr)
+    elif reporting:
         listed = LISTED
         try:
             summary.write_long_lists(LISTED)

@@ -176,6 +176,7 @@ class RunSummary:
     seconds: float = 0.0
     first_result_at: float | None = None  # time.perf_counter() when the first face's files were written
     timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds from the run's start when it ended
+    stopped: str = ""  # why the run stopped before the end (disk full, read-only results): one line
 
     def merge(self, other: "RunSummary") -> None:
         self.faces_ok += other.faces_ok
@@ -186,6 +187,7 @@ class RunSummary:
         self.img_folder = self.img_folder or other.img_folder
         self.created_dirs = sorted(set(self.created_dirs + other.created_dirs))
         self.seconds = max(self.seconds, other.seconds)
+        self.stopped = self.stopped or other.stopped
         done = [t for t in (self.first_result_at, other.first_result_at) if t is not None]
         self.first_result_at = min(done) if done else None
         for phase, t in other.timeline.items():  # the slowest rank's
@@ -194,8 +196,9 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         """0: every face with a detection was reconstructed (now or, with --skip_existing, before);
-        1: some failed or nothing to do."""
-        return 0 if self.faces_failed == 0 and self.faces_ok + self.faces_done_before > 0 else 1
+        1: some failed, the run stopped (:attr:`stopped`) or nothing to do."""
+        ok = self.faces_failed == 0 and not self.stopped and self.faces_ok + self.faces_done_before > 0
+        return 0 if ok else 1
 
     def _lists(self) -> dict[str, list[str]]:
         """File name -> lines of the run's two lists: photos skipped, faces failed (with why)."""
@@ -283,6 +286,58 @@ def make_dirs(path: str) -> list[str]:
         p = os.path.dirname(p)
     os.makedirs(path, exist_ok=True)
     return created[::-1]
+
+
+def check_results_dir(out_dir: str, recursive: bool = False) -> None:
+    """Fail early (before the model loads), creating nothing: the results folder must be a
+    folder that a file can be made in (proved with a temporary file), or one that can be created
+    (its nearest existing parent a writable folder). Removes the temporary files that killed
+    runs left in it (ours only, of dead processes: :func:`util.atomic_files.remove_stale_temp_files`).
+    Raises SetupError, one line."""
+    from util.atomic_files import remove_stale_temp_files, temp_path
+
+    def refuse(why: str) -> SetupError:
+        return SetupError(f"cannot write results into {out_dir}: {why}; give a writable --results_dir")
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SetupError(f"the results folder {out_dir} is a file, not a folder; give another --results_dir")
+    if os.path.isdir(out_dir):
+        try:
+            probe = temp_path(os.path.join(out_dir, "probe"))
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.remove(probe)
+        except OSError as e:
+            raise refuse(e.strerror) from None
+        remove_stale_temp_files(out_dir, recursive)
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise refuse(f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"no folder can be created in {parent} (read-only filesystem or no permission)")
+
+
+def make_results_dir(out_dir: str) -> list[str]:
+    """Create the results folder (:func:`check_results_dir` said it can be); returns the folders
+    it created (:func:`make_dirs`); SetupError, one line."""
+    try:
+        return make_dirs(out_dir)
+    except OSError as e:
+        raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
+
+
+def stop_line(reason, summary: "RunSummary", n_faces: int) -> str:
+    """The one line of a run that a :class:`util.results_io.RunStop` ended: why, what was done,
+    what is left and about how much space it needs, how to finish."""
+    from util.results_io import human_bytes
+
+    left = max(0, n_faces - summary.faces_ok - summary.faces_failed)
+    need = f" (about {human_bytes(left * reason.face_bytes)} more)" if reason.face_bytes and left else ""
+    failed = f", {summary.faces_failed} failed" if summary.faces_failed else ""
+    return (f"{reason}; {summary.faces_ok} face(s) written{failed}, {left} left{need}; once there is "
+            "room (or the folder is writable), the same command with --skip_existing true finishes the job")
 
 
 def output_config(opt, face_buf: np.ndarray, out_dir: str):
@@ -530,10 +585,29 @@ def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_
 
 def loader_worker_init(worker_id: int) -> None:
     """A DataLoader worker keeps its freed memory: each face's alignment makes arrays of the
-    same sizes (:func:`util.subprocesses.keep_freed_memory`)."""
-    from util.subprocesses import keep_freed_memory
+    same sizes (:func:`util.subprocesses.keep_freed_memory`), and ends with the run's process,
+    even one killed with ``kill -9`` (torch's own check takes up to 5 s): SIGTERM when the
+    parent dies, taken as an exit, so that multiprocessing's exit removes the worker's
+    ``pymp-*`` folder (the socket it hands tensors over by)."""
+    import signal
+
+    from util.subprocesses import die_with_parent, keep_freed_memory
 
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    die_with_parent(signal.SIGTERM)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """Exit through Python's exit (multiprocessing's clean-up runs), or at once after 2 s if
+    that clean-up hangs (a queue whose reader is gone)."""
+    import sys
+    import threading
+
+    timer = threading.Timer(2.0, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    sys.exit(1)
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
@@ -550,7 +624,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
-    from util.results_io import ResultWriter, launch_writer_server
+    from util.results_io import ResultWriter, RunStop, launch_writer_server
 
     t0 = time.perf_counter()
     if not os.path.isdir(opt.img_folder):
@@ -565,6 +639,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         summary.timeline[phase] = time.perf_counter() - t0
 
     mark("scanned")
+    check_results_dir(summary.out_dir, opt.recursive)
     loader = face_loader(opt, entries, device, world)
     bs = loader.batch_size
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
@@ -602,7 +677,7 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
             warm_up_network(model, bs, device)
         mark("model_ready")
         out_dir = summary.out_dir
-        summary.created_dirs = make_dirs(out_dir)
+        summary.created_dirs = make_results_dir(out_dir)
         writer = ResultWriter(output_config(opt, model.face_model.face_buf.cpu().numpy(), out_dir),
                               workers=n_writers, max_pending=max(2 * bs, 8 * n_writers))
         writer.start()
@@ -614,16 +689,22 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
 
             bar = tqdm(total=len(entries), unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
 
-        def record(outcomes: list[tuple[str, str | None]]) -> None:
+        stops: list[RunStop] = []
+
+        def record(outcomes: list[tuple[str, str | None]]) -> bool:
+            """Count the outcomes; True once one has stopped the run (disk full, read-only)."""
             for name, error in outcomes:
-                if error is None:
+                if isinstance(error, RunStop):
+                    stops.append(error)
+                elif error is None:
                     summary.faces_ok += 1
                     if summary.first_result_at is None:
                         summary.first_result_at = time.perf_counter()
                         mark("first_result")
-                else:  # disk full, permissions, ...
+                else:  # a bad face, a file that could not be written
                     summary.faces_failed += 1
                     summary.failures.append((name, error))
+            return bool(stops)
 
         for batch, crops in prepared:  # crops made in the thread; it may have added to batch["failed"]
             if "first_batch" not in summary.timeline:
@@ -641,11 +722,18 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     lm68 = batch.get("lm68")
                     coeffs = fit_batch(model, coeffs, images, batch["lm"].to(device), opt.fit_steps,
                                        None if lm68 is None else lm68.to(device), batch.get("has_lm68"))
-                record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
+                if record(writer.submit(batch_results(model, coeffs.detach(), batch, opt))):
+                    break
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))
         mark("last_batch")
-        record(writer.finish())
+        record(writer.abort() if stops else writer.finish())  # on a stop, the faces being written finish
+        if stops:
+            summary.stopped = stop_line(stops[0], summary, len(entries))
+        if writer.gave_up:  # a writer process that died may have left a temporary file
+            from util.atomic_files import remove_stale_temp_files
+
+            remove_stale_temp_files(summary.out_dir, opt.recursive)
         mark("written")
     finally:
         prepared.stop()

@@ -314,12 +314,15 @@ def test_skip_existing_redoes_only_faces_missing_an_output(standin, tmp_path, ca
     assert run(standin, folder, str(out)) == 0
     stamps = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
     os.remove(out / "vd006.png")  # one face lacks one of its files
-    os.rename(out / "000002.png", out / "000002.png.part")  # one was being written: it does not count
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a killed run's writer: its temporary file does not count, and the next run removes it
+    os.rename(out / "000002.png", out / f".d3dfr-{dead.pid}-0123abcd.000002.png.part")
     capsys.readouterr()
     assert run(standin, folder, str(out), "--skip_existing=true") == 0
     text = capsys.readouterr().out
     assert "done: 2 face(s) reconstructed, 0 failed" in text and "1 face(s) left out" in text
     after = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    assert not [n for n in after if n.startswith(".d3dfr-")]
     redone = {n for n in after if after[n] != stamps.get(n)}
     assert redone == {f"{s}.{e}" for s in ("vd006", "000002") for e in ("png", "obj", "mat")}
     # everything there: nothing to do is success; asking for fewer outputs needs only those

@@ -174,29 +174,36 @@ def _pad_rgb(c: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def write_mesh(s: MeshSettings, base: str, vertices: np.ndarray, colors: np.ndarray,
-               texture_png: list[bytes] | None = None) -> list[str]:
-    """Write ``<base>.<fmt>`` (world-space (N, 3) float ``vertices``, (N, 3) uint8 ``colors``) and,
-    when the settings carry a UV layout, the texture ``<base>_texture.png`` (``texture_png``: its
-    PNG chunks) and for .obj its ``<base>.mtl``. Returns the paths written."""
-    name = os.path.basename(base)
-    written = []
+def mesh_files(s: MeshSettings, name: str, vertices: np.ndarray, colors: np.ndarray,
+               texture_png: list[bytes] | None = None) -> list[tuple[str, list]]:
+    """The files of a face's mesh as (suffix of the face's name, bytes-like chunks): ``.<fmt>``
+    (world-space (N, 3) float ``vertices``, (N, 3) uint8 ``colors``) and, when the settings carry a
+    UV layout, the texture ``_texture.png`` (``texture_png``: its PNG chunks) and for .obj its
+    ``.mtl``. ``name``: the face's file name without suffix (what an .obj's ``mtllib`` names)."""
+    files: list[tuple[str, list]] = []
     if s.uv is not None:
         if texture_png is None:
             raise ValueError("a textured mesh needs its texture's PNG bytes")
-        write_bytes_atomic(base + TEXTURE_SUFFIX, texture_png)
-        written.append(base + TEXTURE_SUFFIX)
+        files.append((TEXTURE_SUFFIX, texture_png))
     if s.fmt == "obj":
         chunks = _obj_chunks(s, name, vertices, colors)
         if s.uv is not None:
-            write_bytes_atomic(base + ".mtl", mtl_text(name + TEXTURE_SUFFIX))
-            written.append(base + ".mtl")
+            files.append((".mtl", [mtl_text(name + TEXTURE_SUFFIX)]))
     elif s.fmt == "ply":
         chunks = _ply_chunks(s, name, vertices, colors)
     else:
         chunks = glb_chunks(s, vertices, colors, None if s.uv is None else b"".join(texture_png))
-    write_bytes_atomic(base + "." + s.fmt, chunks)
-    return [base + "." + s.fmt, *written]
+    return [("." + s.fmt, chunks), *files]
+
+
+def write_mesh(s: MeshSettings, base: str, vertices: np.ndarray, colors: np.ndarray,
+               texture_png: list[bytes] | None = None) -> list[str]:
+    """Write :func:`mesh_files` beside ``base`` (each complete or absent); returns the paths written."""
+    written = []
+    for suffix, chunks in mesh_files(s, os.path.basename(base), vertices, colors, texture_png):
+        write_bytes_atomic(base + suffix, chunks)
+        written.append(base + suffix)
+    return written
 
 
 def mesh_suffixes(fmt: str, textured: bool) -> list[str]:

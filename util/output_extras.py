@@ -2,18 +2,18 @@
 
 :func:`make_output_extras` turns the run's settings (mesh format, UV texture, report) into one
 small frozen :class:`OutputExtras` that :class:`util.results_io.OutputConfig` carries (``None``
-for a plain run: then results_io's own .obj writer runs, as before); :func:`write_extras` writes
+for a plain run: then results_io's own .obj writer runs, as before); :func:`extra_files` makes
 one face's mesh in its format (:mod:`util.mesh_formats`), its UV texture (:mod:`util.uv_texture`)
 and its report files (:mod:`util.report`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from util.atomic_files import write_bytes_atomic
-from util.mesh_formats import TEXTURE_SUFFIX, MeshSettings, mesh_settings, mesh_suffixes, write_mesh
+from util.mesh_formats import TEXTURE_SUFFIX, MeshSettings, mesh_files, mesh_settings, mesh_suffixes
 from util.uv_texture import UvRaster, face_texture, uv_raster
 
 
@@ -51,9 +51,10 @@ def extra_suffixes(fmt: str, save_mesh: bool, uv_texture: bool) -> list[str]:
     return [TEXTURE_SUFFIX] if uv_texture else []
 
 
-def write_extras(cfg, res, base: str) -> None:
-    """Write the face ``res``'s mesh (``<base>.<fmt>``), texture and report files as ``cfg.extras``
-    asks (``cfg``: the run's :class:`util.results_io.OutputConfig`)."""
+def extra_files(cfg, res, base: str) -> list[tuple[str, list]]:
+    """The face ``res``'s mesh (``<base>.<fmt>``), texture and report files that ``cfg.extras``
+    asks for, as (path, bytes-like chunks) (``cfg``: the run's :class:`util.results_io.OutputConfig`);
+    results_io writes them together with the face's other files, all or none."""
     from util.results_io import png_chunks
 
     ex: OutputExtras = cfg.extras
@@ -64,11 +65,13 @@ def write_extras(cfg, res, base: str) -> None:
         tex = face_texture(ex.raster, res.vertex, res.albedo, res.visibility, res.image.transpose(1, 2, 0),
                            ex.focal, ex.center)
         png = png_chunks(tex)
+    files: list[tuple[str, list]] = []
     if ex.mesh is not None:
-        write_mesh(ex.mesh, base, world, res.color, png)
+        files += [(base + sfx, c) for sfx, c in mesh_files(ex.mesh, os.path.basename(base), world, res.color, png)]
     elif png is not None:
-        write_bytes_atomic(base + TEXTURE_SUFFIX, png)
+        files.append((base + TEXTURE_SUFFIX, png))
     if ex.report:
-        from util.report import write_face_report
+        from util.report import face_report_files
 
-        write_face_report(cfg.out_dir, res, world, res.coeffs[ex.angle[0]:ex.angle[1]], ex.faces)
+        files += face_report_files(cfg.out_dir, res, world, res.coeffs[ex.angle[0]:ex.angle[1]], ex.faces)
+    return files

@@ -88,9 +88,11 @@ def triangles_script(faces: np.ndarray) -> bytes:
     return f"D3DFR.triangles({bits}, {json.dumps(base64.b64encode(raw).decode())});\n".encode()
 
 
-def write_face_report(out_dir: str, res, world: np.ndarray, angles: np.ndarray, faces: np.ndarray) -> None:
-    """Write the face's thumbnail, numbers and viewer mesh under ``<out_dir>/report/`` (and the
-    shared ``triangles.js`` if it is not there yet)."""
+def face_report_files(out_dir: str, res, world: np.ndarray, angles: np.ndarray,
+                      faces: np.ndarray) -> list[tuple[str, list]]:
+    """The face's report files under ``<out_dir>/report/`` as (path, bytes-like chunks): its
+    thumbnail, numbers and viewer mesh. Makes the folder, and writes the shared ``triangles.js``
+    if it is not there yet."""
     from util.results_io import png_chunks
 
     top = os.path.join(out_dir, REPORT_DIR)
@@ -99,10 +101,18 @@ def write_face_report(out_dir: str, res, world: np.ndarray, angles: np.ndarray, 
     base = os.path.join(d, res.name)
     if not os.path.isfile(os.path.join(top, TRIANGLES)):
         write_bytes_atomic(os.path.join(top, TRIANGLES), triangles_script(faces))
+    files: list[tuple[str, list]] = []
     if res.image is not None and res.overlay is not None:
-        write_bytes_atomic(base + ".png", png_chunks(thumbnail(res.image, res.overlay)))
-    write_bytes_atomic(base + ".mesh.js", mesh_script(face_key(res.rel_dir, res.name), world, res.color))
-    write_bytes_atomic(base + ".json", json.dumps(face_numbers(res, angles)).encode())
+        files.append((base + ".png", png_chunks(thumbnail(res.image, res.overlay))))
+    files.append((base + ".mesh.js", [mesh_script(face_key(res.rel_dir, res.name), world, res.color)]))
+    files.append((base + ".json", [json.dumps(face_numbers(res, angles)).encode()]))
+    return files
+
+
+def write_face_report(out_dir: str, res, world: np.ndarray, angles: np.ndarray, faces: np.ndarray) -> None:
+    """Write :func:`face_report_files` (each complete or absent)."""
+    for path, chunks in face_report_files(out_dir, res, world, angles, faces):
+        write_bytes_atomic(path, chunks)
 
 
 # --------------------------------------------------------------------------- the page (end of the run)

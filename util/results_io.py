@@ -22,8 +22,11 @@ all five, which takes longer than the compression itself: ~3 ms instead of ~6.5 
 encoder with the same filter takes as long as this one (level 0, stored: ~0.5 ms, 441 KiB).
 
 This module imports only numpy, zlib and scipy (and util helpers that do the same), so a writer
-process starts in a fraction of a second. Every file goes to a temporary name first and is then
-renamed: a result file is complete or absent, never half written. Writer processes keep freed
+process starts in a fraction of a second. A face's files are written to temporary names of the
+writing process (:func:`util.atomic_files.temp_path`: two runs sharing a results folder never
+collide) and renamed into place together: a face is complete or absent, never half written, and
+a write that fails is a failed face with its reason. A disk that is full or read-only ends the
+run (:class:`RunStop`) rather than failing every face in turn. Writer processes keep freed
 memory for reuse (:func:`keep_freed_memory`) instead of handing it back to the system between
 faces: the first touch of each fresh page costs a page fault (measured on a busy 2-core VM,
 files in /dev/shm: a face's three files took 11-18 ms with glibc's defaults, 2-5 ms less with
@@ -31,6 +34,7 @@ freed memory kept).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from util.subprocesses import keep_freed_memory, main_module_hidden
+from util.subprocesses import die_with_parent, exit_with, keep_freed_memory, main_module_hidden
 
 if TYPE_CHECKING:
     from util.output_extras import OutputExtras
@@ -142,44 +146,157 @@ def png_chunks(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> list:
             *_png_chunk(b"IDAT", zlib.compress(filtered, level)), *_png_chunk(b"IEND", b"")]
 
 
-def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
-    """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for); raises on failure."""
-    d = os.path.join(cfg.out_dir, res.rel_dir)
-    os.makedirs(d, exist_ok=True)
-    base = os.path.join(d, res.name)
-    if cfg.save_png:
-        tmp = base + ".png.part"
-        with open(tmp, "wb") as fh:
-            for part in png_chunks(result_picture(res)):
-                fh.write(part)
-        os.replace(tmp, base + ".png")
-    if cfg.extras is not None:  # its own mesh writer (any format, textures) and the report's files
-        from util.output_extras import write_extras
+class RunStop(str):
+    """A failed write that ends the run: the reason (this string) and ``face_bytes``, what the
+    face's files needed. Every later face would fail alike (the results' filesystem is full or
+    read-only, the results folder not writable), so the run stops instead of failing each face."""
 
-        write_extras(cfg, res, base)
-    elif cfg.save_mesh:
-        from util.mesh_io import write_obj
+    face_bytes: int = 0
+
+    def __new__(cls, reason: str, face_bytes: int = 0):
+        obj = super().__new__(cls, reason)
+        obj.face_bytes = face_bytes
+        return obj
+
+    def __reduce__(self):  # crosses from writer processes (a str subclass with a field)
+        return RunStop, (str(self), self.face_bytes)
+
+
+# errors after which no other face can be written either (EACCES/EPERM: only on the results folder itself)
+_FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_FOLDER_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # not reached
+
+
+def free_bytes(folder: str) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class NotFiniteError(ValueError):
+    """A face's numbers are NaN or inf (broken weights or input): no file of it would be right."""
+
+
+def face_files(cfg: OutputConfig, res: FaceResult) -> list[tuple[str, list]]:
+    """(file suffix, its bytes-like chunks) of each file of the face that ``cfg`` asks for; raises
+    :class:`NotFiniteError` where the face holds non-finite numbers."""
+    for key in ("coeffs", "lm68", "vertex"):
+        a = getattr(res, key)
+        if a is not None and not np.isfinite(a).all():
+            raise NotFiniteError(f"the reconstruction is not finite (NaN or inf in its {key}): the checkpoint's "
+                                 "weights or this photo's detection are broken")
+    files: list[tuple[str, list]] = []
+    if cfg.save_png:
+        files.append((".png", png_chunks(result_picture(res))))
+    if cfg.save_mesh and cfg.extras is None:  # extras: their own mesh writer (any format)
+        from util.mesh_io import obj_chunks
 
         world = res.vertex.copy()
         world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
-        write_obj(base + ".obj", world, cfg.face_lines, res.color)
+        files.append((".obj", obj_chunks(world, cfg.face_lines, res.color)))
     if cfg.save_mat:
+        import io
+
         from scipy.io import savemat
 
-        tmp = base + ".mat.part"
-        savemat(tmp, mat_dict(cfg, res), format="5")
-        os.replace(tmp, base + ".mat")
+        buf = io.BytesIO()
+        savemat(buf, mat_dict(cfg, res), format="5")
+        files.append((".mat", [buf.getbuffer()]))
+    return files
+
+
+def write_together(files: list[tuple[str, list]]) -> None:
+    """Write each (path, chunks) to a temporary name of this process beside it
+    (:func:`util.atomic_files.temp_path`), then rename them all into place: the renames are the
+    only visible steps. On any failure (disk full, Ctrl-C, ...) the temporary files and the files
+    already renamed are removed and the exception propagates: all of them are there, or none."""
+    from util.atomic_files import temp_path
+
+    temps: list[str] = []
+    placed: list[str] = []
+    try:
+        for path, chunks in files:
+            temps.append(temp_path(path))
+            with open(os.open(temps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
+                for c in chunks:
+                    fh.write(c)
+        for (path, _), tmp in zip(files, temps):
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for p in temps[len(placed):] + placed:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        raise
+
+
+def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size: int) -> RunStop | None:
+    """The :class:`RunStop` for ``err`` (writing ``res``'s ``size`` bytes into ``d``), or None
+    when only this face is concerned."""
+    what = f"writing {res.name}'s files ({human_bytes(size)}) into {os.path.normpath(d)} failed: {err.strerror}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(d)
+        left = "" if free is None else f", {human_bytes(free)} free there"
+        return RunStop(f"the results' disk is full: {what}{left}", size)
+    if err.errno == errno.EROFS:
+        return RunStop(f"the results folder is on a read-only filesystem: {what}", size)
+    if err.errno in _FOLDER_ERRNOS and os.path.normpath(d) == os.path.normpath(cfg.out_dir):
+        return RunStop(f"the results folder is not writable: {what}", size)
+    return None
+
+
+def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
+    """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for), all or none of them
+    (:func:`write_together`); raises on failure."""
+    d = os.path.join(cfg.out_dir, res.rel_dir)
+    base = os.path.join(d, res.name)
+    files = [(base + suffix, chunks) for suffix, chunks in face_files(cfg, res)]
+    if cfg.extras is not None:  # other mesh formats, textures, the report's files
+        from util.output_extras import extra_files
+
+        files += extra_files(cfg, res, base)
+    os.makedirs(d, exist_ok=True)
+    write_together(files)
+
+
+def _face_bytes(cfg: OutputConfig, res: FaceResult) -> int:
+    try:
+        return sum(memoryview(c).nbytes for _, chunks in face_files(cfg, res) for c in chunks)
+    except Exception:  # noqa: BLE001 - only for the message
+        return 0
 
 
 def write_results(cfg: OutputConfig, results: list[FaceResult]) -> list[tuple[str, str | None]]:
-    """Write several faces; returns (name, None) per success and (name, reason) per failure."""
-    out = []
+    """Write several faces; returns (name, None) per success and (name, reason) per failure. A
+    failure that every later face would share (disk full, read-only) ends the list with
+    (name, :class:`RunStop`) and leaves the remaining faces unwritten and out of the list."""
+    out: list[tuple[str, str | None]] = []
     for res in results:
         try:
             write_face_result(cfg, res)
             out.append((res.name, None))
-        except Exception as e:  # disk full, permissions, ...: reported per face, the others go on
+        except OSError as e:
+            stop = _stop_reason(cfg, os.path.join(cfg.out_dir, res.rel_dir), res, e, _face_bytes(cfg, res))
+            if stop is not None:
+                out.append((res.name, stop))
+                break
             out.append((res.name, f"writing results failed: {e}"))
+        except NotFiniteError as e:
+            out.append((res.name, f"reconstruction failed: {e}"))
+        except Exception as e:  # noqa: BLE001 - a bad face (non-finite numbers, ...): reported, the others go on
+            out.append((res.name, f"writing results failed: {type(e).__name__}: {e}"))
     return out
 
 
@@ -191,13 +308,16 @@ _WORKER_CFG: OutputConfig | None = None
 WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io",
                   "util.output_extras")
 
-def _init_worker(cfg: OutputConfig) -> None:
-    """Writer process set-up: Ctrl-C is the main process's business (it lets running writes
+def _init_worker(cfg: OutputConfig, run_pid: int) -> None:
+    """Writer process set-up: it ends with the run's process ``run_pid`` (even killed with
+    ``kill -9``: :func:`util.subprocesses.exit_with`; its parent is a forkserver); Ctrl-C is the main process's business (it lets running writes
     finish, so no file is left half written); freed memory is kept for the next face; import
     the writers now, not on the first face."""
     import importlib
 
     global _WORKER_CFG
+    die_with_parent()  # a forkserver's child
+    exit_with(run_pid)  # the forkserver exits only once its children have
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
     _WORKER_CFG = cfg
@@ -223,10 +343,11 @@ def process_context():
 
 def writer_context():
     """:func:`process_context` for writer processes: a forkserver is told to import
-    :data:`WRITER_MODULES` once, so that each writer is a cheap fork of it."""
+    :data:`WRITER_MODULES` once, so that each writer is a cheap fork of it, and
+    :mod:`util.forkserver_cleanup`, so that a killed run leaves no socket folder behind."""
     ctx = process_context()
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(list(WRITER_MODULES))
+    if ctx.get_start_method() == "forkserver":  # and the clean-up of its socket folder when it exits
+        ctx.set_forkserver_preload([*WRITER_MODULES, "util.forkserver_cleanup"])
     return ctx
 
 
@@ -256,11 +377,12 @@ class ResultWriter:
         self._pending: deque[tuple[list[FaceResult], Future]] = deque()
         self._n_pending = 0
         self._pool = None
+        self.gave_up = False  # a writer process died (it may have left a temporary file)
         if workers > 0:
             from concurrent.futures import ProcessPoolExecutor
 
             self._pool = ProcessPoolExecutor(workers, mp_context=writer_context(), initializer=_init_worker,
-                                             initargs=(cfg,))
+                                             initargs=(cfg, os.getpid()))
             self.workers = workers
         else:
             self.workers = 0
@@ -294,6 +416,18 @@ class ResultWriter:
         finally:
             self.close()
 
+    def abort(self) -> list[tuple[str, str | None]]:
+        """Stop: queued faces are dropped, those being written finish; returns the outcomes of
+        the faces that were written (or failed) by then."""
+        self.close(cancel=True)
+        done: list[tuple[str, str | None]] = []
+        while self._pending:
+            part, fut = self._pending.popleft()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                done += fut.result()
+        self._n_pending = 0
+        return done
+
     def close(self, cancel: bool = False) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
@@ -324,10 +458,13 @@ class ResultWriter:
             except (BrokenProcessPool, CancelledError) as e:  # a writer process died: write these here
                 self._give_up_pool(e)
                 done += write_results(self.cfg, part)
+            except Exception as e:  # noqa: BLE001 - the task itself failed (its results could not come back, ...)
+                done += [(r.name, f"writing results failed: {type(e).__name__}: {e}") for r in part]
         return done
 
     def _give_up_pool(self, err: Exception) -> None:
         if self._pool is not None:
+            self.gave_up = True
             log.warning("a writer process failed (%s); writing the remaining results in the main process", err)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -83,3 +83,41 @@ def die_with_parent(sig: int | None = None) -> bool:
     if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
         os._exit(1)
     return True
+
+
+def exit_with(pid: int) -> None:
+    """End this process (``os._exit``) as soon as process ``pid`` ends, even by ``kill -9``: for
+    a worker whose parent is not the process it works for, where :func:`die_with_parent` cannot
+    help. A forkserver's children (writer processes) are such workers: the forkserver outlives the
+    run while they live (each holds its 'alive' pipe), and they would wait forever on a task
+    queue whose other end they hold themselves. A daemon thread waits on a pidfd (Linux >= 5.3),
+    else checks every half second. Call it first thing in the worker."""
+    import os
+    import threading
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            import select
+
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            import time
+
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except OSError:  # exists, owned by someone else
+                    pass
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
