@@ -27,3 +27,9 @@ def require_file(path: str, what: str, how: str) -> str:
     if not os.path.isfile(path):
         raise MissingAssetError(f"{what} not found: {path}. {how}")
     return path
+
+
+def error_line(e: BaseException) -> str:
+    """``e`` as one line for a message: its type and the first non-empty line of its text."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
