@@ -171,6 +171,7 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
                      "It ships with this project in BFM/; copy the BFM/ auxiliary files into that folder.")
     src = require_file(os.path.join(bfm_folder, "01_MorphableModel.mat"), "Basel Face Model 01_MorphableModel.mat",
                        help_)
+    require_file(os.path.join(bfm_folder, "Exp_Pca.bin"), "Expression basis Exp_Pca.bin", help_)  # before the long read
     log.info("converting %s and Exp_Pca.bin to %s (once)", src, out_name)
     bfm = _loadmat(src, help_)
     _check_bfm09(bfm, src, help_)

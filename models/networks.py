@@ -181,13 +181,16 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, pickle of other objects, ...
         text = str(e)
-        if "Weights only load failed" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors{what}, which "
-                                  "loading would have to run as code; a Deep3DFaceRecon epoch_N.pth holds only "
-                                  "tensors. Nothing of it was executed.") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", text) if "Weights only load failed" in text else None
+        if found:  # torch's own text would suggest weights_only=False, which would run it
+            raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors "
+                                  f"({found.group(1)}), which loading would have to run as code; a Deep3DFaceRecon "
+                                  "epoch_N.pth holds only tensors. Nothing of it was executed.") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if "Weights only load failed" in text:  # say what the unpickler met, not torch's advice
+            lines = [ln for ln in lines if "Weights only" not in ln and "WeightsUnpickler" not in ln
+                     and "Please file an issue" not in ln and "documentation" not in ln] or ["not a pickle of tensors"]
+        first = lines[0] if lines else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}. "
                               "Is the file complete (re-download it) and a Deep3DFaceRecon epoch_N.pth?") from None
     if not isinstance(ckpt, dict) or "net_recon" not in ckpt:

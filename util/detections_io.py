@@ -116,7 +116,8 @@ def stem_detection_files(folder: str, rel_dir: str, stem: str, subdir: str, inde
 def read_points(path: str, n: int = 5) -> np.ndarray:
     """Read ``n`` lines of ``x y`` -> float32 array (n, 2); raise DetectionFileError otherwise.
 
-    Numbers are separated by spaces or tabs; Windows line ends (CRLF) and blank lines are fine.
+    Numbers are separated by spaces or tabs; Windows line ends (CRLF), a UTF-8 byte-order mark
+    and blank lines are fine.
     Refused, each with its reason: not a regular file (a folder, a FIFO, a device), larger than
     :data:`MAX_POINTS_BYTES` (never read whole), not UTF-8 text (binary), a wrong number of
     lines or of numbers on a line, commas, non-numeric or non-finite values. Whether the points
@@ -126,13 +127,13 @@ def read_points(path: str, n: int = 5) -> np.ndarray:
     if b"\0" in data:
         raise DetectionFileError(f"{path}: a binary file, not 'x y' text lines{redo}")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is fine
     except UnicodeDecodeError:
         raise DetectionFileError(f"{path}: not a text file of 'x y' lines{redo}") from None
     rows = [line.split() for line in text.splitlines() if line.strip()]
     if not rows:
         raise DetectionFileError(f"{path}: empty, expected {n} lines of 'x y'{redo}")
-    if "," in text and any(len(r) != 2 for r in rows):
+    if "," in text:
         raise DetectionFileError(f"{path}: numbers separated by commas; the format is {n} lines of 'x y' "
                                  f"separated by spaces{redo}")
     if len(rows) != n or any(len(r) != 2 for r in rows):
@@ -161,7 +162,7 @@ def _read_small_file(path: str, redo: str) -> bytes:
         raise DetectionFileError(f"{path}: a folder, not a detection file; move it away{redo}") from None
     except OSError as e:
         raise DetectionFileError(f"{path}: cannot be opened ({e.strerror or e}){redo}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise DetectionFileError(f"{path}: a folder, not a detection file; move it away{redo}")
@@ -171,9 +172,11 @@ def _read_small_file(path: str, redo: str) -> bytes:
             raise DetectionFileError(f"{path}: {st.st_size} bytes, too large for a detection file "
                                      f"(at most {MAX_POINTS_BYTES}){redo}")
         try:
-            data = f.read(MAX_POINTS_BYTES + 1)  # a file growing meanwhile is still not read whole
+            data = os.read(fd, MAX_POINTS_BYTES + 1)  # a file growing meanwhile is still not read whole
         except OSError as e:
             raise DetectionFileError(f"{path}: cannot be read ({e.strerror or e}){redo}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_POINTS_BYTES:
         raise DetectionFileError(f"{path}: larger than {MAX_POINTS_BYTES} bytes, too large for a detection file{redo}")
     return data
