@@ -140,8 +140,9 @@ def load_exp_basis(bfm_folder: str) -> tuple[np.ndarray, np.ndarray]:
     except ValueError as e:
         raise FaceModelError(f"cannot read {std_path} ({error_line(e)}); {how}") from None
     if exp_ev.shape != (n_exp,) or not np.all(np.isfinite(exp_ev)):
-        raise FaceModelError(f"{std_path}: expected {n_exp} standard deviations (one per Exp_Pca.bin component), "
-                             f"found shape {exp_ev.shape}; {how}")
+        bad = int(np.sum(~np.isfinite(exp_ev)))
+        raise FaceModelError(f"{std_path}: expected {n_exp} finite standard deviations (one per Exp_Pca.bin "
+                             f"component), found {exp_ev.size} value(s), {bad} not finite; {how}")
     return exp_pc, exp_ev
 
 
