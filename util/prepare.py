@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from util.atomic_files import SUFFIX, stale_temp_files, write_atomic
+from util.atomic_files import SUFFIX, remove_stale_temp_files, stale_temp_files, write_atomic
 from util.detections_io import (DETECTIONS_DIR, LANDMARKS_DIR, detection_path, ensure_folder, face_detection_files,
                                 write_points)
 from util.filenames import from_hex, is_plain, json_text, raw_hex
@@ -476,16 +476,15 @@ def _remove_stale_temp_files(folder: str, report_path: str) -> None:
     :mod:`util.atomic_files` whose writing process is gone, in the output folders and, beside
     the report, only those of the report itself. Nothing else is touched (a user's
     ``.tmp_mine.txt``, another program's temporaries, a live run's files)."""
-    found = []
     for sub in (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR):
-        found += stale_temp_files(os.path.join(folder, sub), recursive=True)
+        remove_stale_temp_files(os.path.join(folder, sub), recursive=True)
     report_dir, report_name = os.path.split(os.path.abspath(report_path))
-    found += [p for p in stale_temp_files(report_dir) if p.endswith(f".{report_name}{SUFFIX}")]
-    for p in found:
-        try:
-            os.remove(p)
-        except OSError:
-            pass
+    for p in stale_temp_files(report_dir):
+        if p.endswith(f".{report_name}{SUFFIX}"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
