@@ -187,6 +187,27 @@ def test_an_output_name_taken_by_a_folder_fails_that_photo_only(tmp_path, fake):
     assert (d / "detections" / "b.txt").is_dir()
 
 
+def test_report_that_is_no_file_or_was_edited(tmp_path, fake, capsys):
+    """--report naming a FIFO (never opened: it would block) or a folder: exit 2, one line; a
+    report whose rows were edited into other types: those photos are simply processed again."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    face_png(d / "a.png")
+    os.mkfifo(tmp_path / "fifo")
+    for rep in (tmp_path / "fifo", tmp_path):
+        assert run_prepare(d, "--report", str(rep)) == 2
+        err = capsys.readouterr().err
+        assert "exists and is not a file" in err and len(err.splitlines()) == 1
+    assert run_prepare(d) == 0
+    doc = report_doc(d)
+    doc["images"][0]["outputs"] = 5
+    doc["images"] += [{"path": 3}, "x", {"path": "b.png", "outputs_hex": ["zz"]}]
+    (d / REPORT_NAME).write_text(json.dumps(doc))
+    assert run_prepare(d) == 0
+    doc = report_doc(d)
+    assert [r["path"] for r in doc["images"]] == ["a.png"] and doc["summary"]["reused"] == 0
+
+
 # -------------------------------------------------------------- temporaries, permissions, kill -9
 
 def test_cleanup_removes_only_our_dead_writers_temporaries(tmp_path, fake):

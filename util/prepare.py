@@ -572,9 +572,13 @@ def _restore_names(row: dict) -> dict | None:
 
 def read_report(path: str) -> dict[str, dict]:
     """Rows of an earlier report by path; {} when absent or unreadable. Raises ValueError when
-    ``path`` exists but is not a process_images report (it is then never overwritten)."""
-    if not os.path.exists(path):
+    ``path`` exists but is not a process_images report (it is then never overwritten), or is not
+    a file (a folder, a FIFO - never opened, so never waited on). Rows that are not well-formed
+    (an edited report) are left out: their photos are processed again."""
+    if not os.path.lexists(path):
         return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} exists and is not a file; move it or pass --report")
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -582,7 +586,14 @@ def read_report(path: str) -> dict[str, dict]:
         doc = None
     if not isinstance(doc, dict) or doc.get("tool") != REPORT_TOOL:
         raise ValueError(f"{path} exists and was not written by process_images; move it or pass --report")
-    if doc.get("format") != REPORT_FORMAT:
+    if doc.get("format") != REPORT_FORMAT or not isinstance(doc.get("images"), list):
         return {}
-    rows = (_restore_names(r) for r in doc.get("images", []) if isinstance(r, dict))
-    return {r["path"]: r for r in rows if r is not None and isinstance(r.get("path"), str)}
+    rows = (_restore_names(dict(r)) for r in doc["images"] if isinstance(r, dict))
+    return {r["path"]: r for r in rows if r is not None and _well_formed(r)}
+
+
+def _well_formed(row: dict) -> bool:
+    """Whether a report row read back has the types :func:`plan_folder` relies on."""
+    outputs, vis = row.get("outputs", []), row.get("debug_vis")
+    return (isinstance(row.get("path"), str) and isinstance(outputs, list) and all(isinstance(p, str) for p in outputs)
+            and (vis is None or isinstance(vis, str)))
