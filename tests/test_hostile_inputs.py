@@ -33,8 +33,7 @@ import process_images
 from conftest import ROOT, golden_lm5, make_photo_folder, tiny_face_model_dict
 from helpers_images import fake_main_subprocess_code, register_fake, snapshot, squares_image
 from util.atomic_files import temp_owner
-from util.detections_io import (MAX_POINTS_BYTES, DetectionFileError, detection_path, face_detection_files,
-                                read_points, write_points)
+from util.detections_io import MAX_POINTS_BYTES, DetectionFileError, read_points
 from util.filenames import from_hex, is_plain, json_text, printable, raw_hex
 from util.image_io import list_images
 from util.prepare import REPORT_NAME, read_report
