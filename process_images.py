@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
 
     from mtcnn_detector import DetectorUnavailableError
+    from util.filenames import printable
     from util.prepare import PrepareOptions, plan_folder, run_plan
 
     options = PrepareOptions(
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_result(row: dict) -> None:
         if row["status"] != "ok":
-            logging.getLogger("process_images").info("%s: %s (%s)", row["path"], row["reason"], row["detail"])
+            logging.getLogger("process_images").info("%s: %s (%s)", printable(row["path"]), row["reason"],
+                                                     printable(row["detail"]))
         if bar is not None:
             bar.update(1)
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = ", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "none"
     print(f"process_images: {s['images']} photos, {s['ok']} with a face, {s['faces_written']} detection "
           f"file(s), {s['reused']} up to date (kept), skipped: {skipped}. {s['seconds']:.1f} s")
-    print(f"process_images: report: {report.path}")
+    print(f"process_images: report: {printable(report.path)}")
     if s["loaded"] == 0 and s["reused"] == 0:
         print("process_images: error: no photo could be read", file=sys.stderr)
         return EXIT_NOTHING

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.coeffs import COEFFS, CoeffLayout
-from util.assets import BFM_HELP, require_file
+from util.assets import BFM_HELP, error_line, require_file
+from util.atomic_files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,83 @@ N_VERTEX_EXP = 53215  # vertices of the expression basis (BFM_exp_idx.mat trimIn
 FRONT_MODEL_KEYS = ("meanshape", "meantex", "idBase", "exBase", "texBase", "tri", "point_buf",
                     "tri_mask2", "keypoints", "frontmask2_idx", "skinmask")
 AUX_FILES = ("BFM_front_idx.mat", "BFM_exp_idx.mat", "facemodel_info.mat", "std_exp.txt")
+FRONT_HELP = ("delete it to convert it again from 01_MorphableModel.mat and Exp_Pca.bin, or run "
+              "`python -m util.standin` for the stand-in model")
+
+
+class FaceModelError(ValueError):
+    """A face model file is damaged or not what it should be (unreadable, wrong shapes, indices
+    out of range); the message names the file and what is wrong, in one line."""
+
+
+def _loadmat(path: str, how: str) -> dict:
+    """``scipy.io.loadmat(path)``; FaceModelError in one line for a file it cannot read
+    (truncated, empty, text, another format)."""
+    from scipy.io import loadmat
+
+    try:
+        return loadmat(path)
+    except Exception as e:  # noqa: BLE001 - scipy raises many kinds for damaged files
+        raise FaceModelError(f"cannot read {path} ({error_line(e)}); {how}") from None
+
+
+def _numeric(arrays: dict, key: str, path: str, how: str) -> np.ndarray:
+    a = arrays.get(key)
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf" or a.size == 0:
+        raise FaceModelError(f"{path}: '{key}' is missing or not a numeric array; {how}")
+    return a
+
+
+def _check_shape(a: np.ndarray, key: str, want: tuple, path: str, how: str) -> None:
+    """``want``: sizes, None for any; a 1-D want also accepts a row or column (1, n) / (n, 1)."""
+    got = a.shape
+    if len(want) == 1 and a.ndim == 2 and 1 in got:
+        got = (a.size,)
+    if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+        shown = tuple("any" if w is None else w for w in want)
+        raise FaceModelError(f"{path}: '{key}' has shape {a.shape}, expected {shown}; {how}")
+
+
+def _check_indices(a: np.ndarray, key: str, low: int, high: int, path: str, how: str) -> None:
+    """Every entry of ``a`` an integer in [low, high] (1-based indices, as stored)."""
+    if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+        raise FaceModelError(f"{path}: '{key}' holds non-integer indices; {how}")
+    lo, hi = a.min(), a.max()
+    if lo < low or hi > high:
+        raise FaceModelError(f"{path}: '{key}' holds indices from {lo:.0f} to {hi:.0f}, outside {low}..{high}; {how}")
+
+
+def check_front_model(model: dict, path: str, how: str = FRONT_HELP) -> None:
+    """Raise FaceModelError unless ``model`` (the arrays of a BFM_model_front.mat) has the shapes
+    the face model needs and every index table points inside the mesh: N vertices (``meanshape``
+    of 3N values), bases of 3N rows, ``tri``/``tri_mask2`` (F, 3) vertex indices, ``point_buf``
+    (N, k) triangle indices up to F + 1 (the padding), 68 ``keypoints``, ``skinmask`` of N.
+    Indices are 1-based as stored. Checks shapes and ranges only (not the values' finiteness:
+    a model of NaNs gives NaN faces, which the run reports face by face)."""
+    missing = [k for k in FRONT_MODEL_KEYS if k not in model]
+    if missing:
+        raise FaceModelError(f"{path} is not a BFM_model_front.mat: keys {missing} are missing; {how}")
+    a = {k: _numeric(model, k, path, how) for k in FRONT_MODEL_KEYS}
+    n3 = a["meanshape"].size
+    if n3 % 3 or not np.all(np.isfinite(a["meanshape"])):
+        raise FaceModelError(f"{path}: 'meanshape' should be 3N finite numbers, found {n3} values; {how}")
+    n = n3 // 3
+    _check_shape(a["meanshape"], "meanshape", (n3,), path, how)
+    _check_shape(a["meantex"], "meantex", (n3,), path, how)
+    for key in ("idBase", "exBase", "texBase"):
+        _check_shape(a[key], key, (n3, None), path, how)
+    _check_shape(a["tri"], "tri", (None, 3), path, how)
+    n_tri = a["tri"].shape[0]
+    _check_indices(a["tri"], "tri", 1, n, path, how)
+    _check_shape(a["point_buf"], "point_buf", (n, None), path, how)
+    _check_indices(a["point_buf"], "point_buf", 1, n_tri + 1, path, how)
+    _check_shape(a["tri_mask2"], "tri_mask2", (None, 3), path, how)
+    _check_indices(a["tri_mask2"], "tri_mask2", 1, n, path, how)
+    _check_shape(a["keypoints"], "keypoints", (68,), path, how)
+    _check_indices(a["keypoints"], "keypoints", 1, n, path, how)
+    _check_shape(a["frontmask2_idx"], "frontmask2_idx", (None,), path, how)
+    _check_indices(a["frontmask2_idx"], "frontmask2_idx", 1, n, path, how)
+    _check_shape(a["skinmask"], "skinmask", (n,), path, how)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -44,16 +122,40 @@ def load_exp_basis(bfm_folder: str) -> tuple[np.ndarray, np.ndarray]:
     """
     path = require_file(os.path.join(bfm_folder, "Exp_Pca.bin"), "Expression basis Exp_Pca.bin",
                         BFM_HELP.format(folder=bfm_folder))
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        n_exp = int(np.fromfile(f, dtype=np.int32, count=1)[0])
+        head = np.fromfile(f, dtype=np.int32, count=1)
+        n_exp = int(head[0]) if head.size else 0
+        if not COEFFS.exp <= n_exp or 4 * (1 + 3 * N_VERTEX_EXP * (1 + n_exp)) > size:
+            raise FaceModelError(f"{path} is truncated or not Exp_Pca.bin: {size} bytes, its header says {n_exp} "
+                                 f"components (at least {COEFFS.exp} of {3 * N_VERTEX_EXP} floats); "
+                                 + BFM_HELP.format(folder=bfm_folder))
         np.fromfile(f, dtype=np.float32, count=3 * N_VERTEX_EXP)  # mean expression, unused
         exp_pc = np.fromfile(f, dtype=np.float32, count=3 * N_VERTEX_EXP * n_exp)
-    if exp_pc.size != 3 * N_VERTEX_EXP * n_exp:
-        raise ValueError(f"{path} is truncated: expected {n_exp} components of {3 * N_VERTEX_EXP} floats")
     exp_pc = exp_pc.reshape(n_exp, -1).T
-    exp_ev = np.loadtxt(require_file(os.path.join(bfm_folder, "std_exp.txt"), "std_exp.txt",
-                                     "It ships with this project in BFM/; copy it into the BFM folder."))
+    how = "It ships with this project in BFM/; copy it into the BFM folder."
+    std_path = require_file(os.path.join(bfm_folder, "std_exp.txt"), "std_exp.txt", how)
+    try:
+        exp_ev = np.loadtxt(std_path, ndmin=1)
+    except ValueError as e:
+        raise FaceModelError(f"cannot read {std_path} ({error_line(e)}); {how}") from None
+    if exp_ev.shape != (n_exp,) or not np.all(np.isfinite(exp_ev)):
+        bad = int(np.sum(~np.isfinite(exp_ev)))
+        raise FaceModelError(f"{std_path}: expected {n_exp} finite standard deviations (one per Exp_Pca.bin "
+                             f"component), found {exp_ev.size} value(s), {bad} not finite; {how}")
     return exp_pc, exp_ev
+
+
+def _check_bfm09(bfm: dict, path: str, how: str) -> None:
+    """FaceModelError unless ``bfm`` holds BFM 2009's arrays: means of 3 x 53490 values, bases
+    of 3 x 53490 rows with at least the coefficients' components, one deviation per component."""
+    for kind, n_min in (("shape", COEFFS.id), ("tex", COEFFS.tex)):
+        mu, pc, ev = (_numeric(bfm, kind + k, path, how) for k in ("MU", "PC", "EV"))
+        _check_shape(mu, kind + "MU", (3 * N_VERTEX_FULL,), path, how)
+        _check_shape(pc, kind + "PC", (3 * N_VERTEX_FULL, None), path, how)
+        if pc.shape[1] < n_min or ev.size != pc.shape[1]:
+            raise FaceModelError(f"{path}: {kind}PC has {pc.shape[1]} components and {kind}EV {ev.size} values, "
+                                 f"expected the same number, at least {n_min}; {how}")
 
 
 def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str:
@@ -62,7 +164,7 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     Units: shape bases and mean are divided by 1e5 (micrometres -> decimetres); bases are scaled
     by their standard deviations; texture stays in 0..255. Returns the written path.
     """
-    from scipy.io import loadmat, savemat
+    from scipy.io import savemat
 
     help_ = BFM_HELP.format(folder=bfm_folder)
     for name in AUX_FILES:
@@ -70,11 +172,10 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
                      "It ships with this project in BFM/; copy the BFM/ auxiliary files into that folder.")
     src = require_file(os.path.join(bfm_folder, "01_MorphableModel.mat"), "Basel Face Model 01_MorphableModel.mat",
                        help_)
+    require_file(os.path.join(bfm_folder, "Exp_Pca.bin"), "Expression basis Exp_Pca.bin", help_)  # before the long read
     log.info("converting %s and Exp_Pca.bin to %s (once)", src, out_name)
-    bfm = loadmat(src)
-    missing = [k for k in ("shapePC", "shapeEV", "shapeMU", "texPC", "texEV", "texMU") if k not in bfm]
-    if missing:
-        raise ValueError(f"{src} is not BFM 2009's 01_MorphableModel.mat: keys {missing} are missing")
+    bfm = _loadmat(src, help_)
+    _check_bfm09(bfm, src, help_)
     exp_pc, exp_ev = load_exp_basis(bfm_folder)
 
     n_id, n_exp, n_tex = COEFFS.id, COEFFS.exp, COEFFS.tex
@@ -83,8 +184,14 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     tex_base = (bfm["texPC"] * bfm["texEV"].reshape(1, -1))[:, :n_tex]
 
     # front crop: indices into the expression model's 53215 vertices, then into BFM's 53490
-    index_exp = loadmat(os.path.join(bfm_folder, "BFM_front_idx.mat"))["idx"].astype(np.int32) - 1
-    index_shape = loadmat(os.path.join(bfm_folder, "BFM_exp_idx.mat"))["trimIndex"].astype(np.int32) - 1
+    aux_how = "It ships with this project in BFM/; copy the BFM/ auxiliary files into that folder."
+    front_idx, exp_idx = (os.path.join(bfm_folder, f) for f in ("BFM_front_idx.mat", "BFM_exp_idx.mat"))
+    index_exp = _numeric(_loadmat(front_idx, aux_how), "idx", front_idx, aux_how)
+    _check_indices(index_exp, "idx", 1, N_VERTEX_EXP, front_idx, aux_how)
+    index_shape = _numeric(_loadmat(exp_idx, aux_how), "trimIndex", exp_idx, aux_how)
+    _check_indices(index_shape, "trimIndex", 1, N_VERTEX_FULL, exp_idx, aux_how)
+    _check_shape(index_shape, "trimIndex", (N_VERTEX_EXP,), exp_idx, aux_how)
+    index_exp, index_shape = index_exp.astype(np.int32) - 1, index_shape.astype(np.int32) - 1
     index_shape = index_shape[index_exp]  # (35709, 1, 1): kept as the original's fancy indexing
 
     def crop(basis: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -96,16 +203,16 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     meanshape = (bfm["shapeMU"].reshape(-1, 3) / 1e5)[index_shape.ravel()].reshape(1, -1)
     meantex = bfm["texMU"].reshape(-1, 3)[index_shape.ravel()].reshape(1, -1)
 
-    info = loadmat(os.path.join(bfm_folder, "facemodel_info.mat"))
+    info_path = os.path.join(bfm_folder, "facemodel_info.mat")
+    info = _loadmat(info_path, aux_how)
+    missing = [k for k in FRONT_MODEL_KEYS[5:] if k not in info]
+    if missing:
+        raise FaceModelError(f"{info_path}: keys {missing} are missing; {aux_how}")
     out = os.path.join(bfm_folder, out_name)
-    tmp = out + ".tmp.mat"
-    savemat(tmp, {
-        "meanshape": meanshape, "meantex": meantex, "idBase": id_base, "exBase": ex_base,
-        "texBase": tex_base, "tri": info["tri"], "point_buf": info["point_buf"],
-        "tri_mask2": info["tri_mask2"], "keypoints": info["keypoints"],
-        "frontmask2_idx": info["frontmask2_idx"], "skinmask": info["skinmask"],
-    })
-    os.replace(tmp, out)
+    front = {"meanshape": meanshape, "meantex": meantex, "idBase": id_base, "exBase": ex_base, "texBase": tex_base,
+             **{k: info[k] for k in FRONT_MODEL_KEYS[5:]}}
+    check_front_model(front, out, f"the files it is made from in {bfm_folder} do not fit together")
+    write_atomic(out, lambda f: savemat(f, front))
     return out
 
 
@@ -166,24 +273,20 @@ def _write_cache(path: str, model: dict) -> None:
 
     Arrays are stored in C order (loadmat's are Fortran order), which the face model's float32
     buffers use as they are read, without a transposing copy. The cache gets the .mat's
-    permissions (not mkstemp's owner-only 0600), so whoever may read the .mat may read it."""
+    permissions (within the umask), so whoever may read the .mat may read it."""
     import stat
-    import tempfile
 
     arrays = {k: v for k, v in model.items() if not k.startswith("__")}
     if not all(isinstance(v, np.ndarray) and v.dtype.kind in "biufc" for v in arrays.values()):
         return
-    tmp = None
+
+    def write(f) -> None:
+        np.savez(f, __source__=_source_stamp(path), **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=os.path.dirname(path) or ".")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __source__=_source_stamp(path), **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(tmp, cache_path(path))
+        write_atomic(cache_path(path), write, mode=stat.S_IMODE(os.stat(path).st_mode))
     except OSError as e:
         log.debug("not caching %s (%s)", path, e)
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: bool = True) -> dict[str, np.ndarray]:
@@ -201,15 +304,12 @@ def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: 
         convert_bfm09(bfm_folder, name)
     model = _read_cache(path) if cache else None
     if model is None:
-        from scipy.io import loadmat
-
-        model = loadmat(path)
-        if cache and all(k in model for k in FRONT_MODEL_KEYS):
+        model = _loadmat(path, FRONT_HELP)
+        check_front_model(model, path)
+        if cache:
             _write_cache(path, model)
-    missing = [k for k in FRONT_MODEL_KEYS if k not in model]
-    if missing:
-        raise ValueError(f"{path} is not a BFM_model_front.mat: keys {missing} are missing; "
-                         "delete it to convert it again from 01_MorphableModel.mat")
+    else:
+        check_front_model(model, path)
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 
 from models.coeffs import COEFFS
 from util.assets import MissingAssetError, checkpoint_file
+from util.filenames import printable
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,11 @@ class RunSummary:
         return 0 if ok else 1
 
     def _lists(self) -> dict[str, list[str]]:
-        """File name -> lines of the run's two lists: photos skipped, faces failed (with why)."""
-        return {SKIPPED_LIST: self.photos_without_detection,
-                FAILED_LIST: [f"{what}: {why}" for what, why in self.failures]}
+        """File name -> lines of the run's two lists: photos skipped, faces failed (with why), each
+        entry one printable line (:func:`util.filenames.printable`: a name's undecodable bytes as
+        ``\\xNN``, a newline in it as ``\\n``), which any terminal and UTF-8 file takes."""
+        return {SKIPPED_LIST: [printable(p) for p in self.photos_without_detection],
+                FAILED_LIST: [printable(f"{what}: {why}") for what, why in self.failures]}
 
     def write_long_lists(self, listed: int) -> None:
         """Write each list longer than ``listed`` to its file in the results folder (one line an
@@ -246,7 +249,8 @@ class RunSummary:
         lines = [f"done: {self.faces_ok} face(s) reconstructed, {self.faces_failed} failed, "
                  f"{len(self.photos_without_detection)} photo(s) skipped without a detection file "
                  f"({self.seconds:.1f} s); "
-                 + (f"results in {self.out_dir}" if os.path.isdir(self.out_dir) else "no results folder written")]
+                 + (f"results in {printable(self.out_dir)}" if os.path.isdir(self.out_dir)
+                    else "no results folder written")]
         if self.faces_done_before:
             lines.append(f"{self.faces_done_before} face(s) left out: their outputs were there already "
                          "(--skip_existing)")
@@ -260,7 +264,7 @@ class RunSummary:
                 lines += [f"  {e}" for e in entries[:listed]]
                 if listed is not None and len(entries) > listed:
                     lines.append(f"  ... and {len(entries) - listed} more: all {len(entries)} in "
-                                 f"{os.path.join(self.out_dir, name)}")
+                                 f"{printable(os.path.join(self.out_dir, name))}")
         if self.faces_ok == 0 and not self.failures and not self.faces_done_before:
             lines.append(self._why_nothing())
         return "\n".join(lines)
@@ -567,7 +571,7 @@ def face_loader(opt, entries: list, device: torch.device, world: int = 1, batch_
     bs = batch_size or (default_batch_size(device) if opt.batch_size <= 0 else opt.batch_size)
     try:
         lm3d = load_lm3d(opt.bfm_folder)
-    except MissingAssetError as e:
+    except (MissingAssetError, ValueError) as e:  # missing or damaged
         raise SetupError(str(e)) from None
     if opt.decode_on_device:
         from data.image_folder import torchvision_jpeg_decoder

@@ -8,6 +8,8 @@ depend on torchvision.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 import zipfile
 from typing import Any
 
@@ -165,14 +167,30 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
     are memory-mapped from the file (copy-on-write) instead of read into memory: no copy until
     a page is used. Only for read-only use of a file that is replaced, not rewritten in place,
     while mapped (this project's writers save to a temporary name and rename it)."""
+    expected = ("Expected the original's checkpoints/<name>/epoch_<N>.pth (e.g. the authors' epoch_20.pth) "
+                "or run `python -m util.standin` for the stand-in model.")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file. {expected}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}. {expected}")
     if not os.path.isfile(path):
-        raise CheckpointError(
-            f"checkpoint not found: {path}. Expected the original's checkpoints/<name>/epoch_<N>.pth "
-            "(e.g. the authors' epoch_20.pth) or run `python -m util.standin` for the stand-in model.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a FIFO or device?). {expected}")
+    try:  # weights_only: tensors and plain containers only; a pickle that would run code is refused
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # truncated zip, pickle of other objects, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text) if "Weights only load failed" in text else None
+        if found:  # torch's own text would suggest weights_only=False, which would run it
+            raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors "
+                                  f"({found.group(1)}), which loading would have to run as code; a Deep3DFaceRecon "
+                                  "epoch_N.pth holds only tensors. Nothing of it was executed.") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if "Weights only load failed" in text:  # say what the unpickler met, not torch's advice
+            lines = [ln for ln in lines if "Weights only" not in ln and "WeightsUnpickler" not in ln
+                     and "Please file an issue" not in ln and "documentation" not in ln] or ["not a pickle of tensors"]
+        first = lines[0] if lines else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}. "
                               "Is the file complete (re-download it) and a Deep3DFaceRecon epoch_N.pth?") from None
     if not isinstance(ckpt, dict) or "net_recon" not in ckpt:
@@ -193,6 +211,10 @@ def load_recon_net(path: str, net_recon: str = "resnet50", use_last_fc: bool = F
     with torch.device("meta"):
         net = ReconNet(net_recon, use_last_fc=use_last_fc)
     state = load_checkpoint(path, mmap=True)["net_recon"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: 'net_recon' is not a state dict (names -> tensors), found "
+                              f"{type(state).__name__}; is it a Deep3DFaceRecon epoch_N.pth?")
     state = {k[len("module."):] if k.startswith("module.") else k: v.float() if v.is_floating_point() else v
              for k, v in state.items()}
     try:

@@ -195,7 +195,7 @@ def make_odd_files(dst: str, face: str = "000002.jpg") -> dict[str, tuple[str, s
         f.write(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n" + struct.pack("<I", 0) * 10)
     exp["postscript.jpeg"] = ("skipped", "not_an_image")
     save("tiny.png", src.resize((12, 16)), "skipped", "too_small")
-    os.mkdir(os.path.join(dst, "folder.jpg"))  # a folder with an image extension: not listed
+    os.mkdir(os.path.join(dst, "folder.jpg"))  # a folder named like a photo: searched with --recursive
     # symbolic links: to a photo elsewhere (followed), and broken
     outside = os.path.join(os.path.dirname(os.path.abspath(dst)), "outside_" + os.path.basename(dst))
     os.makedirs(outside, exist_ok=True)

@@ -259,13 +259,15 @@ def test_scan_folder_shares_photos_between_ranks(tmp_path):
                                                           "vd006.png"])
     write_points(detection_path(folder, "trump_hillary.jpg", face=2), np.zeros((5, 2)))
     shutil.copyfile(os.path.join(ROOT, "examples", "JianzhuGuo.jpg"), os.path.join(folder, "JianzhuGuo.jpg"))
-    os.makedirs(os.path.join(folder, "detections", "JianzhuGuo.txt"))  # a folder is no detection file
+    # a folder in place of a detection file is listed: its face fails when read, saying why
+    os.makedirs(os.path.join(folder, "detections", "JianzhuGuo.txt"))
+    os.remove(os.path.join(folder, "detections", "vd006.txt"))
     whole, missing = scan_folder(folder)
-    assert [e.name for e in whole] == ["000002", "015259", "trump_hillary", "trump_hillary__face02", "vd006"]
-    assert missing == [os.path.join(folder, "JianzhuGuo.jpg")]
+    assert [e.name for e in whole] == ["000002", "015259", "JianzhuGuo", "trump_hillary", "trump_hillary__face02"]
+    assert missing == [os.path.join(folder, "vd006.png")]
     parts = [scan_folder(folder, share=(r, 2)) for r in range(2)]
     # listed: 000002.jpg 015259.jpg JianzhuGuo.jpg trump_hillary.jpg vd006.png
-    assert [e.name for e in parts[0][0]] == ["000002", "vd006"]
+    assert [e.name for e in parts[0][0]] == ["000002", "JianzhuGuo"]
     assert [e.name for e in parts[1][0]] == ["015259", "trump_hillary", "trump_hillary__face02"]
     assert parts[0][1] == missing and parts[1][1] == []
     # the scan pauses the garbage collector and leaves it as it found it

@@ -109,5 +109,5 @@ def test_pickled_code_is_refused(tmp_path):
     """weights_only=True: a checkpoint that pickles arbitrary objects is not executed."""
     torch.save({"net_recon": ReconNet("resnet18").state_dict(), "x": pathlib.PurePosixPath("x")},
                tmp_path / "e.pth")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="refused checkpoint .*Nothing of it was executed"):
         load_recon_net(str(tmp_path / "e.pth"), "resnet18")

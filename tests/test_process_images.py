@@ -22,6 +22,7 @@ import mtcnn_detector as md
 import process_images
 from helpers_images import (FAKE_LM, ROOT, copy_faces, fake_main_subprocess_code, make_odd_files,
                             register_fake, snapshot, squares_image)
+from util.atomic_files import temp_owner
 from util.detections_io import detection_path, face_detection_files, read_points
 from util.image_io import list_images, load_image_array
 from util.prepare import REPORT_NAME, face_priority, order_faces
@@ -43,12 +44,12 @@ def rows(folder) -> dict:
 
 
 def temp_files(folder) -> list[str]:
-    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.startswith(".tmp_")]
+    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if temp_owner(f) is not None]
 
 
 def finished_files(folder) -> int:
     """Files in ``folder`` that are done: temporary files of a write in flight are not counted."""
-    return len([f for f in os.listdir(folder) if not f.startswith(".tmp_")]) if os.path.isdir(folder) else 0
+    return len([f for f in os.listdir(folder) if temp_owner(f) is None]) if os.path.isdir(folder) else 0
 
 
 def iod_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -364,7 +364,7 @@ def test_face_model_cache_in_a_read_only_folder(tmp_path, tiny_model_dict, monke
     def refuse(*a, **k):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    monkeypatch.setattr("util.atomic_files.temp_path", refuse)  # the cache's temporary file cannot be made
     m = bfm.load_front_model(str(tmp_path))
     assert not os.path.exists(bfm.cache_path(str(tmp_path / "BFM_model_front.mat")))
     np.testing.assert_array_equal(m["tri"], tiny_model_dict["tri"])

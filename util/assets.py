@@ -41,6 +41,8 @@ def inputs_error(img_folder: str, checkpoint: str, bfm_folder: str, bfm_model: s
     loads torch; the model loaders check the files' contents later."""
     if not os.path.isdir(img_folder):
         return f"--img_folder {img_folder} is not a folder; give the folder of photos that ./process_images.sh prepared"
+    if os.path.isdir(checkpoint):
+        return f"the checkpoint {checkpoint} is a folder, not a file. {CHECKPOINT_HELP.format(path=checkpoint)}"
     if not os.path.isfile(checkpoint):
         return f"checkpoint not found: {checkpoint}. {CHECKPOINT_HELP.format(path=checkpoint)}"
     if not os.path.isdir(bfm_folder):
@@ -50,3 +52,9 @@ def inputs_error(img_folder: str, checkpoint: str, bfm_folder: str, bfm_model: s
         return (f"Face model not found: {model} (nor 01_MorphableModel.mat to convert it from). "
                 f"{BFM_HELP.format(folder=bfm_folder)}")
     return None
+
+
+def error_line(e: BaseException) -> str:
+    """``e`` as one line for a message: its type and the first non-empty line of its text."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -10,18 +10,44 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import stat
 
 import numpy as np
+
+from util.atomic_files import write_atomic
 
 DETECTIONS_DIR = "detections"
 LANDMARKS_DIR = "landmarks"
 FACE_SUFFIX = "__face"
 _EXTRA_FACE = re.compile(r"^(?P<stem>.+)__face(?P<k>\d{2,})$")
+MAX_POINTS_BYTES = 64 * 1024  # 68 lines of "x y" take ~1.3 KB; a larger file is not a detection file
 
 
 class DetectionFileError(ValueError):
     """A detection file exists but does not hold 5 points of 2 finite numbers."""
+
+
+def ensure_folder(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with a message that says which part of ``path`` is
+    in the way when a file (not a folder) has one of its names (instead of ``[Errno 17] File
+    exists`` / ``[Errno 20] Not a directory``)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"cannot create the folder {path}: {_blocking_part(path)} exists "
+                                 "and is not a folder; move it away") from None
+
+
+def _blocking_part(path: str) -> str:
+    """The first of ``path`` and the folders above it (from the top) that exists but is not a folder."""
+    chain = []
+    while path and path not in chain:
+        chain.append(path)
+        path = os.path.dirname(path)
+    for p in reversed(chain):
+        if os.path.lexists(p) and not os.path.isdir(p):
+            return p
+    return chain[0] if chain else path
 
 
 def file_stem(name: str) -> str:
@@ -41,14 +67,15 @@ def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DET
 
 
 class _DirIndex:
-    """One listing of a detections folder: its ``.txt`` files (regular files, or links to them)
-    and each stem's extra faces; ``prefix``: the folder's path with a separator at its end."""
+    """One listing of a detections folder: its ``.txt`` entries (of any kind: one that is not a
+    regular file, or a link to one, fails its face in :func:`read_points` with the reason) and
+    each stem's extra faces; ``prefix``: the folder's path with a separator at its end."""
 
     def __init__(self, det_dir: str):
         self.prefix = os.path.join(det_dir, "")
         try:
-            with os.scandir(det_dir) as it:
-                names = [e.name for e in it if e.name.endswith(".txt") and e.is_file()]
+            with os.scandir(det_dir) as it:  # any kind: a folder or a FIFO there fails its face, with why
+                names = [e.name for e in it if e.name.endswith(".txt")]
         except (FileNotFoundError, NotADirectoryError):
             names = []
         self.files = set(names)
@@ -87,13 +114,28 @@ def stem_detection_files(folder: str, rel_dir: str, stem: str, subdir: str, inde
 
 
 def read_points(path: str, n: int = 5) -> np.ndarray:
-    """Read ``n`` lines of ``x y`` -> float32 array (n, 2); raise DetectionFileError otherwise."""
+    """Read ``n`` lines of ``x y`` -> float32 array (n, 2); raise DetectionFileError otherwise.
+
+    Numbers are separated by spaces or tabs; Windows line ends (CRLF), a UTF-8 byte-order mark
+    and blank lines are fine.
+    Refused, each with its reason: not a regular file (a folder, a FIFO, a device), larger than
+    :data:`MAX_POINTS_BYTES` (never read whole), not UTF-8 text (binary), a wrong number of
+    lines or of numbers on a line, commas, non-numeric or non-finite values. Whether the points
+    fit the photo is the alignment's check (:func:`util.preprocess.check_landmarks`)."""
     redo = "; re-run ./process_images.sh" + (" --landmarks68" if n == 68 else "") + " on the folder"
+    data = _read_small_file(path, redo)
+    if b"\0" in data:
+        raise DetectionFileError(f"{path}: a binary file, not 'x y' text lines{redo}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            rows = [line.split() for line in f if line.strip()]
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is fine
     except UnicodeDecodeError:
-        raise DetectionFileError(f"{path}: not a text file of 'x y' lines") from None
+        raise DetectionFileError(f"{path}: not a text file of 'x y' lines{redo}") from None
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise DetectionFileError(f"{path}: empty, expected {n} lines of 'x y'{redo}")
+    if "," in text:
+        raise DetectionFileError(f"{path}: numbers separated by commas; the format is {n} lines of 'x y' "
+                                 f"separated by spaces{redo}")
     if len(rows) != n or any(len(r) != 2 for r in rows):
         raise DetectionFileError(
             f"{path}: expected {n} lines of 'x y', found {len(rows)} line(s)"
@@ -104,22 +146,46 @@ def read_points(path: str, n: int = 5) -> np.ndarray:
     except ValueError:
         raise DetectionFileError(f"{path}: non-numeric values{redo}") from None
     if not np.all(np.isfinite(pts)):
-        raise DetectionFileError(f"{path}: non-finite coordinates")
+        raise DetectionFileError(f"{path}: non-finite coordinates (nan or inf){redo}")
+    if np.any(np.abs(pts) > np.finfo(np.float32).max):
+        raise DetectionFileError(f"{path}: coordinates beyond float32's range{redo}")
     return pts.astype(np.float32)
 
 
-def write_points(path: str, points: np.ndarray) -> None:
-    """Write (n, 2) points as ``x y`` lines atomically (temp file in the same folder, then rename)."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".txt", dir=d)
+def _read_small_file(path: str, redo: str) -> bytes:
+    """The bytes of the regular file ``path`` when it holds at most :data:`MAX_POINTS_BYTES`;
+    DetectionFileError naming what it is otherwise. Opened without blocking (a FIFO never
+    blocks the run) and checked as opened (no race between a check and the read)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for x, y in points:
-                f.write(f"{x:.4f} {y:.4f}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise DetectionFileError(f"{path}: a folder, not a detection file; move it away{redo}") from None
+    except OSError as e:
+        raise DetectionFileError(f"{path}: cannot be opened ({e.strerror or e}){redo}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DetectionFileError(f"{path}: a folder, not a detection file; move it away{redo}")
+        if not stat.S_ISREG(st.st_mode):
+            raise DetectionFileError(f"{path}: a special file (FIFO, device or socket), not a detection file{redo}")
+        if st.st_size > MAX_POINTS_BYTES:
+            raise DetectionFileError(f"{path}: {st.st_size} bytes, too large for a detection file "
+                                     f"(at most {MAX_POINTS_BYTES}){redo}")
+        try:
+            data = os.read(fd, MAX_POINTS_BYTES + 1)  # a file growing meanwhile is still not read whole
+        except OSError as e:
+            raise DetectionFileError(f"{path}: cannot be read ({e.strerror or e}){redo}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_POINTS_BYTES:
+        raise DetectionFileError(f"{path}: larger than {MAX_POINTS_BYTES} bytes, too large for a detection file{redo}")
+    return data
+
+
+def write_points(path: str, points: np.ndarray) -> None:
+    """Write (n, 2) points as ``x y`` lines atomically (:func:`util.atomic_files.write_atomic`:
+    a temporary name in the same folder, then a rename; the file follows the umask)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    data = "".join(f"{x:.4f} {y:.4f}\n" for x, y in points).encode("utf-8")
+    ensure_folder(os.path.dirname(path) or ".")
+    write_atomic(path, lambda f: f.write(data))

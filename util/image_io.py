@@ -68,8 +68,13 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
     """Photos under ``folder`` as sorted relative paths (``/``-separated on every OS).
 
     Skips hidden entries (names starting with '.'), non-image extensions and the output folders
-    :data:`OUTPUT_DIRS` at any depth. Symbolic links to files are listed (and read through);
-    with ``recursive``, links to folders are followed once each (cycles are cut).
+    :data:`OUTPUT_DIRS` at any depth: a photo put inside ``detections/`` (or ``landmarks/``,
+    ``debug_vis/``) is never listed, read or touched. Symbolic links to files are listed (and
+    read through); with ``recursive``, links to folders are followed once each (cycles are cut).
+    Entries with an image extension that are not files are listed too (a FIFO, a device, a
+    broken link, and without ``recursive`` a folder named ``x.jpg``), so that the caller reports
+    them (:func:`load_image` says ``not_a_file`` or ``missing``) rather than leaving them out in
+    silence; with ``recursive`` such a folder is searched like any other.
     Raises ``NotADirectoryError`` when ``folder`` is not a folder.
     """
     if not os.path.isdir(folder):
@@ -89,8 +94,8 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
                 is_dir = e.is_dir()  # follows links
             except OSError:
                 is_dir = False
-            if is_dir:
-                if recursive and e.name not in OUTPUT_DIRS:
+            if is_dir and recursive:
+                if e.name not in OUTPUT_DIRS:
                     real = os.path.realpath(e.path)
                     if real not in seen_dirs:
                         seen_dirs.add(real)
@@ -193,6 +198,9 @@ def _check_regular_file(path: str) -> None:
         raise ImageLoadError(path, "permission_denied", str(e)) from None
     except OSError as e:
         raise ImageLoadError(path, "missing", str(e)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(path, "not_a_file", "a folder named like a photo (--recursive processes the photos "
+                                                 "inside it)")
     if not stat.S_ISREG(st.st_mode):
         raise ImageLoadError(path, "not_a_file", LOAD_REASONS["not_a_file"])
     if st.st_size == 0:

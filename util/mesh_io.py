@@ -24,6 +24,8 @@ import functools
 import numpy as np
 
 _SPACE, _MINUS, _DOT, _ZERO = ord(" "), ord("-"), ord("."), ord("0")
+# A fixed comment: never a photo's name, which may be any bytes (not UTF-8, a newline that would
+# end the comment and start a bogus line); the file's own name already says whose face it is.
 OBJ_HEADER = b"# written by Deep3DFaceRecon (modern reproduction)\n"
 
 

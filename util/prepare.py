@@ -30,14 +30,16 @@ import multiprocessing
 import os
 import re
 import signal
-import tempfile
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from util.detections_io import (DETECTIONS_DIR, LANDMARKS_DIR, detection_path, face_detection_files,
+from util.atomic_files import SUFFIX, remove_stale_temp_files, stale_temp_files, write_atomic
+from util.detections_io import (DETECTIONS_DIR, LANDMARKS_DIR, detection_path, ensure_folder, face_detection_files,
                                 write_points)
+from util.filenames import from_hex, is_plain, json_text, raw_hex
 from util.image_io import DEBUG_VIS_DIR, ImageLoadError, list_images, load_image_array
 from util.subprocesses import main_module_hidden
 
@@ -47,7 +49,7 @@ REPORT_NAME = "process_report.json"
 REPORT_TOOL = "process_images"
 REPORT_FORMAT = 1
 MIN_IMAGE_SIDE = 20  # MTCNN's smallest face size; a smaller photo cannot hold a usable face
-TEMP_PREFIX = ".tmp_"
+NAME_KEYS = ("path", "outputs", "debug_vis")  # row fields holding file names (see write_report)
 # Reasons a photo gets no detection file, besides util.image_io.LOAD_REASONS.
 SKIP_REASONS = {
     "no_face": "no face found",
@@ -56,6 +58,7 @@ SKIP_REASONS = {
     "duplicate_stem": "another photo in the same folder has the same name stem",
     "name_clash": "the name looks like an extra-face name (<stem>__faceNN) of another photo",
     "detector_error": "the detector raised an error on this image",
+    "output_blocked": "a folder or special file has the name of one of its detection files",
 }
 _FACE_NAME = re.compile(r"^(?P<base>.+)__face\d{2,}$", re.IGNORECASE)
 
@@ -142,6 +145,12 @@ def plan_folder(folder: str, options: PrepareOptions, report_path: str | None = 
         min_score = md.DETECTORS[options.detector].default_min_score
     report_path = report_path or os.path.join(folder, REPORT_NAME)
     images = list_images(folder, recursive=options.recursive)
+    outputs = [DETECTIONS_DIR] + [LANDMARKS_DIR] * options.landmarks68 + [DEBUG_VIS_DIR] * options.debug_vis
+    for sub in outputs:
+        p = os.path.join(folder, sub)
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise ValueError(f"{p} exists and is not a folder: process_images writes its {sub} files into a folder "
+                             "of that name; move it away")
     previous = read_report(report_path)
     plan = Plan(folder=folder, options=options, report_path=report_path, min_score=float(min_score))
     settings = options.settings(plan.min_score)
@@ -305,27 +314,46 @@ def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool) -
     Returns the written paths relative to ``folder``. Detection files of this photo that are not
     rewritten are removed (a photo with no face keeps none, a photo with fewer faces than before
     loses the extra ones). Landmark files not rewritten are removed too when they are older than
-    the photo.
+    the photo. Raises OutputBlockedError, having written and removed nothing, when one of these
+    names is taken by a folder or a special file (never replaced or removed).
     """
-    written = []
+    targets = []
     for k, f in enumerate(faces, start=1):
-        p = detection_path(folder, rel, face=k)
-        write_points(p, f["lm5"])
-        written.append(p)
+        targets.append((detection_path(folder, rel, face=k), f["lm5"]))
         if landmarks68 and f["lm68"] is not None:
-            p = detection_path(folder, rel, face=k, subdir=LANDMARKS_DIR)
-            write_points(p, f["lm68"])
-            written.append(p)
-    keep = set(written)
+            targets.append((detection_path(folder, rel, face=k, subdir=LANDMARKS_DIR), f["lm68"]))
+    keep = {p for p, _ in targets}
     photo_mtime = _stat(os.path.join(folder, rel))
-    for _, p in face_detection_files(folder, rel):
-        if p not in keep:
-            os.remove(p)
+    stale = [p for _, p in face_detection_files(folder, rel) if p not in keep]
     for _, p in face_detection_files(folder, rel, subdir=LANDMARKS_DIR):
         st = _stat(p)
         if p not in keep and (landmarks68 or (st and photo_mtime and st.st_mtime_ns < photo_mtime.st_mtime_ns)):
-            os.remove(p)
-    return [os.path.relpath(p, folder).replace(os.sep, "/") for p in written]
+            stale.append(p)
+    for p in [p for p, _ in targets] + stale:  # all checked before anything is written: all or nothing
+        _check_replaceable(p)
+    for d in {os.path.dirname(p) for p, _ in targets}:
+        ensure_folder(d)
+    for p, points in targets:
+        write_points(p, points)
+    for p in stale:
+        os.remove(p)
+    return [os.path.relpath(p, folder).replace(os.sep, "/") for p, _ in targets]
+
+
+class OutputBlockedError(OSError):
+    """A photo's output path is taken by something this tool does not replace (a folder, a FIFO)."""
+
+
+def _check_replaceable(path: str) -> None:
+    """OutputBlockedError when ``path`` exists and is neither a file nor a link (a folder, a FIFO,
+    a device): an output name taken by something this tool never replaces or removes."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent (a file in place of a folder above: ensure_folder says)
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a special file (FIFO, device or socket)"
+        raise OutputBlockedError(f"{path} is {kind}, not a detection file; move it away")
 
 
 def draw_and_save(path: str, image: np.ndarray, written: list, extra: list, weak: list) -> None:
@@ -356,18 +384,9 @@ def draw_and_save(path: str, image: np.ndarray, written: list, extra: list, weak
 
 
 def _atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """:func:`util.atomic_files.write_atomic` into ``path``'s folder, made first if need be."""
+    ensure_folder(os.path.dirname(path) or ".")
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +427,10 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
         nonlocal last_flush
         row = result["row"]
         rel = row["path"]
-        row["outputs"] = write_outputs(folder, rel, result["faces"], options.landmarks68)
+        try:
+            row["outputs"] = write_outputs(folder, rel, result["faces"], options.landmarks68)
+        except (NotADirectoryError, OutputBlockedError) as e:  # this photo's paths only, nothing written
+            row.update(status="skipped", reason="output_blocked", detail=str(e), outputs=[])
         rows[rel] = row
         if on_result is not None:
             on_result(row)
@@ -450,21 +472,17 @@ def _run_pool(plan: Plan, accept) -> None:
 
 
 def _remove_stale_temp_files(folder: str, report_path: str) -> None:
-    """Delete temporary files a killed run left in the output folders (only our own names)."""
+    """Delete the temporary files that killed runs of this tool left: only names of
+    :mod:`util.atomic_files` whose writing process is gone, in the output folders and, beside
+    the report, only those of the report itself. Nothing else is touched (a user's
+    ``.tmp_mine.txt``, another program's temporaries, a live run's files)."""
     for sub in (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR):
-        root = os.path.join(folder, sub)
-        for d, _, files in os.walk(root):
-            for f in files:
-                if f.startswith(TEMP_PREFIX):
-                    try:
-                        os.remove(os.path.join(d, f))
-                    except OSError:
-                        pass
-    rep_dir = os.path.dirname(os.path.abspath(report_path))
-    for f in os.listdir(rep_dir):
-        if f.startswith(TEMP_PREFIX) and f.endswith(".json"):
+        remove_stale_temp_files(os.path.join(folder, sub), recursive=True)
+    report_dir, report_name = os.path.split(os.path.abspath(report_path))
+    for p in stale_temp_files(report_dir):
+        if p.endswith(f".{report_name}{SUFFIX}"):
             try:
-                os.remove(os.path.join(rep_dir, f))
+                os.remove(p)
             except OSError:
                 pass
 
@@ -492,24 +510,75 @@ def summarize(rows: list[dict], seconds: float) -> dict:
 
 
 def write_report(plan: Plan, rows: dict[str, dict], seconds: float, interrupted: bool = False) -> Report:
+    """Write the report (UTF-8 JSON) atomically. File names that are not valid UTF-8 are
+    written escaped (:func:`util.filenames.json_text`: each undecodable byte as ``\\xNN``) and,
+    in the fields that name files (:data:`NAME_KEYS`, and ``folder``), also exactly, as the
+    hexadecimal digits of their bytes in ``<field>_hex`` (a list for ``outputs``), from which
+    :func:`read_report` finds the files again."""
     ordered = [rows[k] for k in sorted(rows)]
     summary = summarize(ordered, seconds)
+    folder = os.path.abspath(plan.folder)
     doc = {
-        "tool": REPORT_TOOL, "format": REPORT_FORMAT, "folder": os.path.abspath(plan.folder),
+        "tool": REPORT_TOOL, "format": REPORT_FORMAT, "folder": folder,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "interrupted": interrupted,
         "options": asdict(plan.options), "settings": plan.options.settings(plan.min_score),
-        "summary": summary, "images": ordered,
+        "summary": summary, "images": [r if is_plain(r["path"]) else _with_raw_names(r) for r in ordered],
     }
-    data = json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8")
+    if not is_plain(folder):
+        doc["folder_hex"] = raw_hex(folder)
+    try:
+        data = json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 somewhere (a path, a message quoting one)
+        data = json.dumps(_json_safe(doc), indent=1, ensure_ascii=False).encode("utf-8")
     _atomic_write(plan.report_path, lambda f: f.write(data))
     return Report(path=plan.report_path, rows=ordered, summary=summary, interrupted=interrupted)
 
 
+def _with_raw_names(row: dict) -> dict:
+    """``row`` with ``<key>_hex`` beside each name field (:data:`NAME_KEYS`): the names' bytes."""
+    out = dict(row)
+    for key in NAME_KEYS:
+        v = row.get(key)
+        if isinstance(v, str):
+            out[key + "_hex"] = raw_hex(v)
+        elif isinstance(v, list):
+            out[key + "_hex"] = [raw_hex(x) for x in v]
+    return out
+
+
+def _json_safe(obj):
+    """``obj`` (JSON-able) with every string passed through :func:`util.filenames.json_text`."""
+    if isinstance(obj, str):
+        return json_text(obj)
+    if isinstance(obj, dict):
+        return {json_text(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _restore_names(row: dict) -> dict | None:
+    """A row read back: name fields from their ``_hex`` bytes where present; None if damaged."""
+    for key in NAME_KEYS:
+        raw = row.pop(key + "_hex", None)
+        if raw is None:
+            continue
+        try:
+            row[key] = [from_hex(x) for x in raw] if isinstance(raw, list) else from_hex(raw)
+        except (TypeError, ValueError):
+            return None
+    return row
+
+
 def read_report(path: str) -> dict[str, dict]:
     """Rows of an earlier report by path; {} when absent or unreadable. Raises ValueError when
-    ``path`` exists but is not a process_images report (it is then never overwritten)."""
-    if not os.path.exists(path):
+    ``path`` exists but is not a process_images report (it is then never overwritten), or is not
+    a file (a folder, a FIFO - never opened, so never waited on). Rows that are not well-formed
+    (an edited report) are left out: their photos are processed again."""
+    if not os.path.lexists(path):
         return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} exists and is not a file; move it or pass --report")
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -517,6 +586,14 @@ def read_report(path: str) -> dict[str, dict]:
         doc = None
     if not isinstance(doc, dict) or doc.get("tool") != REPORT_TOOL:
         raise ValueError(f"{path} exists and was not written by process_images; move it or pass --report")
-    if doc.get("format") != REPORT_FORMAT:
+    if doc.get("format") != REPORT_FORMAT or not isinstance(doc.get("images"), list):
         return {}
-    return {r["path"]: r for r in doc.get("images", []) if isinstance(r, dict) and "path" in r}
+    rows = (_restore_names(dict(r)) for r in doc["images"] if isinstance(r, dict))
+    return {r["path"]: r for r in rows if r is not None and _well_formed(r)}
+
+
+def _well_formed(row: dict) -> bool:
+    """Whether a report row read back has the types :func:`plan_folder` relies on."""
+    outputs, vis = row.get("outputs", []), row.get("debug_vis")
+    return (isinstance(row.get("path"), str) and isinstance(outputs, list) and all(isinstance(p, str) for p in outputs)
+            and (vis is None or isinstance(vis, str)))

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from util.assets import require_file
+from util.assets import error_line, require_file
 
 TARGET_SIZE = 224
 RESCALE_FACTOR = 102.0
 # 1-based indices into the 68 landmarks: nose tip, eye corners (2+2), mouth corners
 _LM68_TO_5 = np.array([31, 37, 40, 43, 46, 49, 55]) - 1
+MIN_POINT_SPREAD = 2.0  # pixels: 5 points closer together than this are no face's
+MAX_ALIGNED_SIDE = 1 << 20  # pixels: the photo resized for the crop may not be larger (int32-safe)
+_REDO = "re-run ./process_images.sh on the folder"
+
+
+class AlignmentError(ValueError):
+    """The landmarks of a face cannot be aligned (not finite, all at one place, off the photo);
+    the message says why, in one line."""
 
 
 def extract_5p(lm68: np.ndarray) -> np.ndarray:
@@ -35,9 +43,15 @@ def load_lm3d(bfm_folder: str) -> np.ndarray:
     """The 5 standard 3D landmarks (5, 3) float32 from ``bfm_folder/similarity_Lm3D_all.mat``."""
     from scipy.io import loadmat
 
-    path = require_file(os.path.join(bfm_folder, "similarity_Lm3D_all.mat"), "Standard landmarks",
-                        "It ships with this project in BFM/; point --bfm_folder at a folder holding it.")
-    return extract_5p(loadmat(path)["lm"])
+    how = "It ships with this project in BFM/; point --bfm_folder at a folder holding it."
+    path = require_file(os.path.join(bfm_folder, "similarity_Lm3D_all.mat"), "Standard landmarks", how)
+    try:
+        lm = np.asarray(loadmat(path)["lm"])  # its own dtype (float32): the original's numbers
+    except Exception as e:  # noqa: BLE001 - truncated, not a .mat, no 'lm': one line, below
+        raise ValueError(f"cannot read the standard landmarks {path} ({error_line(e)}); {how}") from None
+    if lm.shape != (68, 3) or lm.dtype.kind != "f" or not np.all(np.isfinite(lm)):
+        raise ValueError(f"{path}: 'lm' should be 68 finite 3D points, found shape {lm.shape}; {how}")
+    return extract_5p(lm)
 
 
 def pos(xp: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -97,6 +111,29 @@ class AlignTransform:
         return np.stack([x, y], axis=-1)
 
 
+def check_landmarks(lm: np.ndarray, img_size: tuple[int, int]) -> None:
+    """Raise :class:`AlignmentError` unless ``lm`` (K, 2) can be a face's landmarks in a photo of
+    ``img_size`` (W0, H0): finite, spread over at least :data:`MIN_POINT_SPREAD` pixels, their
+    centre inside the photo and every point within one photo size of it (a face may reach out of
+    the frame a little; coordinates like 1e30 or all negative are no face of this photo)."""
+    w0, h0 = img_size
+    lm = np.asarray(lm, dtype=np.float64)
+    if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] not in (5, 68):
+        raise AlignmentError(f"landmarks of shape {tuple(lm.shape)}, expected (5, 2) or (68, 2)")
+    if not np.all(np.isfinite(lm)):
+        raise AlignmentError(f"non-finite landmark coordinates; {_REDO}")
+    spread = float(np.max(lm.max(axis=0) - lm.min(axis=0)))
+    if spread < MIN_POINT_SPREAD:
+        raise AlignmentError(f"degenerate detection: the {len(lm)} points lie within {spread:.3g} pixel(s) of each "
+                             f"other (all at one place), no face can be aligned to them; {_REDO}")
+    cx, cy = lm.mean(axis=0)
+    if not (-0.5 <= cx <= w0 - 0.5 and -0.5 <= cy <= h0 - 0.5):
+        raise AlignmentError(f"the landmarks' centre ({cx:.4g}, {cy:.4g}) is outside the {w0}x{h0} photo; {_REDO}")
+    if np.any(lm < -np.array([w0, h0])) or np.any(lm > 2 * np.array([w0, h0])):
+        raise AlignmentError(f"landmarks lie far outside the {w0}x{h0} photo (x from {lm[:, 0].min():.4g} to "
+                             f"{lm[:, 0].max():.4g}, y from {lm[:, 1].min():.4g} to {lm[:, 1].max():.4g}); {_REDO}")
+
+
 def _int32(v) -> int:
     """numpy ``astype(np.int32)`` semantics (truncation toward zero), as the original uses."""
     return int(np.asarray(v, dtype=np.float64).astype(np.int32))
@@ -108,13 +145,18 @@ def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, ta
     making the crop: (transform, ``lm`` in crop pixels, y up). The crop is the photo resized to
     (transform.w, transform.h), PIL bicubic, then cropped at (left, up) to target_size."""
     w0, h0 = img_size
+    check_landmarks(lm, img_size)
     lm5 = lm if lm.shape[0] == 5 else extract_5p(lm)
     t, s = pos(lm5.T, lm3d.T)
-    s = rescale_factor / s
+    s = rescale_factor / s if s > 0 else float("inf")
+    big = max(w0, h0) * s
+    if not big <= MAX_ALIGNED_SIDE:  # also inf and nan
+        raise AlignmentError(f"alignment scale {s:.4g} would enlarge the {w0}x{h0} photo to {big:.4g} pixels on a side "
+                             f"(at most {MAX_ALIGNED_SIDE}): the points are far too close together for a face; {_REDO}")
     w, h = _int32(w0 * s), _int32(h0 * s)
     if w < 1 or h < 1:
-        raise ValueError(f"alignment scale {s:.4g} shrinks the {w0}x{h0} photo to nothing; "
-                         "are the landmarks those of a face?")
+        raise AlignmentError(f"alignment scale {s:.4g} shrinks the {w0}x{h0} photo to nothing ({w}x{h} pixels): the "
+                             f"points are far too spread out for a face; {_REDO}")
     left = _int32(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
     up = _int32(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
     transform = AlignTransform(w0, h0, float(s), float(t[0]), float(t[1]), w, h, left, up)
