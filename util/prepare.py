@@ -697,6 +697,30 @@ def _run_batched(plan: Plan, accept) -> None:
             shutdown()
 
 
+DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last message: (kind, ...)
+
+
+def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None) -> None:
+    """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
+    lists of the photos (report paths) that have a detection, as they get it (those kept from an
+    earlier run first), then ``(DETECTION_DONE, summary, report path)`` or ``(DETECTION_FAILED,
+    one-line reason)``. Dies with its parent."""
+    from util.subprocesses import die_with_parent
+
+    die_with_parent()
+    try:
+        plan = plan_folder(folder, options, report_path=report_path)
+        ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
+        if ready:
+            queue.put(ready)
+        report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None)
+        queue.put((DETECTION_DONE, report.summary, report.path))
+    except KeyboardInterrupt:
+        queue.put((DETECTION_FAILED, "interrupted"))
+    except Exception as e:  # noqa: BLE001 - the parent reports it in one line
+        queue.put((DETECTION_FAILED, f"{type(e).__name__}: {e}"))
+
+
 def _remove_stale_temp_files(folder: str, report_path: str) -> None:
     """Delete temporary files a killed run left in the output folders (only our own names)."""
     for sub in (DETECTIONS_DIR, LANDMARKS_DIR, DEBUG_VIS_DIR):
