@@ -88,14 +88,21 @@ def step_detect(a, tmp: str, res: dict) -> None:
     runs = []
     for bs in [int(b) for b in a.batch_sizes.split(",")]:
         folder = make_copies(a.faces, os.path.join(tmp, f"detect_bs{bs}"), a.n)
-        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs)))
+        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--verbose"))
         report = json.load(open(os.path.join(folder, "process_report.json")))
         runs.append({"batch_size": bs, "n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
-                     "ok": report["summary"]["ok"], "summary": report["summary"]})
+                     "ok": report["summary"]["ok"], "summary": report["summary"], "log_tail": tail[-400:]})
         print(f"detect --device {a.device} --batch_size {bs}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
               f"({report['summary']['ok']} with a face)", flush=True)
         res["detect_folder"] = folder
     res["detect"] = runs
+
+
+def step_warm(a, tmp: str, res: dict) -> None:
+    """One untimed detection run (fills a bytecode cache where there is one)."""
+    folder = make_copies(a.faces, os.path.join(tmp, "warm"), len(photo_names(a.faces)))
+    wall, _ = timed(process_images(folder, "--device", a.device))
+    res["warm_run_s"] = round(wall, 2)
 
 
 def step_agreement(a, tmp: str, res: dict) -> None:
@@ -186,7 +193,7 @@ def step_startup(a, tmp: str, res: dict) -> None:
     res["startup"]["slowest_imports_us"] = sorted(rows, reverse=True)[:25]
 
 
-STEPS = {"detect": step_detect, "agreement": step_agreement, "chain": step_chain, "scaling": step_scaling,
+STEPS = {"warm": step_warm, "detect": step_detect, "agreement": step_agreement, "chain": step_chain, "scaling": step_scaling,
          "startup": step_startup}
 
 

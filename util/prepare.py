@@ -682,19 +682,32 @@ def _run_batched(plan: Plan, accept) -> None:
     logger.info("batched detection on %s: batches of %d, %d loader process(es)", options.device, bs, workers)
     writer = cf.ThreadPoolExecutor(1, thread_name_prefix="detections-writer")
     pending = None
+    waits = {"loading": 0.0, "detecting": 0.0, "writing": 0.0}  # main thread's seconds, for --verbose
     try:
+        t = time.perf_counter()
         for photos in batches:
+            t = _tick(waits, "loading", t)
             results = analyzer.analyse_batch(photos)
+            t = _tick(waits, "detecting", t)
             if pending is not None:
                 pending.result()
+            t = _tick(waits, "writing", t)
             pending = writer.submit(lambda rs=results: [accept(r) for r in rs])
         if pending is not None:
             pending.result()
+        _tick(waits, "writing", t)
+        logger.info("batched detection: main thread waited %s", ", ".join(f"{k} {v:.2f} s" for k, v in waits.items()))
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _tick(totals: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    totals[key] += now - since
+    return now
 
 
 DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last message: (kind, ...)
