@@ -550,9 +550,19 @@ def _worker_analyse(rel: str) -> dict:
     return _WORKER["analyzer"].analyse(rel)
 
 
-def _worker_thread_limits() -> dict:
-    """A pool task: the worker's :func:`thread_limits` (for tests)."""
-    return thread_limits()
+def _worker_thread_limits(_=None) -> dict:
+    """A pool task: the worker's :func:`thread_limits` and its parent-death signal (for tests)."""
+    import ctypes
+    import ctypes.util
+
+    out = thread_limits()
+    sig = ctypes.c_int(-1)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(2, ctypes.byref(sig), 0, 0, 0)  # GET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    out["pdeathsig"] = sig.value
+    return out
 
 
 def _worker_analyse_batch(rels: list[str]) -> list[dict]:
