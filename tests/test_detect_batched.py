@@ -159,3 +159,37 @@ def test_default_run_prints_only_our_lines(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert "no_face 1" in r.stdout and len(r.stdout.splitlines()) == 2
+
+
+@pytest.mark.slow
+@needs_port
+def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, capsys):
+    """run_pipeline (detection process + reconstruction rounds, here one round per photo) writes
+    the detections, report rows and results of process_images followed by test.py."""
+    import run_pipeline
+    import test as test_py
+    from scipy.io import loadmat
+
+    monkeypatch.setattr(run_pipeline, "MIN_ROUND", 1)
+    common = ["--name", standin["name"], "--epoch", "20", "--checkpoints_dir", standin["checkpoints_dir"],
+              "--bfm_folder", standin["bfm_folder"], "--device", "cpu", "--save_mesh", "False", "--save_png", "False",
+              "--num_threads", "0"]
+    folders = {}
+    for way in ("two", "stream"):
+        folder = make_photo_folder(str(tmp_path / way), PHOTOS[:2], with_detections=False)
+        _noise(os.path.join(folder, "noise.png"))
+        folders[way] = folder
+    two, stream = folders["two"], folders["stream"]
+    assert process_images.main([two, "--no-progress", "--detector", "torch", "--device", "cpu", "--workers", "1"]) == 0
+    assert test_py.main(common + ["--img_folder", two, "--results_dir", str(tmp_path / "r_two")]) == 0
+    assert run_pipeline.main([stream, *common, "--results_dir", str(tmp_path / "r_stream"), "--detector", "torch",
+                              "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "detection: 3 photos, 2 with a face" in out and "done: 2 face(s) reconstructed, 0 failed" in out
+    for name in PHOTOS[:2]:
+        np.testing.assert_array_equal(read_points(detection_path(stream, name)), read_points(detection_path(two, name)))
+        stem = os.path.splitext(name)[0]
+        a, b = (loadmat(str(tmp_path / r / f"{stem}.mat")) for r in ("r_two", "r_stream"))
+        for key in ("id", "exp", "tex", "angle", "gamma", "trans"):
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+    assert _rows(stream, "process_report.json")["noise.png"]["reason"] == "no_face"
