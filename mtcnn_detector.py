@@ -159,6 +159,8 @@ class FaceDetector:
 
     name = "base"
     default_min_score = 0.0
+    needs_original = False  # True: _refine needs the full-resolution image (dlib's 68 points)
+    devices: tuple[str, ...] = ("cpu",)  # device types the backend can run on
 
     def __init__(self, max_side: int | None = 1600):
         if max_side is not None and max_side < 64:
@@ -198,9 +200,6 @@ class FaceDetector:
                 mapped = self._refine(image, mapped, (sx, sy))
             out.append(sorted(mapped, key=lambda d: -d.score))
         return out
-
-    needs_original = False  # True: _refine needs the full-resolution image (dlib's 68 points)
-    devices: tuple[str, ...] = ("cpu",)  # device types the backend can run on
 
     def _detect_many(self, images: list[np.ndarray]) -> list[list[Detection]]:
         """``_detect`` on each image (in the small image's pixels); batched backends override."""
