@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -46,9 +47,16 @@ def detection_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dargs, rest = detection_parser().parse_known_args(argv)
-    if dargs.help or not dargs.folder:
+    if dargs.help:
         print(__doc__)
-        return 0 if dargs.help else 2
+        return 0
+    if not dargs.folder:
+        print("run_pipeline: error: the folder of photos is required: ./run_pipeline.sh <folder> --name=<model> ...",
+              file=sys.stderr)
+        return 2
+    if not os.path.isdir(dargs.folder):
+        print(f"run_pipeline: error: {dargs.folder} is not a folder of photos", file=sys.stderr)
+        return 2
     from options.test_options import parse_test_options
 
     opt = parse_test_options(rest + ["--img_folder", dargs.folder])
