@@ -162,8 +162,8 @@ def step_chain(a, tmp: str, res: dict) -> None:
 
 def step_scaling(a, tmp: str, res: dict) -> None:
     runs = []
-    for k in [int(v) for v in a.workers_list.split(",")]:
-        folder = make_copies(a.faces, os.path.join(tmp, f"scale_{k}"), a.scaling_n)
+    for i, k in enumerate(int(v) for v in a.workers_list.split(",")):  # a count may come twice
+        folder = make_copies(a.faces, os.path.join(tmp, f"scale_{i}_{k}"), a.scaling_n)
         wall, _ = timed(process_images(folder, "--device", "cpu", "--detector", a.scaling_detector, "--workers", str(k)))
         runs.append({"workers": k, "n": a.scaling_n, "wall_s": round(wall, 2),
                      "photos_per_s": round(a.scaling_n / wall, 2)})
