@@ -19,8 +19,11 @@ Conventions shared by every backend:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +160,8 @@ class FaceDetector:
 
     name = "base"
     default_min_score = 0.0
+    needs_original = False  # True: _refine needs the full-resolution image (dlib's 68 points)
+    devices: tuple[str, ...] = ("cpu",)  # device types the backend can run on
 
     def __init__(self, max_side: int | None = 1600):
         if max_side is not None and max_side < 64:
@@ -165,15 +170,41 @@ class FaceDetector:
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """All faces in ``image`` ((H, W, 3) uint8 RGB), best score first, original pixels."""
+        return self.detect_prepared([self.prepare(image)], [image])[0]
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Check ``image`` and shrink it to ``max_side``: ``(small, sx, sy)`` as :func:`downscale`.
+        Cheap to run in a loader process, ahead of :meth:`detect_prepared`."""
         check_image(image)
-        small, sx, sy = downscale(image, self.max_side)
-        faces = []
-        for d in self._detect(small):
-            lm68 = None if d.lm68 is None else to_original(d.lm68, sx, sy)
-            faces.append(Detection(box=_box_to_original(d.box, sx, sy), score=float(d.score),
-                                   lm5=to_original(d.lm5, sx, sy), lm68=lm68))
-        faces = self._refine(image, faces, (sx, sy))
-        return sorted(faces, key=lambda d: -d.score)
+        return downscale(image, self.max_side)
+
+    def detect_prepared(self, prepared: Sequence[tuple[np.ndarray, float, float]],
+                        originals: Sequence[np.ndarray | None] | None = None) -> list[list[Detection]]:
+        """Faces of several images given as :meth:`prepare` made them, each image's list as
+        :meth:`detect` gives it (best score first, original pixels). ``originals``: the full
+        images, needed only by backends that refine on them (:attr:`needs_original`).
+
+        Backends with a batched model (``torch``) detect all images in one call; the others one
+        after another. Either way every image's faces are those it gets alone."""
+        originals = list(originals) if originals is not None else [None] * len(prepared)
+        raw = self._detect_many([p[0] for p in prepared])
+        out = []
+        for faces, (_, sx, sy), image in zip(raw, prepared, originals):
+            mapped = []
+            for d in faces:
+                lm68 = None if d.lm68 is None else to_original(d.lm68, sx, sy)
+                mapped.append(Detection(box=_box_to_original(d.box, sx, sy), score=float(d.score),
+                                        lm5=to_original(d.lm5, sx, sy), lm68=lm68))
+            if self.needs_original:
+                if image is None:
+                    raise ValueError(f"the {self.name} detector refines on the full image: pass originals")
+                mapped = self._refine(image, mapped, (sx, sy))
+            out.append(sorted(mapped, key=lambda d: -d.score))
+        return out
+
+    def _detect_many(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        """``_detect`` on each image (in the small image's pixels); batched backends override."""
+        return [self._detect(im) for im in images]
 
     def _detect(self, image: np.ndarray) -> list[Detection]:
         raise NotImplementedError
@@ -190,16 +221,18 @@ class MTCNNDetector(FaceDetector):
     """The ``mtcnn`` PyPI package (TensorFlow). Its model is built once per process.
 
     ``threads`` > 0 limits TensorFlow's thread pools (only effective before TensorFlow first
-    runs in this process); ``stage_kw`` go to ``MTCNN.detect_faces`` (e.g. ``min_face_size``).
+    runs in this process); ``quiet`` keeps TensorFlow's and absl's log lines off the terminal
+    (see :func:`tensorflow_quiet`); ``stage_kw`` go to ``MTCNN.detect_faces`` (e.g. ``min_face_size``).
     """
 
     name = "mtcnn"
     default_min_score = 0.9
 
-    def __init__(self, max_side: int | None = 1600, device: str = "CPU:0", threads: int = 0, **stage_kw):
+    def __init__(self, max_side: int | None = 1600, device: str = "CPU:0", threads: int = 0, quiet: bool = True,
+                 **stage_kw):
         super().__init__(max_side)
         self.stage_kw = stage_kw
-        self._model = _load_mtcnn(device, threads)
+        self._model = _load_mtcnn(device, threads, quiet)
 
     def _detect(self, image: np.ndarray) -> list[Detection]:
         if min(image.shape[:2]) < 12:  # smaller than MTCNN's 12-pixel network input
@@ -217,22 +250,63 @@ def _detection_from_mtcnn_row(row: np.ndarray) -> Detection:
     return Detection(box=row[1:5].copy(), score=float(row[5]), lm5=np.stack([row[6:11], row[11:16]], axis=1))
 
 
-def _load_mtcnn(device: str, threads: int):
+@contextlib.contextmanager
+def stderr_silenced(active: bool = True):
+    """Send this process's file descriptor 2 to /dev/null inside the block (C/C++ libraries'
+    messages included: TensorFlow prints its start-up lines through absl before any setting
+    can stop them). Nothing happens when ``active`` is False."""
+    if not active:
+        yield
+        return
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def tensorflow_quiet() -> None:
+    """TensorFlow's C++ logging down to errors (``TF_CPP_MIN_LOG_LEVEL=3`` unless the user set
+    it): call before TensorFlow is imported, in the process or in the parent of spawned workers."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _load_mtcnn(device: str, threads: int, quiet: bool = True):
     if device in _MTCNN_MODELS:
         return _MTCNN_MODELS[device]
     if importlib.util.find_spec("mtcnn") is None or importlib.util.find_spec("tensorflow") is None:
         raise DetectorUnavailableError(f"the 'mtcnn' detector needs the mtcnn and TensorFlow packages: {MTCNN_INSTALL}; "
                                        "or --detector torch, its PyTorch port without TensorFlow")
-    import tensorflow as tf
-    from mtcnn import MTCNN
+    if quiet:
+        tensorflow_quiet()
+    import warnings
 
-    if threads > 0:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:  # TensorFlow already initialised in this process
-            pass
-    model = MTCNN(device=device)
+    with stderr_silenced(quiet), warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")  # protobuf/Keras deprecation notes at import
+        import tensorflow as tf
+        from mtcnn import MTCNN
+
+        if quiet:
+            tf.get_logger().setLevel(logging.ERROR)
+            logging.getLogger("absl").setLevel(logging.ERROR)
+        if threads > 0:
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+            except RuntimeError:  # TensorFlow already initialised in this process
+                pass
+        model = MTCNN(device=device)
+        if quiet:  # the first run prints its own start-up lines (oneDNN): make it here, silenced
+            model.detect_faces(np.zeros((24, 24, 3), np.uint8))
     _MTCNN_MODELS[device] = model
     return model
 
@@ -247,6 +321,7 @@ class DlibDetector(FaceDetector):
 
     name = "dlib"
     default_min_score = 0.0
+    needs_original = True
 
     def __init__(self, max_side: int | None = 1600, predictor_path: str | None = None, upsample: int = 1):
         super().__init__(max_side)
@@ -337,12 +412,18 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class TorchMTCNNDetector(FaceDetector):
-    """The PyTorch port of MTCNN in ``models/mtcnn_torch.py`` (``TorchMTCNN``)."""
+    """The PyTorch port of MTCNN in ``models/mtcnn_torch.py`` (``TorchMTCNN``), on the CPU or CUDA.
+
+    :meth:`detect_prepared` runs the port's ``detect_batch`` on all its images at once (on CUDA
+    that is what makes it fast); each image's faces are those it gets alone. ``threads`` > 0
+    sets torch's CPU threads of this process.
+    """
 
     name = "torch"
     default_min_score = 0.9
+    devices = ("cpu", "cuda")
 
-    def __init__(self, max_side: int | None = 1600, device: str = "cpu"):
+    def __init__(self, max_side: int | None = 1600, device: str = "cpu", threads: int = 0):
         super().__init__(max_side)
         try:
             from models.mtcnn_torch import TorchMTCNN
@@ -352,15 +433,22 @@ class TorchMTCNNDetector(FaceDetector):
             raise DetectorUnavailableError(
                 "the 'torch' detector needs models/mtcnn_torch.py (class TorchMTCNN), which is not in "
                 "this checkout; use --detector mtcnn (default) or dlib") from None
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
         self._model = TorchMTCNN(device=device)
 
+    def _detect_many(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        return [[_detection_from_port(f) for f in faces] for faces in self._model.detect_batch(images)]
+
     def _detect(self, image: np.ndarray) -> list[Detection]:
-        out = []
-        for f in self._model.detect(image):
-            lm5 = np.asarray(f["keypoints"], dtype=np.float64).reshape(5, 2)
-            out.append(Detection(box=np.asarray(f["box"], dtype=np.float64).reshape(4),
-                                 score=float(f["confidence"]), lm5=lm5))
-        return out
+        return self._detect_many([image])[0]
+
+
+def _detection_from_port(f: dict) -> Detection:
+    return Detection(box=np.asarray(f["box"], dtype=np.float64).reshape(4), score=float(f["confidence"]),
+                     lm5=np.asarray(f["keypoints"], dtype=np.float64).reshape(5, 2))
 
 
 DETECTORS = {
@@ -368,6 +456,51 @@ DETECTORS = {
     "dlib": DlibDetector,
     "torch": TorchMTCNNDetector,
 }
+
+
+DEFAULT_CPU_DETECTOR = "mtcnn"  # the reference; "torch" is the default where CUDA is (batched)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_device_files() -> bool:
+    """Whether the machine shows a GPU device file (NVIDIA's, or WSL's): torch's CUDA check
+    costs an import of torch, which is not needed to know there is no GPU at all."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
+
+
+def resolve_detector_device(detector: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """process_images' ``--detector`` and ``--device`` -> (backend name, device).
+
+    ``device`` 'auto': CUDA when a CUDA device is present and the backend runs there, else 'cpu'.
+    ``detector`` 'auto': the torch port on CUDA, else :data:`DEFAULT_CPU_DETECTOR` (the mtcnn
+    package). Raises ValueError (one line, what to do) for CUDA asked where torch sees none, or
+    for a backend that does not run on CUDA.
+    """
+    if detector != "auto" and detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; choose one of {sorted(DETECTORS)} or auto")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device == "auto":
+        runs_on_cuda = detector == "auto" or "cuda" in DETECTORS[detector].devices
+        device = "cuda" if runs_on_cuda and _gpu_device_files() and _cuda_available() else "cpu"
+    elif device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device; "
+                             "use --device cpu (or auto)")
+    if detector == "auto":
+        detector = "torch" if device.startswith("cuda") else DEFAULT_CPU_DETECTOR
+    if device.startswith("cuda") and "cuda" not in DETECTORS[detector].devices:
+        raise ValueError(f"the {detector} detector runs on the CPU only; use --detector torch for --device {device}")
+    return detector, device
 
 
 def create_detector(name: str = "mtcnn", **kw) -> FaceDetector:

@@ -1,6 +1,6 @@
 """Prepare a folder of photos for test.py: find 5 facial points in each, never touching the photos.
 
-    ./process_images.sh <folder> [--all-faces] [--landmarks68] [--workers 2] [--debug-vis] ...
+    ./process_images.sh <folder> [--device cuda] [--all-faces] [--landmarks68] [--workers 2] [--debug-vis] ...
 
 Writes <folder>/detections/<stem>.txt (5 lines "x y"), optional landmarks/ and debug_vis/
 folders and <folder>/process_report.json; see docs/process_images.md and util/prepare.py.
@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", nargs="?", help="folder of photos (.jpg .jpeg .png .bmp .webp .tif .tiff)")
     p.add_argument("--img_folder", dest="img_folder", help="same as the positional folder (test.py's name)")
     p.add_argument("--recursive", action="store_true", help="also process sub-folders (mirrored output layout)")
-    p.add_argument("--detector", default="mtcnn", choices=sorted(DETECTORS),
-                   help="face detector backend (default: mtcnn)")
+    p.add_argument("--detector", default="auto", choices=["auto", *sorted(DETECTORS)],
+                   help="face detector backend (default auto: torch, batched, on CUDA; else the mtcnn package)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present and the detector runs there), cpu, cuda or cuda:N; "
+                        "on CUDA the PyTorch MTCNN detects batches of photos")
     p.add_argument("--all-faces", "--all_faces", dest="all_faces", action="store_true",
                    help="write every face: the chosen one as <stem>.txt, others as <stem>__face02.txt, ...")
     p.add_argument("--landmarks68", action="store_true",
@@ -46,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faces scoring lower are weak and not written (default: 0.9 for mtcnn/torch, 0 for dlib)")
     p.add_argument("--max_side", "--max-side", dest="max_side", type=int, default=1600,
                    help="detect on a copy downscaled to this longer side; coordinates stay in original pixels")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel worker processes, each loading the detector once (default 1)")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="CPU: detector processes, each with cores/workers threads; CUDA: photo-reading "
+                        "processes (default auto: from the cores and the number of photos)")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=0,
+                   help="photos per detection batch on CUDA (default 64)")
     p.add_argument("--force", action="store_true", help="recompute photos whose outputs are up to date")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any photo was skipped")
     p.add_argument("--debug-vis", "--debug_vis", dest="debug_vis", action="store_true",
@@ -57,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log each skipped photo")
     return p
+
+
+def _workers(value: str) -> int | None:
+    """--workers: a count, or None for auto."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,17 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
-    from mtcnn_detector import DetectorUnavailableError
+    from mtcnn_detector import DetectorUnavailableError, resolve_detector_device, tensorflow_quiet
     from util.filenames import printable
     from util.prepare import PrepareOptions, plan_folder, run_plan
 
-    options = PrepareOptions(
-        detector=args.detector, all_faces=args.all_faces, landmarks68=args.landmarks68,
-        dlib_predictor=args.dlib_predictor, min_score=args.min_score, max_side=args.max_side,
-        recursive=args.recursive, force=args.force, debug_vis=args.debug_vis, workers=args.workers)
+    if not args.verbose:
+        tensorflow_quiet()  # before any TensorFlow import, here or in the workers
     try:
         if args.max_side < 64:
             raise ValueError(f"--max_side must be >= 64, got {args.max_side}")
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1 (or auto), got {args.workers}")
+        if args.batch_size < 0:
+            raise ValueError(f"--batch_size must be >= 1 (or 0 for the default), got {args.batch_size}")
+        detector, device = resolve_detector_device(args.detector, args.device)
+        options = PrepareOptions(
+            detector=detector, all_faces=args.all_faces, landmarks68=args.landmarks68,
+            dlib_predictor=args.dlib_predictor, min_score=args.min_score, max_side=args.max_side,
+            recursive=args.recursive, force=args.force, debug_vis=args.debug_vis, workers=args.workers or 0,
+            device=device, batch_size=args.batch_size, verbose=args.verbose)
         plan = plan_folder(folder, options, report_path=args.report)
     except (ValueError, NotADirectoryError, FileNotFoundError, DetectorUnavailableError) as e:
         print(f"process_images: error: {e}", file=sys.stderr)

@@ -615,7 +615,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
-               model=None) -> RunSummary:
+               model=None, only=None) -> RunSummary:
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
@@ -624,7 +624,9 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     (:class:`util.prefetch.Prefetcher`) takes the batches from the DataLoader and readies their
     crops on the device (:func:`data.image_folder.batch_crops`), :func:`prefetch_depth` batches
     ahead; the main thread runs the network on them and hands numpy arrays to the writers.
-    ``RunSummary.timeline`` records when each phase ended.
+    ``RunSummary.timeline`` records when each phase ended. ``only``: a set of photos (paths
+    relative to the folder, '/'-separated, as process_images' report names them) to reconstruct,
+    the others left out and not reported (run_pipeline's rounds).
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
@@ -635,6 +637,9 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
         raise SetupError(f"--img_folder {opt.img_folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
     entries, missing = scan_folder(opt.img_folder, opt.recursive, lm68=opt.fit_steps > 0, share=(rank, world))
+    if only is not None:
+        prefix = os.path.join(opt.img_folder, "")
+        entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
     summary = RunSummary(out_dir=results_dir(opt), img_folder=opt.img_folder, photos_without_detection=missing)
     if opt.skip_existing:
         entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(opt))

@@ -57,6 +57,7 @@ The weight files are pickles (joblib): load only the package's own, or copies yo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -372,12 +373,20 @@ def _area_matrix(n_in: int, n_out: int, device: torch.device, sparse: bool) -> t
         dense[torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)] = (
             torch.from_numpy(value).to(device))
         return dense
-    with warnings.catch_warnings():  # torch warns once that sparse CSR is "beta"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with _sparse_beta_quiet():
         return torch.sparse_csr_tensor(
             torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(value),
             size=(n_out, n_in), check_invariants=False,
         ).to(device)
+
+
+@contextlib.contextmanager
+def _sparse_beta_quiet():
+    """A block in which torch's notes that its sparse tensors are "in beta" (at construction and,
+    in some versions, at the first product) are not shown: they are about torch, not the photos."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?i).*sparse", category=UserWarning)
+        yield
 
 
 class AreaMatrices:
@@ -430,9 +439,10 @@ def area_resize(
         transposed = image.permute(1, 0, 2).reshape(width, height * channels)
     if matrices is None:
         matrices = AreaMatrices(image.device)
-    rows = (matrices(width, out_w) @ transposed).view(out_w, height, channels)
-    rows = rows.permute(1, 0, 2).reshape(height, out_w * channels)
-    out = (matrices(height, out_h) @ rows).view(out_h, out_w, channels)
+    with _sparse_beta_quiet() if matrices.sparse else contextlib.nullcontext():
+        rows = (matrices(width, out_w) @ transposed).view(out_w, height, channels)
+        rows = rows.permute(1, 0, 2).reshape(height, out_w * channels)
+        out = (matrices(height, out_h) @ rows).view(out_h, out_w, channels)
     sy, sx = _area_weights(height, out_h)[3], _area_weights(width, out_w)[3]
     return out * float(np.float32(1.0 / np.float64(sy * sx)))  # TF: float scale = 1.0 / (hs * ws)
 

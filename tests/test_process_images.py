@@ -158,9 +158,9 @@ def test_torch_backend_adapts_the_port_interface(monkeypatch):
         def __init__(self, device="cpu"):
             self.device = device
 
-        def detect(self, image):
-            return [{"box": [10.0, 20.0, 30.0, 40.0], "confidence": 0.97,
-                     "keypoints": np.arange(10, dtype=np.float64).reshape(5, 2)}]
+        def detect_batch(self, images):
+            return [[{"box": [10.0, 20.0, 30.0, 40.0], "confidence": 0.97,
+                      "keypoints": np.arange(10, dtype=np.float64).reshape(5, 2)}] for _ in images]
 
     monkeypatch.setitem(sys.modules, "models.mtcnn_torch", types.SimpleNamespace(TorchMTCNN=TorchMTCNN))
     det = md.create_detector("torch", max_side=100)

@@ -24,6 +24,7 @@ outputs all exist, is not processed again (unless ``force``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -76,7 +77,10 @@ class PrepareOptions:
     recursive: bool = False
     force: bool = False
     debug_vis: bool = False
-    workers: int = 1
+    workers: int = 1  # processes (CPU) or loader processes (batched); 0: auto, see worker_count
+    device: str = "cpu"  # "cpu", or "cuda"/"cuda:N" for the batched torch engine (see resolve_device)
+    batch_size: int = 0  # photos per detect_batch call of the batched engine; 0: its default
+    verbose: bool = False  # let TensorFlow's log lines through
 
     def settings(self, min_score: float) -> dict:
         """The options that change the outputs; a report row is reused only when they match."""
@@ -136,8 +140,10 @@ def plan_folder(folder: str, options: PrepareOptions, report_path: str | None = 
 
     if options.detector not in md.DETECTORS:
         raise ValueError(f"unknown detector {options.detector!r}; choose one of {sorted(md.DETECTORS)}")
-    if options.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {options.workers}")
+    if options.workers < 0:
+        raise ValueError(f"--workers must be >= 1 (or auto), got {options.workers}")
+    if options.device != "cpu" and "cuda" not in md.DETECTORS[options.detector].devices:
+        raise ValueError(f"the {options.detector} detector runs on the CPU only, not on {options.device}")
     if options.landmarks68 or options.detector == "dlib":
         md.resolve_predictor_path(options.dlib_predictor)
     min_score = options.min_score
@@ -238,9 +244,13 @@ def make_row(rel: str, status: str, reason: str = "", detail: str = "", stat: os
 
 
 class Analyzer:
-    """Per-process state: the detector (model loaded once) and, if needed, the dlib landmarker."""
+    """Per-process state: the detector (model loaded once) and, if needed, the dlib landmarker.
 
-    def __init__(self, folder: str, options: PrepareOptions, min_score: float, threads: int = 0):
+    ``threads`` > 0 caps the detector's CPU threads in this process; ``device`` (default
+    ``options.device``) is where a backend that has a choice (``torch``) runs."""
+
+    def __init__(self, folder: str, options: PrepareOptions, min_score: float, threads: int = 0,
+                 device: str | None = None):
         import mtcnn_detector as md
 
         self.folder, self.options, self.min_score = folder, options, min_score
@@ -248,8 +258,12 @@ class Analyzer:
         kw: dict = {"max_side": options.max_side}
         if options.detector == "dlib":
             kw["predictor_path"] = options.dlib_predictor
-        if options.detector == "mtcnn" and threads:
+        if options.detector == "mtcnn":
+            kw["quiet"] = not options.verbose
+        if options.detector in ("mtcnn", "torch") and threads:
             kw["threads"] = threads
+        if options.detector == "torch":
+            kw["device"] = device or options.device
         self.detector = md.create_detector(options.detector, **kw)
         self.landmarker = None
         if options.landmarks68:
@@ -260,28 +274,57 @@ class Analyzer:
         """Load, check and detect one photo. Returns ``{"row": ..., "faces": [...]}`` where faces
         (chosen first) are dicts with lm5 (5, 2), lm68 (68, 2) or None, box, score. Writes the
         debug image if asked; writes nothing else."""
+        photo = load_photo(self.folder, rel, self.settings, self.options.max_side, keep_full=True)
+        if "result" in photo:
+            return photo["result"]
         t0 = time.perf_counter()
-        path = os.path.join(self.folder, rel)
-        st = _stat(path)
-        row_kw = {"stat": st, "settings": self.settings}
         try:
-            image = load_image_array(path)
-        except ImageLoadError as e:
-            return {"row": make_row(rel, "skipped", e.reason, e.detail, **row_kw), "faces": []}
-        h, w = image.shape[:2]
-        row_kw.update(width=w, height=h)
-        if min(h, w) < MIN_IMAGE_SIDE:
-            detail = f"{w}x{h} pixels; a face needs at least {MIN_IMAGE_SIDE} pixels on a side"
-            return {"row": make_row(rel, "skipped", "too_small", detail, **row_kw), "faces": []}
-        try:
-            found = [d for d in self.detector.detect(image) if np.all(np.isfinite(d.lm5))]
-        except Exception as e:  # a detector failure on one photo must not stop the folder
-            logger.exception("detector failed on %s", path)
-            return {"row": make_row(rel, "skipped", "detector_error", f"{type(e).__name__}: {e}", **row_kw),
-                    "faces": []}
+            found = self.detector.detect_prepared([photo["prepared"]], [photo["image"]])[0]
+        except Exception:  # noqa: BLE001 - a detector failure on one photo must not stop the folder
+            return detector_error(photo)
+        return self.finish(photo, found, time.perf_counter() - t0)
+
+    def analyse_batch(self, photos: list[dict]) -> list[dict]:
+        """:meth:`analyse` for photos that :func:`load_photo` loaded (in a loader process): the
+        detector runs once on all of them (``torch``: one batch). If it fails, each photo is
+        detected alone, so that only the photo that fails gets ``detector_error``."""
+        todo = [p for p in photos if "result" not in p]
+        found: list | None = None
+        t0 = time.perf_counter()
+        if todo:
+            try:
+                found = self.detector.detect_prepared([p["prepared"] for p in todo], [p.get("image") for p in todo])
+            except Exception:  # noqa: BLE001 - retried one by one below
+                logger.info("batched detection failed; detecting the %d photos one by one", len(todo), exc_info=True)
+        share = (time.perf_counter() - t0) / max(1, len(todo))
+        results, k = [], 0
+        for p in photos:
+            if "result" in p:
+                results.append(p["result"])
+                continue
+            if found is not None:
+                results.append(self.finish(p, found[k], share))
+            else:
+                t1 = time.perf_counter()
+                try:
+                    faces = self.detector.detect_prepared([p["prepared"]], [p.get("image")])[0]
+                except Exception:  # noqa: BLE001
+                    results.append(detector_error(p))
+                else:
+                    results.append(self.finish(p, faces, time.perf_counter() - t1))
+            k += 1
+        return results
+
+    def finish(self, photo: dict, found: list, detect_seconds: float) -> dict:
+        """Choose and order the faces :func:`load_photo`'s photo got; fit 68 points and draw the
+        debug picture if asked. Returns ``{"row": ..., "faces": [...]}`` as :meth:`analyse`."""
+        rel, row_kw = photo["rel"], dict(photo["row_kw"])
+        w, h = row_kw["width"], row_kw["height"]
+        found = [d for d in found if np.all(np.isfinite(d.lm5))]
         strong = order_faces([d for d in found if d.score >= self.min_score], w, h)
         weak = [d for d in found if d.score < self.min_score]
         written = strong if self.options.all_faces else strong[:1]
+        image = photo.get("image")
         faces = []
         for d in written:
             lm68 = self.landmarker.fit(image, d) if self.landmarker is not None else None
@@ -289,7 +332,7 @@ class Analyzer:
         if self.options.debug_vis:
             draw_and_save(os.path.join(self.folder, _vis_rel(rel)), image, written, strong[len(written):], weak)
             row_kw["debug_vis"] = _vis_rel(rel)
-        row_kw.update(faces=len(strong), weak_faces=len(weak), seconds=round(time.perf_counter() - t0, 4))
+        row_kw.update(faces=len(strong), weak_faces=len(weak), seconds=round(photo["load_seconds"] + detect_seconds, 4))
         if strong:
             best = strong[0]
             row = make_row(rel, "ok", confidence=round(best.score, 4),
@@ -304,18 +347,56 @@ class Analyzer:
         return {"row": row, "faces": faces}
 
 
+def load_photo(folder: str, rel: str, settings: dict, max_side: int, keep_full: bool) -> dict:
+    """Read and check one photo and shrink it for the detector (safe in a loader process).
+
+    Returns ``{"result": ...}`` (the photo's final :meth:`Analyzer.analyse` result) when it cannot
+    be detected (unreadable, too small), else ``{"rel", "row_kw", "prepared": (small, sx, sy),
+    "image": the full photo or None (``keep_full`` False), "load_seconds"}``.
+    """
+    from mtcnn_detector import downscale
+
+    t0 = time.perf_counter()
+    path = os.path.join(folder, rel)
+    row_kw: dict = {"stat": _stat(path), "settings": settings}
+    try:
+        image = load_image_array(path)
+    except ImageLoadError as e:
+        return {"result": {"row": make_row(rel, "skipped", e.reason, e.detail, **row_kw), "faces": []}}
+    h, w = image.shape[:2]
+    row_kw.update(width=w, height=h)
+    if min(h, w) < MIN_IMAGE_SIDE:
+        detail = f"{w}x{h} pixels; a face needs at least {MIN_IMAGE_SIDE} pixels on a side"
+        return {"result": {"row": make_row(rel, "skipped", "too_small", detail, **row_kw), "faces": []}}
+    prepared = downscale(image, max_side)
+    return {"rel": rel, "row_kw": row_kw, "prepared": prepared, "image": image if keep_full else None,
+            "load_seconds": time.perf_counter() - t0}
+
+
+def detector_error(photo: dict) -> dict:
+    """The result of a photo the detector raised on (logged with its traceback)."""
+    import sys
+
+    e = sys.exc_info()[1]
+    logger.exception("detector failed on %s", photo["rel"])
+    return {"row": make_row(photo["rel"], "skipped", "detector_error", f"{type(e).__name__}: {e}", **photo["row_kw"]),
+            "faces": []}
+
+
 def _vis_rel(rel: str) -> str:
     return f"{DEBUG_VIS_DIR}/{os.path.splitext(rel)[0]}.jpg"
 
 
-def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool) -> list[str]:
+def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool, index: dict | None = None) -> list[str]:
     """Write the detection (and landmark) files of one photo; remove its stale ones.
 
     Returns the written paths relative to ``folder``. Detection files of this photo that are not
     rewritten are removed (a photo with no face keeps none, a photo with fewer faces than before
     loses the extra ones). Landmark files not rewritten are removed too when they are older than
     the photo. Raises OutputBlockedError, having written and removed nothing, when one of these
-    names is taken by a folder or a special file (never replaced or removed).
+    names is taken by a folder or a special file (never replaced or removed). ``index``: one dict
+    for all photos of a run, so that each output folder is listed once (its listing from before
+    the run is what stale files are looked up in).
     """
     targets = []
     for k, f in enumerate(faces, start=1):
@@ -324,8 +405,8 @@ def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool) -
             targets.append((detection_path(folder, rel, face=k, subdir=LANDMARKS_DIR), f["lm68"]))
     keep = {p for p, _ in targets}
     photo_mtime = _stat(os.path.join(folder, rel))
-    stale = [p for _, p in face_detection_files(folder, rel) if p not in keep]
-    for _, p in face_detection_files(folder, rel, subdir=LANDMARKS_DIR):
+    stale = [p for _, p in face_detection_files(folder, rel, index=index) if p not in keep and os.path.lexists(p)]
+    for _, p in face_detection_files(folder, rel, subdir=LANDMARKS_DIR, index=index):
         st = _stat(p)
         if p not in keep and (landmarks68 or (st and photo_mtime and st.st_mtime_ns < photo_mtime.st_mtime_ns)):
             stale.append(p)
@@ -393,11 +474,91 @@ def _atomic_write(path: str, write) -> None:
 # worker processes
 
 _WORKER: dict = {}
+# Variables that size the thread pools of OpenMP, BLAS libraries, TensorFlow and torch's inter-op
+# pool; set for a worker before it starts, so that every library reads them at its import.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                    "TF_NUM_INTEROP_THREADS")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int, n_photos: int, batched: bool = False, cores: int | None = None) -> int:
+    """Processes for ``n_photos``: ``requested``, or with 0 (auto) one per core, at most one per
+    4 photos (a detector process costs seconds to start), at least 1. ``batched``: engine
+    processes of the batched engine for ``n_photos`` batches (auto: the cores less one, at most
+    16, at most one per batch)."""
+    cores = cores or usable_cores()
+    if requested > 0:
+        return min(requested, max(1, n_photos))
+    if batched:  # n_photos: batches
+        return min(16, max(1, cores - 1), max(1, n_photos))
+    return max(1, min(cores, -(-n_photos // 4)))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """CPU threads each of ``workers`` processes may use, so that workers x threads <= cores."""
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
+@contextlib.contextmanager
+def thread_limits_in_environment(threads: int):
+    """Set :data:`THREAD_VARIABLES` to ``threads`` while worker processes start (they inherit
+    the environment, and their libraries read it at import), then restore the parent's."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's torch and OpenCV threads (OpenMP and BLAS read the environment set by
+    :func:`thread_limits_in_environment`; TensorFlow gets ``threads`` from the Analyzer)."""
+    import sys
+
+    if "torch" in sys.modules:  # not imported for it: a TensorFlow worker has no use for torch
+        sys.modules["torch"].set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:  # pragma: no cover - opencv is a requirement
+        pass
+
+
+def thread_limits() -> dict:
+    """This process's thread settings, as :func:`limit_threads` left them (read back by tests)."""
+    import torch
+
+    out = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    out["torch"] = torch.get_num_threads()
+    try:
+        import cv2
+
+        out["cv2"] = cv2.getNumThreads()
+    except ImportError:  # pragma: no cover
+        pass
+    return out
 
 
 def _worker_init(folder: str, options: PrepareOptions, min_score: float, threads: int) -> None:
+    from util.subprocesses import die_with_parent
+
+    die_with_parent()  # a worker never outlives a killed run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     try:
+        limit_threads(threads)
         _WORKER["analyzer"] = Analyzer(folder, options, min_score, threads=threads)
     except BaseException as e:  # reported by the first task, in the parent
         _WORKER["error"] = e
@@ -409,8 +570,54 @@ def _worker_analyse(rel: str) -> dict:
     return _WORKER["analyzer"].analyse(rel)
 
 
+def _worker_thread_limits(_=None) -> dict:
+    """A pool task: the worker's :func:`thread_limits` and its parent-death signal (for tests)."""
+    import ctypes
+    import ctypes.util
+
+    out = thread_limits()
+    sig = ctypes.c_int(-1)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(2, ctypes.byref(sig), 0, 0, 0)  # GET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    out["pdeathsig"] = sig.value
+    return out
+
+
+def _worker_analyse_batch(rels: list[str]) -> list[dict]:
+    """A batched engine's task: load a batch of photos, detect them in one call."""
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _analyse_chunk(_WORKER["analyzer"], rels)
+
+
+def _analyse_chunk(analyzer: Analyzer, rels: list[str]) -> list[dict]:
+    keep_full = analyzer.options.landmarks68 or analyzer.options.debug_vis
+    photos = [load_photo(analyzer.folder, rel, analyzer.settings, analyzer.options.max_side, keep_full)
+              for rel in rels]
+    return analyzer.analyse_batch(photos)
+
+
 # ---------------------------------------------------------------------------------------------
 # running
+
+DEFAULT_BATCH = {"cpu": 8, "cuda": 32}  # photos per detect_batch call of the batched engine
+
+
+def batched(options: PrepareOptions) -> bool:
+    """Whether ``options`` run the batched engine (the torch port on CUDA, or on the CPU with a
+    ``batch_size`` > 1) rather than one photo at a time."""
+    return options.detector == "torch" and (options.device.startswith("cuda") or options.batch_size > 1)
+
+
+def _spawnable(detector: str) -> bool:
+    """Whether a fresh worker process finds ``detector``: the backends of mtcnn_detector, not
+    one registered at run time (those run in the calling process)."""
+    import mtcnn_detector as md
+
+    return getattr(md.DETECTORS.get(detector), "__module__", None) == md.__name__
+
 
 def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
     """Process ``plan.todo``, write outputs and the report; ``on_result(row)`` after each photo.
@@ -422,13 +629,14 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
     _remove_stale_temp_files(folder, plan.report_path)
     rows = dict(plan.rows)
     t0, last_flush = time.perf_counter(), time.perf_counter()
+    index: dict = {}  # one listing of each output folder for the whole run (see write_outputs)
 
     def accept(result: dict) -> None:
         nonlocal last_flush
         row = result["row"]
         rel = row["path"]
         try:
-            row["outputs"] = write_outputs(folder, rel, result["faces"], options.landmarks68)
+            row["outputs"] = write_outputs(folder, rel, result["faces"], options.landmarks68, index)
         except (NotADirectoryError, OutputBlockedError) as e:  # this photo's paths only, nothing written
             row.update(status="skipped", reason="output_blocked", detail=str(e), outputs=[])
         rows[rel] = row
@@ -441,7 +649,9 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
     interrupted = False
     try:
         if plan.todo:
-            if options.workers == 1 or len(plan.todo) == 1:
+            if batched(options):
+                _run_batched(plan, accept)
+            elif not _spawnable(options.detector) or worker_count(options.workers, len(plan.todo)) == 1:
                 analyzer = Analyzer(folder, options, plan.min_score)
                 for rel in plan.todo:
                     accept(analyzer.analyse(rel))
@@ -455,20 +665,73 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
     return report
 
 
-def _run_pool(plan: Plan, accept) -> None:
+def _run_pool(plan: Plan, accept, tasks: list | None = None, task=_worker_analyse, workers: int | None = None) -> None:
+    """Worker processes, each with its own detector and :func:`threads_per_worker` threads, on
+    ``tasks`` (default: each photo to do) with ``task``, whose results (one or a list) go to ``accept``."""
     options = plan.options
-    n = min(options.workers, len(plan.todo))
-    threads = max(1, (os.cpu_count() or 1) // n)
-    ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+    tasks = plan.todo if tasks is None else tasks
+    n = workers or worker_count(options.workers, len(tasks))
+    threads = threads_per_worker(n)
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow and CUDA do not survive fork
     pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
                                   initargs=(plan.folder, options, plan.min_score, threads))
     try:
-        with main_module_hidden():  # the workers start here; they need nothing from the caller's script
-            futures = [pool.submit(_worker_analyse, rel) for rel in plan.todo]
+        # the workers start here; they need nothing from the caller's script
+        with main_module_hidden(), thread_limits_in_environment(threads):
+            futures = [pool.submit(task, t) for t in tasks]
         for fut in cf.as_completed(futures):
-            accept(fut.result())
+            result = fut.result()
+            for r in result if isinstance(result, list) else [result]:
+                accept(r)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_batched(plan: Plan, accept) -> None:
+    """The batched engine: the photos in batches of ``batch_size``; each batch is read, checked
+    and shrunk, then detected in one ``detect_batch`` call. On CUDA several engine processes
+    (``workers``, auto: the cores less one, at most 16) share the GPU, each reading its own
+    batches, so that decoding runs on every core and the GPU's work of one process overlaps the
+    reading and the Python of the others (one engine fed by a DataLoader was bound by moving the
+    decoded photos into its process: 185 photos/s on an H200, docs/detection_speed.md)."""
+    options = plan.options
+    device_type = options.device.split(":")[0]
+    bs = options.batch_size or DEFAULT_BATCH.get(device_type, 8)
+    chunks = [plan.todo[i:i + bs] for i in range(0, len(plan.todo), bs)]
+    workers = worker_count(options.workers, len(chunks), batched=True) if _spawnable(options.detector) else 1
+    if workers <= 1 or len(chunks) == 1:
+        analyzer = Analyzer(plan.folder, options, plan.min_score)
+        for chunk in chunks:
+            for r in _analyse_chunk(analyzer, chunk):
+                accept(r)
+        return
+    logger.info("batched detection on %s: %d batches of up to %d, %d engine process(es)", options.device,
+                len(chunks), bs, workers)
+    _run_pool(plan, accept, tasks=chunks, task=_worker_analyse_batch, workers=workers)
+
+
+DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last message: (kind, ...)
+
+
+def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None) -> None:
+    """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
+    lists of the photos (report paths) that have a detection, as they get it (those kept from an
+    earlier run first), then ``(DETECTION_DONE, summary, report path)`` or ``(DETECTION_FAILED,
+    one-line reason)``. Dies with its parent."""
+    from util.subprocesses import die_with_parent
+
+    die_with_parent()
+    try:
+        plan = plan_folder(folder, options, report_path=report_path)
+        ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
+        if ready:
+            queue.put(ready)
+        report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None)
+        queue.put((DETECTION_DONE, report.summary, report.path))
+    except KeyboardInterrupt:
+        queue.put((DETECTION_FAILED, "interrupted"))
+    except Exception as e:  # noqa: BLE001 - the parent reports it in one line
+        queue.put((DETECTION_FAILED, f"{type(e).__name__}: {e}"))
 
 
 def _remove_stale_temp_files(folder: str, report_path: str) -> None:

@@ -1,0 +1,238 @@
+"""Detection and the whole chain as users run them: fresh processes of the repo's commands, wall clock.
+
+    python benchmarks/bench_detect_pipeline.py --n 4032 --json out.json              # on a GPU host
+    python benchmarks/bench_detect_pipeline.py --steps scaling --scaling-detector mtcnn \\
+        --workers-list 1,2 --n 56                                                     # CPU workers
+
+Steps (--steps, comma list; each adds its figures to the JSON):
+
+- ``agreement``: the photos of --faces detected one at a time by the torch port on the CPU
+  (unbatched, the reference) vs the detection files ``process_images.sh --device cuda`` wrote for
+  them in the ``detect`` step (copies 0..27 of the big folder): max and mean point distance (px),
+  and the faces per photo;
+- ``detect``: ``process_images.sh <N copies> --device cuda [--batch_size B]`` for each of
+  --batch-sizes, each on a fresh copy: photos/s end to end (process start to exit);
+- ``chain``: detection + reconstruction with all outputs of N fresh copies, two ways:
+  ``process_images.sh F && python test.py --img_folder F`` and ``run_pipeline.sh F`` (streaming);
+- ``scaling``: ``process_images.sh --device cpu --detector D --workers K`` for each K of
+  --workers-list on --scaling-n copies: photos/s;
+- ``startup``: fresh ``python test.py`` processes on one photo (benchmarks/bench_inference.py's
+  measure: to the first image's files and to the exit, median of --startup-runs; with and
+  without a bytecode cache where the interpreter writes none), and ``-X importtime``'s 25
+  slowest imports of one run.
+
+The copies are hard links (``<i>_<name>``) of the photos of --faces (default ../shared/faces,
+else tests/data/faces or examples/). Reconstruction uses the stand-in (``python -m util.standin``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CANDIDATE_FACES = [os.path.join(os.path.dirname(ROOT), "shared", "faces"), os.path.join(ROOT, "tests", "data", "faces"),
+                   os.path.join(ROOT, "examples")]
+PHOTO_EXT = (".jpg", ".jpeg", ".png")
+
+
+def photo_names(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(PHOTO_EXT))
+
+
+def make_copies(src: str, dst: str, n: int) -> str:
+    """``n`` photos in ``dst``: ``<i>_<name>`` hard links (copies where links fail) of ``src``'s."""
+    names = photo_names(src)
+    os.makedirs(dst, exist_ok=True)
+    for i in range(n):
+        name = names[i % len(names)]
+        out = os.path.join(dst, f"{i:05d}_{name}")
+        try:
+            os.link(os.path.join(src, name), out)
+        except OSError:
+            shutil.copyfile(os.path.join(src, name), out)
+    return dst
+
+
+def timed(cmd: list[str], timeout: float = 600, env: dict | None = None) -> tuple[float, str]:
+    """Run ``cmd`` from the repository root; (wall seconds, stderr's last lines). Raises on failure."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... exit {r.returncode}: {r.stderr[-1500:]} {r.stdout[-500:]}")
+    return wall, (r.stdout + r.stderr)[-600:]
+
+
+def process_images(folder: str, *args: str) -> list[str]:
+    return [os.path.join(ROOT, "process_images.sh"), folder, "--no-progress", *args]
+
+
+def standin_args(folder: str, out: str, device: str) -> list[str]:
+    return ["--name=standin", "--epoch=20", f"--img_folder={folder}", f"--results_dir={out}",
+            f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}",
+            f"--checkpoints_dir={os.path.join(ROOT, 'checkpoints')}", f"--device={device}"]
+
+
+def step_detect(a, tmp: str, res: dict) -> None:
+    runs = []
+    for bs in [int(b) for b in a.batch_sizes.split(",")]:
+        folder = make_copies(a.faces, os.path.join(tmp, f"detect_bs{bs}"), a.n)
+        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--verbose"))
+        report = json.load(open(os.path.join(folder, "process_report.json")))
+        runs.append({"batch_size": bs, "n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
+                     "ok": report["summary"]["ok"], "summary": report["summary"], "log_tail": tail[-400:]})
+        print(f"detect --device {a.device} --batch_size {bs}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
+              f"({report['summary']['ok']} with a face)", flush=True)
+        res["detect_folder"] = folder
+    res["detect"] = runs
+
+
+def step_warm(a, tmp: str, res: dict) -> None:
+    """One untimed detection run (fills a bytecode cache where there is one)."""
+    folder = make_copies(a.faces, os.path.join(tmp, "warm"), len(photo_names(a.faces)))
+    wall, _ = timed(process_images(folder, "--device", a.device))
+    res["warm_run_s"] = round(wall, 2)
+
+
+def step_agreement(a, tmp: str, res: dict) -> None:
+    import mtcnn_detector as md
+    from util.detections_io import detection_path, read_points
+    from util.image_io import load_image_array
+
+    folder = res.get("detect_folder")
+    if folder is None:
+        folder = make_copies(a.faces, os.path.join(tmp, "agree"), len(photo_names(a.faces)))
+        timed(process_images(folder, "--device", a.device))
+    det = md.create_detector("torch", device="cpu")
+    errs, missing, extra = [], [], []
+    for i, name in enumerate(photo_names(a.faces)):
+        ref = det.detect(load_image_array(os.path.join(a.faces, name)))
+        ref = [f for f in ref if f.score >= det.default_min_score]
+        path = detection_path(folder, f"{i:05d}_{name}")
+        if not ref:
+            (extra if os.path.exists(path) else []).append(name)
+            continue
+        if not os.path.exists(path):
+            missing.append(name)
+            continue
+        from util.prepare import order_faces
+
+        img = load_image_array(os.path.join(a.faces, name))
+        best = order_faces(ref, img.shape[1], img.shape[0])[0]
+        errs.append(float(np.abs(read_points(path) - best.lm5).max()))
+    res["agreement_vs_unbatched_cpu_port"] = {
+        "photos": len(errs), "max_px": round(max(errs), 4) if errs else None,
+        "mean_px": round(float(np.mean(errs)), 4) if errs else None, "missing": missing, "extra": extra}
+    print("agreement:", res["agreement_vs_unbatched_cpu_port"], flush=True)
+
+
+def step_chain(a, tmp: str, res: dict) -> None:
+    out = {}
+    folder = make_copies(a.faces, os.path.join(tmp, "chain_two"), a.n)
+    t0 = time.perf_counter()
+    w1, _ = timed(process_images(folder, "--device", a.device))
+    w2, _ = timed([sys.executable, os.path.join(ROOT, "test.py"), *standin_args(folder, os.path.join(tmp, "r_two"),
+                                                                                  a.device)])
+    wall = time.perf_counter() - t0
+    out["two_commands"] = {"n": a.n, "detect_s": round(w1, 2), "test_py_s": round(w2, 2), "wall_s": round(wall, 2),
+                           "photos_per_s": round(a.n / wall, 1)}
+    print(f"chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = {a.n / wall:.1f} photos/s",
+          flush=True)
+    folder = make_copies(a.faces, os.path.join(tmp, "chain_stream"), a.n)
+    r_out = os.path.join(tmp, "r_stream")
+    wall, tail = timed([os.path.join(ROOT, "run_pipeline.sh"), folder, *standin_args(folder, r_out, a.device)[:-1],
+                        f"--device={a.device}", f"--detect_device={a.device}"])
+    files = len(os.listdir(r_out)) if os.path.isdir(r_out) else 0
+    out["run_pipeline"] = {"n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
+                           "files_written": files, "tail": tail[-300:]}
+    print(f"chain, run_pipeline.sh: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s ({files} files)", flush=True)
+    res["chain"] = out
+
+
+def step_scaling(a, tmp: str, res: dict) -> None:
+    runs = []
+    for i, k in enumerate(int(v) for v in a.workers_list.split(",")):  # a count may come twice
+        folder = make_copies(a.faces, os.path.join(tmp, f"scale_{i}_{k}"), a.scaling_n)
+        wall, _ = timed(process_images(folder, "--device", "cpu", "--detector", a.scaling_detector, "--workers", str(k)))
+        runs.append({"workers": k, "n": a.scaling_n, "wall_s": round(wall, 2),
+                     "photos_per_s": round(a.scaling_n / wall, 2)})
+        print(f"--device cpu --detector {a.scaling_detector} --workers {k}: {a.scaling_n} photos in {wall:.2f} s = "
+              f"{a.scaling_n / wall:.2f} photos/s", flush=True)
+    res["scaling"] = {"detector": a.scaling_detector, "runs": runs}
+
+
+def step_startup(a, tmp: str, res: dict) -> None:
+    from benchmarks.bench_inference import measure_startup
+
+    one = make_copies(a.faces, os.path.join(tmp, "one"), 1)
+    timed(process_images(one, "--device", a.device))
+    st: dict = {}
+    measure_startup(st, one, tmp, a.device, a.startup_runs)
+    res["startup"] = st
+    print("start-up:", st, flush=True)
+    r = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "test.py"),
+                        *standin_args(one, os.path.join(tmp, "r_one"), a.device)], cwd=ROOT, capture_output=True,
+                       text=True)
+    rows = []
+    for line in r.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            parts = [p.strip() for p in line[len("import time:"):].split("|")]
+            if parts[0].isdigit():
+                rows.append((int(parts[1]), parts[2]))
+    res["startup"]["slowest_imports_us"] = sorted(rows, reverse=True)[:25]
+
+
+STEPS = {"warm": step_warm, "detect": step_detect, "agreement": step_agreement, "chain": step_chain, "scaling": step_scaling,
+         "startup": step_startup}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--faces", default=next((d for d in CANDIDATE_FACES if os.path.isdir(d)), CANDIDATE_FACES[0]))
+    p.add_argument("--n", type=int, default=4032, help="photos of the detect and chain steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", default="detect,agreement,chain,scaling,startup")
+    p.add_argument("--batch-sizes", default="64")
+    p.add_argument("--workers-list", default="1,2,4,8,15")
+    p.add_argument("--scaling-n", type=int, default=112)
+    p.add_argument("--scaling-detector", default="torch")
+    p.add_argument("--startup-runs", type=int, default=3)
+    p.add_argument("--json", default="")
+    a = p.parse_args(argv)
+    import torch
+
+    res: dict = {"host": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                          "load_average_at_start": os.getloadavg()}, "faces": a.faces,
+                 "photos_in_faces": len(photo_names(a.faces))}
+    tmp = tempfile.mkdtemp(prefix="bench_detect_")
+    failed = 0
+    try:
+        for step in [s for s in a.steps.split(",") if s]:
+            try:
+                STEPS[step](a, tmp, res)
+            except Exception as e:  # noqa: BLE001 - the other steps still run
+                failed += 1
+                res.setdefault("errors", {})[step] = f"{type(e).__name__}: {e}"
+                print(f"step {step} failed: {e}", flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1, default=str)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Detect and reconstruct a folder of photos in one command, streaming: the faces of photos whose
+detections are done are reconstructed while the rest are still being detected.
+
+    ./run_pipeline.sh <folder> --name=<model> --epoch=20 [test.py options] [detection options]
+
+The same as ``./process_images.sh <folder> && python test.py --img_folder <folder> ...`` (same
+files, same report, same exit codes), in less time: detection runs in a process of its own
+(:func:`util.prepare.run_plan`, batched on CUDA) and reports each photo it finishes; this process
+loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
+(:func:`models.inference.run_folder` on those photos, the model loaded once), each round taking
+every photo finished since the last one.
+
+Detection options (the rest go to test.py): --detector, --detect_device (default auto), --workers
+(detection), --detect_batch_size, --max_side, --min_score, --all-faces, --force_detect; see
+``python run_pipeline.py --help`` and docs/detection_speed.md.
+
+Exit status: test.py's (0 all faces reconstructed, 1 some failed or none found, 2 set-up error,
+130 interrupted); a detection set-up error is 2 as well.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("run_pipeline")
+MIN_ROUND = 64  # photos a reconstruction round waits for while detection goes on
+
+
+def detection_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_pipeline", add_help=False)
+    p.add_argument("folder", nargs="?")
+    p.add_argument("--detector", default="auto")
+    p.add_argument("--detect_device", "--detect-device", default="auto")
+    p.add_argument("--workers", default="auto")
+    p.add_argument("--detect_batch_size", "--detect-batch-size", type=int, default=0)
+    p.add_argument("--max_side", "--max-side", type=int, default=1600)
+    p.add_argument("--min_score", "--min-score", type=float, default=None)
+    p.add_argument("--all-faces", "--all_faces", dest="all_faces", action="store_true")
+    p.add_argument("--force_detect", "--force-detect", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dargs, rest = detection_parser().parse_known_args(argv)
+    if dargs.help:
+        print(__doc__)
+        return 0
+    if not dargs.folder:
+        print("run_pipeline: error: the folder of photos is required: ./run_pipeline.sh <folder> --name=<model> ...",
+              file=sys.stderr)
+        return 2
+    if not os.path.isdir(dargs.folder):
+        print(f"run_pipeline: error: {dargs.folder} is not a folder of photos", file=sys.stderr)
+        return 2
+    from options.test_options import parse_test_options
+
+    opt = parse_test_options(rest + ["--img_folder", dargs.folder])
+    logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from mtcnn_detector import resolve_detector_device, tensorflow_quiet
+    from util.prepare import PrepareOptions
+
+    try:
+        workers = 0 if dargs.workers == "auto" else int(dargs.workers)
+        detector, device = resolve_detector_device(dargs.detector, dargs.detect_device)
+    except ValueError as e:
+        print(f"run_pipeline: error: {e}", file=sys.stderr)
+        return 2
+    if not opt.verbose:
+        tensorflow_quiet()
+    options = PrepareOptions(detector=detector, all_faces=dargs.all_faces, min_score=dargs.min_score,
+                             max_side=dargs.max_side, recursive=opt.recursive, force=dargs.force_detect,
+                             workers=workers, device=device, batch_size=dargs.detect_batch_size,
+                             verbose=opt.verbose)
+    from util.interrupts import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            return run(opt, options)
+    except KeyboardInterrupt:
+        print("run_pipeline: interrupted: files already written are complete; the same command does the rest "
+              "(add --skip_existing true to leave out faces already reconstructed)", file=sys.stderr)
+        return 130
+
+
+def run(opt, options) -> int:
+    """Detection in a process of its own, reconstruction rounds here; prints both summaries."""
+    import multiprocessing
+
+    from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
+    from models.inference import default_batch_size
+    from util.prepare import DETECTION_FAILED, detect_to_queue
+    from util.subprocesses import main_module_hidden
+
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # CUDA and TensorFlow do not survive fork
+    queue = ctx.Queue()
+    detector = ctx.Process(target=detect_to_queue, args=(opt.img_folder, options, queue), name="detection")
+    with main_module_hidden():
+        detector.start()
+    total = RunSummary()
+    ready: list[str] = []
+    final = None
+    try:
+        device = resolve_device(opt.device, opt.gpu_ids)
+        model = build_model(opt, device)  # while the first photos are detected
+        warm_up_network(model, opt.batch_size if opt.batch_size > 0 else default_batch_size(device), device)
+        rounds = 0
+        while True:
+            if final is None:
+                final = _drain(queue, ready, block=len(ready) < MIN_ROUND, alive=detector.is_alive)
+            if final is not None and final[0] == DETECTION_FAILED:
+                print(f"run_pipeline: detection failed: {final[1]}", file=sys.stderr)
+                return 130 if final[1] == "interrupted" else 2
+            if ready and (len(ready) >= MIN_ROUND or final is not None):
+                photos, ready = set(ready), []
+                summary = run_folder(opt, device, model=model, progress=False, only=photos)
+                rounds += 1
+                log.info("round %d: %d photo(s), %d face(s) in %.2f s", rounds, len(photos), summary.faces_ok,
+                         summary.seconds)
+                total.merge(summary)
+                total.out_dir = summary.out_dir
+            elif final is not None:
+                break
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if final is None and detector.is_alive():
+            detector.terminate()
+        detector.join()
+    _, det_summary, report_path = final
+    skipped = ", ".join(f"{k} {v}" for k, v in det_summary["skipped"].items()) or "none"
+    print(f"detection: {det_summary['images']} photos, {det_summary['ok']} with a face, {det_summary['reused']} "
+          f"up to date (kept), skipped: {skipped}; report: {report_path}")
+    total.seconds = time.perf_counter() - t0
+    print(total.report())
+    return total.exit_code
+
+
+def _drain(queue, ready: list[str], block: bool, alive) -> tuple | None:
+    """Move the detection process's waiting messages (lists of photos done) into ``ready``;
+    ``block``: wait for one first. Returns its final message when it came (a dead process that
+    sent none counts as failed), else None."""
+    import queue as queue_mod
+
+    while True:
+        try:
+            msg = queue.get(timeout=0.5) if block else queue.get_nowait()
+        except queue_mod.Empty:
+            if not block:
+                return None
+            if not alive():
+                return (DETECTION_FAILED, "the detection process ended without a word (killed?)")
+            continue
+        if isinstance(msg, tuple):
+            return msg
+        ready.extend(msg)
+        block = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

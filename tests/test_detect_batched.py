@@ -1,0 +1,195 @@
+"""process_images' batched engine, --device, worker processes and quiet runs (issue 16, 23.3, 24.3).
+
+Batched detection (the torch port's detect_batch on several photos, in engine processes) gives
+the points and report rows of one-photo-at-a-time detection; --device cuda without CUDA is a
+one-line usage error; worker processes cap their threads and die with their parent; TensorFlow
+and torch notes never reach the terminal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import mtcnn_detector as md
+import process_images
+from tests.conftest import ROOT, make_photo_folder
+from util import prepare
+from util.detections_io import detection_path, read_points
+
+# small photos (fast on a CPU), one with two faces
+PHOTOS = ["000033.jpg", "000050.jpg", "vd006.png", "000037.jpg"]
+
+
+def _port_available() -> bool:
+    try:
+        md.create_detector("torch")
+    except (md.DetectorUnavailableError, FileNotFoundError):
+        return False
+    return True
+
+
+needs_port = pytest.mark.skipif(not _port_available(), reason="the torch MTCNN port's weights are not installed")
+
+
+def _noise(path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray((np.random.RandomState(0).rand(120, 140, 3) * 255).astype(np.uint8)).save(path)
+
+
+def _folder(d) -> str:
+    folder = make_photo_folder(str(d), PHOTOS, with_detections=False)
+    _noise(os.path.join(folder, "noise.png"))  # no face
+    with open(os.path.join(folder, "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    return folder
+
+
+def _rows(folder: str, report: str) -> dict:
+    with open(os.path.join(folder, report), encoding="utf-8") as f:
+        return {r["path"]: r for r in json.load(f)["images"]}
+
+
+@needs_port
+def test_batched_equals_one_at_a_time(tmp_path):
+    """Same points (<= 0.5 px; float round-off in fact) and the same report rows, whether the
+    photos are detected one at a time or in batches of 3 (one detect_batch call each)."""
+    folder = _folder(tmp_path / "photos")
+    argv = [folder, "--no-progress", "--detector", "torch", "--device", "cpu", "--force"]
+    assert process_images.main(argv + ["--workers", "1", "--report", os.path.join(folder, "one.json")]) == 0
+    single = {n: read_points(detection_path(folder, n)) for n in PHOTOS}
+    assert process_images.main(argv + ["--batch_size", "3", "--workers", "1",
+                                       "--report", os.path.join(folder, "batched.json")]) == 0
+    for name in PHOTOS:
+        assert np.abs(read_points(detection_path(folder, name)) - single[name]).max() <= 0.5
+    one, batched = _rows(folder, "one.json"), _rows(folder, "batched.json")
+    assert sorted(one) == sorted(batched) == sorted(PHOTOS + ["noise.png", "broken.jpg"])
+    for path, row in one.items():
+        other = batched[path]
+        for key in set(row) - {"seconds", "box", "confidence"}:
+            assert row[key] == other[key], (path, key)
+        if row["box"] is not None:
+            np.testing.assert_allclose(row["box"], other["box"], atol=0.05)
+            assert abs(row["confidence"] - other["confidence"]) < 1e-3
+    assert one["noise.png"]["reason"] == "no_face" and one["broken.jpg"]["status"] == "skipped"
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    folder = _folder(tmp_path / "photos")
+    assert process_images.main([folder, "--no-progress", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA" in err and "--device cpu" in err
+    assert not os.path.exists(os.path.join(folder, "detections"))
+    assert process_images.main([folder, "--no-progress", "--device", "cuda", "--detector", "mtcnn"]) == 2
+
+
+def test_device_and_detector_resolution(monkeypatch):
+    monkeypatch.setattr(md, "_gpu_device_files", lambda: False)
+    assert md.resolve_detector_device("auto", "auto") == ("mtcnn", "cpu")
+    assert md.resolve_detector_device("torch", "auto") == ("torch", "cpu")
+    monkeypatch.setattr(md, "_gpu_device_files", lambda: True)
+    monkeypatch.setattr(md, "_cuda_available", lambda: True)
+    assert md.resolve_detector_device("auto", "auto") == ("torch", "cuda")
+    assert md.resolve_detector_device("mtcnn", "auto") == ("mtcnn", "cpu")  # TensorFlow here runs on the CPU
+    assert md.resolve_detector_device("auto", "cpu") == ("mtcnn", "cpu")
+    with pytest.raises(ValueError, match="--device"):
+        md.resolve_detector_device("torch", "tpu")
+
+
+def test_worker_counts_and_threads():
+    assert prepare.worker_count(0, 100, cores=16) == 16
+    assert prepare.worker_count(0, 6, cores=16) == 2  # a process per 4 photos at most
+    assert prepare.worker_count(0, 1, cores=16) == 1
+    assert prepare.worker_count(3, 100, cores=16) == 3
+    assert prepare.worker_count(0, 126, batched=True, cores=16) == 15  # batches; the main process keeps a core
+    assert prepare.worker_count(0, 2, batched=True, cores=16) == 2
+    for workers, cores in [(1, 16), (2, 16), (15, 16), (4, 2), (2, 2), (1, 2)]:
+        threads = prepare.threads_per_worker(workers, cores)
+        assert threads >= 1 and (workers * threads <= cores or threads == 1)
+
+
+@needs_port
+def test_workers_cap_their_threads_and_die_with_their_parent(tmp_path):
+    """The limits are read back inside two pool workers, started as process_images starts them."""
+    folder = _folder(tmp_path / "photos")
+    options = prepare.PrepareOptions(detector="torch", workers=2)
+    plan = prepare.plan_folder(folder, options)
+    threads = prepare.threads_per_worker(2)
+    env_before = {k: os.environ.get(k) for k in prepare.THREAD_VARIABLES}
+    seen = []
+    prepare._run_pool(plan, seen.append, tasks=[None] * 4, task=prepare._worker_thread_limits, workers=2)
+    assert len(seen) == 4
+    for limits in seen:
+        assert limits["torch"] == threads and limits["cv2"] == threads
+        assert all(limits[k] == str(threads) for k in prepare.THREAD_VARIABLES)
+        assert limits["pdeathsig"] == 9  # SIGKILL when the parent dies
+    assert {k: os.environ.get(k) for k in prepare.THREAD_VARIABLES} == env_before  # the parent's are back
+
+
+def test_torch_port_shows_no_sparse_tensor_warning():
+    from models.mtcnn_torch import AreaMatrices, area_resize
+
+    image = torch.rand(40, 50, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        area_resize(image, 17, 23, matrices=AreaMatrices(torch.device("cpu"), sparse=True))
+    assert not [w for w in caught if "sparse" in str(w.message).lower()]
+
+
+@pytest.mark.slow
+def test_default_run_prints_only_our_lines(tmp_path):
+    """A normal run (TensorFlow's mtcnn, a photo without a face) writes nothing to stderr but the
+    progress bar: no TensorFlow, absl or oneDNN lines; --verbose lets them through."""
+    pytest.importorskip("tensorflow")
+    folder = str(tmp_path / "photos")
+    os.makedirs(folder)
+    _noise(os.path.join(folder, "noise.png"))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "process_images.py"), folder, "--no-progress",
+                        "--detector", "mtcnn"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert "no_face 1" in r.stdout and len(r.stdout.splitlines()) == 2
+
+
+@pytest.mark.slow
+@needs_port
+def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, capsys):
+    """run_pipeline (detection process + reconstruction rounds, here one round per photo) writes
+    the detections, report rows and results of process_images followed by test.py."""
+    import run_pipeline
+    import test as test_py
+    from scipy.io import loadmat
+
+    monkeypatch.setattr(run_pipeline, "MIN_ROUND", 1)
+    common = ["--name", standin["name"], "--epoch", "20", "--checkpoints_dir", standin["checkpoints_dir"],
+              "--bfm_folder", standin["bfm_folder"], "--device", "cpu", "--save_mesh", "False", "--save_png", "False",
+              "--num_threads", "0"]
+    folders = {}
+    for way in ("two", "stream"):
+        folder = make_photo_folder(str(tmp_path / way), PHOTOS[:2], with_detections=False)
+        _noise(os.path.join(folder, "noise.png"))
+        folders[way] = folder
+    two, stream = folders["two"], folders["stream"]
+    assert process_images.main([two, "--no-progress", "--detector", "torch", "--device", "cpu", "--workers", "1"]) == 0
+    assert test_py.main(common + ["--img_folder", two, "--results_dir", str(tmp_path / "r_two")]) == 0
+    assert run_pipeline.main([stream, *common, "--results_dir", str(tmp_path / "r_stream"), "--detector", "torch",
+                              "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "detection: 3 photos, 2 with a face" in out and "done: 2 face(s) reconstructed, 0 failed" in out
+    for name in PHOTOS[:2]:
+        np.testing.assert_array_equal(read_points(detection_path(stream, name)), read_points(detection_path(two, name)))
+        stem = os.path.splitext(name)[0]
+        a, b = (loadmat(str(tmp_path / r / f"{stem}.mat")) for r in ("r_two", "r_stream"))
+        for key in ("id", "exp", "tex", "angle", "gamma", "trans"):
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+    assert _rows(stream, "process_report.json")["noise.png"]["reason"] == "no_face"
