@@ -408,7 +408,7 @@ def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool, i
     stale = [p for _, p in face_detection_files(folder, rel, index=index) if p not in keep and os.path.lexists(p)]
     for _, p in face_detection_files(folder, rel, subdir=LANDMARKS_DIR, index=index):
         st = _stat(p)
-        if p not in keep and (landmarks68 or (st and photo_mtime and st.st_mtime_ns < photo_mtime.st_mtime_ns)):
+        if p not in keep and st and (landmarks68 or (photo_mtime and st.st_mtime_ns < photo_mtime.st_mtime_ns)):
             stale.append(p)
     for p in [p for p, _ in targets] + stale:  # all checked before anything is written: all or nothing
         _check_replaceable(p)
