@@ -446,7 +446,7 @@ def loader_worker_init(worker_id: int) -> None:
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
-               model=None) -> RunSummary:
+               model=None, on_batch=None) -> RunSummary:
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
@@ -455,7 +455,10 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     (:class:`util.prefetch.Prefetcher`) takes the batches from the DataLoader and readies their
     crops on the device (:func:`data.image_folder.batch_crops`), :func:`prefetch_depth` batches
     ahead; the main thread runs the network on them and hands numpy arrays to the writers.
-    ``RunSummary.timeline`` records when each phase ended.
+    ``RunSummary.timeline`` records when each phase ended. ``on_batch(model, images, coeffs, batch)``,
+    when given, sees each batch's (B, 3, 224, 224) float crops and final (B, 257) coefficients
+    (after fitting) with the collated batch (its 'meta', 'lm', ...), e.g. to collect them
+    (:mod:`pipeline.image_sets`).
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
@@ -550,6 +553,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     lm68 = batch.get("lm68")
                     coeffs = fit_batch(model, coeffs, images, batch["lm"].to(device), opt.fit_steps,
                                        None if lm68 is None else lm68.to(device), batch.get("has_lm68"))
+                if on_batch is not None:
+                    on_batch(model, images, coeffs.detach(), batch)
                 record(writer.submit(batch_results(model, coeffs.detach(), batch, opt)))
             if bar is not None:
                 bar.update(len(batch["meta"]) + len(batch["failed"]))

@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from options.base_options import BaseOptions, opt, parse_options
+from options.feature_options import ImageSetOptions, VideoOptions
 
 
 @dataclass
-class TestOptions(BaseOptions):
+class TestOptions(BaseOptions, ImageSetOptions, VideoOptions):
     phase: str = opt("test", "phase (test)")
     dataset_mode: str = opt("None", "unused at test time (kept for the original's command lines)")
     img_folder: str = opt("examples", "folder of photos; detections are read from <img_folder>/detections/")
