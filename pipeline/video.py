@@ -171,7 +171,7 @@ def smooth_coeffs(coeffs: np.ndarray, has_face: np.ndarray, sigma: float) -> np.
     return out
 
 
-class OverlayWriter:
+class VideoWriter:
     """An H.264 (or MPEG-4 where libx264 is absent) video of RGB frames, written by PyAV to a
     temporary name and renamed on :meth:`close`."""
 
@@ -249,7 +249,7 @@ def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str
         if settings.overlay:
             if overlay is None:
                 h, w = frames[0].shape[:2]
-                overlay = OverlayWriter(os.path.join(out_dir, f"{stem}_overlay.mp4"), frame_rate(path), w, h)
+                overlay = VideoWriter(os.path.join(out_dir, f"{stem}_overlay.mp4"), frame_rate(path), w, h)
             for img in shown:
                 overlay.write(img)
         rows["coeffs"].append(coeffs)

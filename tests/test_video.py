@@ -57,23 +57,19 @@ FRAMES = ["000002.jpg", None, "vd006.png", "JianzhuGuo.jpg", None]  # None: a fr
 
 
 def write_clip(path: str, size: int = 256, fps: int = 5) -> None:
-    """Example photos (squared, resized) and grey frames as an H.264 clip, written with PyAV."""
-    av = pytest.importorskip("av")
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for name in FRAMES:
-            if name is None:
-                rgb = np.full((size, size, 3), 128, np.uint8)
-            else:
-                img = Image.open(os.path.join(ROOT, "examples", name)).convert("RGB")
-                side = min(img.size)
-                rgb = np.asarray(img.crop((0, 0, side, side)).resize((size, size), Image.Resampling.BICUBIC))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    """Example photos (squared, resized) and grey frames as a clip (H.264 through PyAV)."""
+    pytest.importorskip("av")
+    from pipeline.video import VideoWriter
+
+    clip = VideoWriter(path, fps, size, size)
+    for name in FRAMES:
+        if name is None:
+            clip.write(np.full((size, size, 3), 128, np.uint8))
+        else:
+            img = Image.open(os.path.join(ROOT, "examples", name)).convert("RGB")
+            side = min(img.size)
+            clip.write(np.asarray(img.crop((0, 0, side, side)).resize((size, size), Image.Resampling.BICUBIC)))
+    clip.close()
 
 
 @pytest.mark.slow
