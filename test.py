@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import time
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = None
     try:
         with sigterm_as_interrupt():
+            if (opt.video or opt.group_by) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise SetupError("--video and --group_by run in one process: launch test.py without torchrun")
             if opt.video:
                 return _run_videos(opt)
             if opt.group_by:
