@@ -80,6 +80,8 @@ def _run_image_sets(opt):
     from pipeline.image_sets import SetCollector
 
     settings = image_set_settings(opt)
+    if opt.skip_existing:
+        raise SetupError("--group_by needs every photo's coefficients: run it without --skip_existing")
     device = resolve_device(opt.device, opt.gpu_ids)
     try:
         collector = SetCollector(settings, opt.img_folder, confidence=load_confidence(settings.confidence, device))
@@ -110,7 +112,7 @@ def _run_videos(opt) -> int:
     device = resolve_device(opt.device, opt.gpu_ids)
     model = build_model(opt, device)
     summary = reconstruct_videos(paths, model, lm3d, results_dir(dataclasses.replace(opt, img_folder=opt.video)),
-                                 video_settings(opt, str(device)), progress=opt.verbose)
+                                 video_settings(opt, device), progress=opt.verbose)
     print(summary.report())
     return summary.exit_code
 

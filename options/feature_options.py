@@ -37,8 +37,10 @@ def image_set_settings(o):
     return ImageSetSettings(group_by=o.group_by, confidence=o.confidence)
 
 
-def video_settings(o, device: str):
+def video_settings(o, device):
+    """``device``: the run's torch.device (the detector runs there; batch size -1 = its default)."""
+    from models.inference import default_batch_size
     from pipeline.video import VideoSettings
 
-    return VideoSettings(batch_size=8 if o.batch_size <= 0 else o.batch_size, overlay=o.video_overlay,
-                         smooth=o.smooth, max_frames=o.max_frames, device=device)
+    return VideoSettings(batch_size=default_batch_size(device) if o.batch_size <= 0 else o.batch_size,
+                         overlay=o.video_overlay, smooth=o.smooth, max_frames=o.max_frames, device=str(device))

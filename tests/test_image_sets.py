@@ -159,3 +159,13 @@ def test_group_by_folder_writes_one_aggregate_per_person(standin, standin_face_m
     with open(out / "image_sets" / "alice.obj") as f:
         verts = [line for line in f if line.startswith("v ")]
     assert len(verts) == standin_face_model.n_vertex
+
+
+def test_bad_group_by_or_confidence_is_a_one_line_error(tmp_path, capsys):
+    base = [f"--img_folder={tmp_path}", "--device=cpu"]
+    assert test_cli.main(base + [f"--group_by={tmp_path / 'people.csv'}"]) == 2
+    assert "people.csv" in capsys.readouterr().err
+    assert test_cli.main(base + ["--group_by=folder", "--confidence=best"]) == 2
+    assert "--confidence 'best'" in capsys.readouterr().err
+    assert test_cli.main(base + ["--group_by=folder", "--skip_existing"]) == 2
+    assert "without --skip_existing" in capsys.readouterr().err

@@ -119,3 +119,9 @@ def test_video_coefficients_no_face_frames_and_overlay(standin, tmp_path, capsys
     assert len(shown) == t
     assert np.abs(shown[0].astype(int) - frames[0].astype(int)).mean() > 2  # the render covers the face
     assert np.abs(shown[1].astype(int) - 128).mean() < 3  # a frame without a face is shown as it is
+
+
+def test_missing_video_is_a_one_line_error(tmp_path, capsys):
+    assert test_cli.main([f"--video={tmp_path / 'clip.mp4'}", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --video") and "no such file" in err and err.count("\n") == 1
