@@ -60,7 +60,8 @@ class VideoSummary:
         return 0 if self.outputs and not self.failures else 1
 
     def report(self) -> str:
-        lines = [f"done: {len(self.outputs)} video(s) reconstructed, {len(self.failures)} failed ({self.seconds:.1f} s)"]
+        lines = [f"done: {len(self.outputs)} video(s) reconstructed, {len(self.failures)} failed "
+                 f"({self.seconds:.1f} s)"]
         lines += [f"  {p}: {t} frame(s), {f} with a face" for p, t, f in self.outputs]
         lines += [f"failed: {p}: {why}" for p, why in self.failures]
         return "\n".join(lines)
@@ -111,18 +112,21 @@ def best_face(detections: list[dict]) -> np.ndarray | None:
     return None if not detections else np.asarray(detections[0]["keypoints"], dtype=np.float64)
 
 
-def align_frames(frames: list[np.ndarray], points: list[np.ndarray], lm3d: np.ndarray) -> tuple:
-    """Frames with their (5, 2) y-down points -> ((B, 3, 224, 224) uint8 crops, their AlignTransforms)."""
+def align_frame(frame: np.ndarray, points: np.ndarray, lm3d: np.ndarray) -> tuple:
+    """A frame with its (5, 2) y-down points -> ((3, 224, 224) uint8 crop, its AlignTransform);
+    raises ValueError for points that are not a face's (see :func:`util.preprocess.align_params`)."""
     from PIL import Image
 
     from util.preprocess import align_img, flip_y
 
-    crops, transforms = [], []
-    for frame, pts in zip(frames, points):
-        transform, crop, _ = align_img(Image.fromarray(frame), flip_y(pts, frame.shape[0]), lm3d)
-        crops.append(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
-        transforms.append(transform)
-    return torch.from_numpy(np.stack(crops)), transforms
+    transform, crop, _ = align_img(Image.fromarray(frame), flip_y(points, frame.shape[0]), lm3d)
+    return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1), transform
+
+
+def align_frames(frames: list[np.ndarray], points: list[np.ndarray], lm3d: np.ndarray) -> tuple:
+    """:func:`align_frame` of each -> ((B, 3, 224, 224) uint8 crops, their AlignTransforms)."""
+    aligned = [align_frame(f, p, lm3d) for f, p in zip(frames, points)]
+    return torch.from_numpy(np.stack([a[0] for a in aligned])), [a[1] for a in aligned]
 
 
 def crop_landmarks_to_frame(lm68_yup: np.ndarray, transform, crop_size: int = 224) -> np.ndarray:
@@ -211,6 +215,7 @@ class VideoWriter:
 def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str, settings: VideoSettings
                       ) -> tuple[str, int, int]:
     """Reconstruct ``path`` (module docstring); returns (npz path, frames, frames with a face)."""
+    from data.image_folder import images_to_float
     from models.inference import overlay_uint8
     from util.atomic_files import write_atomic
 
@@ -225,19 +230,26 @@ def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str
         nonlocal overlay
         frames = [f for _, _, f in pending]
         points = [best_face(d) for d in detector.detect_batch(frames)]
-        found = [i for i, p in enumerate(points) if p is not None]
+        found, aligned = [], []
+        for i, p in enumerate(points):
+            if p is not None:
+                try:
+                    aligned.append(align_frame(frames[i], p, lm3d))
+                    found.append(i)
+                except ValueError as e:  # points no face has: the frame counts as one without
+                    log.warning("%s frame %d: %s", path, pending[i][0], e)
+                    points[i] = None
         coeffs = np.full((len(frames), COEFFS.total), np.nan, np.float32)
         lm68 = np.full((len(frames), 68, 2), np.nan, np.float32)
         shown = list(frames)
         if found:
-            crops, transforms = align_frames([frames[i] for i in found], [points[i] for i in found], lm3d)
-            crops = crops.to(device)
-            from data.image_folder import images_to_float
-
+            crops = torch.from_numpy(np.stack([a[0] for a in aligned])).to(device)
+            transforms = [a[1] for a in aligned]
             with torch.inference_mode():
                 c = model.predict_coeffs(images_to_float(crops))
                 rec = model.reconstruct(c) if settings.overlay else None
-                lm_crop = (rec.face.landmark if rec is not None else model.face_model.landmarks(c)).float().cpu().numpy()
+                lm = rec.face.landmark if rec is not None else model.face_model.landmarks(c)
+                lm_crop = lm.float().cpu().numpy()
                 if rec is not None:
                     over = overlay_uint8(crops, rec.render, rec.mask).cpu().numpy()
                     masks = rec.mask[:, 0].cpu().numpy()
