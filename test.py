@@ -104,8 +104,8 @@ def _run_videos(opt) -> int:
     from util.preprocess import load_lm3d
 
     try:
-        import_av()
         paths = list_videos(opt.video)
+        import_av()
         lm3d = load_lm3d(opt.bfm_folder)
     except (ImportError, FileNotFoundError, MissingAssetError) as e:
         raise SetupError(str(e)) from None
