@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import time
 
@@ -43,9 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     from models.ranks import run_ranks
     from util.interrupts import sigterm_as_interrupt
 
+    sets = None
     try:
         with sigterm_as_interrupt():
-            summary, reporting = run_ranks(opt)
+            if (opt.video or opt.group_by) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise SetupError("--video and --group_by run in one process: launch test.py without torchrun")
+            if opt.video:
+                return _run_videos(opt)
+            if opt.group_by:
+                summary, sets = _run_image_sets(opt)
+                reporting = True
+            else:
+                summary, reporting = run_ranks(opt)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary.report(listed))
         if opt.report:
             _write_report(summary)
+        if sets is not None:
+            print(sets.report())
         _log_timing(summary, started, ready)
     return summary.exit_code
 
@@ -83,6 +95,54 @@ def _write_report(summary) -> None:
     print(f"report: {path}")
     if not viewer:
         print(f"report: no 3D viewer (three.js is not vendored): run {INSTALL_HINT}, then --report again")
+
+
+def _run_image_sets(opt):
+    """``--group_by``: the folder's run (one process) with :class:`pipeline.image_sets.SetCollector`
+    watching its batches, then one aggregated identity per group. Returns (RunSummary, SetsSummary)."""
+    import dataclasses
+
+    from models.inference import SetupError, resolve_device, run_folder
+    from options.feature_options import image_set_settings
+    from pipeline.confidence import load_confidence
+    from pipeline.image_sets import SetCollector
+
+    settings = image_set_settings(opt)
+    if opt.skip_existing:
+        raise SetupError("--group_by needs every photo's coefficients: run it without --skip_existing")
+    device = resolve_device(opt.device, opt.gpu_ids)
+    try:
+        collector = SetCollector(settings, opt.img_folder, confidence=load_confidence(settings.confidence, device))
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    if settings.group_by == "folder":
+        opt = dataclasses.replace(opt, recursive=True)
+    summary = run_folder(opt, device, on_batch=collector)
+    return summary, collector.write(summary.out_dir)
+
+
+def _run_videos(opt) -> int:
+    """``--video``: each video's frames detected and reconstructed (:mod:`pipeline.video`)."""
+    import dataclasses
+
+    from models.inference import SetupError, build_model, resolve_device, results_dir
+    from options.feature_options import video_settings
+    from pipeline.video import import_av, list_videos, reconstruct_videos
+    from util.assets import MissingAssetError
+    from util.preprocess import load_lm3d
+
+    try:
+        paths = list_videos(opt.video)
+        import_av()
+        lm3d = load_lm3d(opt.bfm_folder)
+    except (ImportError, FileNotFoundError, MissingAssetError) as e:
+        raise SetupError(str(e)) from None
+    device = resolve_device(opt.device, opt.gpu_ids)
+    model = build_model(opt, device)
+    summary = reconstruct_videos(paths, model, lm3d, results_dir(dataclasses.replace(opt, img_folder=opt.video)),
+                                 video_settings(opt, device), progress=opt.verbose)
+    print(summary.report())
+    return summary.exit_code
 
 
 def _log_timing(summary, started: float, ready: float) -> None:

@@ -615,7 +615,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
-               model=None, only=None) -> RunSummary:
+               model=None, only=None, on_batch=None) -> RunSummary:
     """Reconstruct every detected face of ``opt.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then
@@ -627,6 +627,10 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
     ``RunSummary.timeline`` records when each phase ended. ``only``: a set of photos (paths
     relative to the folder, '/'-separated, as process_images' report names them) to reconstruct,
     the others left out and not reported (run_pipeline's rounds).
+    ``on_batch(model, images, coeffs, batch)``,
+    when given, sees each batch's (B, 3, 224, 224) float crops and final (B, 257) coefficients
+    (after fitting) with the collated batch (its 'meta', 'lm', ...), e.g. to collect them
+    (:mod:`pipeline.image_sets`).
     """
     from data.image_folder import batch_crops, images_to_float, scan_folder
     from util.prefetch import prefetched
@@ -731,6 +735,8 @@ def run_folder(opt, device: torch.device, rank: int = 0, world: int = 1, progres
                     lm68 = batch.get("lm68")
                     coeffs = fit_batch(model, coeffs, images, batch["lm"].to(device), opt.fit_steps,
                                        None if lm68 is None else lm68.to(device), batch.get("has_lm68"))
+                if on_batch is not None:
+                    on_batch(model, images, coeffs.detach(), batch)
                 if record(writer.submit(batch_results(model, coeffs.detach(), batch, opt))):
                     break
             if bar is not None:

@@ -32,6 +32,8 @@ GROUPS = {
     "model": "model: checkpoint, network, face model",
     "renderer": "renderer and camera",
     "outputs": "outputs and messages",
+    "sets": "image sets: one identity from several photos of a person",
+    "video": "video input",
     "performance": "devices and performance",
     "fitting": "per-image fitting",
     "training": "training",

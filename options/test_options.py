@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from options.base_options import BaseOptions, opt, parse_options
+from options.feature_options import ImageSetOptions, VideoOptions
 from options.output_options import OutputFormatOptions
 
 
 @dataclass
-class TestOptions(OutputFormatOptions, BaseOptions):
+class TestOptions(ImageSetOptions, VideoOptions, OutputFormatOptions, BaseOptions):
     phase: str = opt("test", "phase (test)", group="data")
     dataset_mode: str = opt("None", "unused at test time (kept for the original's command lines)", group="data")
     img_folder: str = opt("examples", "folder of photos; detections are read from <img_folder>/detections/",

@@ -1,0 +1,46 @@
+"""test.py's options for image sets and video (:mod:`pipeline.image_sets`, :mod:`pipeline.video`).
+
+Each group is a dataclass of fields (the same ``opt()`` fields as the other options, turned into
+flags by :func:`options.base_options.build_parser`) that TestOptions inherits; the functions
+below turn parsed options into the pipelines' frozen settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from options.base_options import opt
+
+
+@dataclass
+class ImageSetOptions:
+    group_by: str = opt("", "image sets: reconstruct every photo, then aggregate one identity and albedo per person "
+                            "(<results>/image_sets/<person>.obj/.mat). 'folder' = a sub-folder per person (implies "
+                            "--recursive), or the path of a CSV file with the columns photo,person", group="sets")
+    confidence: str = opt("fit", "image sets: per-photo confidence of the aggregation: fit (from the landmark and "
+                                 "photometric residuals) | uniform | path of a TorchScript confidence network", group="sets")
+
+
+@dataclass
+class VideoOptions:
+    video: str = opt("", "a video file, or a folder of them: frames are decoded (PyAV), detected (MTCNN in PyTorch) "
+                         "and reconstructed in batches into <results>/<video stem>.npz (T x 257 coefficients, "
+                         "68 landmarks, frame times, frames without a face)", group="video")
+    video_overlay: bool = opt(False, "video: also write <video stem>_overlay.mp4 (the render over each frame)", group="video")
+    smooth: float = opt(0.0, "video: Gaussian smoothing of pose and expression over time, sigma in frames "
+                             "(0 = off; runs of frames with a face are smoothed separately)", group="video")
+    max_frames: int = opt(0, "video: decode at most this many frames per video (0 = all)", group="video")
+
+
+def image_set_settings(o):
+    from pipeline.image_sets import ImageSetSettings
+
+    return ImageSetSettings(group_by=o.group_by, confidence=o.confidence)
+
+
+def video_settings(o, device):
+    """``device``: the run's torch.device (the detector runs there; batch size -1 = its default)."""
+    from models.inference import default_batch_size
+    from pipeline.video import VideoSettings
+
+    return VideoSettings(batch_size=default_batch_size(device) if o.batch_size <= 0 else o.batch_size,
+                         overlay=o.video_overlay, smooth=o.smooth, max_frames=o.max_frames, device=str(device))
