@@ -351,7 +351,7 @@ class Dlib68Landmarker:
     :meth:`fit` takes a :class:`Detection`: the predictor is started from dlib's own face box
     when dlib's detector finds a box overlapping the face (the framing it was trained on), else
     from the detection's box mapped to dlib's framing (centre moved down by 0.07 box sizes,
-    side 0.975 box sizes, measured on ../shared/faces).
+    side 0.975 box sizes, measured on tests/data/faces).
     """
 
     def __init__(self, predictor_path: str | None = None):

@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     from options.test_options import parse_test_options
 
     opt = parse_test_options(argv)
+    from options.feature_options import feature_inputs_error
     from util.assets import checkpoint_file, inputs_error
 
-    missing = inputs_error(opt.img_folder, checkpoint_file(opt.checkpoints_dir, opt.name, opt.epoch), opt.bfm_folder,
-                           opt.bfm_model)
+    missing = feature_inputs_error(opt) or inputs_error(
+        opt.img_folder, checkpoint_file(opt.checkpoints_dir, opt.name, opt.epoch), opt.bfm_folder, opt.bfm_model)
     if missing:  # before torch loads: a mistyped path is reported at once
         print(f"error: {missing}", file=sys.stderr)
         return 2

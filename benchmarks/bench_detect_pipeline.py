@@ -21,8 +21,8 @@ Steps (--steps, comma list; each adds its figures to the JSON):
   without a bytecode cache where the interpreter writes none), and ``-X importtime``'s 25
   slowest imports of one run.
 
-The copies are hard links (``<i>_<name>``) of the photos of --faces (default ../shared/faces,
-else tests/data/faces or examples/). Reconstruction uses the stand-in (``python -m util.standin``).
+The copies are hard links (``<i>_<name>``) of the photos of --faces (default tests/data/faces,
+else examples/). Reconstruction uses the stand-in (``python -m util.standin``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CANDIDATE_FACES = [os.path.join(os.path.dirname(ROOT), "shared", "faces"), os.path.join(ROOT, "tests", "data", "faces"),
+CANDIDATE_FACES = [os.path.join(ROOT, "tests", "data", "faces"),
                    os.path.join(ROOT, "examples")]
 PHOTO_EXT = (".jpg", ".jpeg", ".png")
 

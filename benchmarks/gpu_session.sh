@@ -5,8 +5,10 @@
 # then runs the steps: gpu (the GPU-marked tests and the CUDA cases of the inference tests),
 # examples (test.py on examples/ with the CUDA rasterizer, and with OpenGL where .gl/ is present:
 # the two .mat sets must be identical), agreement (CPU vs nvdiffrast renders), bench (the
-# inference benchmark). Logs and JSON land in $OUT (default /tmp/out); the exit code is the
-# number of failed steps.
+# inference benchmark), detect (process_images.sh on the GPU, its agreement with the CPU port,
+# the whole chain and test.py's start-up: benchmarks/bench_detect_pipeline.py on N_DETECT
+# photos, default 4032), sets_video (test.py --group_by and --video at scale). Logs and JSON land
+# in $OUT (default /tmp/out); the exit code is the number of failed steps.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,7 +33,8 @@ run_step() { local name=$1; shift; echo "== $name"; if ! ( time "$@" ) >"$OUT/$n
   failed=$((failed + 1)); echo "FAILED: $name"; fi; tail -n 25 "$OUT/$name.log"; }
 
 step_gpu() { python3 -m pytest -q -m gpu -p no:cacheprovider tests/ && \
-  python3 -m pytest -q -p no:cacheprovider tests/test_inference.py tests/test_startup.py; }
+  python3 -m pytest -q -p no:cacheprovider tests/test_inference.py tests/test_startup.py tests/test_image_sets.py \
+    tests/test_video.py tests/test_detect_batched.py tests/test_hostile_outputs.py; }
 step_examples() {
   ls examples/detections/*.txt >/dev/null 2>&1 || ./process_images.sh examples --detector torch || return 1
   local common=(--name=standin --epoch=20 --img_folder=examples --bfm_folder=standin/BFM --device=cuda)
@@ -52,11 +55,16 @@ PY
 }
 step_agreement() { python3 benchmarks/render_agreement.py --json "$OUT/render_agreement.json"; }
 step_bench() { python3 benchmarks/bench_inference.py --device cuda --n 2048 --json "$OUT/bench_inference.json"; }
+step_detect() { PYTHONPYCACHEPREFIX=/tmp/pyc python3 benchmarks/bench_detect_pipeline.py --n "${N_DETECT:-4032}" \
+  --batch-sizes 32 --steps warm,detect,agreement,chain --json "$OUT/detect_pipeline_${N_DETECT:-4032}.json" && \
+  python3 benchmarks/bench_detect_pipeline.py --steps startup --json "$OUT/startup.json"; }
+step_sets_video() { python3 benchmarks/bench_sets_video.py --device cuda --photos 4096 --groups 64 --frames 2048 \
+  --picture "$OUT/video_frame.png" --json "$OUT/sets_video.json"; }
 
 [ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m util.standin
-steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench)
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench detect sets_video)
 for s in "${steps[@]}"; do
-  declare -F "step_$s" >/dev/null || { echo "unknown step: $s (gpu examples agreement bench)"; exit 2; }
+  declare -F "step_$s" >/dev/null || { echo "unknown step: $s (gpu examples agreement bench detect sets_video)"; exit 2; }
   run_step "$s" "step_$s"
 done
 echo "gpu_session: ${#steps[@]} step(s), $failed failed"

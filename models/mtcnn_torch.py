@@ -18,7 +18,7 @@ What the package does, and what is reproduced here (``mtcnn/stages``, ``mtcnn/ut
   border weights. :func:`area_resize` applies the kernel's weights as two matrix products
   (sparse on the CPU, dense on CUDA).
   (Torch's ``interpolate(mode="area")`` is adaptive average pooling with whole-pixel bins: with it
-  the landmarks on ../shared/faces move by 3.1 px on average, 15.5 px at worst, and one photo
+  the landmarks on tests/data/faces move by 3.1 px on average, 15.5 px at worst, and one photo
   gets a different number of faces; antialiased bilinear is worse. Hence the exact weights.)
 * PNet on every level; a cell is a candidate when its face probability is ``> thresholds[0]``;
   its box is ``(2x + 1, 2y + 1, 2x + 12, 2y + 12) + 11 * regression``, divided by the scale

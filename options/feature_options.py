@@ -31,6 +31,19 @@ class VideoOptions:
     max_frames: int = opt(0, "video: decode at most this many frames per video (0 = all)", group="video")
 
 
+def feature_inputs_error(o) -> str | None:
+    """A missing --video or --group_by CSV path as one line (None: none), checked by path only so
+    that test.py reports it before torch loads."""
+    import os
+
+    if o.video and not os.path.exists(o.video):
+        return f"--video {o.video}: no such file or folder"
+    if o.group_by and o.group_by != "folder" and not os.path.isfile(o.group_by):
+        return (f"--group_by {o.group_by!r}: give 'folder' (a sub-folder per person) or the path of a CSV file "
+                "with the columns photo,person")
+    return None
+
+
 def image_set_settings(o):
     from pipeline.image_sets import ImageSetSettings
 

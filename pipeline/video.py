@@ -83,7 +83,7 @@ def import_av():
     try:
         import av
     except ImportError:
-        raise ImportError("video input needs PyAV: pip install av") from None
+        raise ImportError('video input needs PyAV: pip install -e ".[video]" (or pip install av)') from None
     return av
 
 

@@ -161,8 +161,9 @@ def test_group_by_folder_writes_one_aggregate_per_person(standin, standin_face_m
     assert len(verts) == standin_face_model.n_vertex
 
 
-def test_bad_group_by_or_confidence_is_a_one_line_error(tmp_path, capsys):
-    base = [f"--img_folder={tmp_path}", "--device=cpu"]
+def test_bad_group_by_or_confidence_is_a_one_line_error(standin, tmp_path, capsys):
+    base = [f"--img_folder={tmp_path}", "--device=cpu", f"--name={standin['name']}", "--epoch=20",
+            f"--checkpoints_dir={standin['checkpoints_dir']}", f"--bfm_folder={standin['bfm_folder']}"]
     assert test_cli.main(base + [f"--group_by={tmp_path / 'people.csv'}"]) == 2
     assert "people.csv" in capsys.readouterr().err
     assert test_cli.main(base + ["--group_by=folder", "--confidence=best"]) == 2
