@@ -15,7 +15,9 @@ Detection options (the rest go to test.py): --detector, --detect_device (default
 ``python run_pipeline.py --help`` and docs/detection_speed.md.
 
 Exit status: test.py's (0 all faces reconstructed, 1 some failed or none found, 2 set-up error,
-130 interrupted); a detection set-up error is 2 as well.
+130 interrupted); a detection set-up error is 2 as well. A full or read-only results disk stops
+both (detection too) with test.py's one line: the same command finishes the job once there is
+room (with --skip_existing true to leave out the faces already written).
 """
 from __future__ import annotations
 
@@ -124,6 +126,8 @@ def run(opt, options) -> int:
                          summary.seconds)
                 total.merge(summary)
                 total.out_dir = summary.out_dir
+                if summary.stopped:  # disk full, results read-only: every later round would stop alike
+                    break
             elif final is not None:
                 break
     except SetupError as e:
@@ -133,6 +137,9 @@ def run(opt, options) -> int:
         if final is None and detector.is_alive():
             detector.terminate()
         detector.join()
+    if total.stopped:  # one line says what, where, what is left and how to finish (as test.py does)
+        print(f"error: {total.stopped}", file=sys.stderr)
+        return total.exit_code
     _, det_summary, report_path = final
     skipped = ", ".join(f"{k} {v}" for k, v in det_summary["skipped"].items()) or "none"
     print(f"detection: {det_summary['images']} photos, {det_summary['ok']} with a face, {det_summary['reused']} "

@@ -183,7 +183,7 @@ def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, ca
     assert process_images.main([two, "--no-progress", "--detector", "torch", "--device", "cpu", "--workers", "1"]) == 0
     assert test_py.main(common + ["--img_folder", two, "--results_dir", str(tmp_path / "r_two")]) == 0
     assert run_pipeline.main([stream, *common, "--results_dir", str(tmp_path / "r_stream"), "--detector", "torch",
-                              "--workers", "1"]) == 0
+                              "--detect_device", "cpu", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "detection: 3 photos, 2 with a face" in out and "done: 2 face(s) reconstructed, 0 failed" in out
     for name in PHOTOS[:2]:
@@ -193,3 +193,33 @@ def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, ca
         for key in ("id", "exp", "tex", "angle", "gamma", "trans"):
             np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
     assert _rows(stream, "process_report.json")["noise.png"]["reason"] == "no_face"
+
+
+def test_run_pipeline_stops_with_one_line_when_the_results_disk_is_full(tmp_path, standin, monkeypatch, capsys):
+    """A full results disk (ENOSPC, injected) stops the rounds and the detection at the first face
+    that cannot be written: test.py's one line, exit 1, no other face tried (found on an H200:
+    the rounds went on and the run ended with 292 faces missing and no word why)."""
+    import errno
+
+    import run_pipeline
+    from util import results_io
+
+    calls = []
+
+    def full(files):
+        calls.append(files[0][0])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(results_io, "write_together", full)
+    monkeypatch.setattr(run_pipeline, "MIN_ROUND", 1)
+    folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS[:2], with_detections=False)
+    code = run_pipeline.main([folder, "--name", standin["name"], "--epoch", "20", "--checkpoints_dir",
+                              standin["checkpoints_dir"], "--bfm_folder", standin["bfm_folder"], "--device", "cpu",
+                              "--save_mesh", "False", "--save_png", "False", "--num_threads", "0", "--write_workers",
+                              "0", "--results_dir", str(tmp_path / "out"), "--detector", "torch", "--detect_device",
+                              "cpu", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 1 and len(calls) == 1
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the results' disk is full: "), captured.err
+    assert "--skip_existing true" in lines[0] and "done:" not in captured.out
