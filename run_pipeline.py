@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from options.test_options import parse_test_options
 
     opt = parse_test_options(rest + ["--img_folder", dargs.folder])
+    if opt.video or opt.group_by:
+        print("run_pipeline: error: --video and --group_by are test.py's: run ./process_images.sh, then "
+              "python test.py with them", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from mtcnn_detector import resolve_detector_device, tensorflow_quiet
     from util.prepare import PrepareOptions
@@ -146,6 +150,10 @@ def run(opt, options) -> int:
           f"up to date (kept), skipped: {skipped}; report: {report_path}")
     total.seconds = time.perf_counter() - t0
     print(total.report())
+    if opt.report and total.faces_ok + total.faces_done_before > 0:
+        from test import write_report_page
+
+        write_report_page(total)
     return total.exit_code
 
 

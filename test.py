@@ -76,24 +76,26 @@ def main(argv: list[str] | None = None) -> int:
         if summary.faces_ok == 0:
             summary.remove_empty_dirs()
         print(summary.report(listed))
-        if opt.report:
-            _write_report(summary)
+        if opt.report and summary.faces_ok + summary.faces_done_before > 0:  # a page of no face: none
+            write_report_page(summary)
         if sets is not None:
             print(sets.report())
         _log_timing(summary, started, ready)
     return summary.exit_code
 
 
-def _write_report(summary) -> None:
-    """--report: index.html in the results folder (util.report), and a line saying where."""
+def write_report_page(summary) -> None:
+    """--report: index.html in the results folder (util.report), and a line saying where (also
+    run_pipeline's). A page that cannot be written is a warning: the faces' files are whole."""
+    from util.filenames import printable
     from util.report import INSTALL_HINT, write_report
 
     try:
         path, viewer = write_report(summary.out_dir, summary.failures, summary.photos_without_detection)
-    except OSError as e:
-        print(f"warning: could not write the report: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # ValueError: a name the page cannot hold (undecodable bytes)
+        print(printable(f"warning: could not write the report: {e}"), file=sys.stderr)
         return
-    print(f"report: {path}")
+    print(f"report: {printable(path)}")
     if not viewer:
         print(f"report: no 3D viewer (three.js is not vendored): run {INSTALL_HINT}, then --report again")
 
@@ -119,7 +121,12 @@ def _run_image_sets(opt):
     if settings.group_by == "folder":
         opt = dataclasses.replace(opt, recursive=True)
     summary = run_folder(opt, device, on_batch=collector)
-    return summary, collector.write(summary.out_dir)
+    if summary.stopped:  # disk full or read-only: the run's one line says it; no group file either
+        return summary, None
+    try:
+        return summary, collector.write(summary.out_dir)
+    except OSError as e:
+        raise SetupError(f"writing the image sets' files into {summary.out_dir} failed: {e.strerror or e}") from None
 
 
 def _run_videos(opt) -> int:
@@ -128,7 +135,7 @@ def _run_videos(opt) -> int:
 
     from models.inference import SetupError, build_model, resolve_device, results_dir
     from options.feature_options import video_settings
-    from pipeline.video import import_av, list_videos, reconstruct_videos
+    from pipeline.video import import_av, list_videos, make_detector, reconstruct_videos
     from util.assets import MissingAssetError
     from util.preprocess import load_lm3d
 
@@ -139,9 +146,14 @@ def _run_videos(opt) -> int:
     except (ImportError, FileNotFoundError, MissingAssetError) as e:
         raise SetupError(str(e)) from None
     device = resolve_device(opt.device, opt.gpu_ids)
+    settings = video_settings(opt, device)
+    try:
+        detector = make_detector(settings)  # the MTCNN's weights (the detect extra's mtcnn package)
+    except (ImportError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from None
     model = build_model(opt, device)
     summary = reconstruct_videos(paths, model, lm3d, results_dir(dataclasses.replace(opt, img_folder=opt.video)),
-                                 video_settings(opt, device), progress=opt.verbose)
+                                 settings, detector=detector, progress=opt.verbose)
     print(summary.report())
     return summary.exit_code
 

@@ -215,9 +215,10 @@ class RunSummary:
         for name, lines in self._lists().items():
             path = os.path.join(self.out_dir, name)
             if len(lines) > listed:
+                from util.atomic_files import write_bytes_atomic
+
                 os.makedirs(self.out_dir, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.writelines(f"{line}\n" for line in lines)
+                write_bytes_atomic(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
             elif os.path.isfile(path):
                 os.remove(path)
 

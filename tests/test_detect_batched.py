@@ -223,3 +223,12 @@ def test_run_pipeline_stops_with_one_line_when_the_results_disk_is_full(tmp_path
     lines = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: the results' disk is full: "), captured.err
     assert "--skip_existing true" in lines[0] and "done:" not in captured.out
+
+
+def test_run_pipeline_refuses_video_and_image_sets(tmp_path, capsys):
+    import run_pipeline
+
+    for extra in (["--video", str(tmp_path)], ["--group_by", "folder"]):
+        assert run_pipeline.main([str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--video and --group_by are test.py's" in err[0]

@@ -146,7 +146,7 @@ def test_terminal_says_how_to_install_the_viewer(tmp_path, monkeypatch, capsys):
 
     write_fake_run(str(tmp_path))
     monkeypatch.setattr(report, "VENDOR_DIR", str(tmp_path / "no-vendor"))
-    test_cli._write_report(RunSummary(out_dir=str(tmp_path), faces_ok=2))
+    test_cli.write_report_page(RunSummary(out_dir=str(tmp_path), faces_ok=2))
     printed = capsys.readouterr().out.splitlines()
     assert printed == [f"report: {tmp_path / 'index.html'}",
                        "report: no 3D viewer (three.js is not vendored): run tools/vendor_viewer.sh, then --report again"]
@@ -157,3 +157,32 @@ def test_bad_texture_size_stops_the_run(standin, tmp_path, capsys):
 
     assert run(standin, str(tmp_path), str(tmp_path / "out"), "--uv_texture", "--uv_texture_size", "4") == 2
     assert "--uv_texture_size 4: give a side between 16 and 8192 pixels" in capsys.readouterr().err
+
+
+def test_a_run_that_reconstructs_nothing_writes_no_page(standin, tmp_path, capsys):
+    """--report with no face reconstructed: no index.html and no results folder left behind."""
+    from tests.conftest import make_photo_folder
+    from tests.test_inference import run
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"], with_detections=False)
+    out = tmp_path / "out"
+    assert run(standin, folder, str(out), "--report") == 1
+    assert not out.exists() and "report:" not in capsys.readouterr().out
+
+
+def test_a_page_that_cannot_hold_a_name_is_one_warning(tmp_path, monkeypatch, capsys):
+    """A failure naming a file whose bytes are not UTF-8: the page's trouble is one warning line."""
+    import test as test_cli
+    from models.inference import RunSummary
+
+    write_fake_run(str(tmp_path))
+    name = os.fsdecode(b"caf\xe9")
+
+    def cannot(*args, **kwargs):
+        raise UnicodeEncodeError("utf-8", name, 3, 4, "surrogates not allowed")
+
+    monkeypatch.setattr(report, "write_report", cannot)
+    test_cli.write_report_page(RunSummary(out_dir=str(tmp_path), faces_ok=2, failures=[(name, "bad")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: could not write the report: ")
+    err[0].encode("utf-8")  # printable on any terminal

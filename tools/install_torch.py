@@ -63,16 +63,17 @@ def main() -> int:
         return 0
     except importlib.metadata.PackageNotFoundError:
         pass
+    req = os.environ.get("TORCH_PIN") or req  # a machine's own pin inside the range (CI: its local CPU wheel)
     index = torch_index()
+    if index == CPU_INDEX and not reachable(index.rstrip("/") + "/torch/"):
+        # a machine that reaches PyPI (or its own mirrors) but not PyTorch's index: pip's configured sources
+        print(f"{index} is not reachable: installing from pip's configured sources instead", flush=True)
+        index = None
     cmd = [sys.executable, "-m", "pip", "install", "-q", req]
     if index:
         cmd += ["--index-url", index]
-        if index.startswith("http") and not reachable(index.rstrip("/") + "/torch/"):
-            # a machine that only reaches its own mirrors: pip's other sources (find-links,
-            # extra indexes of its configuration) without retrying the index five times a package
-            print(f"{index} is not reachable: trying pip's other configured sources", flush=True)
-            cmd += ["--retries", "0", "--timeout", "15"]
-    print(f"installing {req} from {index or 'PyPI (CUDA build)'}", flush=True)
+    source = index or "pip's configured sources (PyPI: its CUDA build on Linux x86_64)"
+    print(f"installing {req} from {source}", flush=True)
     if subprocess.run(cmd).returncode != 0:
         print(f"error: could not install torch; install it for your platform (https://pytorch.org), "
               f"then run this again: {' '.join(cmd[2:])}", file=sys.stderr)

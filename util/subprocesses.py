@@ -110,13 +110,9 @@ def exit_with(pid: int) -> None:
         else:
             import time
 
-            while True:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                except OSError:  # exists, owned by someone else
-                    pass
+            from util.atomic_files import pid_alive
+
+            while pid_alive(pid):
                 time.sleep(0.5)
         os._exit(1)
 
