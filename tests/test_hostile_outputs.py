@@ -430,7 +430,8 @@ def test_kill_9_leaves_no_process_no_partial_face_and_skip_existing_completes(r1
     proc.wait()
     proc.stderr.close()
     assert wait_for(lambda: not processes_with(marker), 10), processes_with(marker)
-    assert wait_for(lambda: not [p for p in os.listdir(tmp) if p.startswith("pymp-")], 5), os.listdir(tmp)
+    assert wait_for(lambda: not [p for p in os.listdir(tmp) if p.startswith("pymp-")], 30), \
+        [(p, os.listdir(tmp / p)) for p in os.listdir(tmp)]
     names = os.listdir(out)
     temps = [t for t in names if temp_owner(t) is not None]  # the killed writers' (removed by the next run)
     k = len(faces_on_disk(out, suffixes))
