@@ -186,3 +186,18 @@ def test_a_page_that_cannot_hold_a_name_is_one_warning(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: could not write the report: ")
     err[0].encode("utf-8")  # printable on any terminal
+
+
+def test_a_name_that_is_not_utf8_is_escaped_on_the_page_and_its_files_found(tmp_path):
+    """A photo name with a Latin-1 byte: the page shows it as \\xNN, links its files by their exact
+    bytes, and the viewer's key is the same escaped text; the page is valid UTF-8."""
+    name = os.fsdecode(b"caf\xe9")
+    res = fake_face(name)
+    report.write_face_report(str(tmp_path), res, res.vertex, res.coeffs[224:227], np.array([[0, 1, 2]]))
+    path, _ = report.write_report(str(tmp_path), [(name, "bad")], [os.fsdecode(b"x\xff.jpg")])
+    page = open(path, "rb").read().decode("utf-8")
+    assert 'data-key="caf\\xe9"' in page and 'src="report/caf%E9.png"' in page
+    assert "x\\xff.jpg" in page and "<b>caf\\xe9</b>: bad" in page
+    assert os.path.isfile(os.path.join(os.fsencode(str(tmp_path)), b"report", b"caf\xe9.png"))
+    script = open(os.path.join(os.fsencode(str(tmp_path)), b"report", b"caf\xe9.mesh.js"), "rb").read().decode()
+    assert script.startswith('D3DFR.mesh("caf\\\\xe9", ')

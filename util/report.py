@@ -30,6 +30,7 @@ from urllib.parse import quote
 import numpy as np
 
 from util.atomic_files import write_bytes_atomic
+from util.filenames import printable
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -104,7 +105,7 @@ def face_report_files(out_dir: str, res, world: np.ndarray, angles: np.ndarray,
     files: list[tuple[str, list]] = []
     if res.image is not None and res.overlay is not None:
         files.append((base + ".png", png_chunks(thumbnail(res.image, res.overlay))))
-    files.append((base + ".mesh.js", [mesh_script(face_key(res.rel_dir, res.name), world, res.color)]))
+    files.append((base + ".mesh.js", [mesh_script(printable(face_key(res.rel_dir, res.name)), world, res.color)]))
     files.append((base + ".json", [json.dumps(face_numbers(res, angles)).encode()]))
     return files
 
@@ -137,7 +138,9 @@ def _fmt(x, unit: str = "", digits: int = 1) -> str:
 
 
 def _url(*parts: str) -> str:
-    return "/".join(quote(p) for part in parts for p in part.split("/") if p)
+    """A relative URL of the file named by ``parts``: each name's exact bytes (``os.fsencode``: a
+    name that is not UTF-8 keeps its own), percent-encoded."""
+    return "/".join(quote(os.fsencode(p)) for part in parts for p in part.split("/") if p)
 
 
 def _card(r: dict) -> str:
@@ -146,9 +149,10 @@ def _card(r: dict) -> str:
             ("photometric", _fmt(r.get("photo_error"), " / 255", 1)),
             ("yaw / pitch / roll", " / ".join(_fmt(r.get(k), "°") for k in ("yaw_deg", "pitch_deg", "roll_deg")))]
     table = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td></tr>" for a, b in rows)
-    return (f'<figure class="face" data-key="{html.escape(key)}" data-mesh="{_url(REPORT_DIR, key)}.mesh.js">'
-            f'<img loading="lazy" src="{_url(REPORT_DIR, key)}.png" alt="{html.escape(key)}: input | overlay">'
-            f'<figcaption>{html.escape(key)} <button type="button" class="view3d">3D</button></figcaption>'
+    shown = html.escape(printable(key))  # the mesh script's key too (face_report_files)
+    return (f'<figure class="face" data-key="{shown}" data-mesh="{_url(REPORT_DIR, key)}.mesh.js">'
+            f'<img loading="lazy" src="{_url(REPORT_DIR, key)}.png" alt="{shown}: input | overlay">'
+            f'<figcaption>{shown} <button type="button" class="view3d">3D</button></figcaption>'
             f"<table>{table}</table></figure>")
 
 
@@ -191,8 +195,8 @@ def write_report(out_dir: str, failures: list[tuple[str, str]], skipped: list[st
         scripts = f'<script src="{REPORT_DIR}/viewer.js"></script>'
         note = (f"The 3D viewer is not installed: run <code>{INSTALL_HINT}</code> in the repository "
                 "(it fetches three.js from the npm registry), then test.py --report again.")
-    fails = "".join(f"<li><b>{html.escape(a)}</b>: {html.escape(b)}</li>" for a, b in failures)
-    skips = "".join(f"<li>{html.escape(s)}</li>" for s in skipped)
+    fails = "".join(f"<li><b>{html.escape(printable(a))}</b>: {html.escape(printable(b))}</li>" for a, b in failures)
+    skips = "".join(f"<li>{html.escape(printable(s))}</li>" for s in skipped)
     problems = ""
     if fails:
         problems += f'<h2>Failed ({len(failures)})</h2><ul class="failures">{fails}</ul>'
