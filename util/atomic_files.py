@@ -56,15 +56,31 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None], mode: int = 0o66
         raise
 
 
+def write_files_atomic(files: list[tuple[str, list]]) -> None:
+    """Write each (path, bytes-like chunks) to a temporary name of this process beside it, then
+    rename them all into place: the renames are the only visible steps. On any failure (disk full,
+    Ctrl-C, ...) the temporary files and the files already renamed are removed and the exception
+    propagates: all of them are there, or none. Files follow the umask, as with :func:`write_atomic`."""
+    temps: list[str] = []
+    placed: list[str] = []
+    try:
+        for path, chunks in files:
+            temps.append(temp_path(path))
+            with open(os.open(temps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
+                for c in chunks:
+                    fh.write(c)
+        for (path, _), tmp in zip(files, temps):
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for p in temps[len(placed):] + placed:
+            _remove_quietly(p)
+        raise
+
+
 def write_bytes_atomic(path: str, data: bytes | list[bytes]) -> None:
-    """:func:`write_atomic` for bytes or a list of byte chunks."""
-    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-
-    def write(fh: IO[bytes]) -> None:
-        for c in chunks:
-            fh.write(c)
-
-    write_atomic(path, write)
+    """One file of bytes or a list of byte chunks, complete or absent (:func:`write_files_atomic`)."""
+    write_files_atomic([(path, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)])
 
 
 def temp_owner(name: str) -> int | None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from util.atomic_files import write_files_atomic as write_together  # a face's files: all or none
 from util.subprocesses import die_with_parent, exit_with, keep_freed_memory, main_module_hidden
 
 if TYPE_CHECKING:
@@ -215,33 +216,6 @@ def face_files(cfg: OutputConfig, res: FaceResult) -> list[tuple[str, list]]:
     return files
 
 
-def write_together(files: list[tuple[str, list]]) -> None:
-    """Write each (path, chunks) to a temporary name of this process beside it
-    (:func:`util.atomic_files.temp_path`), then rename them all into place: the renames are the
-    only visible steps. On any failure (disk full, Ctrl-C, ...) the temporary files and the files
-    already renamed are removed and the exception propagates: all of them are there, or none."""
-    from util.atomic_files import temp_path
-
-    temps: list[str] = []
-    placed: list[str] = []
-    try:
-        for path, chunks in files:
-            temps.append(temp_path(path))
-            with open(os.open(temps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
-                for c in chunks:
-                    fh.write(c)
-        for (path, _), tmp in zip(files, temps):
-            os.replace(tmp, path)
-            placed.append(path)
-    except BaseException:
-        for p in temps[len(placed):] + placed:
-            try:
-                os.remove(p)
-            except OSError:
-                pass
-        raise
-
-
 def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size: int) -> RunStop | None:
     """The :class:`RunStop` for ``err`` (writing ``res``'s ``size`` bytes into ``d``), or None
     when only this face is concerned."""
@@ -259,7 +233,7 @@ def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size:
 
 def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
     """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for), all or none of them
-    (:func:`write_together`); raises on failure."""
+    (:func:`util.atomic_files.write_files_atomic`); raises on failure."""
     d = os.path.join(cfg.out_dir, res.rel_dir)
     base = os.path.join(d, res.name)
     files = [(base + suffix, chunks) for suffix, chunks in face_files(cfg, res)]
