@@ -196,7 +196,7 @@ class Trainer:
         from data.train_dataset import AugmentConfig, DataError, FaceTrainDataset, read_list
         from models.bfm import ParametricFaceModel
         from models.facerecon import FaceReconModel
-        from models.inference import SetupError, renderer_backend, resolve_device
+        from pipeline.runtime import SetupError, renderer_backend, resolve_device
         from models.losses import HybridLoss, LossWeights
         from models.networks import ReconNet
         from models.renderer import create_renderer

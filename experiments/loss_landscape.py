@@ -57,7 +57,7 @@ def parse(argv: list[str] | None = None) -> LandscapeOptions:
 
 def landscape(o: LandscapeOptions) -> dict:
     from models.fitting import FitConfig, fit_coeffs
-    from models.inference import resolve_device
+    from pipeline.runtime import resolve_device
     from models.losses import HybridLoss
 
     t0 = time.perf_counter()

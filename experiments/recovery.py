@@ -474,7 +474,7 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
 
 def run(o: RecoveryOptions) -> dict:
     from models.facerecon import FaceReconModel
-    from models.inference import resolve_device
+    from pipeline.runtime import resolve_device
     from models.losses import HybridLoss
     from models.networks import ReconNet
     from train import train_step
@@ -605,7 +605,7 @@ def oracles_only(o: RecoveryOptions) -> dict:
     """The landmark oracles alone (no training) on ``--eval_size`` held-out faces: seconds on a GPU,
     a minute on a CPU for a few hundred faces; with ``--loss_oracle_steps`` also
     :func:`training_loss_oracle`. Writes ``<out>/oracles.json``."""
-    from models.inference import resolve_device
+    from pipeline.runtime import resolve_device
     from models.losses import HybridLoss
 
     device = resolve_device(o.device)

@@ -19,40 +19,10 @@ import torch
 
 from models.coeffs import COEFFS
 from util.assets import MissingAssetError, checkpoint_file
+from pipeline.runtime import SetupError, renderer_backend, resolve_device  # noqa: F401 (re-exported)
 from util.filenames import printable
 
 log = logging.getLogger(__name__)
-
-
-class SetupError(RuntimeError):
-    """The run cannot start (missing model files, bad options); the message says what to do."""
-
-
-# --------------------------------------------------------------------------- set-up
-def resolve_device(device: str, gpu_ids: str = "0", local_rank: int | None = None) -> torch.device:
-    """--device/--gpu_ids -> torch.device. 'auto' = CUDA when available (and gpu_ids != -1)."""
-    ids = [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
-    if device == "auto":
-        device = "cuda" if ids and torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SetupError(f"--device {device} asked for CUDA, but torch {torch.__version__} sees no CUDA "
-                             "device; use --device cpu")
-        if device == "cuda":
-            if local_rank is None:
-                idx = ids[0] if ids else 0
-            else:  # one process per GPU: --gpu_ids 0,1 maps ranks to those ids, else rank r -> GPU r
-                idx = ids[local_rank] if len(ids) > local_rank and len(ids) > 1 else local_rank
-            device = f"cuda:{idx}"
-    return torch.device(device)
-
-
-def renderer_backend(device: torch.device, use_opengl: bool) -> str:
-    if device.type != "cuda":
-        if use_opengl:
-            log.warning("--use_opengl True needs a CUDA device; rendering with the CPU rasterizer on %s", device)
-        return "cpu"
-    return "opengl" if use_opengl else "cuda"
 
 
 def checkpoint_path(opt) -> str:
