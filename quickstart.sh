@@ -15,6 +15,6 @@ export PYTHON="$PY"   # process_images.sh runs the same interpreter
 EXTRAS=${EXTRAS:-mtcnn-tf,dev}
 "$PY" tools/install_torch.py
 "$PY" -m pip install -q -e ".[$EXTRAS]"
-"$PY" -m util.standin
+"$PY" -m tools.standin
 ./process_images.sh examples
 "$PY" test.py --name=standin --epoch=20 --img_folder=examples --bfm_folder=standin/BFM "$@"

@@ -12,6 +12,7 @@ Exit code: 0 done, 2 the run could not start (the message says what is missing),
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -73,6 +74,13 @@ def build_recog(opt):
         return load_recog_net(opt.net_recog, path)
     except RecogError as e:
         raise TrainSetupError(str(e)) from None
+
+
+def loss_weights(opt):
+    """The ``--w_*`` options as a :class:`models.loss_weights.LossWeights`."""
+    from models.loss_weights import LossWeights
+
+    return LossWeights(**{f.name: float(getattr(opt, f.name)) for f in dataclasses.fields(LossWeights)})
 
 
 def make_scheduler(optimizer, opt):
@@ -197,7 +205,7 @@ class Trainer:
         from models.bfm import ParametricFaceModel
         from models.facerecon import FaceReconModel
         from pipeline.runtime import SetupError, renderer_backend, resolve_device
-        from models.losses import HybridLoss, LossWeights
+        from models.losses import HybridLoss
         from models.networks import ReconNet
         from models.renderer import create_renderer
         from util.assets import MissingAssetError
@@ -228,7 +236,9 @@ class Trainer:
         if len(train_entries) < opt.batch_size:
             raise TrainSetupError(f"the training list has {len(train_entries)} face(s), fewer than one batch "
                                   f"(--batch_size {opt.batch_size})")
-        self.train_set = FaceTrainDataset(train_entries, lm3d, AugmentConfig.from_options(opt), opt.align_lm, opt.seed)
+        augment = AugmentConfig(use_aug=opt.use_aug, preprocess=opt.preprocess, shift_pixs=opt.shift_pixs,
+                                scale_delta=opt.scale_delta, rot_angle=opt.rot_angle)
+        self.train_set = FaceTrainDataset(train_entries, lm3d, augment, opt.align_lm, opt.seed)
         self.val_set = (FaceTrainDataset(val_entries, lm3d, AugmentConfig(use_aug=False), opt.align_lm)
                         if val_entries else None)
 
@@ -241,7 +251,7 @@ class Trainer:
         renderer = create_renderer(renderer_backend(self.device, opt.use_opengl), focal=opt.focal, center=opt.center,
                                    z_near=opt.z_near, z_far=opt.z_far, device=self.device)
         self.model = FaceReconModel(net, face_model, renderer, amp=opt.amp).to(self.device)
-        weights = LossWeights.from_options(opt)
+        weights = loss_weights(opt)
         self.loss_fn = HybridLoss(face_model, renderer, weights, recog=self.recog, use_crop_face=opt.use_crop_face,
                                   use_predef_M=opt.use_predef_M)
         if self.recog is not None:

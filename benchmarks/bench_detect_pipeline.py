@@ -22,7 +22,7 @@ Steps (--steps, comma list; each adds its figures to the JSON):
   slowest imports of one run.
 
 The copies are hard links (``<i>_<name>``) of the photos of --faces (default tests/data/faces,
-else examples/). Reconstruction uses the stand-in (``python -m util.standin``).
+else examples/). Reconstruction uses the stand-in (``python -m tools.standin``).
 """
 from __future__ import annotations
 

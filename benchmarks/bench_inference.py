@@ -3,7 +3,7 @@
     python benchmarks/bench_inference.py --device cuda --n 2048 --json bench.json
     python benchmarks/bench_inference.py --quick          # CPU smoke run (a few minutes on 2 cores)
 
-Uses the stand-in model (built by ``python -m util.standin`` if missing) on N copies of the
+Uses the stand-in model (built by ``python -m tools.standin`` if missing) on N copies of the
 example photos with their detections. Reports, after a warm-up (one photo, then a short run
 with the timed runs' workers and batch size), with CUDA synchronisation:
   * start-up: fresh ``python test.py`` processes on one photo (all outputs), medians of
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.device, a.n, a.batch_size, a.startup_runs = "cpu", a.n or 16, a.batch_size or 4, 1
     if not os.path.isfile(os.path.join(ROOT, "checkpoints", "standin", "epoch_20.pth")):
-        subprocess.run([sys.executable, "-m", "util.standin"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "tools.standin"], cwd=ROOT, check=True)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     n = a.n or (2048 if cuda else 32)

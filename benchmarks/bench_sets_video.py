@@ -4,7 +4,7 @@
         --json docs/results/sets_video_gpu.json
     python benchmarks/bench_sets_video.py --device cpu --photos 16 --groups 4 --frames 12   # CPU smoke run
 
-Uses the stand-in model (``python -m util.standin``) and the example photos with their
+Uses the stand-in model (``python -m tools.standin``) and the example photos with their
 detections. Image sets: ``--photos`` copies in ``--groups`` person folders, reconstructed as
 ``test.py --group_by folder --save_png false --save_mesh false`` does (run_folder with the
 :class:`pipeline.image_sets.SetCollector` hook, then the groups written), against the same run

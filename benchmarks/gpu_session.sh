@@ -61,7 +61,7 @@ step_detect() { PYTHONPYCACHEPREFIX=/tmp/pyc python3 benchmarks/bench_detect_pip
 step_sets_video() { python3 benchmarks/bench_sets_video.py --device cuda --photos 4096 --groups 64 --frames 2048 \
   --picture "$OUT/video_frame.png" --json "$OUT/sets_video.json"; }
 
-[ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m util.standin
+[ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m tools.standin
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench detect sets_video)
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "unknown step: $s (gpu examples agreement bench detect sets_video)"; exit 2; }

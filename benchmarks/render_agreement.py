@@ -3,7 +3,7 @@
     python benchmarks/render_agreement.py [--backends cuda,opengl] [--n 16] [--json out.json]
 
 Renders N stand-in faces with random pose, lighting and shape (the stand-in model, built by
-``python -m util.standin`` if missing) with every backend and reports, against the CPU backend:
+``python -m tools.standin`` if missing) with every backend and reports, against the CPU backend:
 mask agreement and the share of pixels covered by both whose colours agree within 1/255.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     bfm = os.path.join(ROOT, "standin", "BFM")
     if not os.path.isfile(os.path.join(bfm, "01_MorphableModel.mat")):
-        subprocess.run([sys.executable, "-m", "util.standin"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "tools.standin"], cwd=ROOT, check=True)
     fm = ParametricFaceModel.from_folder(bfm)
     coeffs = random_faces(a.n)
     with torch.no_grad():

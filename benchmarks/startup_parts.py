@@ -1,5 +1,5 @@
 """Where a CUDA start-up's seconds go, one part after another in one fresh process (not collected
-by pytest; needs CUDA and the stand-in: ``python -m util.standin``).
+by pytest; needs CUDA and the stand-in: ``python -m tools.standin``).
 
     python benchmarks/startup_parts.py    # run it a few times: the first pays for cold caches
 

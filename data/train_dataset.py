@@ -73,11 +73,6 @@ class AugmentConfig:
     scale_delta: float = 0.1
     rot_angle: float = 10.0
 
-    @classmethod
-    def from_options(cls, opt) -> "AugmentConfig":
-        return cls(use_aug=opt.use_aug, preprocess=opt.preprocess, shift_pixs=opt.shift_pixs,
-                   scale_delta=opt.scale_delta, rot_angle=opt.rot_angle)
-
 
 # --------------------------------------------------------------------------- the list
 def parse_list_line(line: str, root: str) -> TrainEntry:

@@ -4,7 +4,7 @@
 
 Each of ``--people`` synthetic people (a random identity and albedo of the stand-in face model) is
 rendered in ``--photos`` photos with random expression, pose, lighting and background
-(:mod:`util.synthetic`). Each photo's 68 landmarks are given to the reconstruction with detector
+(:mod:`data.synthetic`). Each photo's 68 landmarks are given to the reconstruction with detector
 noise: most photos' landmarks are off by ``--noise_px`` (Gaussian, pixels at 224), ``--bad``
 photos per person by ``--bad_noise_px`` (a detector that went wrong). The stand-in network is
 untrained, so each photo's own reconstruction is what ``test.py --fit_steps`` does from the mean
@@ -38,7 +38,7 @@ from options.base_options import build_parser, opt
 
 @dataclass
 class ImageSetEvalOptions:
-    bfm_folder: str = opt("standin/BFM", "face model folder (python -m util.standin builds standin/BFM)")
+    bfm_folder: str = opt("standin/BFM", "face model folder (python -m tools.standin builds standin/BFM)")
     people: int = opt(6, "synthetic people")
     photos: int = opt(8, "photos per person")
     bad: int = opt(2, "photos per person whose landmarks are off by --bad_noise_px")
@@ -60,7 +60,7 @@ COUNTS = (1, 2, 4, 8)
 def synthetic_sets(o: ImageSetEvalOptions, fm, renderer, g: torch.Generator):
     """(SyntheticBatch of people*photos faces, person-major; the landmarks given to the fit)."""
     from models.coeffs import COEFFS
-    from util.synthetic import SyntheticConfig, SyntheticFaces
+    from data.synthetic import SyntheticConfig, SyntheticFaces
 
     gen = SyntheticFaces(fm, renderer, SyntheticConfig(in_range=True))
     n = o.people * o.photos

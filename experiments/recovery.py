@@ -5,7 +5,7 @@
     python -m experiments.recovery --oracle_only true --device cpu --eval_size 128   # bounds only
 
 Random faces of the (stand-in) face model are rendered on the fly on the device (random identity,
-expression, albedo, pose, lighting and background; :mod:`util.synthetic`). The regressor is
+expression, albedo, pose, lighting and background; :mod:`data.synthetic`). The regressor is
 trained from random initialisation with the paper's weakly-supervised loss only - photometric,
 68-landmark, regularisation, gamma and reflectance terms through the differentiable renderer, no
 coefficient supervision and no identity network - until ``--minutes`` (everything included:
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.losses import LossWeights
+from models.loss_weights import LossWeights
 from options.base_options import build_parser, opt
-from util.synthetic import SyntheticConfig
+from data.synthetic import SyntheticConfig
 
 log = logging.getLogger("recovery")
 
@@ -57,7 +57,7 @@ TARGETS = {"vertex_error_ratio": 0.3, "pose_error_deg": 2.0, "lm_error_px": 2.0}
 
 @dataclass
 class RecoveryOptions:
-    bfm_folder: str = opt("standin/BFM", "face model folder (python -m util.standin builds standin/BFM)")
+    bfm_folder: str = opt("standin/BFM", "face model folder (python -m tools.standin builds standin/BFM)")
     bfm_model: str = opt("BFM_model_front.mat", "converted face model file in --bfm_folder")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     renderer: str = opt("auto", "auto (nvdiffrast on CUDA when installed, else the PyTorch rasterizer) | cpu | cuda",
@@ -101,7 +101,7 @@ class RecoveryOptions:
     light_dir: float = opt(SYNTHETIC.light_dir, "synthetic directional light std")
     light_high: float = opt(SYNTHETIC.light_high, "synthetic second-order light std")
     in_range: bool = opt(SYNTHETIC.in_range, "move each synthetic face's lighting toward neutral until its colours "
-                                             "stay in 0..1 (no clipped renders; see util.synthetic)")
+                                             "stay in 0..1 (no clipped renders; see data.synthetic)")
     w_color: float = opt(WEIGHTS.w_color, "photometric weight (the original's)")
     w_lm: float = opt(WEIGHTS.w_lm, "landmark weight (the original's)")
     w_reg: float = opt(WEIGHTS.w_reg, "coefficient regularisation weight (the original's)")
@@ -458,7 +458,7 @@ def synthetic_setup(o: RecoveryOptions, device: torch.device) -> tuple:
     """(face model, renderer, SyntheticConfig, SyntheticFaces) on ``device`` for ``o``'s image size."""
     from models.bfm import ParametricFaceModel
     from models.renderer import create_renderer, nvdiffrast_available
-    from util.synthetic import SyntheticFaces
+    from data.synthetic import SyntheticFaces
 
     center, focal = o.size / 2.0, 1015.0 * o.size / 224.0
     backend = o.renderer

@@ -25,6 +25,7 @@ from torch import nn
 from models.coeffs import COEFFS, CoeffLayout
 from util.assets import BFM_HELP, error_line, require_file
 from util.atomic_files import write_atomic
+from util.checks import check_shape
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ FRONT_MODEL_KEYS = ("meanshape", "meantex", "idBase", "exBase", "texBase", "tri"
                     "tri_mask2", "keypoints", "frontmask2_idx", "skinmask")
 AUX_FILES = ("BFM_front_idx.mat", "BFM_exp_idx.mat", "facemodel_info.mat", "std_exp.txt")
 FRONT_HELP = ("delete it to convert it again from 01_MorphableModel.mat and Exp_Pca.bin, or run "
-              "`python -m util.standin` for the stand-in model")
+              "`python -m tools.standin` for the stand-in model")
 
 
 class FaceModelError(ValueError):
@@ -61,13 +62,14 @@ def _numeric(arrays: dict, key: str, path: str, how: str) -> np.ndarray:
 
 
 def _check_shape(a: np.ndarray, key: str, want: tuple, path: str, how: str) -> None:
-    """``want``: sizes, None for any; a 1-D want also accepts a row or column (1, n) / (n, 1)."""
-    got = a.shape
-    if len(want) == 1 and a.ndim == 2 and 1 in got:
-        got = (a.size,)
-    if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
-        shown = tuple("any" if w is None else w for w in want)
-        raise FaceModelError(f"{path}: '{key}' has shape {a.shape}, expected {shown}; {how}")
+    """Raise :class:`FaceModelError` naming ``path`` and ``key`` unless ``a`` has shape ``want``
+    (sizes, None for any; a 1-D want also accepts a row or column (1, n) / (n, 1))."""
+    shown = a.reshape(-1) if len(want) == 1 and a.ndim == 2 and 1 in a.shape else a
+    try:
+        check_shape(shown, want, f"'{key}'")
+    except ValueError:
+        want_text = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+        raise FaceModelError(f"{path}: '{key}' has shape {a.shape}, expected {want_text}; {how}") from None
 
 
 def _check_indices(a: np.ndarray, key: str, low: int, high: int, path: str, how: str) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from util.checks import check_shape
+
 
 @dataclass(frozen=True)
 class CoeffLayout:
@@ -45,10 +47,19 @@ class CoeffLayout:
         return out
 
     def split(self, coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 257) -> {'id': (B,80), 'exp': (B,64), 'tex': (B,80), 'angle': (B,3),
-        'gamma': (B,27), 'trans': (B,3)} (views, no copy)."""
-        if coeffs.ndim != 2 or coeffs.shape[1] != self.total:
-            raise ValueError(f"expected coefficients of shape (B, {self.total}), got {tuple(coeffs.shape)}")
+        """Split coefficients into their groups.
+
+        Args:
+            coeffs: (B, 257).
+
+        Returns:
+            {'id': (B,80), 'exp': (B,64), 'tex': (B,80), 'angle': (B,3), 'gamma': (B,27),
+            'trans': (B,3)}, views of ``coeffs`` (no copy).
+
+        Raises:
+            ValueError: ``coeffs`` is not (B, 257).
+        """
+        check_shape(coeffs, ("B", self.total), "coeffs")
         return {name: coeffs[:, s] for name, s in self.slices().items()}
 
     def merge(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -27,8 +27,9 @@ import torch
 
 from models.bfm import gather_vertices
 from models.coeffs import COEFFS
-from models.losses import (HybridLoss, LossWeights, coeff_reg_loss, gamma_loss, landmark_loss,
-                           reflectance_loss)
+from models.loss_weights import LossWeights
+from models.losses import HybridLoss, coeff_reg_loss, gamma_loss, landmark_loss, reflectance_loss
+from util.checks import check_shape
 
 FIT_GROUPS = COEFFS.names  # id, exp, tex, angle, gamma, trans
 
@@ -89,8 +90,7 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
     target = lm68 if lm68 is not None else lm
     if target is None:
         raise ValueError("fit_coeffs needs landmarks: lm (B, 5, 2) or lm68 (B, 68, 2)")
-    if coeffs.ndim != 2 or coeffs.shape[1] != COEFFS.total:
-        raise ValueError(f"coeffs must have shape (B, {COEFFS.total}), got {tuple(coeffs.shape)}")
+    check_shape(coeffs, ("B", COEFFS.total), "coeffs")
     if target.shape[0] != coeffs.shape[0] or images.shape[0] != coeffs.shape[0]:
         raise ValueError(f"batch sizes differ: coeffs {coeffs.shape[0]}, images {images.shape[0]}, "
                          f"landmarks {target.shape[0]}")

@@ -23,7 +23,6 @@ Landmarks are crop pixels with **y up**, images (B, 3, H, W) RGB in 0..1.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,8 @@ from torch import nn
 
 from models.bfm import FaceOutput, ParametricFaceModel
 from models.coeffs import COEFFS
+from models.loss_weights import LossWeights
+from util.checks import check_shape, check_shapes
 
 # 0-based landmark indices that the original weights 20x: weight[28:31] and weight[-8:]
 LM_HEAVY = tuple(range(28, 31)) + tuple(range(60, 68))
@@ -39,17 +40,17 @@ LM_HEAVY_WEIGHT = 20.0
 _LM5_SRC = (31, 37, 40, 43, 46, 49, 55)
 
 
-def _check(x: torch.Tensor, shape: tuple, name: str) -> None:
-    """Raise ValueError naming ``name`` unless ``x`` matches ``shape`` (None = any size)."""
-    if not isinstance(x, torch.Tensor) or x.ndim != len(shape) or any(
-            s is not None and s != d for s, d in zip(shape, x.shape)):
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        want = tuple("*" if s is None else s for s in shape)
-        raise ValueError(f"{name} must have shape {want}, got {got}")
-
-
 def landmark_weights(n: int = 68, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(n,) landmark weights: the original's 20x on nose/inner mouth for 68 points, else ones."""
+    """The landmark loss's per-point weights.
+
+    Args:
+        n: number of landmarks (68 or 5).
+        device, dtype: of the result.
+
+    Returns:
+        (n,) weights: 20 on the lower nose bridge and inner mouth (:data:`LM_HEAVY`) when n is 68,
+        else ones.
+    """
     w = torch.ones(n, device=device, dtype=dtype)
     if n == 68:
         w[list(LM_HEAVY)] = LM_HEAVY_WEIGHT
@@ -62,7 +63,7 @@ def lm68_to_5(lm68: torch.Tensor) -> torch.Tensor:
     The torch twin of :func:`util.preprocess.extract_5p` (same order: left eye, right eye, nose,
     left mouth corner, right mouth corner), differentiable.
     """
-    _check(lm68, (None, 68, None), "lm68")
+    check_shape(lm68, ("B", 68, 2), "lm68")
     i = [k - 1 for k in _LM5_SRC]
     return torch.stack([(lm68[:, i[1]] + lm68[:, i[2]]) / 2, (lm68[:, i[3]] + lm68[:, i[4]]) / 2,
                         lm68[:, i[0]], lm68[:, i[5]], lm68[:, i[6]]], dim=1)
@@ -73,12 +74,19 @@ def photo_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps
     """Robust photometric loss: sum of ``mask * sqrt(eps + |pred - target|^2)`` over pixels
     divided by ``max(sum(mask), 1)`` (the whole batch at once, as the original).
 
-    pred, target: (B, C, H, W); mask: (B, 1, H, W) weights in 0..1 (attention times face mask).
+    Args:
+        pred, target: (B, C, H, W) images.
+        mask: (B, 1, H, W) weights in 0..1 (attention times face mask).
+        eps: added under the square root (a finite gradient at zero difference).
+
+    Returns:
+        () the loss.
+
+    Raises:
+        ValueError: a shape differs from the above (the message names the argument).
     """
-    _check(pred, (None, None, None, None), "pred")
-    if target.shape != pred.shape:
-        raise ValueError(f"target {tuple(target.shape)} must match pred {tuple(pred.shape)}")
-    _check(mask, (pred.shape[0], 1, pred.shape[2], pred.shape[3]), "mask")
+    check_shapes(pred=(pred, ("B", "C", "H", "W")), target=(target, ("B", "C", "H", "W")),
+                 mask=(mask, ("B", 1, "H", "W")))
     dist = torch.sqrt(eps + ((pred - target) ** 2).sum(dim=1, keepdim=True)) * mask
     return dist.sum() / mask.sum().clamp_min(1.0)
 
@@ -86,12 +94,21 @@ def photo_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps
 def landmark_loss(pred_lm: torch.Tensor, gt_lm: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean squared landmark distance in pixels^2: ``sum(w * |p - q|^2) / (B * K)``.
 
-    pred_lm: (B, 68, 2) projected landmarks. gt_lm: (B, 68, 2) or (B, 5, 2) (then ``pred_lm`` is
-    reduced with :func:`lm68_to_5`). weight: (K,) or (B, K); default :func:`landmark_weights`.
+    Args:
+        pred_lm: (B, 68, 2) projected landmarks, pixels.
+        gt_lm: (B, K, 2) target landmarks with K 68, or 5 (then ``pred_lm`` is reduced with
+            :func:`lm68_to_5`).
+        weight: (K,) or (B, K); default :func:`landmark_weights` ``(K)``.
+
+    Returns:
+        () the loss, pixels^2.
+
+    Raises:
+        ValueError: a shape differs from the above, or K is neither 68 nor 5.
     """
-    _check(pred_lm, (None, 68, 2), "pred_lm")
-    if gt_lm.ndim != 3 or gt_lm.shape[0] != pred_lm.shape[0] or gt_lm.shape[1:] not in ((68, 2), (5, 2)):
-        raise ValueError(f"gt_lm must have shape ({pred_lm.shape[0]}, 68 or 5, 2), got {tuple(gt_lm.shape)}")
+    sizes = check_shapes(pred_lm=(pred_lm, ("B", 68, 2)), gt_lm=(gt_lm, ("B", "K", 2)))
+    if sizes["K"] not in (68, 5):
+        raise ValueError(f"gt_lm must have shape (B, 68 or 5, 2), got {tuple(gt_lm.shape)}")
     if gt_lm.shape[1] == 5:
         pred_lm = lm68_to_5(pred_lm)
     k = gt_lm.shape[1]
@@ -103,28 +120,54 @@ def landmark_loss(pred_lm: torch.Tensor, gt_lm: torch.Tensor, weight: torch.Tens
 
 def coeff_reg_loss(coeffs: dict[str, torch.Tensor], w_id: float = 1.0, w_exp: float = 1.0,
                    w_tex: float = 1.0) -> torch.Tensor:
-    """``(w_id |id|^2 + w_exp |exp|^2 + w_tex |tex|^2) / B`` from :meth:`CoeffLayout.split` parts."""
+    """Coefficient regularisation ``(w_id |id|^2 + w_exp |exp|^2 + w_tex |tex|^2) / B``.
+
+    Args:
+        coeffs: the parts of :meth:`models.coeffs.CoeffLayout.split`: ``id`` (B, 80), ``exp`` (B, 64),
+            ``tex`` (B, 80) (other keys unused).
+        w_id, w_exp, w_tex: the parts' weights.
+
+    Returns:
+        () the loss.
+    """
     b = coeffs["id"].shape[0]
     return (w_id * coeffs["id"].pow(2).sum() + w_exp * coeffs["exp"].pow(2).sum()
             + w_tex * coeffs["tex"].pow(2).sum()) / b
 
 
 def gamma_loss(gamma: torch.Tensor) -> torch.Tensor:
-    """(B, 27) SH lighting -> mean squared deviation of each band from its RGB mean."""
-    _check(gamma, (None, 27), "gamma")
+    """Lighting prior: the mean squared deviation of each SH band from its mean over RGB.
+
+    Args:
+        gamma: (B, 27) SH lighting coefficients (3 channels x 9 bands).
+
+    Returns:
+        () the loss.
+
+    Raises:
+        ValueError: ``gamma`` is not (B, 27).
+    """
+    check_shape(gamma, ("B", 27), "gamma")
     g = gamma.reshape(-1, 3, 9)
     return ((g - g.mean(dim=1, keepdim=True)) ** 2).mean()
 
 
 def reflectance_loss(texture: torch.Tensor, skin_mask: torch.Tensor) -> torch.Tensor:
-    """Albedo variance over the skin region.
+    """Albedo variance over the skin region, exactly as the original:
+    ``sum(((T - mean_skin(T)) * m)^2) / (B * sum(m))`` with the mean per channel over the whole
+    batch's skin vertices.
 
-    texture: (B, N, 3) albedo in 0..1; skin_mask: (N,) 0/1. Returns
-    ``sum(((T - mean_skin(T)) * m)^2) / (B * sum(m))`` with the mean over the whole batch's skin
-    vertices per channel, exactly as the original.
+    Args:
+        texture: (B, N, 3) albedo in 0..1.
+        skin_mask: (N,) 0/1 skin vertices of the face model.
+
+    Returns:
+        () the loss.
+
+    Raises:
+        ValueError: the shapes differ from the above.
     """
-    _check(texture, (None, None, 3), "texture")
-    _check(skin_mask, (texture.shape[1],), "skin_mask")
+    check_shapes(texture=(texture, ("B", "N", 3)), skin_mask=(skin_mask, ("N",)))
     m = skin_mask.to(texture.dtype).reshape(1, -1, 1)
     total = m.sum()
     mean = (m * texture).sum(dim=1, keepdim=True) / total
@@ -132,32 +175,22 @@ def reflectance_loss(texture: torch.Tensor, skin_mask: torch.Tensor) -> torch.Te
 
 
 def perceptual_loss(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
-    """Mean of ``1 - cos`` between L2-normalised (B, D) identity features."""
-    _check(feat_a, (None, None), "feat_a")
+    """Identity loss: the mean of ``1 - cos`` between two sets of features.
+
+    Args:
+        feat_a, feat_b: (B, D) L2-normalised identity features.
+
+    Returns:
+        () the loss.
+
+    Raises:
+        ValueError: the shapes differ from (B, D).
+    """
+    check_shapes(feat_a=(feat_a, ("B", "D")), feat_b=(feat_b, ("B", "D")))
     return (1.0 - (feat_a * feat_b).sum(dim=-1)).mean()
 
 
 # --------------------------------------------------------------------------- the hybrid loss
-@dataclass(frozen=True)
-class LossWeights:
-    """The original's default weights (``--w_*`` flags)."""
-
-    w_feat: float = 0.2
-    w_color: float = 1.92
-    w_reg: float = 3.0e-4
-    w_id: float = 1.0
-    w_exp: float = 0.8
-    w_tex: float = 1.7e-2
-    w_gamma: float = 10.0
-    w_lm: float = 1.6e-3
-    w_reflc: float = 5.0
-
-    @classmethod
-    def from_options(cls, opt) -> "LossWeights":
-        """Pick the ``w_*`` attributes of an options object."""
-        return cls(**{f.name: float(getattr(opt, f.name)) for f in dataclasses.fields(cls)})
-
-
 TERMS = ("feat", "color", "lm", "reg", "gamma", "reflc")
 
 
@@ -206,7 +239,10 @@ class HybridLoss(nn.Module):
     Args:
         face_model, renderer: as in :class:`models.facerecon.FaceReconModel`.
         weights: :class:`LossWeights`; ``w_feat`` is ignored (0) without ``recog``.
-        recog: a :class:`models.recog.RecogNet` (frozen) or None.
+        recog: a frozen recogniser or None: a module ``recog(image (B,3,H,W), trans_m (B,2,3)) -> (B,D)``
+            L2-normalised features with ``recog.crop_transform(lm68 (B,68,2) y up, height) -> (B,2,3)``,
+            as :class:`models.recog.RecogNet` (this module does not import it: the recogniser's
+            framing is its own).
         use_crop_face: photometric loss only on the front-face triangles (the original's training
             default), else on the whole rendered face.
         front_only: render only the front-face triangles, once, for both the image and the mask
@@ -230,14 +266,26 @@ class HybridLoss(nn.Module):
     def forward(self, coeffs: torch.Tensor, images: torch.Tensor, gt_lm: torch.Tensor,
                 atten_mask: torch.Tensor | None = None, gt_trans_m: torch.Tensor | None = None,
                 gt_feat: torch.Tensor | None = None) -> HybridOutput:
-        """Args:
-            coeffs: (B, 257). images: (B, 3, H, W) 0..1. gt_lm: (B, 68, 2) or (B, 5, 2), y up.
+        """The weighted terms for a batch.
+
+        Args:
+            coeffs: (B, 257) coefficients (:data:`models.coeffs.COEFFS`).
+            images: (B, 3, H, W) RGB in 0..1, the aligned crops.
+            gt_lm: (B, 68, 2) or (B, 5, 2) target landmarks, crop pixels, y up.
             atten_mask: optional (B, 1, H, W) skin attention in 0..1 (ones when None).
             gt_trans_m: optional (B, 2, 3) warp of the input to the recogniser's crop (estimated
-                from ``gt_lm`` when None); gt_feat: optional precomputed input features.
+                from ``gt_lm`` when None).
+            gt_feat: optional (B, D) precomputed identity features of ``images``.
+
+        Returns:
+            :class:`HybridOutput`.
+
+        Raises:
+            ValueError: a shape differs from the above, or the identity term is on with 5 target
+                landmarks and no ``gt_trans_m``.
         """
         w, fm = self.weights, self.face_model
-        _check(images, (coeffs.shape[0], 3, None, None), "images")
+        check_shapes(coeffs=(coeffs, ("B", COEFFS.total)), images=(images, ("B", 3, "H", "W")))
         face = fm(coeffs)
         if self.front_only:
             out = self.renderer(face.vertex, fm.front_face_buf, feat=face.color)
@@ -267,14 +315,12 @@ class HybridLoss(nn.Module):
         return HybridOutput(terms=terms, face=face, render=render, mask=mask, face_mask=face_mask)
 
     def _identity_loss(self, render, images, pred_lm, gt_lm, gt_trans_m, gt_feat) -> torch.Tensor:
-        from models.recog import estimate_norm
-
         size = images.shape[-2]
         if gt_trans_m is None and (gt_feat is None or self.use_predef_M):
             if gt_lm.shape[1] != 68:
                 raise ValueError("the identity loss needs 68 target landmarks or gt_trans_m")
-            gt_trans_m = estimate_norm(gt_lm, size)
-        pred_m = gt_trans_m if self.use_predef_M else estimate_norm(pred_lm.detach(), size)
+            gt_trans_m = self.recog.crop_transform(gt_lm, size)
+        pred_m = gt_trans_m if self.use_predef_M else self.recog.crop_transform(pred_lm.detach(), size)
         if gt_feat is None:
             with torch.no_grad():
                 gt_feat = self.recog(images, gt_trans_m)
@@ -282,7 +328,13 @@ class HybridLoss(nn.Module):
 
 
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
-    """Zero the gradients, back-propagate ``loss`` (through ``scaler`` for fp16) and step."""
+    """Zero the gradients, back-propagate ``loss`` (through ``scaler`` for fp16) and step.
+
+    Args:
+        loss: () the loss to minimise.
+        optimizer: steps the parameters.
+        scaler: a ``torch.amp.GradScaler`` (fp16) or None.
+    """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -168,7 +168,7 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
     a page is used. Only for read-only use of a file that is replaced, not rewritten in place,
     while mapped (this project's writers save to a temporary name and rename it)."""
     expected = ("Expected the original's checkpoints/<name>/epoch_<N>.pth (e.g. the authors' epoch_20.pth) "
-                "or run `python -m util.standin` for the stand-in model.")
+                "or run `python -m tools.standin` for the stand-in model.")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a folder, not a file. {expected}")
     if not os.path.exists(path):

@@ -174,7 +174,26 @@ class RecogNet(nn.Module):
         """Stays in eval mode (the recogniser's batch norm is frozen, as in the original)."""
         return self
 
+    def crop_transform(self, lm68: torch.Tensor, height: int) -> torch.Tensor:
+        """The warp of a crop onto this recogniser's input: :func:`estimate_norm`.
+
+        Args:
+            lm68: (B, 68, 2) crop landmarks in pixels, **y up**.
+            height: the crop's height in pixels.
+
+        Returns:
+            (B, 2, 3) float32 affine matrices for :meth:`forward`.
+        """
+        return estimate_norm(lm68, height)
+
     def forward(self, image: torch.Tensor, trans_m: torch.Tensor) -> torch.Tensor:
+        """Args:
+            image: (B, 3, H, W) RGB in 0..1.
+            trans_m: (B, 2, 3) warp of ``image`` onto the 112x112 input (:meth:`crop_transform`).
+
+        Returns:
+            (B, D) L2-normalised float32 features.
+        """
         x = 2.0 * warp_to_recog(image, trans_m, self.input_size) - 1.0
         return F.normalize(self.net(x).float(), dim=-1, p=2)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.losses import LossWeights
+from models.loss_weights import LossWeights  # torch-free: the weights' defaults, stated there once
 from options.base_options import BaseOptions, opt, parse_options
 
-WEIGHTS = LossWeights()  # the original's loss weights, defined once in models.losses
+WEIGHTS = LossWeights()
 DEFAULT_RECOG_PATH = "checkpoints/recog_model/ms1mv3_arcface_r50_fp16/backbone.pth"
 
 

@@ -86,7 +86,7 @@ def tiny_model_dict() -> dict[str, np.ndarray]:
 def standin() -> dict[str, str]:
     """The stand-in BFM and checkpoint (built once into the git-ignored standin/ and checkpoints/)."""
     if not (os.path.isfile(os.path.join(STANDIN_BFM, "01_MorphableModel.mat")) and os.path.isfile(STANDIN_CKPT)):
-        subprocess.run([sys.executable, "-m", "util.standin"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "tools.standin"], cwd=ROOT, check=True)
     return {"bfm_folder": STANDIN_BFM, "checkpoint": STANDIN_CKPT, "checkpoints_dir": os.path.dirname(
         os.path.dirname(STANDIN_CKPT)), "name": "standin"}
 

@@ -101,7 +101,7 @@ def test_confidence_names_and_a_trained_network(tmp_path):
 def test_fit_residuals_vanish_on_the_true_coefficients(standin_face_model, one_thread):
     from models.facerecon import FaceReconModel
     from models.renderer import create_renderer
-    from util.synthetic import SyntheticConfig, SyntheticFaces
+    from data.synthetic import SyntheticConfig, SyntheticFaces
 
     size = 64  # a small render: the residuals do not depend on the size (landmarks in 224 pixels)
     fm = type(standin_face_model).from_folder(os.path.join(ROOT, "standin", "BFM"), focal=1015.0 * size / 224,

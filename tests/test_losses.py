@@ -12,8 +12,9 @@ from torch import nn
 
 from models.bfm import ParametricFaceModel
 from models.coeffs import COEFFS
-from models.losses import (LM_HEAVY, HybridLoss, LossWeights, coeff_reg_loss, gamma_loss, landmark_loss,
-                           landmark_weights, lm68_to_5, perceptual_loss, photo_loss, reflectance_loss)
+from models.loss_weights import LossWeights
+from models.losses import (LM_HEAVY, HybridLoss, coeff_reg_loss, gamma_loss, landmark_loss, landmark_weights,
+                           lm68_to_5, perceptual_loss, photo_loss, reflectance_loss)
 from models.recog import RecogNet, estimate_norm, similarity_transform
 from models.renderer import create_renderer
 from util.preprocess import extract_5p

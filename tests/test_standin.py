@@ -1,4 +1,4 @@
-"""The stand-in model's build (util/standin.py): its bases are the same numbers as before the build
+"""The stand-in model's build (tools/standin.py): its bases are the same numbers as before the build
 was made faster, and the command says what it costs and shows its progress."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from scipy.io import loadmat
 
 from conftest import DATA
-from util import standin as build
+from tools import standin as build
 
 
 def _smooth_basis_reference(points, n, rng, n_centres=24, width=0.35):

@@ -248,7 +248,7 @@ def test_synthetic_faces_in_range(workspace):
 
     from experiments.recovery import parse_recovery_options, synthetic_setup
     from models.coeffs import COEFFS
-    from util.synthetic import SyntheticFaces
+    from data.synthetic import SyntheticFaces
 
     o = parse_recovery_options(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64"])
     face_model, renderer, syn, _ = synthetic_setup(o, torch.device("cpu"))

@@ -4,7 +4,7 @@
 
 Reads the converted front model (``BFM_model_front.mat``: its triangles and mean shape) and lays
 the mesh out with :func:`util.uv_texture.mean_value_layout`. The shipped file was made from the
-stand-in model (``python -m util.standin``), whose front mesh has the BFM's topology and a mean
+stand-in model (``python -m tools.standin``), whose front mesh has the BFM's topology and a mean
 shape built from ``BFM/standin_mean_shape_53490_dm.npy``; the real BFM gives the same triangles,
 so the layout fits it (only the texel density would differ slightly).
 """

@@ -8,12 +8,12 @@ BFM_HELP = (
     "https://faces.dmi.unibas.ch/bfm/main.php?nav=1-2&id=downloads and put 01_MorphableModel.mat "
     "in {folder}; get Exp_Pca.bin (Guo et al., CoarseData) from "
     "https://github.com/Juyong/3DFace and put it in {folder}. "
-    "For a demo without licensed files run `python -m util.standin` and pass "
+    "For a demo without licensed files run `python -m tools.standin` and pass "
     "--bfm_folder standin/BFM --name standin."
 )
 CHECKPOINT_HELP = (
     "Put the trained model at {path} (e.g. the authors' epoch_20.pth from the Deep3DFaceRecon_pytorch "
-    "README, in checkpoints/<name>/), or run `python -m util.standin` for the stand-in model "
+    "README, in checkpoints/<name>/), or run `python -m tools.standin` for the stand-in model "
     "(--name standin)."
 )
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from util.checks import check_shape
+
 
 @dataclass(frozen=True)
 class RenderOutput:
@@ -143,28 +145,21 @@ class Rasterizer(abc.ABC):
 
 
 def _check_inputs(vertex: torch.Tensor, tri: torch.Tensor, feat: torch.Tensor | None) -> None:
-    if not isinstance(vertex, torch.Tensor) or vertex.ndim != 3 or vertex.shape[-1] != 3:
-        raise ValueError(f"vertex must be a (B, N, 3) tensor, got {_shape(vertex)}")
+    """Raise ValueError unless vertex (B, N, 3) float, tri (M, 3) integer and feat (B or 1, N, C)
+    share vertex's device (the message names the argument)."""
+    sizes = check_shape(vertex, ("B", "N", 3), "vertex")
     if not vertex.is_floating_point():
         raise ValueError(f"vertex must be floating point, got {vertex.dtype}")
-    if not isinstance(tri, torch.Tensor) or tri.ndim != 2 or tri.shape[-1] != 3:
-        raise ValueError(f"tri must be a (M, 3) integer tensor, got {_shape(tri)}")
+    check_shape(tri, ("M", 3), "tri")
     if tri.is_floating_point() or tri.is_complex() or tri.dtype == torch.bool:
         raise ValueError(f"tri must hold integer vertex indices, got {tri.dtype}")
     if tri.device != vertex.device:
         raise ValueError(f"tri is on {tri.device} but vertex is on {vertex.device}")
     if feat is not None:
-        if not isinstance(feat, torch.Tensor) or feat.ndim != 3:
-            raise ValueError(f"feat must be a (B, N, C) tensor, got {_shape(feat)}")
-        if feat.shape[0] not in (1, vertex.shape[0]) or feat.shape[1] != vertex.shape[1]:
-            raise ValueError(f"feat must have shape ({vertex.shape[0]} or 1, {vertex.shape[1]}, C) to match "
-                             f"vertex {tuple(vertex.shape)}, got {tuple(feat.shape)}")
+        batch = 1 if getattr(feat, "ndim", 0) == 3 and feat.shape[0] == 1 else "B"  # one feat for all faces
+        check_shape(feat, (batch, "N", "C"), "feat", dict(sizes))
         if feat.device != vertex.device:
             raise ValueError(f"feat is on {feat.device} but vertex is on {vertex.device}")
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 class MeshRenderer(nn.Module):

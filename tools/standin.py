@@ -1,4 +1,4 @@
-"""Build the stand-in model for demos and tests: ``python -m util.standin``.
+"""Build the stand-in model for demos and tests: ``python -m tools.standin``.
 
 Writes, into git-ignored places,
   standin/BFM/01_MorphableModel.mat + Exp_Pca.bin   stand-ins in the licensed files' exact formats
