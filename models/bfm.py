@@ -324,9 +324,17 @@ INIT_LIGHT = (0.8, 0, 0, 0, 0, 0, 0, 0, 0)  # added to each colour's 9 SH coeffi
 def gather_vertices(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, N, C) per-vertex values, integer ``index`` of any shape S -> (B, *S, C).
 
-    The same numbers as ``points[:, index]``, but through ``index_select``, whose gradient is an
-    ``index_add_``: on CUDA the gradient of advanced indexing (a sort, then an accumulation) took
-    half of a training step's GPU time (18.7 of 35 ms on an H100, torch.profiler)."""
+    The same numbers and gradients as ``points[:, index]``, but through ``index_select``, whose
+    gradient is an ``index_add_`` rather than advanced indexing's sort and accumulation (why:
+    docs/training.md, "What the runs show").
+
+    Args:
+        points: (B, N, C) per-vertex values.
+        index: integer indices into N, any shape S.
+
+    Returns:
+        (B, *S, C) the picked values.
+    """
     picked = points.index_select(1, index.reshape(-1))
     return picked.reshape(points.shape[0], *index.shape, points.shape[-1])
 

@@ -71,7 +71,7 @@ class ResNet(nn.Module):
     forward: (B, 3, H, W) -> (B, C, 1, 1) pooled features, or (B, num_classes) with ``use_last_fc``.
     Built on the meta device (``with torch.device("meta")``), it skips the weight initialisation:
     there are no values to set, a state dict will provide them (and initialising meta tensors
-    imports torch._dynamo, ~1.5 s on a CPU core).
+    would import torch._dynamo, which is slow to load).
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000,

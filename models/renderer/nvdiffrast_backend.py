@@ -3,7 +3,7 @@
 This is the only module of the project that imports nvdiffrast, and only on first use.
 Users install the PyPI build ``pip install diffrp-nvdiffrast==0.3.3.1`` (module
 ``nvdiffrast.torch``), which JIT-compiles its plugin with ``torch.utils.cpp_extension`` the
-first time a context is created (~25 s, needs the CUDA toolkit and ninja).
+first time a context is created (once; needs the CUDA toolkit and ninja).
 
 Known problem handled here: with recent PyTorch, ``torch.utils.cpp_extension`` loads a built
 extension by file path without putting its build folder on ``sys.path``, while nvdiffrast then
@@ -160,7 +160,7 @@ def preload_plugins(context: str = "cuda") -> bool:
                 module = sys.modules.get(name)
                 if module is None:
                     path = _plugin_file(name)
-                    if path is None:  # not built yet: nvdiffrast builds it (once, ~25 s)
+                    if path is None:  # not built yet: nvdiffrast builds it (once)
                         ok = False
                         continue
                     spec = importlib.util.spec_from_file_location(name, path)
