@@ -57,8 +57,19 @@ class FitConfig:
     sparse_landmark_groups: tuple[str, ...] = ("angle", "trans")
 
 
-def _landmark_terms(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: LossWeights) -> torch.Tensor:
-    """Landmark + regularisation loss without rendering (a cheaper face model pass)."""
+def landmark_stage_loss(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: LossWeights) -> torch.Tensor:
+    """The hybrid loss without its image terms: landmark, regularisation, gamma and reflectance
+    (no rendering: a cheaper face model pass). Fitting's first stage and a training curriculum's.
+
+    Args:
+        face_model: a :class:`models.bfm.ParametricFaceModel`.
+        coeffs: (B, 257) coefficients.
+        target: (B, 68, 2) or (B, 5, 2) landmarks, crop pixels, y up.
+        w: the weights (``w_lm``, ``w_reg`` with ``w_id``/``w_exp``/``w_tex``, ``w_gamma``, ``w_reflc``).
+
+    Returns:
+        () the weighted sum of those terms.
+    """
     c = COEFFS.split(coeffs)
     shape = face_model.compute_shape(c["id"], c["exp"])
     rot = face_model.compute_rotation(c["angle"])
@@ -129,7 +140,7 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
             if callback is not None:
                 callback(step, c.detach())
             if step < n_lm:
-                loss = _landmark_terms(model.face_model, c, target, loss_fn.weights)
+                loss = landmark_stage_loss(model.face_model, c, target, loss_fn.weights)
             else:
                 loss = loss_fn(c, images, target, atten_mask=atten_mask).terms.total
             opt.zero_grad(set_to_none=True)

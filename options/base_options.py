@@ -57,11 +57,12 @@ class BaseOptions:
     checkpoints_dir: str = opt("./checkpoints", "models are loaded from and results saved under here", group="model")
     vis_batch_nums: float = opt(1, "batch nums of images for visualization", group="training", train_only=True)
     eval_batch_nums: float = opt(math.inf, "batch nums of images for evaluation", group="training", train_only=True)
-    use_ddp: bool = opt(True, "use distributed data parallel when several GPUs are given", group="training",
-                        train_only=True)
+    use_ddp: bool = opt(True, "ignored: accepted for the original's command lines (train.py trains on one device; "
+                              "no multi-GPU training)", group="training", train_only=True)
     ddp_port: str = opt("12355", "port of the processes' rendezvous when --gpu_ids gives several GPUs (one machine)",
                         group="performance")
-    display_per_batch: bool = opt(True, "log losses per batch", group="training", train_only=True)
+    display_per_batch: bool = opt(True, "ignored: accepted for the original's command lines (losses are logged every "
+                                        "--print_freq steps)", group="training", train_only=True)
     add_image: bool = opt(True, "add images to tensorboard", group="training", train_only=True)
     world_size: int = opt(1, "number of processes (set from --gpu_ids)", group="performance")
     model: str = opt("facerecon", "model to use (only 'facerecon' exists)", group="model", choices=["facerecon"])
