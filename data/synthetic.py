@@ -158,5 +158,13 @@ class SyntheticFaces:
         return SyntheticBatch(images=img.clamp(0.0, 1.0), coeffs=coeffs, lm68=face.landmark, mask=out.mask)
 
     def sample(self, n: int, generator: torch.Generator) -> SyntheticBatch:
-        """Draw and render ``n`` faces."""
+        """Draw and render ``n`` faces.
+
+        Args:
+            n: number of faces.
+            generator: a ``torch.Generator`` on the face model's device (the draw is reproducible).
+
+        Returns:
+            :class:`SyntheticBatch` of ``n`` faces at the renderer's image size.
+        """
         return self.render(self.sample_coeffs(n, generator), generator)

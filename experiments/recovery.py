@@ -11,9 +11,14 @@ trained from random initialisation with the paper's weakly-supervised loss only 
 coefficient supervision and no identity network - until ``--minutes`` (everything included:
 set-up, rendering, training, evaluation) minus a reserve for the final evaluation.
 
+Before training, the per-face optimum of the same loss is measured on the first ``--optimum_faces``
+held-out faces (:func:`loss_optimum`: minimised from the truth and from the fitted mean face, the
+lower end kept): the yardstick of the vertex target.
+
 Evaluation on ``--eval_size`` held-out renders (a separate seed):
   * vertex error: mean distance between predicted and true model-space shapes (identity +
-    expression, before pose), as a fraction of the same for the mean face (target <= 0.3);
+    expression, before pose), as a fraction of the same for the mean face; the target is the
+    regressor's at most 1.25x the optimum's on the optimum's faces (1.05x with ``--fit_steps``);
   * pose error: geodesic angle between predicted and true head rotations, degrees (target <= 2);
   * landmark error: mean distance of the 68 projected landmarks, pixels at 224 (target <= 2).
 Two geometric variants are reported beside them, because the stand-in's synthetic shape bases

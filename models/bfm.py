@@ -402,6 +402,12 @@ class ParametricFaceModel(nn.Module):
 
     @classmethod
     def from_folder(cls, bfm_folder: str, bfm_model: str = "BFM_model_front.mat", **kw) -> "ParametricFaceModel":
+        """The face model of ``bfm_folder`` (:func:`load_front_model`; converted from the BFM files on
+        first use); ``kw``: camera settings of the constructor.
+
+        Raises:
+            MissingAssetError, FaceModelError: as :func:`load_front_model`.
+        """
         return cls(load_front_model(bfm_folder, bfm_model), **kw)
 
     @property
@@ -474,8 +480,15 @@ class ParametricFaceModel(nn.Module):
         return (self.focal * vertex[..., :2] + self.center * z) / z
 
     def landmarks(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """(B, 257) -> (B, 68, 2) projected landmarks (y up), computing only the 68 keypoints:
-        the same numbers as ``forward(coeffs).landmark`` for a fraction of the work."""
+        """The projected 68 landmarks alone: the same numbers as ``forward(coeffs).landmark`` for a
+        fraction of the work (only the 68 keypoints are computed).
+
+        Args:
+            coeffs: (B, 257).
+
+        Returns:
+            (B, 68, 2) pixels, y up.
+        """
         c = self.layout.split(coeffs)
         rows = (self.keypoints[:, None] * 3 + torch.arange(3, device=coeffs.device)).reshape(-1)
         shape = c["id"] @ self.id_base[rows].T + c["exp"] @ self.exp_base[rows].T + self.mean_shape[rows]
@@ -484,7 +497,17 @@ class ParametricFaceModel(nn.Module):
         return self.project(vertex)
 
     def forward(self, coeffs: torch.Tensor) -> FaceOutput:
-        """(B, 257) coefficients -> :class:`FaceOutput`."""
+        """Mesh, colours and landmarks of coefficients.
+
+        Args:
+            coeffs: (B, 257) (:data:`models.coeffs.COEFFS`).
+
+        Returns:
+            :class:`FaceOutput` (shapes in its docstring).
+
+        Raises:
+            ValueError: ``coeffs`` is not (B, 257).
+        """
         c = self.layout.split(coeffs)
         shape = self.compute_shape(c["id"], c["exp"])
         rotation = self.compute_rotation(c["angle"])

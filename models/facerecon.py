@@ -33,8 +33,12 @@ class FaceReconModel(nn.Module):
     """Compose a regressor (``net``), a :class:`ParametricFaceModel` and a renderer.
 
     Args:
-        amp: None, 'bf16' or 'fp16': autocast for the network only (CUDA); the face model and the
-            renderer always run in float32.
+        net: the regressor, (B, 3, 224, 224) -> (B, 257).
+        face_model: coefficients -> mesh.
+        renderer: a :class:`models.renderer.MeshRenderer`.
+        amp: None, 'bf16' or 'fp16': autocast for the network only, on the images' device type
+            (bf16 runs on the CPU too); the face model and the renderer always run in float32.
+        channels_last: give the network its input in channels_last memory format.
         ieee_fp32: without ``amp``, run the network's float32 convolutions in full precision on
             CUDA (:func:`util.precision.ieee_fp32`), not in the TF32 that PyTorch lets cuDNN use
             by default; test.py's default (its ``--tf32`` turns it off).
@@ -59,7 +63,14 @@ class FaceReconModel(nn.Module):
         return contextlib.nullcontext()
 
     def predict_coeffs(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) RGB 0..1 -> (B, 257) float32."""
+        """The network's coefficients.
+
+        Args:
+            images: (B, 3, 224, 224) aligned crops, RGB in 0..1.
+
+        Returns:
+            (B, 257) float32 coefficients.
+        """
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.network_precision(images.device):
@@ -67,10 +78,19 @@ class FaceReconModel(nn.Module):
         return coeffs.float()
 
     def reconstruct(self, coeffs: torch.Tensor) -> Reconstruction:
-        """Coefficients (B, 257) -> mesh and render (differentiable; used by fitting too)."""
+        """Mesh and render of coefficients (differentiable; used by fitting too).
+
+        Args:
+            coeffs: (B, 257).
+
+        Returns:
+            :class:`Reconstruction` with the mesh, the (B, 3, H, W) render and its (B, 1, H, W) mask.
+        """
         face = self.face_model(coeffs)
         out = self.renderer(face.vertex, self.face_model.face_buf, feat=face.color)
         return Reconstruction(coeffs=coeffs, face=face, mask=out.mask, render=out.image)
 
     def forward(self, images: torch.Tensor) -> Reconstruction:
+        """(B, 3, 224, 224) RGB 0..1 -> :class:`Reconstruction` (:meth:`predict_coeffs`, then
+        :meth:`reconstruct`)."""
         return self.reconstruct(self.predict_coeffs(images))

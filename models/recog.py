@@ -69,8 +69,15 @@ def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_norm(lm68: torch.Tensor, height: int) -> torch.Tensor:
-    """(B, 68, 2) crop landmarks, **y up** -> (B, 2, 3) warp of the crop onto the ArcFace template
-    (the original's ``estimate_norm_torch``)."""
+    """The warp of a crop onto the ArcFace template (the original's ``estimate_norm_torch``).
+
+    Args:
+        lm68: (B, 68, 2) crop landmarks in pixels, **y up** (detached here).
+        height: the crop's height in pixels.
+
+    Returns:
+        (B, 2, 3) float32 affine matrices, crop pixels (y down) -> 112x112 template pixels.
+    """
     lm5 = lm68_to_5(lm68.detach())
     lm5 = torch.stack([lm5[..., 0], (height - 1) - lm5[..., 1]], dim=-1)  # y down
     template = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64, device=lm68.device)
@@ -78,7 +85,16 @@ def estimate_norm(lm68: torch.Tensor, height: int) -> torch.Tensor:
 
 
 def warp_to_recog(image: torch.Tensor, trans_m: torch.Tensor, size: int = RECOG_INPUT) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, size, size) with kornia's ``warp_affine`` (the original's resize_n_crop)."""
+    """The recogniser's input crop, with kornia's ``warp_affine`` (the original's resize_n_crop).
+
+    Args:
+        image: (B, 3, H, W).
+        trans_m: (B, 2, 3) affine matrices (:func:`estimate_norm`).
+        size: the output's side in pixels.
+
+    Returns:
+        (B, 3, size, size), bilinear, zeros outside ``image``.
+    """
     from kornia.geometry.transform import warp_affine
 
     return warp_affine(image, trans_m.to(image.dtype), dsize=(size, size), align_corners=True)
@@ -207,9 +223,20 @@ def _is_torchscript(path: str) -> bool:
 
 
 def load_recog_net(name: str, path: str) -> RecogNet:
-    """Load a recogniser: an InsightFace iresnet ``backbone.pth`` (``name`` r18/r34/r50/r100), a
-    ``torch.export`` program (``name`` 'export' or a ``.pt2`` file) or a TorchScript file (``name``
-    'torchscript', or detected from the file). Raises :class:`RecogError` with a one-line reason."""
+    """Load a recogniser.
+
+    Args:
+        name: r18/r34/r50/r100 for an InsightFace iresnet ``backbone.pth`` (loaded with
+            ``weights_only`` and ``strict``), 'export' for a ``torch.export`` program (also any
+            ``.pt2`` file), 'torchscript' for a TorchScript file (also detected from the file).
+        path: the file.
+
+    Returns:
+        a frozen :class:`RecogNet`.
+
+    Raises:
+        RecogError: the file is missing, unreadable or does not fit ``name`` (one line).
+    """
     if not os.path.isfile(path):
         raise RecogError(f"face recognition network not found: {path}. Give an InsightFace ArcFace "
                          "backbone.pth (e.g. ms1mv3_arcface_r50_fp16, --net_recog r50) or a TorchScript "
