@@ -96,8 +96,22 @@ def parse_list_line(line: str, root: str) -> TrainEntry:
 
 def read_list(flist: str, data_root: str = "./", max_size: float = math.inf, need_lm5: bool = False,
               check_files: bool = True) -> list[TrainEntry]:
-    """Read and check a training list. Raises :class:`DataError` naming the list's problems
-    (up to 10 lines of them, then a count) before any training starts."""
+    """Read and check a training list before any training starts.
+
+    Args:
+        flist: the tab-separated list (image, landmarks68, detections, mask; ``-`` for none).
+        data_root: relative paths of the list are resolved against it.
+        max_size: keep at most this many entries.
+        need_lm5: every entry must list its 5-point detections (``--align_lm lm5``).
+        check_files: check that every listed file exists and every landmark file holds 68 points.
+
+    Returns:
+        the entries, in the list's order.
+
+    Raises:
+        DataError: the list is missing or empty, or names problems (up to 10 lines of them, then
+            a count).
+    """
     if not os.path.isfile(flist):
         raise DataError(f"training list not found: {flist}. Build it with `python -m data.prepare_list "
                         "--img_folder <folders> --out <list>` after `./process_images.sh <folder> --landmarks68`")
