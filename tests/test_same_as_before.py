@@ -42,7 +42,9 @@ def run_test_py(tree: str, standin: dict, photos: str, out: str, extra: list[str
     cmd = [sys.executable, "test.py", "--name", standin["name"], "--epoch", "20",
            "--checkpoints_dir", standin["checkpoints_dir"], "--bfm_folder", standin["bfm_folder"],
            "--img_folder", photos, "--results_dir", out, "--device", "cpu", *extra]
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # one thread: with several, two runs of the same code once differed in one byte of a fitted
+    # .mat (--fit_steps) on the loaded machine; parallel sums may add in another order
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{tree}: {' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
 
