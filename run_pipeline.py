@@ -7,7 +7,7 @@ The same as ``./process_images.sh <folder> && python test.py --img_folder <folde
 files, same report, same exit codes), in less time: detection runs in a process of its own
 (:func:`util.prepare.run_plan`, batched on CUDA) and reports each photo it finishes; this process
 loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
-(:func:`models.inference.run_folder` on those photos, the model loaded once), each round taking
+(:func:`pipeline.run.run_folder` on those photos, the model loaded once), each round taking
 every photo finished since the last one.
 
 Detection options (the rest go to test.py): --detector, --detect_device (default auto), --workers
@@ -97,8 +97,14 @@ def run(opt, options) -> int:
     """Detection in a process of its own, reconstruction rounds here; prints both summaries."""
     import multiprocessing
 
-    from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
-    from models.inference import default_batch_size
+    from pipeline.model import build_model, warm_up_network
+
+    from pipeline.run import run_folder
+
+    from pipeline.runtime import SetupError, resolve_device
+
+    from pipeline.summary import RunSummary
+    from pipeline.workers import default_batch_size
     from util.prepare import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 

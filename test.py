@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {missing}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from models.inference import SetupError
+    from pipeline.runtime import SetupError
 
     ready = time.perf_counter()  # options parsed, torch imported
-    from models.ranks import run_ranks
+    from pipeline.ranks import run_ranks
     from util.interrupts import sigterm_as_interrupt
 
     sets = None
@@ -105,7 +105,9 @@ def _run_image_sets(opt):
     watching its batches, then one aggregated identity per group. Returns (RunSummary, SetsSummary)."""
     import dataclasses
 
-    from models.inference import SetupError, resolve_device, run_folder
+    from pipeline.run import run_folder
+
+    from pipeline.runtime import SetupError, resolve_device
     from options.feature_options import image_set_settings
     from pipeline.confidence import load_confidence
     from pipeline.image_sets import SetCollector
@@ -133,7 +135,11 @@ def _run_videos(opt) -> int:
     """``--video``: each video's frames detected and reconstructed (:mod:`pipeline.video`)."""
     import dataclasses
 
-    from models.inference import SetupError, build_model, resolve_device, results_dir
+    from pipeline.model import build_model
+
+    from pipeline.runtime import SetupError, resolve_device
+
+    from pipeline.scan import results_dir
     from options.feature_options import video_settings
     from pipeline.video import import_av, list_videos, make_detector, reconstruct_videos
     from util.assets import MissingAssetError

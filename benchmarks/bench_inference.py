@@ -86,7 +86,7 @@ def options(folder: str, out: str, device: str, **kw) -> object:
 
 def timed_run(opt, device, model) -> float:
     """Seconds for one run_folder call (asserting every face succeeded)."""
-    from models.inference import run_folder
+    from pipeline.run import run_folder
 
     sync(device)
     t = time.perf_counter()
@@ -123,7 +123,8 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from multiprocessing.reduction import ForkingPickler
 
     from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
-    from models.inference import batch_results, output_config, overlay_uint8
+    from pipeline.outputs import output_config
+    from pipeline.render import batch_results, overlay_uint8
     from util.preprocess import load_lm3d
     from util.results_io import process_context
     from util.subprocesses import keep_freed_memory
@@ -355,7 +356,9 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_")
     folder1 = make_folder(os.path.join(tmp, "one"), 1)
 
-    from models.inference import build_model, loader_workers, writer_workers
+    from pipeline.model import build_model
+
+    from pipeline.workers import loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
                  "resample_on_device": a.resample_on_device, "decode_on_device": a.decode_on_device,

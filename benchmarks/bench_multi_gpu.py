@@ -116,7 +116,8 @@ def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
     import torch
 
     from data.image_folder import scan_folder
-    from models.inference import default_batch_size, face_loader
+    from pipeline.loader import face_loader
+    from pipeline.workers import default_batch_size
     from options.test_options import parse_test_options
 
     opt = parse_test_options(["--name=standin", "--epoch=20", f"--img_folder={folder}",
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner(torchrun, common), folders, results_root)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
     if a.cpu_control:
-        from models.inference import default_batch_size, loader_workers, writer_workers
+        from pipeline.workers import default_batch_size, loader_workers, writer_workers
 
         os.environ["LOCAL_WORLD_SIZE"] = str(a.gpus)  # the per-rank counts test.py's ranks choose
         n_rank = -(-a.n // a.gpus)

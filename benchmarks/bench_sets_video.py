@@ -76,7 +76,7 @@ def make_clip(path: str, frames: int, size: tuple[int, int], fps: float = 25.0) 
 
 def time_sets(opt, device, model, hook) -> tuple[float, float]:
     """(seconds of run_folder, seconds of writing the groups) for one run."""
-    from models.inference import run_folder
+    from pipeline.run import run_folder
 
     sync(device)
     t = time.perf_counter()
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--picture", default="", help="also save a frame | overlay PNG here")
     p.add_argument("--json", default="", help="write the results here")
     a = p.parse_args(argv)
-    from models.inference import build_model, default_batch_size
+    from pipeline.model import build_model
+    from pipeline.workers import default_batch_size
 
     device = torch.device(a.device)
     if a.batch_size <= 0:

@@ -134,7 +134,8 @@ def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel:
 
 def run(o: FittingEvalOptions) -> dict:
     from models.fitting import FitConfig, fit_coeffs
-    from models.inference import build_model, resolve_device
+    from pipeline.model import build_model
+    from pipeline.runtime import resolve_device
     from options.test_options import TestOptions
     from util.preprocess import load_lm3d
 

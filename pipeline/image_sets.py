@@ -150,7 +150,7 @@ class SetsSummary:
 
 
 class SetCollector:
-    """The ``on_batch`` hook of :func:`models.inference.run_folder`: keeps each grouped photo's
+    """The ``on_batch`` hook of :func:`pipeline.run.run_folder`: keeps each grouped photo's
     coefficients, residuals and confidence; :meth:`write` then aggregates and writes the groups."""
 
     def __init__(self, settings: ImageSetSettings, img_folder: str, rule: GroupRule | None = None,
@@ -214,7 +214,7 @@ class SetCollector:
 def group_mesh(face_model, agg: Aggregate) -> tuple[np.ndarray, np.ndarray]:
     """(V, 3) float32 model-space vertices of the aggregated identity (neutral expression) and
     (V, 3) uint8 albedo colours."""
-    from models.inference import colors_to_uint8
+    from pipeline.render import colors_to_uint8
 
     dev = face_model.mean_shape.device
     idc = agg.id.to(dev, torch.float32)[None]

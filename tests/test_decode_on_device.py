@@ -212,7 +212,7 @@ def test_the_decoder_warms_up_in_its_own_thread_only_on_cuda():
     it ends with the decoder ready (the crops thread waits for it before its first batch)."""
     from types import SimpleNamespace
 
-    from models.inference import start_decoder_warm_up
+    from pipeline.model import start_decoder_warm_up
 
     assert start_decoder_warm_up(SimpleNamespace(decode_on_device=True), torch.device("cpu")) is None
     assert start_decoder_warm_up(SimpleNamespace(decode_on_device=False), torch.device("cuda")) is None

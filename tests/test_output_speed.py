@@ -48,7 +48,7 @@ def hard_floats(rng, n=20000) -> np.ndarray:
 def test_unit_to_uint8_is_the_original_round_trip():
     """Checked once over every float32 in [-2, 2] (2^31 values, numpy and torch, ~90 s); here
     the levels, their neighbours, specials and random values."""
-    from models.inference import overlay_uint8 as on_device
+    from pipeline.render import overlay_uint8 as on_device
 
     x = hard_floats(np.random.default_rng(0))
     np.testing.assert_array_equal(unit_to_uint8(x), original_to_uint8(x))
@@ -82,7 +82,7 @@ def test_compose_result_is_the_original(one_thread):
 
 
 def test_device_overlay_is_the_numpy_overlay(device):
-    from models.inference import overlay_uint8 as on_device
+    from pipeline.render import overlay_uint8 as on_device
 
     rng = np.random.default_rng(2)
     b, h, w = 2, 64, 48
@@ -162,7 +162,9 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     """The stand-in model on real photos: the written .png holds exactly the original's picture
     (float composition from the render), and a face travels to a writer as ~0.8 MB."""
     from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
-    from models.inference import batch_results, build_model, output_config
+    from pipeline.model import build_model
+    from pipeline.outputs import output_config
+    from pipeline.render import batch_results
     from options.test_options import parse_test_options
     from util.preprocess import load_lm3d
     from util.results_io import write_face_result

@@ -27,7 +27,7 @@ def test_ieee_fp32_leaves_other_devices_alone():
 
 
 def test_test_py_runs_the_network_in_full_float32_unless_asked_for_tf32(standin):
-    from models.inference import build_model
+    from pipeline.model import build_model
     from options.test_options import parse_test_options
 
     base = [f"--name={standin['name']}", "--epoch=20", f"--bfm_folder={standin['bfm_folder']}",

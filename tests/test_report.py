@@ -142,7 +142,7 @@ def test_report_end_to_end_in_chromium(standin, tmp_path, capsys):
 
 def test_terminal_says_how_to_install_the_viewer(tmp_path, monkeypatch, capsys):
     import test as test_cli
-    from models.inference import RunSummary
+    from pipeline.summary import RunSummary
 
     write_fake_run(str(tmp_path))
     monkeypatch.setattr(report, "VENDOR_DIR", str(tmp_path / "no-vendor"))
@@ -173,7 +173,7 @@ def test_a_run_that_reconstructs_nothing_writes_no_page(standin, tmp_path, capsy
 def test_a_page_that_cannot_hold_a_name_is_one_warning(tmp_path, monkeypatch, capsys):
     """A failure naming a file whose bytes are not UTF-8: the page's trouble is one warning line."""
     import test as test_cli
-    from models.inference import RunSummary
+    from pipeline.summary import RunSummary
 
     write_fake_run(str(tmp_path))
     name = os.fsdecode(b"caf\xe9")

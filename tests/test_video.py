@@ -77,7 +77,7 @@ def test_video_coefficients_no_face_frames_and_overlay(standin, tmp_path, capsys
     import av
     import torch
 
-    from models.inference import build_model
+    from pipeline.model import build_model
     from options.test_options import parse_test_options
     from pipeline.video import align_frames, decode_frames
     from data.image_folder import images_to_float

@@ -10,7 +10,7 @@ writes, so memory stays flat however many photos a folder holds.
 
 What travels to a writer is the minimum, in bytes where the file holds bytes: the picture's
 float work (render over crop, tensor2im's conversion) is done on the device, batched, before the
-copy to the host (``models.inference.overlay_uint8``: the same pixels, see util.visualize), so a
+copy to the host (``pipeline.render.overlay_uint8``: the same pixels, see util.visualize), so a
 face pickles to ~0.82 MiB (vertices float32, colours, crop and overlay uint8) instead of
 ~1.28 MiB with a float32 render and a mask; the writer only copies the panels, draws the
 landmarks and encodes.

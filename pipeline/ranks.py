@@ -1,6 +1,6 @@
 """The processes of a test.py run: one, torchrun's ranks, or one spawned per ``--gpu_ids`` GPU.
 
-Each rank reconstructs its share of the folder (:func:`models.inference.run_folder`, every
+Each rank reconstructs its share of the folder (:func:`pipeline.run.run_folder`, every
 world-th photo) on its GPU and writes its faces' files; the ranks' summaries are gathered into one.
 """
 from __future__ import annotations
@@ -9,7 +9,9 @@ import os
 
 import torch
 
-from models.inference import RunSummary, resolve_device, run_folder
+from pipeline.run import run_folder
+from pipeline.runtime import resolve_device
+from pipeline.summary import RunSummary
 from util.interrupts import sigterm_as_interrupt
 
 

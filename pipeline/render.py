@@ -1,0 +1,105 @@
+"""The render stage: face model and renderer on a batch's coefficients, made into the small
+per-face numpy payloads (:class:`util.results_io.FaceResult`) the writers take."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
+    """:func:`util.mesh_io.colors_to_uint8` on the tensor's device (same bytes: one float32
+    product, clamp, truncation), so a quarter of the bytes leave the GPU."""
+    return torch.clamp(255.0 * color, 0, 255).to(torch.uint8)
+
+
+_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def overlay_uint8(image: torch.Tensor, render: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The result picture's middle panel, batched, on the render's device: the same bytes as
+    :func:`util.visualize.overlay_uint8` (the original's float composition and tensor2im).
+
+    Args: image (B, 3, H, W) uint8 crops; render (B, 3, H, W) float in 0..1; mask (B, 1, H, W)
+    in {0, 1}, all on one device. Returns (B, H, W, 3) uint8. The render's bytes are found as in
+    :func:`util.visualize.unit_to_uint8`: ``trunc(255 * x)``, then corrected by comparisons with
+    the exact steps, so no device arithmetic (fused, reciprocal-multiplied, ...) can round
+    differently from numpy (a ``torch.bucketize`` on the 255 steps gives the same, 5x slower on a CPU).
+    """
+    steps = _STEPS.get(render.device)
+    if steps is None:  # copied once per device: a copy from pageable memory would wait for the queue
+        from util.visualize import uint8_steps
+
+        steps = _STEPS[render.device] = torch.from_numpy(uint8_steps()).to(render.device)
+    x = render.permute(0, 2, 3, 1).float()
+    k = (x * 255.0).clamp_(0, 255).to(torch.int32).clamp_(0, 255)  # within one of the byte; NaN's clamped
+    k += (x >= steps[k + 1]).to(torch.int32)
+    k -= (x < steps[k]).to(torch.int32)
+    return torch.where(mask.permute(0, 2, 3, 1) != 0, k.to(torch.uint8), image.permute(0, 2, 3, 1))
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy tensors to host numpy arrays: on CUDA all copies are queued (into pinned memory)
+    and waited for once."""
+    tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
+    cuda = [t.device for t in tensors.values() if t.device.type == "cuda"]
+    host = {k: t.to("cpu", non_blocking=bool(cuda)) for k, t in tensors.items()}
+    if cuda:
+        torch.cuda.current_stream(cuda[0]).synchronize()
+    return {k: t.numpy() for k, t in host.items()}
+
+
+def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
+    """FaceReconModel.reconstruct's render of ``face`` over the (B, 3, H, W) uint8 crops (any
+    device; moved to the render's), as the picture's (B, H, W, 3) uint8 middle panel."""
+    out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+    return overlay_uint8(images_u8.to(out.image.device, non_blocking=True), out.image, out.mask)
+
+
+def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
+    """Face model (and renderer, for the picture) on a batch's coefficients -> one
+    :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
+    as small as the files allow: colours and the picture's middle panel are made bytes on the
+    device (the picture's float work happens there, batched), vertices stay float32."""
+    from options.output_options import output_format_settings
+    from util.results_io import FaceResult
+
+    extra = output_format_settings(opt)  # --uv_texture and --report need the mesh, the render and the crop
+    need_mesh = opt.save_mesh or extra.uv_texture or extra.report
+    need_render = opt.save_png or extra.uv_texture or extra.report
+    with torch.inference_mode():
+        if not (need_mesh or need_render):  # coefficients and landmarks only
+            arrays = {"coeffs": coeffs, "lm68": model.face_model.landmarks(coeffs)}
+            face = None
+        else:
+            face = model.face_model(coeffs)
+            arrays = {"coeffs": coeffs, "lm68": face.landmark}
+        if need_mesh:
+            arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
+        if need_render:  # the render only when the picture (or a texture, the report) is written
+            if extra.uv_texture or extra.report:
+                from pipeline.extra_arrays import extra_arrays
+
+                out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
+                arrays["overlay"] = overlay_uint8(batch["image"].to(out.image.device, non_blocking=True), out.image,
+                                                  out.mask)
+                arrays.update(extra_arrays(model, face, out, batch["image"], extra.uv_texture, extra.report))
+            else:
+                arrays["overlay"] = render_overlay(model, face, batch["image"])
+            if batch["image"].device.type != "cpu":  # the picture's left panel, made on the device
+                arrays["crop"] = batch["image"]
+    host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
+    image, lm_gt = host.get("crop"), batch["lm"].numpy()
+    if image is None and need_render:
+        image = batch["image"].numpy()
+    results = []
+    for i, m in enumerate(batch["meta"]):
+        r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
+        if need_mesh:
+            r.vertex, r.color = host["vertex"][i], host["color"][i]
+        if need_render:
+            r.image, r.overlay, r.lm_gt = image[i], host["overlay"][i], lm_gt[i]
+        for k in ("visibility", "albedo", "photo_error"):
+            if k in host:
+                setattr(r, k, host[k][i])
+        results.append(r)
+    return results
