@@ -86,11 +86,12 @@ def options(folder: str, out: str, device: str, **kw) -> object:
 
 def timed_run(opt, device, model) -> float:
     """Seconds for one run_folder call (asserting every face succeeded)."""
+    from options.run_specs import run_spec
     from pipeline.run import run_folder
 
     sync(device)
     t = time.perf_counter()
-    s = run_folder(opt, device, progress=False, model=model)
+    s = run_folder(run_spec(opt), device, progress=False, model=model)
     sync(device)
     assert s.faces_failed == 0, s.failures
     return time.perf_counter() - t
@@ -123,6 +124,7 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from multiprocessing.reduction import ForkingPickler
 
     from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
+    from options.run_specs import run_spec
     from pipeline.outputs import output_config
     from pipeline.render import batch_results, overlay_uint8
     from util.preprocess import load_lm3d
@@ -137,7 +139,8 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             "pickle", "write_png", "write_obj", "write_mat", "payload_kib")
     per_batch: dict[str, list[float]] = {k: [] for k in keys}
     os.makedirs(opt.results_dir, exist_ok=True)
-    cfg = output_config(opt, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
+    spec = run_spec(opt)
+    cfg = output_config(spec.outputs, spec.model, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
     writer = ProcessPoolExecutor(1, mp_context=process_context(), initializer=keep_freed_memory)
     try:
         for b in range(n_batches):
@@ -172,7 +175,7 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
                 t["compose"] = time.perf_counter() - t0
             # batch_results = face model + render + compose + host copy: the host copy is the remainder
             t0 = time.perf_counter()
-            results = batch_results(model, coeffs, batch, opt)
+            results = batch_results(model, coeffs, batch, spec.outputs)
             t["host_copy"] = max(0.0, time.perf_counter() - t0 - t["face_model"] - t["render"] - t["compose"])
             t0 = time.perf_counter()
             payload = ForkingPickler.dumps(results)  # what the writer pool's feeder thread does per task
@@ -356,8 +359,8 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_")
     folder1 = make_folder(os.path.join(tmp, "one"), 1)
 
+    from options.run_specs import model_spec
     from pipeline.model import build_model
-
     from pipeline.workers import loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
@@ -379,7 +382,7 @@ def main(argv=None) -> int:
     folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     t0 = time.perf_counter()
     base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, **prec)
-    model = build_model(base, device)
+    model = build_model(model_spec(base), device)
     res["model_build_s"] = time.perf_counter() - t0
     timed_run(options(folder1, os.path.join(tmp, "warm"), a.device, num_threads=0), device, model)  # warm-up
     # and once more as the timed runs go (workers, writer pool, batch size): what a process pays

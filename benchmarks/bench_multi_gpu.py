@@ -116,16 +116,18 @@ def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
     import torch
 
     from data.image_folder import scan_folder
+    from options.run_specs import run_spec
+    from options.test_options import parse_test_options
     from pipeline.loader import face_loader
     from pipeline.workers import default_batch_size
-    from options.test_options import parse_test_options
 
     opt = parse_test_options(["--name=standin", "--epoch=20", f"--img_folder={folder}",
                               f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", *extra])
     t0 = time.perf_counter()
     entries, _ = scan_folder(folder, opt.recursive, share=(rank, world))
     bs = opt.batch_size if opt.batch_size > 0 else default_batch_size(torch.device("cuda"))
-    loader = face_loader(opt, entries, torch.device("cpu"), world, batch_size=bs)
+    spec = run_spec(opt)
+    loader = face_loader(spec.loader, spec.model.bfm_folder, entries, torch.device("cpu"), world, batch_size=bs)
     n = sum(len(b["meta"]) for b in loader)
     print(f"fed {n} face(s) in {time.perf_counter() - t0:.2f} s ({loader.num_workers} workers)")
     return 0

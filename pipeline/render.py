@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.settings import OutputSpec
+
 
 def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
     """:func:`util.mesh_io.colors_to_uint8` on the tensor's device (same bytes: one float32
@@ -55,17 +57,16 @@ def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
     return overlay_uint8(images_u8.to(out.image.device, non_blocking=True), out.image, out.mask)
 
 
-def batch_results(model, coeffs: torch.Tensor, batch: dict, opt) -> list:
+def batch_results(model, coeffs: torch.Tensor, batch: dict, spec: OutputSpec) -> list:
     """Face model (and renderer, for the picture) on a batch's coefficients -> one
     :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
     as small as the files allow: colours and the picture's middle panel are made bytes on the
     device (the picture's float work happens there, batched), vertices stay float32."""
-    from options.output_options import output_format_settings
     from util.results_io import FaceResult
 
-    extra = output_format_settings(opt)  # --uv_texture and --report need the mesh, the render and the crop
-    need_mesh = opt.save_mesh or extra.uv_texture or extra.report
-    need_render = opt.save_png or extra.uv_texture or extra.report
+    extra = spec  # --uv_texture and --report need the mesh, the render and the crop
+    need_mesh = spec.save_mesh or extra.uv_texture or extra.report
+    need_render = spec.save_png or extra.uv_texture or extra.report
     with torch.inference_mode():
         if not (need_mesh or need_render):  # coefficients and landmarks only
             arrays = {"coeffs": coeffs, "lm68": model.face_model.landmarks(coeffs)}

@@ -5,13 +5,8 @@ from __future__ import annotations
 import os
 
 from pipeline.runtime import SetupError
-
-
-def results_dir(opt) -> str:
-    if opt.results_dir:
-        return opt.results_dir
-    folder = os.path.basename(os.path.normpath(opt.img_folder))
-    return os.path.join(opt.checkpoints_dir, opt.name, "results", folder, f"epoch_{opt.epoch}_000000")
+from pipeline.settings import RunSpec
+from pipeline.summary import RunSummary
 
 
 def make_dirs(path: str) -> list[str]:
@@ -82,3 +77,36 @@ def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[
         if not all(e.name + suffix in names for suffix in suffixes):
             todo.append(e)
     return todo, len(entries) - len(todo)
+
+
+def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = None) -> tuple[list, RunSummary]:
+    """The faces a run (this rank's share) will reconstruct, and its summary so far.
+
+    Args:
+        spec: the run (its folder, results folder, ``recursive``, ``skip_existing``, outputs).
+        rank, world: this rank's share, every world-th photo from ``rank``.
+        only: photos (paths relative to the folder, '/'-separated) to keep; the others are left
+            out and not reported.
+
+    Returns:
+        (the :class:`data.image_folder.FaceEntry` list to do, a :class:`RunSummary` with the
+        results folder, the photos without a detection file and the faces done before).
+
+    Raises:
+        SetupError: ``spec.img_folder`` is not a folder.
+    """
+    from data.image_folder import scan_folder
+    from pipeline.outputs import output_suffixes
+
+    folder = spec.img_folder
+    if not os.path.isdir(folder):
+        raise SetupError(f"--img_folder {folder} is not a folder; give the folder of photos "
+                         "that ./process_images.sh prepared")
+    entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
+    if only is not None:
+        prefix = os.path.join(folder, "")
+        entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
+    summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
+    if spec.skip_existing:
+        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(spec.outputs))
+    return entries, summary

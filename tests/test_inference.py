@@ -150,8 +150,9 @@ def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path
 def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
     """A library caller's torch.device('cuda') (no index) works: the crops thread uses the current
     device (bench_inference passes one)."""
-    from pipeline.run import run_folder
+    from options.run_specs import run_spec
     from options.test_options import parse_test_options
+    from pipeline.run import run_folder
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -160,7 +161,7 @@ def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
                               f"--bfm_folder={standin['bfm_folder']}",
                               f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}",
                               "--num_threads=0", "--batch_size=2"])
-    summary = run_folder(opt, torch.device("cuda"), progress=False)
+    summary = run_folder(run_spec(opt), torch.device("cuda"), progress=False)
     assert summary.faces_ok == 3 and summary.faces_failed == 0
 
 
@@ -363,7 +364,8 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
     argv = cli_args(standin, folder, tmp_path / "out", "--device=cpu", "--save_mesh=false", "--save_png=false",
                     f"--ddp_port={free_port()}")
     code = ("from pipeline.ranks import run_spawned; from options.test_options import parse_test_options\n"
-            f"s = run_spawned(2, parse_test_options({argv!r}))\n"
+            "from options.run_specs import run_spec\n"
+            f"s = run_spawned(2, run_spec(parse_test_options({argv!r})))\n"
             "print(s.faces_ok, s.faces_failed, len(s.photos_without_detection))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]

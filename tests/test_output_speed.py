@@ -165,6 +165,7 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     from pipeline.model import build_model
     from pipeline.outputs import output_config
     from pipeline.render import batch_results
+    from options.run_specs import run_spec
     from options.test_options import parse_test_options
     from util.preprocess import load_lm3d
     from util.results_io import write_face_result
@@ -173,19 +174,20 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     opt = parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
                               f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
                               f"--results_dir={tmp_path / 'out'}"])
-    model = build_model(opt, torch.device("cpu"))
+    spec = run_spec(opt)
+    model = build_model(spec.model, torch.device("cpu"))
     entries, _ = scan_folder(folder)
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
     batch = collate_faces([ds[i] for i in range(len(ds))])
     with torch.inference_mode():
         coeffs = model.predict_coeffs(images_to_float(batch["image"]))
-        results = batch_results(model, coeffs, batch, opt)
+        results = batch_results(model, coeffs, batch, spec.outputs)
         face = model.face_model(coeffs)  # the original's picture, from floats
         out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
     hwc = lambda t: t.permute(0, 2, 3, 1).float().numpy()  # noqa: E731
     ref = original_compose(unit_float_table()[batch["image"].numpy().transpose(0, 2, 3, 1)], hwc(out.image),
                            hwc(out.mask), face.landmark.numpy(), batch["lm"].numpy())
-    cfg = output_config(opt, model.face_model.face_buf.numpy(), str(tmp_path / "out"))
+    cfg = output_config(spec.outputs, spec.model, model.face_model.face_buf.numpy(), str(tmp_path / "out"))
     for i, r in enumerate(results):
         assert r.overlay.dtype == np.uint8 and r.overlay.shape == (224, 224, 3)
         assert (r.overlay != r.image.transpose(1, 2, 0)).any(axis=2).mean() > 0.2  # the face is drawn
