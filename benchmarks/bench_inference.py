@@ -154,7 +154,7 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             with torch.inference_mode():
                 sync(device)
                 t0 = time.perf_counter()
-                images = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
+                batch, images = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
                 sync(device)
                 t["crops_to_device"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -243,8 +243,8 @@ def decode_accuracy(model, device, folder: str, lm3d: np.ndarray, bs: int) -> di
         for start in range(0, len(entries), bs):
             idx = range(start, min(start + bs, len(entries)))
             batches = [collate_faces([ds[i] for i in idx]) for ds in sets]
-            slots = batches[1].get("jpeg_slots", [])
-            crops = [batch_crops(b, device) for b in batches]
+            slots = list(batches[1].jpeg.slots) if batches[1].jpeg is not None else []
+            crops = [batch_crops(b, device)[1] for b in batches]
             if len(crops[0]) != len(crops[1]):
                 raise RuntimeError("a photo failed on one side only")
             crops = [x[slots] for x in crops]

@@ -128,7 +128,7 @@ def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
     bs = opt.batch_size if opt.batch_size > 0 else default_batch_size(torch.device("cuda"))
     spec = run_spec(opt)
     loader = face_loader(spec.loader, spec.model.bfm_folder, entries, torch.device("cpu"), world, batch_size=bs)
-    n = sum(len(b["meta"]) for b in loader)
+    n = sum(len(b.meta) for b in loader)
     print(f"fed {n} face(s) in {time.perf_counter() - t0:.2f} s ({loader.num_workers} workers)")
     return 0
 

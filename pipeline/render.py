@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.image_folder import FaceBatch
+from models.coeffs import COEFFS
 from pipeline.settings import OutputSpec
+from util.checks import check_shapes
 
 
 def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
@@ -27,6 +30,8 @@ def overlay_uint8(image: torch.Tensor, render: torch.Tensor, mask: torch.Tensor)
     the exact steps, so no device arithmetic (fused, reciprocal-multiplied, ...) can round
     differently from numpy (a ``torch.bucketize`` on the 255 steps gives the same, 5x slower on a CPU).
     """
+    check_shapes(image=(image, ("B", 3, "H", "W")), render=(render, ("B", 3, "H", "W")),
+                 mask=(mask, ("B", 1, "H", "W")))
     steps = _STEPS.get(render.device)
     if steps is None:  # copied once per device: a copy from pageable memory would wait for the queue
         from util.visualize import uint8_steps
@@ -57,13 +62,14 @@ def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
     return overlay_uint8(images_u8.to(out.image.device, non_blocking=True), out.image, out.mask)
 
 
-def batch_results(model, coeffs: torch.Tensor, batch: dict, spec: OutputSpec) -> list:
+def batch_results(model, coeffs: torch.Tensor, batch: FaceBatch, spec: OutputSpec) -> list:
     """Face model (and renderer, for the picture) on a batch's coefficients -> one
     :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
     as small as the files allow: colours and the picture's middle panel are made bytes on the
     device (the picture's float work happens there, batched), vertices stay float32."""
     from util.results_io import FaceResult
 
+    check_shapes(coeffs=(coeffs, ("B", COEFFS.total)), lm=(batch.lm, ("B", 5, 2)))
     extra = spec  # --uv_texture and --report need the mesh, the render and the crop
     need_mesh = spec.save_mesh or extra.uv_texture or extra.report
     need_render = spec.save_png or extra.uv_texture or extra.report
@@ -81,20 +87,20 @@ def batch_results(model, coeffs: torch.Tensor, batch: dict, spec: OutputSpec) ->
                 from pipeline.extra_arrays import extra_arrays
 
                 out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
-                arrays["overlay"] = overlay_uint8(batch["image"].to(out.image.device, non_blocking=True), out.image,
+                arrays["overlay"] = overlay_uint8(batch.image.to(out.image.device, non_blocking=True), out.image,
                                                   out.mask)
-                arrays.update(extra_arrays(model, face, out, batch["image"], extra.uv_texture, extra.report))
+                arrays.update(extra_arrays(model, face, out, batch.image, extra.uv_texture, extra.report))
             else:
-                arrays["overlay"] = render_overlay(model, face, batch["image"])
-            if batch["image"].device.type != "cpu":  # the picture's left panel, made on the device
-                arrays["crop"] = batch["image"]
+                arrays["overlay"] = render_overlay(model, face, batch.image)
+            if batch.image.device.type != "cpu":  # the picture's left panel, made on the device
+                arrays["crop"] = batch.image
     host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
-    image, lm_gt = host.get("crop"), batch["lm"].numpy()
+    image, lm_gt = host.get("crop"), batch.lm.numpy()
     if image is None and need_render:
-        image = batch["image"].numpy()
+        image = batch.image.numpy()
     results = []
-    for i, m in enumerate(batch["meta"]):
-        r = FaceResult(name=m["name"], rel_dir=m["rel_dir"], coeffs=host["coeffs"][i], lm68=host["lm68"][i])
+    for i, m in enumerate(batch.meta):
+        r = FaceResult(name=m.name, rel_dir=m.rel_dir, coeffs=host["coeffs"][i], lm68=host["lm68"][i])
         if need_mesh:
             r.vertex, r.color = host["vertex"][i], host["color"][i]
         if need_render:

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from data.image_folder import FaceBatch
 from pipeline.loader import face_loader
 from pipeline.model import build_model, start_decoder_warm_up, start_warm_up, warm_up_network
 from pipeline.outputs import output_config
@@ -69,12 +70,12 @@ class Tally:
         return bool(self.stops)
 
 
-def ready_crops(batch: dict, device: torch.device):
-    """A batch's (B, 3, 224, 224) uint8 crops on ``device`` (None for a batch without a good face),
-    with the batch (:func:`data.image_folder.batch_crops`)."""
+def ready_crops(batch: FaceBatch, device: torch.device) -> tuple[FaceBatch, torch.Tensor | None]:
+    """(the batch, its (B, 3, 224, 224) uint8 crops on ``device``) as
+    :func:`data.image_folder.batch_crops` makes them; (batch, None) for a batch without a good face."""
     from data.image_folder import batch_crops
 
-    return batch, (batch_crops(batch, device) if batch["meta"] else None)
+    return batch_crops(batch, device) if batch.meta else (batch, None)
 
 
 def predict(model, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +88,16 @@ def predict(model, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images, model.predict_coeffs(images)
 
 
-def fit(model, steps: int, coeffs: torch.Tensor, images: torch.Tensor, batch: dict) -> torch.Tensor:
+def fit(model, steps: int, coeffs: torch.Tensor, images: torch.Tensor, batch: FaceBatch) -> torch.Tensor:
     """``steps`` of per-face fitting (:func:`models.fitting.fit_batch`) to the batch's 68 landmarks
     where it has them, else its 5; returns the (B, 257) coefficients (``coeffs`` when steps is 0)."""
     if steps <= 0:
         return coeffs
     from models.fitting import fit_batch
 
-    lm68 = batch.get("lm68")
-    return fit_batch(model, coeffs, images, batch["lm"].to(images.device), steps,
-                     None if lm68 is None else lm68.to(images.device), batch.get("has_lm68"))
+    lm68 = batch.lm68
+    return fit_batch(model, coeffs, images, batch.lm.to(images.device), steps,
+                     None if lm68 is None else lm68.to(images.device), batch.has_lm68)
 
 
 def _cuda_thread_setup(device: torch.device, decode_on_device: bool):
@@ -152,7 +153,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     batches = iter(loader)  # workers start decoding now, while the model loads
     select, decoder_warm = _cuda_thread_setup(device, spec.loader.decode_on_device)
 
-    def prepare(batch: dict) -> tuple:
+    def prepare(batch: FaceBatch) -> tuple[FaceBatch, torch.Tensor | None]:
         if decoder_warm is not None:
             decoder_warm.join()  # the decoder's first call is not made from two threads at once
         out = ready_crops(batch, device)
@@ -179,10 +180,10 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
         log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers,
                  n_writers)
         bar = _progress_bar(len(entries), rank, world) if progress else None
-        for batch, crops in prepared:  # crops made in the thread; it may have moved faces to batch["failed"]
+        for batch, crops in prepared:  # crops made in the thread, with faces that failed there in batch.failed
             tally.mark("first_batch", once=True)
-            tally.failed((it["name"], it["error"]) for it in batch["failed"])
-            if batch["meta"]:
+            tally.failed(batch.failed)
+            if batch.meta:
                 images, coeffs = predict(model, crops)
                 coeffs = fit(model, spec.fit_steps, coeffs, images, batch).detach()
                 if on_batch is not None:
@@ -190,7 +191,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
                 if tally.record(writer.submit(batch_results(model, coeffs, batch, spec.outputs))):
                     break
             if bar is not None:
-                bar.update(len(batch["meta"]) + len(batch["failed"]))
+                bar.update(len(batch.meta) + len(batch.failed))
         tally.mark("last_batch")
         _finish_writes(writer, tally, len(entries), spec.recursive)
         tally.mark("written")

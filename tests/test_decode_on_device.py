@@ -188,7 +188,7 @@ def test_cuda_crops_decoded_on_the_gpu_stay_near_pils(tmp_path):
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES + ["015316.jpg", "000114.jpg"])
     entries, _ = scan_folder(folder)
     lm3d = load_lm3d(os.path.join(ROOT, "BFM"))
-    a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda")).int()
+    a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda"))[1].int()
             for ds in (AlignedFaces(entries, lm3d), AlignedFaces(entries, lm3d, decode_on_device=True)))
     diff = (a - b).abs().flatten(1).float()
     png = [e.name for e in entries].index("vd006")

@@ -180,13 +180,13 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
     batch = collate_faces([ds[i] for i in range(len(ds))])
     with torch.inference_mode():
-        coeffs = model.predict_coeffs(images_to_float(batch["image"]))
+        coeffs = model.predict_coeffs(images_to_float(batch.image))
         results = batch_results(model, coeffs, batch, spec.outputs)
         face = model.face_model(coeffs)  # the original's picture, from floats
         out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
     hwc = lambda t: t.permute(0, 2, 3, 1).float().numpy()  # noqa: E731
-    ref = original_compose(unit_float_table()[batch["image"].numpy().transpose(0, 2, 3, 1)], hwc(out.image),
-                           hwc(out.mask), face.landmark.numpy(), batch["lm"].numpy())
+    ref = original_compose(unit_float_table()[batch.image.numpy().transpose(0, 2, 3, 1)], hwc(out.image),
+                           hwc(out.mask), face.landmark.numpy(), batch.lm.numpy())
     cfg = output_config(spec.outputs, spec.model, model.face_model.face_buf.numpy(), str(tmp_path / "out"))
     for i, r in enumerate(results):
         assert r.overlay.dtype == np.uint8 and r.overlay.shape == (224, 224, 3)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from util.atomic_files import write_files_atomic as write_together  # a face's files: all or none
+from util.checks import check_shape
 from util.subprocesses import die_with_parent, exit_with, keep_freed_memory, main_module_hidden
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ def png_chunks(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> list:
     8-bit RGB, not interlaced, every row 'Up'-filtered (the row above subtracted, byte-wise mod
     256; the first row as it is), one zlib stream at ``level`` (lossless at every level)."""
     rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+    check_shape(rgb, ("H", "W", 3), "rgb")
+    if rgb.dtype != np.uint8:
         raise ValueError(f"png_chunks needs an (H, W, 3) uint8 picture, got {rgb.shape} {rgb.dtype}")
     h, w, _ = rgb.shape
     rows = rgb.reshape(h, 3 * w)
