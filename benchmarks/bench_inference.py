@@ -97,16 +97,17 @@ def timed_run(opt, device, model) -> float:
     return time.perf_counter() - t
 
 
-WRITE_STAGES = (("write_png", "save_png"), ("write_obj", "save_mesh"), ("write_mat", "save_mat"))
+WRITE_STAGES = (("write_png", "png_files"), ("write_obj", "obj_files"), ("write_mat", "mat_files"))
 
 
 def timed_writes(cfg, results) -> dict:
     """Seconds to write ``results``' files, one kind of file at a time (runs in a writer process)."""
+    from util import results_io
     from util.results_io import write_face_result
 
     t = {}
-    for name, switch in WRITE_STAGES:
-        one = dataclasses.replace(cfg, **{k: k == switch for _, k in WRITE_STAGES})
+    for name, writer in WRITE_STAGES:
+        one = dataclasses.replace(cfg, files=(getattr(results_io, writer),))
         t0 = time.perf_counter()
         for r in results:
             write_face_result(one, r)

@@ -63,16 +63,31 @@ def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def batch_results(model, coeffs: torch.Tensor, batch: FaceBatch, spec: OutputSpec) -> list:
-    """Face model (and renderer, for the picture) on a batch's coefficients -> one
-    :class:`util.results_io.FaceResult` per face, holding only what the output switches need,
-    as small as the files allow: colours and the picture's middle panel are made bytes on the
-    device (the picture's float work happens there, batched), vertices stay float32."""
+    """The render stage: face model (and renderer) on a batch's coefficients -> one
+    :class:`util.results_io.FaceResult` per face, holding what the enabled outputs need
+    (:func:`pipeline.outputs.output_needs`), as small as the files allow: colours and the picture's
+    middle panel are made bytes on the device (the picture's float work happens there, batched),
+    vertices stay float32.
+
+    Args:
+        model: the run's :class:`models.facerecon.FaceReconModel`.
+        coeffs: (B, 257) float32 final coefficients, on the model's device.
+        batch: the faces' :class:`data.image_folder.FaceBatch` (``image`` (B, 3, 224, 224) uint8
+            crops on the device or the host, ``lm`` (B, 5, 2)).
+        spec: the outputs asked for.
+
+    Returns:
+        B results, in the batch's order, numpy arrays on the host.
+
+    Raises:
+        ValueError: ``coeffs`` or the batch's landmarks are not of the shapes above.
+    """
+    from pipeline.outputs import output_needs
     from util.results_io import FaceResult
 
     check_shapes(coeffs=(coeffs, ("B", COEFFS.total)), lm=(batch.lm, ("B", 5, 2)))
-    extra = spec  # --uv_texture and --report need the mesh, the render and the crop
-    need_mesh = spec.save_mesh or extra.uv_texture or extra.report
-    need_render = spec.save_png or extra.uv_texture or extra.report
+    needs, makers = output_needs(spec)
+    need_mesh, need_render = "mesh" in needs, "render" in needs
     with torch.inference_mode():
         if not (need_mesh or need_render):  # coefficients and landmarks only
             arrays = {"coeffs": coeffs, "lm68": model.face_model.landmarks(coeffs)}
@@ -82,31 +97,29 @@ def batch_results(model, coeffs: torch.Tensor, batch: FaceBatch, spec: OutputSpe
             arrays = {"coeffs": coeffs, "lm68": face.landmark}
         if need_mesh:
             arrays["vertex"], arrays["color"] = face.vertex, colors_to_uint8(face.color)
+        made: dict[str, torch.Tensor] = {}
         if need_render:  # the render only when the picture (or a texture, the report) is written
-            if extra.uv_texture or extra.report:
-                from pipeline.extra_arrays import extra_arrays
-
+            if makers:
                 out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
                 arrays["overlay"] = overlay_uint8(batch.image.to(out.image.device, non_blocking=True), out.image,
                                                   out.mask)
-                arrays.update(extra_arrays(model, face, out, batch.image, extra.uv_texture, extra.report))
+                for make in makers:
+                    made.update(make(model, face, out, batch.image))
             else:
                 arrays["overlay"] = render_overlay(model, face, batch.image)
             if batch.image.device.type != "cpu":  # the picture's left panel, made on the device
                 arrays["crop"] = batch.image
-    host = to_host({k: v.float() if v.is_floating_point() else v for k, v in arrays.items()})
+    host = to_host({k: v.float() if v.is_floating_point() else v for k, v in {**arrays, **made}.items()})
     image, lm_gt = host.get("crop"), batch.lm.numpy()
     if image is None and need_render:
         image = batch.image.numpy()
     results = []
     for i, m in enumerate(batch.meta):
-        r = FaceResult(name=m.name, rel_dir=m.rel_dir, coeffs=host["coeffs"][i], lm68=host["lm68"][i])
+        r = FaceResult(name=m.name, rel_dir=m.rel_dir, coeffs=host["coeffs"][i], lm68=host["lm68"][i],
+                       arrays={k: host[k][i] for k in made})
         if need_mesh:
             r.vertex, r.color = host["vertex"][i], host["color"][i]
         if need_render:
             r.image, r.overlay, r.lm_gt = image[i], host["overlay"][i], lm_gt[i]
-        for k in ("visibility", "albedo", "photo_error"):
-            if k in host:
-                setattr(r, k, host[k][i])
         results.append(r)
     return results

@@ -32,7 +32,7 @@ def fake_face(name: str, rel_dir: str = "", shift: float = 0.0) -> FaceResult:
                       vertex=rng.normal(size=(6, 3)).astype(np.float32),
                       color=rng.integers(0, 256, (6, 3)).astype(np.uint8),
                       image=np.full((3, 224, 224), 90, np.uint8), overlay=np.full((224, 224, 3), 200, np.uint8),
-                      photo_error=12.5)
+                      arrays={"photo_error": np.float32(12.5)})
 
 
 def write_fake_run(out: str) -> None:

@@ -185,10 +185,10 @@ def tiny_results(n: int, rng) -> list:
 def tiny_config(out_dir: str):
     from models.coeffs import COEFFS
     from util.mesh_io import face_lines
-    from util.results_io import OutputConfig
+    from util.results_io import OutputConfig, mat_files, obj_files, png_files
 
     tri = np.random.default_rng(0).integers(0, 40, (60, 3))
-    return OutputConfig(out_dir=out_dir, coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
+    return OutputConfig(out_dir=out_dir, files=(png_files, obj_files, mat_files), coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
                         face_lines=face_lines(tri))
 
 

@@ -43,8 +43,8 @@ import struct
 import zlib
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -64,6 +64,10 @@ PNG_COMPRESS_LEVEL = 1  # lossless; the fastest deflate level that still compres
 class OutputConfig:
     """What to write and where; shared by every face of a run (sent once to each writer process).
 
+    files: the writers of the run's outputs, in order (the enabled entries of the registry,
+    :mod:`pipeline.outputs`): each ``files(cfg, res, base) -> [(path, bytes-like chunks)]`` for the
+    face ``res`` whose files start with ``base`` (``<out_dir>/<rel_dir>/<name>``); module-level
+    functions that import no torch (writer processes import them by name).
     coeff_slices: name -> (start, stop) of the 257 coefficients (``COEFFS.slices()``), the .mat keys.
     face_lines: the .obj triangle lines (:func:`util.mesh_io.face_lines`), formatted once per run.
     crop_size: side of the aligned crop in pixels (2 * center), to flip landmarks to y down.
@@ -71,9 +75,7 @@ class OutputConfig:
     """
 
     out_dir: str
-    save_png: bool = True
-    save_mesh: bool = True
-    save_mat: bool = True
+    files: tuple[Callable[["OutputConfig", "FaceResult", str], list], ...] = ()
     coeff_slices: tuple[tuple[str, int, int], ...] = ()
     face_lines: bytes = b""
     crop_size: int = 224
@@ -91,6 +93,9 @@ class FaceResult:
     image: (3, H, W) uint8 aligned crop.  overlay: (H, W, 3) uint8, the picture's middle panel
     (:func:`util.visualize.overlay_uint8`: the render's bytes where it covers the crop).
     lm_gt: (K, 2) detected landmarks in the crop, y up.
+    arrays: further per-face arrays that outputs made on the device (the registry's ``make``:
+    ``visibility`` (N,) uint8 and ``albedo`` (N, 3) uint8 for the UV texture, ``photo_error``
+    float32 for the report).
     """
 
     name: str
@@ -102,10 +107,7 @@ class FaceResult:
     image: np.ndarray | None = None
     overlay: np.ndarray | None = None
     lm_gt: np.ndarray | None = None
-    # for util.output_extras (UV texture, report): (N,) uint8, (N, 3) uint8, float
-    visibility: np.ndarray | None = None
-    albedo: np.ndarray | None = None
-    photo_error: float | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- one face
@@ -190,32 +192,53 @@ class NotFiniteError(ValueError):
     """A face's numbers are NaN or inf (broken weights or input): no file of it would be right."""
 
 
-def face_files(cfg: OutputConfig, res: FaceResult) -> list[tuple[str, list]]:
-    """(file suffix, its bytes-like chunks) of each file of the face that ``cfg`` asks for; raises
-    :class:`NotFiniteError` where the face holds non-finite numbers."""
+def check_finite(res: FaceResult) -> None:
+    """Raise :class:`NotFiniteError` where the face's coefficients, landmarks or vertices hold NaN or inf."""
     for key in ("coeffs", "lm68", "vertex"):
         a = getattr(res, key)
         if a is not None and not np.isfinite(a).all():
             raise NotFiniteError(f"the reconstruction is not finite (NaN or inf in its {key}): the checkpoint's "
                                  "weights or this photo's detection are broken")
-    files: list[tuple[str, list]] = []
-    if cfg.save_png:
-        files.append((".png", png_chunks(result_picture(res))))
-    if cfg.save_mesh and cfg.extras is None:  # extras: their own mesh writer (any format)
-        from util.mesh_io import obj_chunks
 
-        world = res.vertex.copy()
-        world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
-        files.append((".obj", obj_chunks(world, cfg.face_lines, res.color)))
-    if cfg.save_mat:
-        import io
 
-        from scipy.io import savemat
+def world_vertices(cfg: OutputConfig, res: FaceResult) -> np.ndarray:
+    """(N, 3) float32 world-space vertices of the face (world z = camera_d - camera z)."""
+    world = res.vertex.copy()
+    world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
+    return world
 
-        buf = io.BytesIO()
-        savemat(buf, mat_dict(cfg, res), format="5")
-        files.append((".mat", [buf.getbuffer()]))
-    return files
+
+def png_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.png``: the result picture (input | render overlay | overlay with landmarks)."""
+    return [(base + ".png", png_chunks(result_picture(res)))]
+
+
+def obj_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.obj``: the world-space mesh with vertex colours (the original's format)."""
+    from util.mesh_io import obj_chunks
+
+    return [(base + ".obj", obj_chunks(world_vertices(cfg, res), cfg.face_lines, res.color))]
+
+
+def mat_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.mat``: the coefficient groups and the 68 landmarks (:func:`mat_dict`)."""
+    import io
+
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, mat_dict(cfg, res), format="5")
+    return [(base + ".mat", [buf.getbuffer()])]
+
+
+def face_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """(path, bytes-like chunks) of every file of the face that ``cfg.files`` makes.
+
+    Raises:
+        NotFiniteError: the face holds non-finite numbers (no file of it would be right).
+    """
+    check_finite(res)
+    return [f for files in cfg.files for f in files(cfg, res, base)]
 
 
 def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size: int) -> RunStop | None:
@@ -234,22 +257,27 @@ def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size:
 
 
 def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
-    """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for), all or none of them
-    (:func:`util.atomic_files.write_files_atomic`); raises on failure."""
-    d = os.path.join(cfg.out_dir, res.rel_dir)
-    base = os.path.join(d, res.name)
-    files = [(base + suffix, chunks) for suffix, chunks in face_files(cfg, res)]
-    if cfg.extras is not None:  # other mesh formats, textures, the report's files
-        from util.output_extras import extra_files
+    """Write one face's files (:func:`face_files`), all or none of them
+    (:func:`util.atomic_files.write_files_atomic`).
 
-        files += extra_files(cfg, res, base)
+    Raises:
+        NotFiniteError: the face holds non-finite numbers. OSError: a file could not be written.
+    """
+    d = os.path.join(cfg.out_dir, res.rel_dir)
+    files = face_files(cfg, res, os.path.join(d, res.name))
     os.makedirs(d, exist_ok=True)
     write_together(files)
 
 
 def _face_bytes(cfg: OutputConfig, res: FaceResult) -> int:
+    """About how many bytes a face's files take, for the disk-full message: its .png, .obj and
+    .mat (those asked for; a plain .obj only where no other mesh format is)."""
+    from util.output_extras import mesh_face_files
+
+    sized = [png_files, mat_files] + ([obj_files, mesh_face_files] if cfg.extras is None else [])
     try:
-        return sum(memoryview(c).nbytes for _, chunks in face_files(cfg, res) for c in chunks)
+        return sum(memoryview(c).nbytes for files in cfg.files if files in sized
+                   for _, chunks in files(cfg, res, "") for c in chunks)
     except Exception:  # noqa: BLE001 - only for the message
         return 0
 
