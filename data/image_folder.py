@@ -337,8 +337,8 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch
 def _load_torchvision_image_ops() -> bool:
     """Load torchvision's compiled image library alone (its operators, torch.ops.image), without
     importing the torchvision package, whose ``__init__`` imports its models, datasets and torch's
-    compiler stack (about 5 s of start-up where nothing is byte-compiled). False where that cannot
-    be done; the caller then imports torchvision.io."""
+    compiler stack (seconds of start-up). False where that cannot be done; the caller then
+    imports torchvision.io."""
     import glob
     import importlib.util
 
@@ -397,7 +397,8 @@ def drop_faces(batch: FaceBatch, errors: dict[int, str]) -> tuple[FaceBatch, tor
     """
     keep = torch.ones(len(batch.meta), dtype=torch.bool)
     keep[list(errors)] = False
-    failed = tuple((batch.meta[i].name, f"{batch.meta[i].image_path}: {reason}") for i, reason in sorted(errors.items()))
+    failed = tuple((batch.meta[i].name, f"{batch.meta[i].image_path}: {reason}")
+                   for i, reason in sorted(errors.items()))
 
     def kept(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[keep.to(t.device)]

@@ -20,11 +20,16 @@ def make_dirs(path: str) -> list[str]:
 
 
 def check_results_dir(out_dir: str, recursive: bool = False) -> None:
-    """Fail early (before the model loads), creating nothing: the results folder must be a
-    folder that a file can be made in (proved with a temporary file), or one that can be created
-    (its nearest existing parent a writable folder). Removes the temporary files that killed
-    runs left in it (ours only, of dead processes: :func:`util.atomic_files.remove_stale_temp_files`).
-    Raises SetupError, one line."""
+    """Fail early (before the model loads), creating nothing, unless results can be written.
+
+    The results folder must be a folder that a file can be made in (proved with a temporary
+    file), or one that can be created (its nearest existing parent a writable folder). Removes
+    the temporary files that killed runs left in it (ours only, of dead processes:
+    :func:`util.atomic_files.remove_stale_temp_files`; in sub-folders too with ``recursive``).
+
+    Raises:
+        SetupError: one line saying why not and to give another ``--results_dir``.
+    """
     from util.atomic_files import remove_stale_temp_files, temp_path
 
     def refuse(why: str) -> SetupError:
@@ -51,8 +56,14 @@ def check_results_dir(out_dir: str, recursive: bool = False) -> None:
 
 
 def make_results_dir(out_dir: str) -> list[str]:
-    """Create the results folder (:func:`check_results_dir` said it can be); returns the folders
-    it created (:func:`make_dirs`); SetupError, one line."""
+    """Create the results folder (:func:`check_results_dir` said it can be).
+
+    Returns:
+        the folders it created, outermost first (:func:`make_dirs`).
+
+    Raises:
+        SetupError: one line, when it cannot be created after all.
+    """
     try:
         return make_dirs(out_dir)
     except OSError as e:

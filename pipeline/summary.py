@@ -14,7 +14,18 @@ SKIPPED_LIST, FAILED_LIST = "skipped_photos.txt", "failed_faces.txt"  # beside t
 
 @dataclass
 class RunSummary:
-    """Counts of one run (or one rank of a multi-GPU run)."""
+    """Counts of one run (or one rank of a multi-GPU run; :meth:`merge` adds another's).
+
+    Attributes:
+        faces_ok, faces_failed: faces written, faces that failed (``failures``: (photo or face, reason)).
+        photos_without_detection: photos skipped, no detection file.
+        faces_done_before: faces left out by ``--skip_existing`` (their outputs were all there).
+        out_dir, img_folder: the results folder and the folder of photos.
+        created_dirs: folders the run made for its results.
+        seconds: the run's wall time; first_result_at: ``time.perf_counter()`` when the first
+            face's files were written (None: none); timeline: phase -> seconds from the start.
+        stopped: why the run stopped before the end (disk full, read-only results), one line.
+    """
 
     faces_ok: int = 0
     faces_failed: int = 0

@@ -6,7 +6,6 @@ import os
 
 import torch
 
-
 SMALL_RUN_FACES = 32  # below this, writer processes cost more to start than they save
 
 
@@ -24,8 +23,17 @@ def ranks_per_host(world: int) -> int:
 
 
 def loader_workers(requested: int, n_faces: int, batch_size: int, world: int = 1) -> int:
-    """DataLoader workers: ``requested``, or with -1 (auto) the cores per rank minus one (the
-    main process), at most 16; none when everything fits one batch (no process to start)."""
+    """DataLoader worker processes for a run.
+
+    Args:
+        requested: ``--num_threads``: that many, or -1 (auto): the cores per rank minus one (the
+            main process), at most 16.
+        n_faces, batch_size: the faces of this rank and the batch size.
+        world: ranks of the run (torchrun's ``LOCAL_WORLD_SIZE`` says how many share this host).
+
+    Returns:
+        the count: 0 when everything fits one batch (no process to start), never more than batches.
+    """
     if n_faces <= batch_size:
         return 0
     if requested < 0:
@@ -34,8 +42,16 @@ def loader_workers(requested: int, n_faces: int, batch_size: int, world: int = 1
 
 
 def writer_workers(requested: int, n_faces: int, world: int = 1) -> int:
-    """Writer processes: ``requested`` (0 = write in the main process), or with -1 (auto) one per
-    core per rank, at most 16, and none for small runs (<= 32 faces). Never more than faces."""
+    """Writer processes for a run.
+
+    Args:
+        requested: ``--write_workers``: that many (0: write in the main process), or -1 (auto): one
+            per core per rank, at most 16, none for runs of at most :data:`SMALL_RUN_FACES` faces.
+        n_faces: the faces of this rank. world: ranks of the run, as for :func:`loader_workers`.
+
+    Returns:
+        the count, never more than ``n_faces``.
+    """
     if requested < 0:
         if n_faces <= SMALL_RUN_FACES:
             return 0
@@ -43,17 +59,16 @@ def writer_workers(requested: int, n_faces: int, world: int = 1) -> int:
     return min(requested, n_faces)
 
 
-# --------------------------------------------------------------------------- the run
 def default_batch_size(device: torch.device) -> int:
-    """``--batch_size -1``: 64 on CUDA (what the benchmarks measured: the GPU is then far from
-    the bottleneck, 1.1 GiB at peak), 8 on the CPU (the CPU rasterizer gains nothing from more)."""
+    """``--batch_size -1``'s faces per batch on ``device``: 64 on CUDA, 8 elsewhere (why:
+    docs/throughput.md, "Measurements behind the design")."""
     return 64 if device.type == "cuda" else 8
 
 
 def prefetch_depth(requested: int, device: torch.device) -> int:
-    """``--prefetch_batches -1``: 2 on CUDA; 0 on the CPU, where a crops thread would share the
-    cores with the network (with it, a CPU test of byte-equal files failed once in two runs on a
-    32-core host: the convolutions' rounding may depend on the threads they get)."""
+    """Batches a thread readies ahead: ``requested`` where >= 0, else (``--prefetch_batches -1``)
+    2 on CUDA and 0 elsewhere, where a crops thread would share the cores with the network (and
+    the convolutions' rounding may depend on the threads they get: docs/throughput.md)."""
     if requested >= 0:
         return requested
     return 2 if device.type == "cuda" else 0

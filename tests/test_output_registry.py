@@ -78,7 +78,8 @@ def test_a_registered_output_is_written_and_skip_existing_looks_for_it(standin, 
 
     folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"])
     opt = parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
-                              f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+                              f"--bfm_folder={standin['bfm_folder']}",
+                              f"--checkpoints_dir={standin['checkpoints_dir']}",
                               f"--results_dir={tmp_path / 'out'}", "--device=cpu", "--num_threads=0",
                               "--write_workers=0"])
     spec = run_spec(opt)

@@ -11,15 +11,12 @@ writes, so memory stays flat however many photos a folder holds.
 What travels to a writer is the minimum, in bytes where the file holds bytes: the picture's
 float work (render over crop, tensor2im's conversion) is done on the device, batched, before the
 copy to the host (``pipeline.render.overlay_uint8``: the same pixels, see util.visualize), so a
-face pickles to ~0.82 MiB (vertices float32, colours, crop and overlay uint8) instead of
-~1.28 MiB with a float32 render and a mask; the writer only copies the panels, draws the
-landmarks and encodes.
+face pickles as vertices float32, colours, crop and overlay uint8; the writer only copies the
+panels, draws the landmarks and encodes.
 
 The .png is encoded here (:func:`png_chunks`): every row 'Up'-filtered with one numpy
-subtraction, then one zlib stream at level 1. Pillow at level 1 picks a filter per row by trying
-all five, which takes longer than the compression itself: ~3 ms instead of ~6.5 ms for a
-224x672 result picture on one core, files ~2 % larger (109 KiB), pixels identical; OpenCV's
-encoder with the same filter takes as long as this one (level 0, stored: ~0.5 ms, 441 KiB).
+subtraction, then one zlib stream at level 1 (Pillow tries all five filters per row, which costs
+more than the compression itself; pixels identical, figures in docs/throughput.md).
 
 This module imports only numpy, zlib and scipy (and util helpers that do the same), so a writer
 process starts in a fraction of a second. A face's files are written to temporary names of the
@@ -28,9 +25,7 @@ collide) and renamed into place together: a face is complete or absent, never ha
 a write that fails is a failed face with its reason. A disk that is full or read-only ends the
 run (:class:`RunStop`) rather than failing every face in turn. Writer processes keep freed
 memory for reuse (:func:`keep_freed_memory`) instead of handing it back to the system between
-faces: the first touch of each fresh page costs a page fault (measured on a busy 2-core VM,
-files in /dev/shm: a face's three files took 11-18 ms with glibc's defaults, 2-5 ms less with
-freed memory kept).
+faces: the first touch of each fresh page costs a page fault (docs/throughput.md).
 """
 from __future__ import annotations
 
@@ -312,11 +307,12 @@ _WORKER_CFG: OutputConfig | None = None
 WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io",
                   "util.output_extras")
 
+
 def _init_worker(cfg: OutputConfig, run_pid: int) -> None:
     """Writer process set-up: it ends with the run's process ``run_pid`` (even killed with
-    ``kill -9``: :func:`util.subprocesses.exit_with`; its parent is a forkserver); Ctrl-C is the main process's business (it lets running writes
-    finish, so no file is left half written); freed memory is kept for the next face; import
-    the writers now, not on the first face."""
+    ``kill -9``: :func:`util.subprocesses.exit_with`; its parent is a forkserver); Ctrl-C is the
+    main process's business (it lets running writes finish, so no file is left half written);
+    freed memory is kept for the next face; the writers are imported now, not on the first face."""
     import importlib
 
     global _WORKER_CFG
@@ -357,7 +353,7 @@ def writer_context():
 
 def launch_writer_server() -> None:
     """Start the forkserver that writer processes fork from, without waiting for it: it imports
-    :data:`WRITER_MODULES` (~0.3 s) while the caller goes on (e.g. loads the model), instead of
+    :data:`WRITER_MODULES` while the caller goes on (e.g. loads the model), instead of
     while :meth:`ResultWriter.start` waits. Nothing to do where writers are spawned."""
     if writer_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
