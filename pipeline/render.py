@@ -12,8 +12,8 @@ from util.checks import check_shapes
 
 
 def colors_to_uint8(color: torch.Tensor) -> torch.Tensor:
-    """:func:`util.mesh_io.colors_to_uint8` on the tensor's device (same bytes: one float32
-    product, clamp, truncation), so a quarter of the bytes leave the GPU."""
+    """(..., 3) float colours in 0..1 -> uint8 on their device: :func:`util.mesh_io.colors_to_uint8`'s
+    bytes (one float32 product, clamp, truncation), so a quarter of the bytes leave the GPU."""
     return torch.clamp(255.0 * color, 0, 255).to(torch.uint8)
 
 
@@ -45,8 +45,8 @@ def overlay_uint8(image: torch.Tensor, render: torch.Tensor, mask: torch.Tensor)
 
 
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy tensors to host numpy arrays: on CUDA all copies are queued (into pinned memory)
-    and waited for once."""
+    """Copy tensors to host numpy arrays (same keys, shapes and dtypes): on CUDA all copies are
+    queued (into pinned memory) and waited for once."""
     tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
     cuda = [t.device for t in tensors.values() if t.device.type == "cuda"]
     host = {k: t.to("cpu", non_blocking=bool(cuda)) for k, t in tensors.items()}
@@ -56,8 +56,9 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def render_overlay(model, face, images_u8: torch.Tensor) -> torch.Tensor:
-    """FaceReconModel.reconstruct's render of ``face`` over the (B, 3, H, W) uint8 crops (any
-    device; moved to the render's), as the picture's (B, H, W, 3) uint8 middle panel."""
+    """The render of ``face`` (a :class:`models.bfm.FaceOutput` of B faces) over the (B, 3, H, W)
+    uint8 crops (any device; moved to the render's). Returns the picture's (B, H, W, 3) uint8
+    middle panel (:func:`overlay_uint8`)."""
     out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
     return overlay_uint8(images_u8.to(out.image.device, non_blocking=True), out.image, out.mask)
 
