@@ -7,7 +7,7 @@ The same as ``./process_images.sh <folder> && python test.py --img_folder <folde
 files, same report, same exit codes), in less time: detection runs in a process of its own
 (:func:`util.prepare.run_plan`, batched on CUDA) and reports each photo it finishes; this process
 loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
-(:func:`models.inference.run_folder` on those photos, the model loaded once), each round taking
+(:func:`pipeline.run.run_folder` on those photos, the model loaded once), each round taking
 every photo finished since the last one.
 
 Detection options (the rest go to test.py): --detector, --detect_device (default auto), --workers
@@ -82,39 +82,44 @@ def main(argv: list[str] | None = None) -> int:
                              max_side=dargs.max_side, recursive=opt.recursive, force=dargs.force_detect,
                              workers=workers, device=device, batch_size=dargs.detect_batch_size,
                              verbose=opt.verbose)
+    from options.run_specs import run_spec
     from util.interrupts import sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
-            return run(opt, options)
+            return run(run_spec(opt), options)
     except KeyboardInterrupt:
         print("run_pipeline: interrupted: files already written are complete; the same command does the rest "
               "(add --skip_existing true to leave out faces already reconstructed)", file=sys.stderr)
         return 130
 
 
-def run(opt, options) -> int:
-    """Detection in a process of its own, reconstruction rounds here; prints both summaries."""
+def run(spec, options) -> int:
+    """Detection (``options``, a :class:`util.prepare.PrepareOptions`) in a process of its own,
+    reconstruction rounds of ``spec`` (a :class:`pipeline.settings.RunSpec`) here; prints both
+    summaries and returns the exit code."""
     import multiprocessing
 
-    from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
-    from models.inference import default_batch_size
+    from pipeline.model import build_model, warm_up_network
+    from pipeline.run import run_folder
+    from pipeline.runtime import SetupError, resolve_device
+    from pipeline.summary import RunSummary
     from util.prepare import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # CUDA and TensorFlow do not survive fork
     queue = ctx.Queue()
-    detector = ctx.Process(target=detect_to_queue, args=(opt.img_folder, options, queue), name="detection")
+    detector = ctx.Process(target=detect_to_queue, args=(spec.img_folder, options, queue), name="detection")
     with main_module_hidden():
         detector.start()
     total = RunSummary()
     ready: list[str] = []
     final = None
     try:
-        device = resolve_device(opt.device, opt.gpu_ids)
-        model = build_model(opt, device)  # while the first photos are detected
-        warm_up_network(model, opt.batch_size if opt.batch_size > 0 else default_batch_size(device), device)
+        device = resolve_device(spec.device, spec.gpu_ids)
+        model = build_model(spec.model, device)  # while the first photos are detected
+        warm_up_network(model, spec.loader.batch_size_on(device), device)
         rounds = 0
         while True:
             if final is None:
@@ -124,7 +129,7 @@ def run(opt, options) -> int:
                 return 130 if final[1] == "interrupted" else 2
             if ready and (len(ready) >= MIN_ROUND or final is not None):
                 photos, ready = set(ready), []
-                summary = run_folder(opt, device, model=model, progress=False, only=photos)
+                summary = run_folder(spec, device, model=model, progress=False, only=photos)
                 rounds += 1
                 log.info("round %d: %d photo(s), %d face(s) in %.2f s", rounds, len(photos), summary.faces_ok,
                          summary.seconds)
@@ -150,7 +155,7 @@ def run(opt, options) -> int:
           f"up to date (kept), skipped: {skipped}; report: {report_path}")
     total.seconds = time.perf_counter() - t0
     print(total.report())
-    if opt.report and total.faces_ok + total.faces_done_before > 0:
+    if spec.outputs.report and total.faces_ok + total.faces_done_before > 0:
         from test import write_report_page
 
         write_report_page(total)
@@ -170,6 +175,8 @@ def _drain(queue, ready: list[str], block: bool, alive) -> tuple | None:
             if not block:
                 return None
             if not alive():
+                from util.prepare import DETECTION_FAILED
+
                 return (DETECTION_FAILED, "the detection process ended without a word (killed?)")
             continue
         if isinstance(msg, tuple):

@@ -39,24 +39,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {missing}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from models.inference import SetupError
+    from pipeline.runtime import SetupError
 
     ready = time.perf_counter()  # options parsed, torch imported
-    from models.ranks import run_ranks
+    from options.run_specs import run_spec
+    from pipeline.ranks import run_ranks
     from util.interrupts import sigterm_as_interrupt
 
+    spec = run_spec(opt)  # the library's settings, made once
     sets = None
     try:
         with sigterm_as_interrupt():
             if (opt.video or opt.group_by) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise SetupError("--video and --group_by run in one process: launch test.py without torchrun")
             if opt.video:
-                return _run_videos(opt)
+                return _run_videos(opt, spec)
             if opt.group_by:
-                summary, sets = _run_image_sets(opt)
+                summary, sets = _run_image_sets(opt, spec)
                 reporting = True
             else:
-                summary, reporting = run_ranks(opt)
+                summary, reporting = run_ranks(spec)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -100,13 +102,14 @@ def write_report_page(summary) -> None:
         print(f"report: no 3D viewer (three.js is not vendored): run {INSTALL_HINT}, then --report again")
 
 
-def _run_image_sets(opt):
+def _run_image_sets(opt, spec):
     """``--group_by``: the folder's run (one process) with :class:`pipeline.image_sets.SetCollector`
     watching its batches, then one aggregated identity per group. Returns (RunSummary, SetsSummary)."""
     import dataclasses
 
-    from models.inference import SetupError, resolve_device, run_folder
     from options.feature_options import image_set_settings
+    from pipeline.run import run_folder
+    from pipeline.runtime import SetupError, resolve_device
     from pipeline.confidence import load_confidence
     from pipeline.image_sets import SetCollector
 
@@ -119,8 +122,8 @@ def _run_image_sets(opt):
     except ValueError as e:
         raise SetupError(str(e)) from None
     if settings.group_by == "folder":
-        opt = dataclasses.replace(opt, recursive=True)
-    summary = run_folder(opt, device, on_batch=collector)
+        spec = dataclasses.replace(spec, recursive=True)
+    summary = run_folder(spec, device, on_batch=collector)
     if summary.stopped:  # disk full or read-only: the run's one line says it; no group file either
         return summary, None
     try:
@@ -129,12 +132,12 @@ def _run_image_sets(opt):
         raise SetupError(f"writing the image sets' files into {summary.out_dir} failed: {e.strerror or e}") from None
 
 
-def _run_videos(opt) -> int:
+def _run_videos(opt, spec) -> int:
     """``--video``: each video's frames detected and reconstructed (:mod:`pipeline.video`)."""
-    import dataclasses
-
-    from models.inference import SetupError, build_model, resolve_device, results_dir
     from options.feature_options import video_settings
+    from options.run_specs import results_dir
+    from pipeline.model import build_model
+    from pipeline.runtime import SetupError, resolve_device
     from pipeline.video import import_av, list_videos, make_detector, reconstruct_videos
     from util.assets import MissingAssetError
     from util.preprocess import load_lm3d
@@ -151,8 +154,8 @@ def _run_videos(opt) -> int:
         detector = make_detector(settings)  # the MTCNN's weights (the detect extra's mtcnn package)
     except (ImportError, FileNotFoundError) as e:
         raise SetupError(str(e)) from None
-    model = build_model(opt, device)
-    summary = reconstruct_videos(paths, model, lm3d, results_dir(dataclasses.replace(opt, img_folder=opt.video)),
+    model = build_model(spec.model, device)
+    summary = reconstruct_videos(paths, model, lm3d, results_dir(opt, folder=opt.video),
                                  settings, detector=detector, progress=opt.verbose)
     print(summary.report())
     return summary.exit_code

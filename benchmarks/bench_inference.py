@@ -86,26 +86,28 @@ def options(folder: str, out: str, device: str, **kw) -> object:
 
 def timed_run(opt, device, model) -> float:
     """Seconds for one run_folder call (asserting every face succeeded)."""
-    from models.inference import run_folder
+    from options.run_specs import run_spec
+    from pipeline.run import run_folder
 
     sync(device)
     t = time.perf_counter()
-    s = run_folder(opt, device, progress=False, model=model)
+    s = run_folder(run_spec(opt), device, progress=False, model=model)
     sync(device)
     assert s.faces_failed == 0, s.failures
     return time.perf_counter() - t
 
 
-WRITE_STAGES = (("write_png", "save_png"), ("write_obj", "save_mesh"), ("write_mat", "save_mat"))
+WRITE_STAGES = (("write_png", "png_files"), ("write_obj", "obj_files"), ("write_mat", "mat_files"))
 
 
 def timed_writes(cfg, results) -> dict:
     """Seconds to write ``results``' files, one kind of file at a time (runs in a writer process)."""
+    from util import results_io
     from util.results_io import write_face_result
 
     t = {}
-    for name, switch in WRITE_STAGES:
-        one = dataclasses.replace(cfg, **{k: k == switch for _, k in WRITE_STAGES})
+    for name, writer in WRITE_STAGES:
+        one = dataclasses.replace(cfg, files=(getattr(results_io, writer),))
         t0 = time.perf_counter()
         for r in results:
             write_face_result(one, r)
@@ -123,7 +125,9 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
     from multiprocessing.reduction import ForkingPickler
 
     from data.image_folder import AlignedFaces, batch_crops, collate_faces, images_to_float, scan_folder
-    from models.inference import batch_results, output_config, overlay_uint8
+    from options.run_specs import run_spec
+    from pipeline.outputs import output_config
+    from pipeline.render import batch_results, overlay_uint8
     from util.preprocess import load_lm3d
     from util.results_io import process_context
     from util.subprocesses import keep_freed_memory
@@ -136,7 +140,8 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             "pickle", "write_png", "write_obj", "write_mat", "payload_kib")
     per_batch: dict[str, list[float]] = {k: [] for k in keys}
     os.makedirs(opt.results_dir, exist_ok=True)
-    cfg = output_config(opt, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
+    spec = run_spec(opt)
+    cfg = output_config(spec.outputs, spec.model, model.face_model.face_buf.cpu().numpy(), opt.results_dir)
     writer = ProcessPoolExecutor(1, mp_context=process_context(), initializer=keep_freed_memory)
     try:
         for b in range(n_batches):
@@ -150,7 +155,7 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
             with torch.inference_mode():
                 sync(device)
                 t0 = time.perf_counter()
-                images = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
+                batch, images = batch_crops(batch, device)  # copied, or made there (--resample_on_device)
                 sync(device)
                 t["crops_to_device"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -171,7 +176,7 @@ def stage_times(opt, device, model, n_batches: int) -> dict:
                 t["compose"] = time.perf_counter() - t0
             # batch_results = face model + render + compose + host copy: the host copy is the remainder
             t0 = time.perf_counter()
-            results = batch_results(model, coeffs, batch, opt)
+            results = batch_results(model, coeffs, batch, spec.outputs)
             t["host_copy"] = max(0.0, time.perf_counter() - t0 - t["face_model"] - t["render"] - t["compose"])
             t0 = time.perf_counter()
             payload = ForkingPickler.dumps(results)  # what the writer pool's feeder thread does per task
@@ -239,8 +244,8 @@ def decode_accuracy(model, device, folder: str, lm3d: np.ndarray, bs: int) -> di
         for start in range(0, len(entries), bs):
             idx = range(start, min(start + bs, len(entries)))
             batches = [collate_faces([ds[i] for i in idx]) for ds in sets]
-            slots = batches[1].get("jpeg_slots", [])
-            crops = [batch_crops(b, device) for b in batches]
+            slots = list(batches[1].jpeg.slots) if batches[1].jpeg is not None else []
+            crops = [batch_crops(b, device)[1] for b in batches]
             if len(crops[0]) != len(crops[1]):
                 raise RuntimeError("a photo failed on one side only")
             crops = [x[slots] for x in crops]
@@ -355,7 +360,9 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_")
     folder1 = make_folder(os.path.join(tmp, "one"), 1)
 
-    from models.inference import build_model, loader_workers, writer_workers
+    from options.run_specs import model_spec
+    from pipeline.model import build_model
+    from pipeline.workers import loader_workers, writer_workers
 
     res: dict = {"device": str(device), "n_images": n, "batch_size": bs,
                  "resample_on_device": a.resample_on_device, "decode_on_device": a.decode_on_device,
@@ -376,7 +383,7 @@ def main(argv=None) -> int:
     folder_quarter = make_folder(os.path.join(tmp, "quarter"), max(1, n // 4))
     t0 = time.perf_counter()
     base = options(folder, os.path.join(tmp, "out"), a.device, batch_size=bs, **prec)
-    model = build_model(base, device)
+    model = build_model(model_spec(base), device)
     res["model_build_s"] = time.perf_counter() - t0
     timed_run(options(folder1, os.path.join(tmp, "warm"), a.device, num_threads=0), device, model)  # warm-up
     # and once more as the timed runs go (workers, writer pool, batch size): what a process pays

@@ -116,16 +116,19 @@ def feed_rank(rank: int, world: int, folder: str, extra: list[str]) -> int:
     import torch
 
     from data.image_folder import scan_folder
-    from models.inference import default_batch_size, face_loader
+    from options.run_specs import run_spec
     from options.test_options import parse_test_options
+    from pipeline.loader import face_loader
+    from pipeline.workers import default_batch_size
 
     opt = parse_test_options(["--name=standin", "--epoch=20", f"--img_folder={folder}",
                               f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}", *extra])
     t0 = time.perf_counter()
     entries, _ = scan_folder(folder, opt.recursive, share=(rank, world))
     bs = opt.batch_size if opt.batch_size > 0 else default_batch_size(torch.device("cuda"))
-    loader = face_loader(opt, entries, torch.device("cpu"), world, batch_size=bs)
-    n = sum(len(b["meta"]) for b in loader)
+    spec = run_spec(opt)
+    loader = face_loader(spec.loader, spec.model.bfm_folder, entries, torch.device("cpu"), world, batch_size=bs)
+    n = sum(len(b.meta) for b in loader)
     print(f"fed {n} face(s) in {time.perf_counter() - t0:.2f} s ({loader.num_workers} workers)")
     return 0
 
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     many = measure(f"{a.gpus}_gpu_torchrun", test_py_runner(torchrun, common), folders, results_root)
     res["1_gpu"], res[f"{a.gpus}_gpu_torchrun"] = one, many
     if a.cpu_control:
-        from models.inference import default_batch_size, loader_workers, writer_workers
+        from pipeline.workers import default_batch_size, loader_workers, writer_workers
 
         os.environ["LOCAL_WORLD_SIZE"] = str(a.gpus)  # the per-rank counts test.py's ranks choose
         n_rank = -(-a.n // a.gpus)

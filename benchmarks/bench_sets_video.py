@@ -76,11 +76,12 @@ def make_clip(path: str, frames: int, size: tuple[int, int], fps: float = 25.0) 
 
 def time_sets(opt, device, model, hook) -> tuple[float, float]:
     """(seconds of run_folder, seconds of writing the groups) for one run."""
-    from models.inference import run_folder
+    from options.run_specs import run_spec
+    from pipeline.run import run_folder
 
     sync(device)
     t = time.perf_counter()
-    summary = run_folder(opt, device, progress=False, model=model, on_batch=hook)
+    summary = run_folder(run_spec(opt), device, progress=False, model=model, on_batch=hook)
     sync(device)
     t_run = time.perf_counter() - t
     assert summary.faces_failed == 0, summary.failures
@@ -161,14 +162,16 @@ def main(argv=None) -> int:
     p.add_argument("--picture", default="", help="also save a frame | overlay PNG here")
     p.add_argument("--json", default="", help="write the results here")
     a = p.parse_args(argv)
-    from models.inference import build_model, default_batch_size
+    from options.run_specs import model_spec
+    from pipeline.model import build_model
+    from pipeline.workers import default_batch_size
 
     device = torch.device(a.device)
     if a.batch_size <= 0:
         a.batch_size = default_batch_size(device)
     tmp = tempfile.mkdtemp(prefix="bench_sets_video_")
     try:
-        model = build_model(options(tmp, tmp, a.device), device)
+        model = build_model(model_spec(options(tmp, tmp, a.device)), device)
         res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": a.batch_size,
                "image_sets": bench_sets(a, device, model, tmp), "video": bench_video(a, device, model, tmp)}

@@ -8,7 +8,8 @@
 # inference benchmark), detect (process_images.sh on the GPU, its agreement with the CPU port,
 # the whole chain and test.py's start-up: benchmarks/bench_detect_pipeline.py on N_DETECT
 # photos, default 4032), sets_video (test.py --group_by and --video at scale). Logs and JSON land
-# in $OUT (default /tmp/out); the exit code is the number of failed steps.
+# in $OUT (default /tmp/out); the exit code is the number of failed steps. DRY_RUN=1 lists the
+# steps it would run and runs none (tests/test_gpu_session.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,12 +25,11 @@ if [ -d .gl ]; then  # EGL/GL runtime into /, headers and link names elsewhere (
   [ -f /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ] && \
     export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-step() { echo "== $1"; shift; ( time "$@" ) 2>&1 | tee -a "$OUT/log.txt" | tail -n 25; }
-
 failed=0
-run_step() { local name=$1; shift; echo "== $name"; if ! ( time "$@" ) >"$OUT/$name.log" 2>&1; then
+run_step() { local name=$1; shift; echo "== $name"; [ -z "${DRY_RUN:-}" ] || return 0
+  if ! ( time "$@" ) >"$OUT/$name.log" 2>&1; then
   failed=$((failed + 1)); echo "FAILED: $name"; fi; tail -n 25 "$OUT/$name.log"; }
 
 step_gpu() { python3 -m pytest -q -m gpu -p no:cacheprovider tests/ && \
@@ -61,7 +61,9 @@ step_detect() { PYTHONPYCACHEPREFIX=/tmp/pyc python3 benchmarks/bench_detect_pip
 step_sets_video() { python3 benchmarks/bench_sets_video.py --device cuda --photos 4096 --groups 64 --frames 2048 \
   --picture "$OUT/video_frame.png" --json "$OUT/sets_video.json"; }
 
-[ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m tools.standin
+if [ -z "${DRY_RUN:-}" ]; then
+  [ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m tools.standin
+fi
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench detect sets_video)
 for s in "${steps[@]}"; do
   declare -F "step_$s" >/dev/null || { echo "unknown step: $s (gpu examples agreement bench detect sets_video)"; exit 2; }

@@ -23,12 +23,13 @@ import contextlib
 import gc
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from util.checks import check_shape
 from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, read_points, stem_detection_files
 from util.image_io import decode_error_reason, list_images, load_image, read_plain_jpeg
 from util.pil_resample import (PlanBatch, ResizeCropPlan, apply_plans, identity_plan, pad_regions, plan_resize_crop,
@@ -45,6 +46,91 @@ class FaceEntry:
     name: str
     rel_dir: str  # sub-folder of the photo relative to the image folder ('' at top level)
     lm68_path: str = ""  # its 68-point landmarks (landmarks/<name>.txt) when asked for and present
+
+
+@dataclass(frozen=True)
+class FaceMeta:
+    """Who a batch's face is: ``index`` in the dataset, ``name`` (its outputs' stem), ``rel_dir``
+    (its sub-folder of the results), ``image_path`` (the photo), ``transform`` (photo -> crop
+    pixels, :class:`util.preprocess.AlignTransform`)."""
+
+    index: int
+    name: str
+    rel_dir: str
+    image_path: str
+    transform: AlignTransform | None = None
+
+
+@dataclass(frozen=True)
+class JpegParts:
+    """JPEG files of a batch to decode where the batch goes (``--decode_on_device``).
+
+    data: (n_bytes,) uint8, the files one after another (a DataLoader worker hands each tensor
+    over through a file descriptor of its own, so one tensor for all); sizes: each file's bytes;
+    slots: each file's index in the batch; boxes: ((r0, r1), (c0, c1)) each file's crop reads;
+    shapes: (height, width) each must decode to (its header's, which the alignment used);
+    region_shape: (R, C) of the batch's padded regions; cpu_regions: (K, R', C', 3) uint8 regions
+    of the faces the workers decoded (None: none), at ``cpu_slots`` in the batch.
+    """
+
+    data: torch.Tensor
+    sizes: tuple[int, ...]
+    slots: tuple[int, ...]
+    boxes: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+    shapes: tuple[tuple[int, int], ...]
+    region_shape: tuple[int, int]
+    cpu_regions: torch.Tensor | None = None
+    cpu_slots: tuple[int, ...] = ()
+
+    def pin_memory(self) -> "JpegParts":
+        return replace(self, data=self.data.pin_memory(),
+                       cpu_regions=None if self.cpu_regions is None else self.cpu_regions.pin_memory())
+
+
+@dataclass(frozen=True)
+class FaceBatch:
+    """A batch of B aligned faces, as :func:`collate_faces` makes it; never changed in place
+    (:func:`batch_crops` and :func:`drop_faces` return new ones).
+
+    Attributes:
+        meta: B :class:`FaceMeta`, one per good face, in dataset order.
+        failed: (name, reason) of the faces of this batch that could not be loaded.
+        lm: (B, 5, 2) float32 detected landmarks, crop pixels, y up (None when B is 0).
+        image: (B, 3, 224, 224) uint8 RGB crops (None when ``plans`` is given instead).
+        plans: :class:`util.pil_resample.PlanBatch` of the crops to make on the device
+            (``--resample_on_device``), else None.
+        jpeg: :class:`JpegParts` to decode on the device first (``--decode_on_device``), else None.
+        lm68: (B, 68, 2) float32 68 landmarks, crop pixels, y up, zeros for faces without
+            (None when no face has them); has_lm68: (B,) bool, which faces have them.
+    """
+
+    meta: tuple[FaceMeta, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
+    lm: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    plans: PlanBatch | None = None
+    jpeg: JpegParts | None = None
+    lm68: torch.Tensor | None = None
+    has_lm68: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {"B": len(self.meta)}
+        for name, shape in (("lm", ("B", 5, 2)), ("image", ("B", 3, "S", "S")), ("lm68", ("B", 68, 2)),
+                            ("has_lm68", ("B",))):
+            x = getattr(self, name)
+            if x is not None:
+                check_shape(x, shape, name, sizes)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def pin_memory(self) -> "FaceBatch":
+        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        return replace(self, lm=pin(self.lm), image=pin(self.image), plans=pin(self.plans), jpeg=pin(self.jpeg),
+                       lm68=pin(self.lm68), has_lm68=pin(self.has_lm68))
 
 
 def scan_folder(folder: str, recursive: bool = False, lm68: bool = False, share: tuple[int, int] = (0, 1)
@@ -157,49 +243,54 @@ def load_aligned_jpeg(entry: FaceEntry, lm3d: np.ndarray
     return data, plan_resize_crop(img_size, size, box, order), lm_crop, transform
 
 
-def _collate_jpegs(batch: dict, good: list[dict]) -> None:
-    """Batch items of which some carry JPEG files to decode where the batch goes: 'plans' with a
-    placeholder for the regions, which :func:`batch_crops` makes there ('region_shape'); 'jpeg'
-    (the files' bytes, one after another: a DataLoader worker hands each tensor over through its
-    own file descriptor, a few hundred microseconds of the main process each), 'jpeg_sizes',
-    'jpeg_slots' (their places in the batch), 'jpeg_boxes' ((rows, cols) each reads); the others'
-    regions in 'cpu_regions' with their 'cpu_slots'."""
+def _collate_jpegs(good: list[dict]) -> tuple[PlanBatch, "JpegParts"]:
+    """Batch items of which some carry JPEG files to decode where the batch goes: their plans
+    with a placeholder for the regions (which :func:`batch_crops` makes there), and the files."""
     plans = [it["plan"] for it in good]
     slots = [i for i, it in enumerate(good) if "jpeg" in it]
     others = [i for i, it in enumerate(good) if "jpeg" not in it]
-    batch["plans"], batch["region_shape"] = PlanBatch.collate(None, plans), region_shape(plans)
-    batch["jpeg"] = torch.from_numpy(np.concatenate([good[i]["jpeg"] for i in slots]))
-    batch["jpeg_sizes"] = [len(good[i]["jpeg"]) for i in slots]
-    batch["jpeg_slots"], batch["jpeg_boxes"] = slots, [(plans[i].rows, plans[i].cols) for i in slots]
-    batch["jpeg_shapes"] = [(good[i]["transform"].h0, good[i]["transform"].w0) for i in slots]
-    if others:
-        batch["cpu_regions"] = torch.from_numpy(pad_regions([good[i]["region"] for i in others]))
-        batch["cpu_slots"] = others
+    jpeg = JpegParts(data=torch.from_numpy(np.concatenate([good[i]["jpeg"] for i in slots])),
+                     sizes=tuple(len(good[i]["jpeg"]) for i in slots), slots=tuple(slots),
+                     boxes=tuple((plans[i].rows, plans[i].cols) for i in slots),
+                     shapes=tuple((good[i]["transform"].h0, good[i]["transform"].w0) for i in slots),
+                     region_shape=tuple(region_shape(plans)),
+                     cpu_regions=torch.from_numpy(pad_regions([good[i]["region"] for i in others])) if others else None,
+                     cpu_slots=tuple(others))
+    return PlanBatch.collate(None, plans), jpeg
 
 
-def batch_crops(batch: dict, device: torch.device) -> torch.Tensor:
-    """A collated batch's (B, 3, 224, 224) uint8 crops on ``device``: its 'image', or made there
-    from its 'plans' (a :class:`util.pil_resample.PlanBatch`; see :func:`load_aligned_region`),
-    which then become the batch's 'image' (the pictures take their left panel from there).
+def batch_crops(batch: FaceBatch, device: torch.device) -> tuple[FaceBatch, torch.Tensor]:
+    """A batch's aligned crops on ``device``.
 
-    Its 'jpeg' photos (:func:`load_aligned_jpeg`) are decoded on ``device`` first; one that does
-    not decode leaves the batch (:func:`drop_faces`) for its 'failed', with the reason."""
-    if "image" in batch:
-        return batch["image"].to(device, non_blocking=True)
-    plans = batch["plans"].to(device, non_blocking=True)
-    if "jpeg" in batch:
-        regions = torch.empty((len(batch["meta"]), *batch.pop("region_shape"), 3), dtype=torch.uint8, device=device)
-        if "cpu_regions" in batch:  # photos the workers decoded
-            cpu = batch.pop("cpu_regions").to(device, non_blocking=True)
-            regions[batch.pop("cpu_slots"), :cpu.shape[1], :cpu.shape[2]] = cpu
-        datas = list(torch.split(batch.pop("jpeg"), batch.pop("jpeg_sizes")))
-        errors = decode_into(regions, datas, batch.pop("jpeg_slots"), batch.pop("jpeg_boxes"),
-                             batch.pop("jpeg_shapes"), device)
+    Args:
+        batch: a collated batch with at least one face: its ``image``, or its ``plans`` (see
+            :func:`load_aligned_region`) and maybe ``jpeg`` files (:func:`load_aligned_jpeg`),
+            which are decoded on ``device`` first.
+        device: where the crops go.
+
+    Returns:
+        (the batch, (B', 3, 224, 224) uint8 crops on ``device``). With ``image`` the batch is
+        ``batch`` itself; with plans it is a new batch whose ``image`` is the crops (the result
+        pictures take their left panel from there), without ``plans`` and ``jpeg``, and whose
+        faces whose JPEG would not decode moved to ``failed`` (:func:`drop_faces`): B' <= B.
+    """
+    if batch.image is not None:
+        return batch, batch.image.to(device, non_blocking=True)
+    plans = batch.plans.to(device, non_blocking=True)
+    jpeg = batch.jpeg
+    if jpeg is not None:
+        regions = torch.empty((len(batch.meta), *jpeg.region_shape, 3), dtype=torch.uint8, device=device)
+        if jpeg.cpu_regions is not None:  # photos the workers decoded
+            cpu = jpeg.cpu_regions.to(device, non_blocking=True)
+            regions[list(jpeg.cpu_slots), :cpu.shape[1], :cpu.shape[2]] = cpu
+        datas = list(torch.split(jpeg.data, list(jpeg.sizes)))
+        errors = decode_into(regions, datas, list(jpeg.slots), list(jpeg.boxes), list(jpeg.shapes), device)
         plans = plans.with_regions(regions)
         if errors:
-            plans = plans.select(drop_faces(batch, errors))
-    batch["image"] = apply_plans(plans)
-    return batch["image"]
+            batch, keep = drop_faces(batch, errors)
+            plans = plans.select(keep)
+    crops = apply_plans(plans)
+    return replace(batch, image=crops, plans=None, jpeg=None), crops
 
 
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB
@@ -246,8 +337,8 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch
 def _load_torchvision_image_ops() -> bool:
     """Load torchvision's compiled image library alone (its operators, torch.ops.image), without
     importing the torchvision package, whose ``__init__`` imports its models, datasets and torch's
-    compiler stack (about 5 s of start-up where nothing is byte-compiled). False where that cannot
-    be done; the caller then imports torchvision.io."""
+    compiler stack (seconds of start-up). False where that cannot be done; the caller then
+    imports torchvision.io."""
     import glob
     import importlib.util
 
@@ -292,19 +383,29 @@ def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[in
     return errors
 
 
-def drop_faces(batch: dict, errors: dict[int, str]) -> torch.Tensor:
-    """Move the faces at ``errors``' slots (index in the batch -> reason) from a collated batch to
-    its 'failed'; returns the (B,) bool mask of those kept, for the batch's other tensors."""
-    keep = torch.ones(len(batch["meta"]), dtype=torch.bool)
+def drop_faces(batch: FaceBatch, errors: dict[int, str]) -> tuple[FaceBatch, torch.Tensor]:
+    """Move faces out of a batch into its ``failed``.
+
+    Args:
+        batch: a collated batch of B faces.
+        errors: index in the batch -> reason, of the faces to drop.
+
+    Returns:
+        (the new batch, without those faces in ``meta``, ``lm``, ``image``, ``lm68``, ``has_lm68``, with
+        ``(name, "<image_path>: <reason>")`` added to ``failed``; the (B,) bool CPU mask of the
+        faces kept, for the batch's ``plans``).
+    """
+    keep = torch.ones(len(batch.meta), dtype=torch.bool)
     keep[list(errors)] = False
-    for slot, reason in sorted(errors.items()):
-        m = batch["meta"][slot]
-        batch["failed"].append(dict(m, error=f"{m['image_path']}: {reason}"))
-    batch["meta"] = [m for m, k in zip(batch["meta"], keep.tolist()) if k]
-    for key in ("lm", "lm68", "has_lm68"):
-        if key in batch:
-            batch[key] = batch[key][keep.to(batch[key].device)]
-    return keep
+    failed = tuple((batch.meta[i].name, f"{batch.meta[i].image_path}: {reason}")
+                   for i, reason in sorted(errors.items()))
+
+    def kept(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[keep.to(t.device)]
+
+    return replace(batch, meta=tuple(m for m, k in zip(batch.meta, keep.tolist()) if k), failed=batch.failed + failed,
+                   lm=kept(batch.lm), image=kept(batch.image), lm68=kept(batch.lm68),
+                   has_lm68=kept(batch.has_lm68)), keep
 
 
 _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -359,24 +460,25 @@ class AlignedFaces(Dataset):
         return item
 
 
-def collate_faces(items: list[dict]) -> dict:
-    """Batch the good items (tensors 'image' (B,3,H,W) uint8 or 'plans', a PlanBatch of their
-    regions and plans (see :func:`_collate_jpegs` where some are JPEGs to decode on the device);
-    'lm' (B,5,2); where any item has 68 landmarks 'lm68' (B,68,2) with 'has_lm68' (B,) bool,
-    zeros for those without); keep failed ones in 'failed'."""
+def collate_faces(items: list[dict]) -> FaceBatch:
+    """Batch :class:`AlignedFaces` items: the good ones' crops (``image``), or their regions and
+    plans (``plans``, with ``jpeg`` where some are JPEGs to decode on the device), landmarks and
+    68 landmarks where any has them; the failed ones in ``failed`` as (name, reason)."""
     good = [it for it in items if it["error"] is None]
-    batch = {"failed": [it for it in items if it["error"] is not None],
-             "meta": [{k: it[k] for k in ("index", "name", "rel_dir", "image_path", "transform")} for it in good]}
-    if good:
-        if any("jpeg" in it for it in good):
-            _collate_jpegs(batch, good)
-        elif "plan" in good[0]:
-            batch["plans"] = PlanBatch.collate([it["region"] for it in good], [it["plan"] for it in good])
-        else:
-            batch["image"] = torch.from_numpy(np.stack([it["image"] for it in good]))
-        batch["lm"] = torch.from_numpy(np.stack([it["lm"] for it in good]))
-        if any(it["lm68"] is not None for it in good):
-            batch["has_lm68"] = torch.tensor([it["lm68"] is not None for it in good])
-            batch["lm68"] = torch.from_numpy(np.stack([np.zeros((68, 2), np.float32) if it["lm68"] is None
-                                                       else it["lm68"] for it in good]))
-    return batch
+    failed = tuple((it["name"], it["error"]) for it in items if it["error"] is not None)
+    meta = tuple(FaceMeta(it["index"], it["name"], it["rel_dir"], it["image_path"], it["transform"]) for it in good)
+    if not good:
+        return FaceBatch(meta=meta, failed=failed)
+    image = plans = jpeg = lm68 = has_lm68 = None
+    if any("jpeg" in it for it in good):
+        plans, jpeg = _collate_jpegs(good)
+    elif "plan" in good[0]:
+        plans = PlanBatch.collate([it["region"] for it in good], [it["plan"] for it in good])
+    else:
+        image = torch.from_numpy(np.stack([it["image"] for it in good]))
+    if any(it["lm68"] is not None for it in good):
+        has_lm68 = torch.tensor([it["lm68"] is not None for it in good])
+        lm68 = torch.from_numpy(np.stack([np.zeros((68, 2), np.float32) if it["lm68"] is None else it["lm68"]
+                                          for it in good]))
+    return FaceBatch(meta=meta, failed=failed, lm=torch.from_numpy(np.stack([it["lm"] for it in good])), image=image,
+                     plans=plans, jpeg=jpeg, lm68=lm68, has_lm68=has_lm68)

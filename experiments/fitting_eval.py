@@ -134,15 +134,17 @@ def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel:
 
 def run(o: FittingEvalOptions) -> dict:
     from models.fitting import FitConfig, fit_coeffs
-    from models.inference import build_model, resolve_device
+    from options.run_specs import model_spec
     from options.test_options import TestOptions
+    from pipeline.model import build_model
+    from pipeline.runtime import resolve_device
     from util.preprocess import load_lm3d
 
     t0 = time.perf_counter()
     device = resolve_device(o.device)
     topt = TestOptions(name=o.name, epoch=o.epoch, checkpoints_dir=o.checkpoints_dir, bfm_folder=o.bfm_folder,
                        net_recon=o.net_recon)
-    model = build_model(topt, device)
+    model = build_model(model_spec(topt), device)
     faces = load_faces(prepared_folder(o), load_lm3d(o.bfm_folder))
     if not faces:
         raise RuntimeError(f"no photo of {o.img_folder} has both a detection and 68 landmarks")

@@ -37,6 +37,7 @@ GROUPS = {
     "performance": "devices and performance",
     "fitting": "per-image fitting",
     "training": "training",
+    "ignored": "accepted for the original's command lines, ignored",
 }
 
 
@@ -110,17 +111,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser(cls: type, description: str = "", usage: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--<field>`` per dataclass field of ``cls``, in the --help
     sections of :data:`GROUPS` (fields without a group: ``cls.default_group``'s, else the parser's
-    own list). Fields marked
-    ``train_only`` are accepted but not listed unless ``cls.isTrain``."""
+    own list). Fields marked ``train_only`` are accepted but not listed unless ``cls.isTrain``;
+    those named in ``cls.ignored_flags`` are accepted and listed in the "ignored" section only."""
     parser = OneLineErrorParser(description=description, usage=usage,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     default = getattr(cls, "default_group", "")
-    groups = [f.metadata.get("group") or default for f in dataclasses.fields(cls)]
+    ignored = set(getattr(cls, "ignored_flags", ()))
+    groups = ["ignored" if f.name in ignored else f.metadata.get("group") or default for f in dataclasses.fields(cls)]
     sections = {g: parser.add_argument_group(title) for g, title in GROUPS.items() if g in groups}
     listed = getattr(cls, "isTrain", True)
     for f, group in zip(dataclasses.fields(cls), groups):
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
-        if f.metadata.get("train_only") and not listed:
+        if f.name in ignored:
+            kw["help"] = "ignored"
+        elif f.metadata.get("train_only") and not listed:
             kw["help"] = argparse.SUPPRESS
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]

@@ -52,7 +52,7 @@ def image_set_settings(o):
 
 def video_settings(o, device):
     """``device``: the run's torch.device (the detector runs there; batch size -1 = its default)."""
-    from models.inference import default_batch_size
+    from pipeline.workers import default_batch_size
     from pipeline.video import VideoSettings
 
     return VideoSettings(batch_size=default_batch_size(device) if o.batch_size <= 0 else o.batch_size,

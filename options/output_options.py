@@ -1,8 +1,8 @@
 """test.py's options for extra output formats: mesh file format, UV texture, HTML report.
 
 A dataclass mixin of :mod:`options.base_options` fields (each becomes a ``--flag``);
-:class:`options.test_options.TestOptions` inherits it. :func:`output_format_settings` turns the
-parsed options into the small frozen settings the library takes.
+:class:`options.test_options.TestOptions` inherits it; :func:`options.run_specs.output_spec` turns
+the parsed options into the :class:`pipeline.settings.OutputSpec` that the library takes.
 """
 from __future__ import annotations
 
@@ -23,19 +23,3 @@ class OutputFormatOptions:
     uv_texture_size: int = opt(512, "side of the UV texture in pixels", group="outputs")
     report: bool = opt(False, "write index.html in the results folder: thumbnails, per-face fit numbers, the "
                               "failures, and a 3D viewer (needs tools/vendor_viewer.sh run once)", group="outputs")
-
-
-@dataclass(frozen=True)
-class OutputFormatSettings:
-    """What the library needs of the options above."""
-
-    mesh_format: str = "obj"
-    uv_texture: bool = False
-    uv_texture_size: int = 512
-    report: bool = False
-
-
-def output_format_settings(o) -> OutputFormatSettings:
-    """The settings of parsed options ``o`` (any object with the fields above; defaults where absent)."""
-    d = OutputFormatSettings()
-    return OutputFormatSettings(**{k: getattr(o, k, getattr(d, k)) for k in d.__dataclass_fields__})

@@ -12,6 +12,8 @@ from options.output_options import OutputFormatOptions
 class TestOptions(ImageSetOptions, VideoOptions, OutputFormatOptions, BaseOptions):
     phase: str = opt("test", "phase (test)", group="data")
     dataset_mode: str = opt("None", "unused at test time (kept for the original's command lines)", group="data")
+    # the original's flags that test.py accepts and ignores: listed as such in --help
+    ignored_flags = ("model", "phase", "dataset_mode", "world_size", "display_per_batch")
     img_folder: str = opt("examples", "folder of photos; detections are read from <img_folder>/detections/",
                           group="data")
     # new in this project

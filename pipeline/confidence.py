@@ -27,6 +27,7 @@ import torch
 
 from models.coeffs import COEFFS
 from models.losses import lm68_to_5
+from util.checks import check_shapes
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def fit_residuals(model, images: torch.Tensor, coeffs: torch.Tensor, lm: torch.T
         images: (B, 3, H, W) aligned crops, RGB 0..1. coeffs: (B, 257).
         lm: (B, 5, 2) or (B, 68, 2) landmarks of the photos, crop pixels, y up.
     """
-    if lm.ndim != 3 or lm.shape[0] != coeffs.shape[0] or lm.shape[1] not in (5, 68):
+    check_shapes(coeffs=(coeffs, ("B", None)), lm=(lm, ("B", "K", 2)))
+    if lm.shape[1] not in (5, 68):
         raise ValueError(f"lm must have shape ({coeffs.shape[0]}, 5 or 68, 2), got {tuple(lm.shape)}")
     rec = model.reconstruct(coeffs)
     pred = rec.face.landmark if lm.shape[1] == 68 else lm68_to_5(rec.face.landmark)

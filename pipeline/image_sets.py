@@ -36,6 +36,7 @@ import torch
 
 from models.coeffs import COEFFS
 from pipeline.confidence import Confidence, fit_residuals, load_confidence
+from util.checks import check_shape
 
 log = logging.getLogger(__name__)
 SETS_DIR = "image_sets"
@@ -120,6 +121,7 @@ def aggregate(coeffs: torch.Tensor, confidence: torch.Tensor) -> Aggregate:
     n = coeffs.shape[0]
     if n == 0:
         raise ValueError("aggregate needs at least one photo")
+    check_shape(coeffs, ("N", COEFFS.total), "coeffs")
     if confidence.shape not in ((n,), (n, COEFFS.id)):
         raise ValueError(f"confidence must have shape ({n},) or ({n}, {COEFFS.id}), got {tuple(confidence.shape)}")
     if bool((confidence <= 0).any()) or not bool(torch.isfinite(confidence).all()):
@@ -150,7 +152,7 @@ class SetsSummary:
 
 
 class SetCollector:
-    """The ``on_batch`` hook of :func:`models.inference.run_folder`: keeps each grouped photo's
+    """The ``on_batch`` hook of :func:`pipeline.run.run_folder`: keeps each grouped photo's
     coefficients, residuals and confidence; :meth:`write` then aggregates and writes the groups."""
 
     def __init__(self, settings: ImageSetSettings, img_folder: str, rule: GroupRule | None = None,
@@ -165,15 +167,17 @@ class SetCollector:
     def rel_path(self, image_path: str) -> str:
         return os.path.relpath(image_path, self.img_folder).replace(os.sep, "/")
 
-    def __call__(self, model, images: torch.Tensor, coeffs: torch.Tensor, batch: dict) -> None:
+    def __call__(self, model, images: torch.Tensor, coeffs: torch.Tensor, batch) -> None:
+        """See one batch: ``images`` (B, 3, 224, 224) float crops, ``coeffs`` (B, 257), ``batch`` its
+        :class:`data.image_folder.FaceBatch`."""
         if self.confidence is None:
             self.confidence = load_confidence(self.settings.confidence, coeffs.device)
         self.face_model = model.face_model
         keep, people = [], []
-        for i, m in enumerate(batch["meta"]):
-            rel = self.rel_path(m["image_path"])
+        for i, m in enumerate(batch.meta):
+            rel = self.rel_path(m.image_path)
             person = self.rule.person(rel)
-            if person is None or m["name"] != os.path.splitext(os.path.basename(rel))[0]:
+            if person is None or m.name != os.path.splitext(os.path.basename(rel))[0]:
                 if person is None:
                     self.ungrouped.append(rel)
                 continue  # a second face of a photo stays out of its group
@@ -182,9 +186,9 @@ class SetCollector:
         if not keep:
             return
         idx = torch.tensor(keep, device=coeffs.device)
-        lm = batch["lm"].to(coeffs.device)[idx]
-        if "lm68" in batch and bool(batch["has_lm68"][keep].all()):
-            lm = batch["lm68"].to(coeffs.device)[idx]
+        lm = batch.lm.to(coeffs.device)[idx]
+        if batch.lm68 is not None and bool(batch.has_lm68[keep].all()):
+            lm = batch.lm68.to(coeffs.device)[idx]
         imgs, cs = images[idx], coeffs[idx]
         res = fit_residuals(model, imgs, cs, lm)
         conf = self.confidence(imgs, cs, res).float().cpu().numpy()
@@ -214,7 +218,7 @@ class SetCollector:
 def group_mesh(face_model, agg: Aggregate) -> tuple[np.ndarray, np.ndarray]:
     """(V, 3) float32 model-space vertices of the aggregated identity (neutral expression) and
     (V, 3) uint8 albedo colours."""
-    from models.inference import colors_to_uint8
+    from pipeline.render import colors_to_uint8
 
     dev = face_model.mean_shape.device
     idc = agg.id.to(dev, torch.float32)[None]

@@ -216,7 +216,7 @@ def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str
                       ) -> tuple[str, int, int]:
     """Reconstruct ``path`` (module docstring); returns (npz path, frames, frames with a face)."""
     from data.image_folder import images_to_float
-    from models.inference import overlay_uint8
+    from pipeline.render import overlay_uint8
     from util.atomic_files import write_atomic
 
     stem = os.path.splitext(os.path.basename(path))[0]

@@ -188,7 +188,7 @@ def test_cuda_crops_decoded_on_the_gpu_stay_near_pils(tmp_path):
     folder = make_photo_folder(str(tmp_path / "photos"), EXAMPLES + ["015316.jpg", "000114.jpg"])
     entries, _ = scan_folder(folder)
     lm3d = load_lm3d(os.path.join(ROOT, "BFM"))
-    a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda")).int()
+    a, b = (batch_crops(collate_faces([ds[i] for i in range(len(ds))]), torch.device("cuda"))[1].int()
             for ds in (AlignedFaces(entries, lm3d), AlignedFaces(entries, lm3d, decode_on_device=True)))
     diff = (a - b).abs().flatten(1).float()
     png = [e.name for e in entries].index("vd006")
@@ -210,16 +210,13 @@ def test_cuda_run_decoding_on_the_gpu(standin, tmp_path):
 def test_the_decoder_warms_up_in_its_own_thread_only_on_cuda():
     """``start_decoder_warm_up``: a thread only where the run decodes on a CUDA device; on CUDA
     it ends with the decoder ready (the crops thread waits for it before its first batch)."""
-    from types import SimpleNamespace
+    from pipeline.model import start_decoder_warm_up
 
-    from models.inference import start_decoder_warm_up
-
-    assert start_decoder_warm_up(SimpleNamespace(decode_on_device=True), torch.device("cpu")) is None
-    assert start_decoder_warm_up(SimpleNamespace(decode_on_device=False), torch.device("cuda")) is None
-    assert start_decoder_warm_up(SimpleNamespace(), torch.device("cuda")) is None  # train.py's options
+    assert start_decoder_warm_up(torch.device("cpu"), decode_on_device=True) is None
+    assert start_decoder_warm_up(torch.device("cuda"), decode_on_device=False) is None
     if torch.cuda.is_available():
         _cuda_decoder_or_skip()
-        thread = start_decoder_warm_up(SimpleNamespace(decode_on_device=True), torch.device("cuda"))
+        thread = start_decoder_warm_up(torch.device("cuda"), decode_on_device=True)
         assert thread.name == "warm-up-decoder"
         thread.join(timeout=60)
         assert not thread.is_alive()

@@ -122,7 +122,7 @@ def test_odd_names_process_images_end_to_end(tmp_path, fake, capsys):
 
 def test_run_summary_prints_and_lists_odd_names_escaped(tmp_path):
     """test.py's summary and its list files take any name: one printable line per entry."""
-    from models.inference import RunSummary
+    from pipeline.summary import RunSummary
 
     latin, newline = os.fsdecode(b"/p/caf\xe9.jpg"), "/p/new\nline.jpg"
     s = RunSummary(out_dir=str(tmp_path / os.fsdecode(b"r\xe9s")), photos_without_detection=[latin] * 3,

@@ -130,7 +130,7 @@ def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path
     """--prefetch_batches 2 (a crops thread; on CUDA by default) writes byte-identical files to
     the CPU's default, the main thread alone (a .mat file's 128-byte header holds the time it was
     written). With one CPU thread (see test_batched_equals_one_at_a_time)."""
-    from models.inference import prefetch_depth
+    from pipeline.workers import prefetch_depth
 
     assert prefetch_depth(-1, torch.device("cpu")) == 0 and prefetch_depth(-1, torch.device("cuda")) == 2
     assert prefetch_depth(3, torch.device("cpu")) == 3
@@ -150,8 +150,9 @@ def test_batches_readied_in_a_thread_give_the_same_files(done, standin, tmp_path
 def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
     """A library caller's torch.device('cuda') (no index) works: the crops thread uses the current
     device (bench_inference passes one)."""
-    from models.inference import run_folder
+    from options.run_specs import run_spec
     from options.test_options import parse_test_options
+    from pipeline.run import run_folder
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -160,7 +161,7 @@ def test_cuda_run_folder_takes_a_device_without_an_index(standin, tmp_path):
                               f"--bfm_folder={standin['bfm_folder']}",
                               f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}",
                               "--num_threads=0", "--batch_size=2"])
-    summary = run_folder(opt, torch.device("cuda"), progress=False)
+    summary = run_folder(run_spec(opt), torch.device("cuda"), progress=False)
     assert summary.faces_ok == 3 and summary.faces_failed == 0
 
 
@@ -337,7 +338,7 @@ def test_skip_existing_redoes_only_faces_missing_an_output(standin, tmp_path, ca
 
 def test_without_finished_lists_each_results_folder_once(tmp_path, monkeypatch):
     from data.image_folder import FaceEntry
-    from models import inference
+    from pipeline import scan
 
     (tmp_path / "sub").mkdir()
     for n in ("a.mat", "a.obj", "b.mat", "sub/c.mat", "sub/c.obj"):
@@ -345,11 +346,11 @@ def test_without_finished_lists_each_results_folder_once(tmp_path, monkeypatch):
     entries = [FaceEntry("", "", name, rel) for name, rel in (("a", ""), ("b", ""), ("c", "sub"), ("d", "none"))]
     calls = []
     listdir = os.listdir
-    monkeypatch.setattr(inference.os, "listdir", lambda p: calls.append(p) or listdir(p))
-    todo, left_out = inference.without_finished(entries, str(tmp_path), [".obj", ".mat"])
+    monkeypatch.setattr(scan.os, "listdir", lambda p: calls.append(p) or listdir(p))
+    todo, left_out = scan.without_finished(entries, str(tmp_path), [".obj", ".mat"])
     assert [e.name for e in todo] == ["b", "d"] and left_out == 2
     assert sorted(calls) == sorted(os.path.join(str(tmp_path), d) for d in ("", "sub", "none"))
-    assert inference.without_finished(entries, str(tmp_path), []) == (entries, 0)
+    assert scan.without_finished(entries, str(tmp_path), []) == (entries, 0)
 
 
 @pytest.mark.slow
@@ -362,8 +363,9 @@ def test_gpu_ids_ranks_hand_back_large_summaries(standin, tmp_path):
         open(os.path.join(folder, f"no_detection_for_this_photo_{i:05d}.jpg"), "wb").close()
     argv = cli_args(standin, folder, tmp_path / "out", "--device=cpu", "--save_mesh=false", "--save_png=false",
                     f"--ddp_port={free_port()}")
-    code = ("from models.ranks import run_spawned; from options.test_options import parse_test_options\n"
-            f"s = run_spawned(2, parse_test_options({argv!r}))\n"
+    code = ("from pipeline.ranks import run_spawned; from options.test_options import parse_test_options\n"
+            "from options.run_specs import run_spec\n"
+            f"s = run_spawned(2, run_spec(parse_test_options({argv!r})))\n"
             "print(s.faces_ok, s.faces_failed, len(s.photos_without_detection))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -403,13 +405,13 @@ def test_same_stem_photos_do_not_share_a_detection(standin, tmp_path, capsys):
 
 def test_ranks_map_to_gpus(monkeypatch):
     """torchrun: rank r uses GPU r (default --gpu_ids 0), or the r-th of several --gpu_ids."""
-    from models import inference
+    from pipeline import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert inference.resolve_device("auto", "0", local_rank=1) == torch.device("cuda:1")
-    assert inference.resolve_device("cuda", "2,3", local_rank=1) == torch.device("cuda:3")
-    assert inference.resolve_device("auto", "1", local_rank=None) == torch.device("cuda:1")
-    assert inference.resolve_device("auto", "-1") == torch.device("cpu")
+    assert runtime.resolve_device("auto", "0", local_rank=1) == torch.device("cuda:1")
+    assert runtime.resolve_device("cuda", "2,3", local_rank=1) == torch.device("cuda:3")
+    assert runtime.resolve_device("auto", "1", local_rank=None) == torch.device("cuda:1")
+    assert runtime.resolve_device("auto", "-1") == torch.device("cpu")
 
 
 def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):

@@ -111,7 +111,7 @@ def test_face_texture_samples_photo_where_visible_and_albedo_elsewhere():
 
 def test_vertex_visibility_hides_the_far_cheek(standin_face_model):
     from models.coeffs import COEFFS
-    from models.output_extras import vertex_visibility
+    from pipeline.extra_arrays import vertex_visibility
     from models.renderer import create_renderer
 
     coeffs = torch.zeros(2, COEFFS.total)

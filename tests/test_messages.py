@@ -110,8 +110,13 @@ def test_help_in_sections_without_training_flags():
     assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
     renderer = text[text.index("renderer and camera:"):text.index("outputs and messages:")]
     assert "--focal" in renderer and "--use_opengl" in renderer and "--batch_size" not in renderer
-    for flag in ("vis_batch_nums", "eval_batch_nums", "display_per_batch", "add_image", "init_path", "use_ddp"):
+    for flag in ("vis_batch_nums", "eval_batch_nums", "add_image", "init_path", "use_ddp"):
         assert f"--{flag}" not in text
+    # the original's flags that test.py ignores: in one section that says so, nowhere else
+    ignored = text[text.index("accepted for the original's command lines, ignored:"):]
+    listed = text[text.index("\n\n"):text.index("accepted for the original's command lines, ignored:")]  # no usage
+    for flag in ("model", "phase", "dataset_mode", "world_size", "display_per_batch"):
+        assert f"--{flag} " in ignored and f"--{flag} " not in listed
     # still accepted: the original's command lines keep working
     from options.test_options import parse_test_options
 

@@ -48,7 +48,7 @@ def hard_floats(rng, n=20000) -> np.ndarray:
 def test_unit_to_uint8_is_the_original_round_trip():
     """Checked once over every float32 in [-2, 2] (2^31 values, numpy and torch, ~90 s); here
     the levels, their neighbours, specials and random values."""
-    from models.inference import overlay_uint8 as on_device
+    from pipeline.render import overlay_uint8 as on_device
 
     x = hard_floats(np.random.default_rng(0))
     np.testing.assert_array_equal(unit_to_uint8(x), original_to_uint8(x))
@@ -82,7 +82,7 @@ def test_compose_result_is_the_original(one_thread):
 
 
 def test_device_overlay_is_the_numpy_overlay(device):
-    from models.inference import overlay_uint8 as on_device
+    from pipeline.render import overlay_uint8 as on_device
 
     rng = np.random.default_rng(2)
     b, h, w = 2, 64, 48
@@ -162,7 +162,10 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     """The stand-in model on real photos: the written .png holds exactly the original's picture
     (float composition from the render), and a face travels to a writer as ~0.8 MB."""
     from data.image_folder import AlignedFaces, collate_faces, images_to_float, scan_folder
-    from models.inference import batch_results, build_model, output_config
+    from pipeline.model import build_model
+    from pipeline.outputs import output_config
+    from pipeline.render import batch_results
+    from options.run_specs import run_spec
     from options.test_options import parse_test_options
     from util.preprocess import load_lm3d
     from util.results_io import write_face_result
@@ -171,19 +174,20 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
     opt = parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}", "--device=cpu",
                               f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
                               f"--results_dir={tmp_path / 'out'}"])
-    model = build_model(opt, torch.device("cpu"))
+    spec = run_spec(opt)
+    model = build_model(spec.model, torch.device("cpu"))
     entries, _ = scan_folder(folder)
     ds = AlignedFaces(entries, load_lm3d(opt.bfm_folder))
     batch = collate_faces([ds[i] for i in range(len(ds))])
     with torch.inference_mode():
-        coeffs = model.predict_coeffs(images_to_float(batch["image"]))
-        results = batch_results(model, coeffs, batch, opt)
+        coeffs = model.predict_coeffs(images_to_float(batch.image))
+        results = batch_results(model, coeffs, batch, spec.outputs)
         face = model.face_model(coeffs)  # the original's picture, from floats
         out = model.renderer(face.vertex, model.face_model.face_buf, feat=face.color)
     hwc = lambda t: t.permute(0, 2, 3, 1).float().numpy()  # noqa: E731
-    ref = original_compose(unit_float_table()[batch["image"].numpy().transpose(0, 2, 3, 1)], hwc(out.image),
-                           hwc(out.mask), face.landmark.numpy(), batch["lm"].numpy())
-    cfg = output_config(opt, model.face_model.face_buf.numpy(), str(tmp_path / "out"))
+    ref = original_compose(unit_float_table()[batch.image.numpy().transpose(0, 2, 3, 1)], hwc(out.image),
+                           hwc(out.mask), face.landmark.numpy(), batch.lm.numpy())
+    cfg = output_config(spec.outputs, spec.model, model.face_model.face_buf.numpy(), str(tmp_path / "out"))
     for i, r in enumerate(results):
         assert r.overlay.dtype == np.uint8 and r.overlay.shape == (224, 224, 3)
         assert (r.overlay != r.image.transpose(1, 2, 0)).any(axis=2).mean() > 0.2  # the face is drawn

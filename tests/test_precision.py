@@ -27,13 +27,14 @@ def test_ieee_fp32_leaves_other_devices_alone():
 
 
 def test_test_py_runs_the_network_in_full_float32_unless_asked_for_tf32(standin):
-    from models.inference import build_model
+    from options.run_specs import model_spec
     from options.test_options import parse_test_options
+    from pipeline.model import build_model
 
     base = [f"--name={standin['name']}", "--epoch=20", f"--bfm_folder={standin['bfm_folder']}",
             f"--checkpoints_dir={standin['checkpoints_dir']}"]
-    assert build_model(parse_test_options(base), torch.device("cpu")).ieee_fp32 is True
-    assert build_model(parse_test_options(base + ["--tf32"]), torch.device("cpu")).ieee_fp32 is False
+    assert build_model(model_spec(parse_test_options(base)), torch.device("cpu")).ieee_fp32 is True
+    assert build_model(model_spec(parse_test_options(base + ["--tf32"])), torch.device("cpu")).ieee_fp32 is False
 
 
 @pytest.mark.gpu

@@ -32,7 +32,7 @@ def fake_face(name: str, rel_dir: str = "", shift: float = 0.0) -> FaceResult:
                       vertex=rng.normal(size=(6, 3)).astype(np.float32),
                       color=rng.integers(0, 256, (6, 3)).astype(np.uint8),
                       image=np.full((3, 224, 224), 90, np.uint8), overlay=np.full((224, 224, 3), 200, np.uint8),
-                      photo_error=12.5)
+                      arrays={"photo_error": np.float32(12.5)})
 
 
 def write_fake_run(out: str) -> None:
@@ -142,7 +142,7 @@ def test_report_end_to_end_in_chromium(standin, tmp_path, capsys):
 
 def test_terminal_says_how_to_install_the_viewer(tmp_path, monkeypatch, capsys):
     import test as test_cli
-    from models.inference import RunSummary
+    from pipeline.summary import RunSummary
 
     write_fake_run(str(tmp_path))
     monkeypatch.setattr(report, "VENDOR_DIR", str(tmp_path / "no-vendor"))
@@ -173,7 +173,7 @@ def test_a_run_that_reconstructs_nothing_writes_no_page(standin, tmp_path, capsy
 def test_a_page_that_cannot_hold_a_name_is_one_warning(tmp_path, monkeypatch, capsys):
     """A failure naming a file whose bytes are not UTF-8: the page's trouble is one warning line."""
     import test as test_cli
-    from models.inference import RunSummary
+    from pipeline.summary import RunSummary
 
     write_fake_run(str(tmp_path))
     name = os.fsdecode(b"caf\xe9")

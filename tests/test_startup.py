@@ -26,7 +26,7 @@ def test_nothing_heavy_is_imported_before_it_is_used():
     loaded = _python(
         "import sys, test, options.test_options\n"
         "print('torch' in sys.modules)\n"
-        "import models.inference, models.networks, models.bfm, models.renderer, models.facerecon\n"
+        "import pipeline.run, pipeline.ranks, models.networks, models.bfm, models.renderer, models.facerecon\n"
         "import data.image_folder, util.image_io, util.results_io\n"
         "print(sorted(m for m in ('scipy', 'nvdiffrast', 'torch._dynamo') if m in sys.modules))\n")
     assert loaded.splitlines() == ["False", "[]"]

@@ -123,7 +123,7 @@ def test_uint8_crops_convert_to_the_original_floats():
 
 
 def test_colors_to_uint8_on_device_matches_numpy():
-    from models.inference import colors_to_uint8 as on_device
+    from pipeline.render import colors_to_uint8 as on_device
     from util.mesh_io import colors_to_uint8
 
     rng = np.random.default_rng(4)
@@ -185,10 +185,10 @@ def tiny_results(n: int, rng) -> list:
 def tiny_config(out_dir: str):
     from models.coeffs import COEFFS
     from util.mesh_io import face_lines
-    from util.results_io import OutputConfig
+    from util.results_io import OutputConfig, mat_files, obj_files, png_files
 
     tri = np.random.default_rng(0).integers(0, 40, (60, 3))
-    return OutputConfig(out_dir=out_dir, coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
+    return OutputConfig(out_dir=out_dir, files=(png_files, obj_files, mat_files), coeff_slices=tuple((k, s.start, s.stop) for k, s in COEFFS.slices().items()),
                         face_lines=face_lines(tri))
 
 
@@ -284,26 +284,26 @@ def test_writer_survives_a_dead_writer_process(tmp_path):
 
 
 def test_default_batch_size_by_device():
-    from models.inference import default_batch_size
+    from pipeline.workers import default_batch_size
 
     assert default_batch_size(torch.device("cpu")) == 8
     assert default_batch_size(torch.device("cuda", 1)) == 64  # no GPU needed to ask
 
 
 def test_worker_counts(monkeypatch):
-    from models import inference
+    from pipeline import workers
 
-    monkeypatch.setattr(inference, "usable_cores", lambda: 16)
+    monkeypatch.setattr(workers, "usable_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert inference.loader_workers(-1, 10_000, 64) == 15
-    assert inference.loader_workers(-1, 10_000, 64, world=2) == 7
-    assert inference.loader_workers(-1, 64, 64) == 0  # one batch: decoded in the main process
-    assert inference.loader_workers(-1, 100, 8) == 13 and inference.loader_workers(4, 100, 8) == 4
-    assert inference.writer_workers(-1, 10_000) == 16
-    assert inference.writer_workers(-1, 32) == 0  # small runs write in the main process
-    assert inference.writer_workers(3, 2) == 2 and inference.writer_workers(0, 10_000) == 0
+    assert workers.loader_workers(-1, 10_000, 64) == 15
+    assert workers.loader_workers(-1, 10_000, 64, world=2) == 7
+    assert workers.loader_workers(-1, 64, 64) == 0  # one batch: decoded in the main process
+    assert workers.loader_workers(-1, 100, 8) == 13 and workers.loader_workers(4, 100, 8) == 4
+    assert workers.writer_workers(-1, 10_000) == 16
+    assert workers.writer_workers(-1, 32) == 0  # small runs write in the main process
+    assert workers.writer_workers(3, 2) == 2 and workers.writer_workers(0, 10_000) == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert inference.writer_workers(-1, 10_000, world=8) == 4
+    assert workers.writer_workers(-1, 10_000, world=8) == 4
 
 
 def test_run_with_processes_equals_run_in_the_main_process(standin, tmp_path):

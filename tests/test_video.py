@@ -77,8 +77,9 @@ def test_video_coefficients_no_face_frames_and_overlay(standin, tmp_path, capsys
     import av
     import torch
 
-    from models.inference import build_model
+    from options.run_specs import model_spec
     from options.test_options import parse_test_options
+    from pipeline.model import build_model
     from pipeline.video import align_frames, decode_frames
     from data.image_folder import images_to_float
     from util.preprocess import load_lm3d
@@ -107,7 +108,7 @@ def test_video_coefficients_no_face_frames_and_overlay(standin, tmp_path, capsys
         assert np.linalg.norm(d["lm68"][i, 36:48].mean(0) - eyes) < 40
     # smoothing is off by default: the coefficients are the network's on each frame's crop
     opt = parse_test_options(args)
-    model = build_model(opt, torch.device("cpu"))
+    model = build_model(model_spec(opt), torch.device("cpu"))
     frames = [f for i, _, f in decode_frames(clip) if i in (0, 2, 3)]
     crops, _ = align_frames(frames, [d["lm5"][i].astype(np.float64) for i in (0, 2, 3)],
                             load_lm3d(standin["bfm_folder"]))

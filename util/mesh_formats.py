@@ -3,11 +3,9 @@
 Every format keeps the vertex order and per-vertex colours of :mod:`util.mesh_io`'s .obj (uint8,
 the original's ``clip(255 c)`` truncation). The files are built here with numpy, not with
 trimesh's exporters: a mesh's bytes are a header plus the arrays' own bytes, and the triangle
-block (the same for every face of a run) is made once (:func:`mesh_settings`). Measured on one
-core of the busy 2-core VM, for the 35709-vertex front mesh, bytes made but not written: .ply
-0.3-0.5 ms here vs 15 ms ``trimesh.Trimesh(..., process=False).export(file_type='ply')``, .glb
-0.35 ms here vs 15 ms; and importing trimesh costs each writer process ~1.6 s. trimesh reads
-every file back in ``tests/test_mesh_formats.py``, which checks the numbers.
+block (the same for every face of a run) is made once (:func:`mesh_settings`); why not trimesh:
+docs/throughput.md, "Measurements behind the design". trimesh reads every file back in
+``tests/test_mesh_formats.py``, which checks the numbers.
 
 Layouts:
 

@@ -13,9 +13,8 @@ Digits come from a table of "0000".."9999" (4 ASCII bytes per gather); a number'
 integer digits from a table of 4-byte words that also hold the constant bytes around them; the
 colours (uint8, 256 possible values) from a table of their 8 decimals as one uint64 each; and
 the triangle lines, the same for every mesh of a run, are formatted once (:func:`face_lines`)
-and passed to :func:`write_obj`. Formatting a 35709-vertex face mesh with colours takes ~1.8 ms
-on one core of a 2-core VM (2.8 ms when the bytes were copied as records; 21 ms with per-row
-``%`` formatting; trimesh's exporter: ~220 ms); writing its 4 MB takes longer than that.
+and passed to :func:`write_obj` (its speed against the alternatives: docs/throughput.md,
+"Measurements behind the design").
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 :func:`make_output_extras` turns the run's settings (mesh format, UV texture, report) into one
 small frozen :class:`OutputExtras` that :class:`util.results_io.OutputConfig` carries (``None``
-for a plain run: then results_io's own .obj writer runs, as before); :func:`extra_files` makes
-one face's mesh in its format (:mod:`util.mesh_formats`), its UV texture (:mod:`util.uv_texture`)
-and its report files (:mod:`util.report`).
+for a plain run: then results_io's own .obj writer runs, as before). The writers of the output
+registry (:mod:`pipeline.outputs`) make one face's files: :func:`mesh_face_files` (its mesh in
+its format, :mod:`util.mesh_formats`, with its UV texture, :mod:`util.uv_texture`),
+:func:`texture_face_files` (the texture alone) and :func:`report_face_files` (:mod:`util.report`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from util.mesh_formats import TEXTURE_SUFFIX, MeshSettings, mesh_files, mesh_settings, mesh_suffixes
+from util.mesh_formats import TEXTURE_SUFFIX, MeshSettings, mesh_files, mesh_settings
 from util.uv_texture import UvRaster, face_texture, uv_raster
 
 
@@ -44,34 +45,45 @@ def make_output_extras(fmt: str, faces: np.ndarray, save_mesh: bool, uv: np.ndar
                         faces=np.asarray(faces, np.int64) if report else None)
 
 
-def extra_suffixes(fmt: str, save_mesh: bool, uv_texture: bool) -> list[str]:
-    """The mesh and texture files a face gets (suffixes of its name; the report's files aside)."""
-    if save_mesh:
-        return mesh_suffixes(fmt, uv_texture)
-    return [TEXTURE_SUFFIX] if uv_texture else []
-
-
-def extra_files(cfg, res, base: str) -> list[tuple[str, list]]:
-    """The face ``res``'s mesh (``<base>.<fmt>``), texture and report files that ``cfg.extras``
-    asks for, as (path, bytes-like chunks) (``cfg``: the run's :class:`util.results_io.OutputConfig`);
-    results_io writes them together with the face's other files, all or none."""
+def _texture_png(cfg, res) -> list:
+    """The face's UV texture (:func:`util.uv_texture.face_texture`) as PNG chunks."""
     from util.results_io import png_chunks
 
     ex: OutputExtras = cfg.extras
-    world = res.vertex.copy()
-    world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
-    png = None
-    if ex.raster is not None:
-        tex = face_texture(ex.raster, res.vertex, res.albedo, res.visibility, res.image.transpose(1, 2, 0),
-                           ex.focal, ex.center)
-        png = png_chunks(tex)
-    files: list[tuple[str, list]] = []
-    if ex.mesh is not None:
-        files += [(base + sfx, c) for sfx, c in mesh_files(ex.mesh, os.path.basename(base), world, res.color, png)]
-    elif png is not None:
-        files.append((base + TEXTURE_SUFFIX, png))
-    if ex.report:
-        from util.report import face_report_files
+    return png_chunks(face_texture(ex.raster, res.vertex, res.arrays["albedo"], res.arrays["visibility"],
+                                   res.image.transpose(1, 2, 0), ex.focal, ex.center))
 
-        files += face_report_files(cfg.out_dir, res, world, res.coeffs[ex.angle[0]:ex.angle[1]], ex.faces)
-    return files
+
+def mesh_face_files(cfg, res, base: str) -> list[tuple[str, list]]:
+    """The face's mesh: ``<base>.obj`` as the original wrote it where ``cfg.extras`` is None, else
+    ``<base>.<fmt>`` (:func:`util.mesh_formats.mesh_files`), with its UV texture ``<base>_texture.png``
+    (and an .obj's .mtl) when the run makes textures. ``cfg``: the run's
+    :class:`util.results_io.OutputConfig`; ``res``: the face's :class:`util.results_io.FaceResult`."""
+    from util.results_io import obj_files, world_vertices
+
+    ex: OutputExtras | None = cfg.extras
+    if ex is None:
+        return obj_files(cfg, res, base)
+    if ex.mesh is None:
+        return []
+    png = None if ex.raster is None else _texture_png(cfg, res)
+    return [(base + sfx, c) for sfx, c in mesh_files(ex.mesh, os.path.basename(base), world_vertices(cfg, res),
+                                                     res.color, png)]
+
+
+def texture_face_files(cfg, res, base: str) -> list[tuple[str, list]]:
+    """``<base>_texture.png`` alone, for runs that make textures but no mesh (a mesh's own files
+    hold its texture: :func:`mesh_face_files`)."""
+    ex: OutputExtras | None = cfg.extras
+    if ex is None or ex.raster is None or ex.mesh is not None:
+        return []
+    return [(base + TEXTURE_SUFFIX, _texture_png(cfg, res))]
+
+
+def report_face_files(cfg, res, base: str) -> list[tuple[str, list]]:
+    """The report's files of the face under ``<out_dir>/report/`` (:func:`util.report.face_report_files`)."""
+    from util.report import face_report_files
+    from util.results_io import world_vertices
+
+    ex: OutputExtras = cfg.extras
+    return face_report_files(cfg.out_dir, res, world_vertices(cfg, res), res.coeffs[ex.angle[0]:ex.angle[1]], ex.faces)

@@ -17,8 +17,18 @@ _END = object()
 
 
 def prefetched(items: Iterable, prepare: Callable, depth: int, **kw) -> Iterator:
-    """A :class:`Prefetcher` over ``items`` where ``depth`` > 0; else ``prepare(x)`` for each
-    ``x`` computed by the consumer itself when it asks (with the same ``stop``/``close``)."""
+    """``prepare(x)`` for each ``x`` of ``items``, in order.
+
+    Args:
+        items: the items (e.g. a DataLoader's iterator). prepare: the stage run on each.
+        depth: items prepared ahead in a thread (a :class:`Prefetcher`); 0: each prepared by the
+            consumer itself when it asks.
+        **kw: :class:`Prefetcher`'s ``on_thread_start`` and ``name``.
+
+    Returns:
+        an iterator with ``stop()`` and ``close()``; an exception of ``items`` or ``prepare``
+        is raised to the consumer at the item where it happened.
+    """
     return Prefetcher(items, prepare, depth, **kw) if depth > 0 else _InPlace(items, prepare)
 
 

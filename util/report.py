@@ -52,7 +52,8 @@ def face_numbers(res, angles: np.ndarray) -> dict:
         gt = res.lm_gt if len(res.lm_gt) == 5 else extract_5p(res.lm_gt)
         lm_err = float(np.linalg.norm(extract_5p(res.lm68) - gt, axis=1).mean())
     pitch, yaw, roll = (float(np.degrees(a)) for a in angles)
-    photo = None if res.photo_error is None or not math.isfinite(res.photo_error) else float(res.photo_error)
+    err = res.arrays.get("photo_error")
+    photo = None if err is None or not math.isfinite(err) else float(err)
     return {"name": res.name, "rel_dir": res.rel_dir, "lm5_error_px": lm_err, "photo_error": photo,
             "pitch_deg": pitch, "yaw_deg": yaw, "roll_deg": roll}
 

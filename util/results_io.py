@@ -10,16 +10,13 @@ writes, so memory stays flat however many photos a folder holds.
 
 What travels to a writer is the minimum, in bytes where the file holds bytes: the picture's
 float work (render over crop, tensor2im's conversion) is done on the device, batched, before the
-copy to the host (``models.inference.overlay_uint8``: the same pixels, see util.visualize), so a
-face pickles to ~0.82 MiB (vertices float32, colours, crop and overlay uint8) instead of
-~1.28 MiB with a float32 render and a mask; the writer only copies the panels, draws the
-landmarks and encodes.
+copy to the host (``pipeline.render.overlay_uint8``: the same pixels, see util.visualize), so a
+face pickles as vertices float32, colours, crop and overlay uint8; the writer only copies the
+panels, draws the landmarks and encodes.
 
 The .png is encoded here (:func:`png_chunks`): every row 'Up'-filtered with one numpy
-subtraction, then one zlib stream at level 1. Pillow at level 1 picks a filter per row by trying
-all five, which takes longer than the compression itself: ~3 ms instead of ~6.5 ms for a
-224x672 result picture on one core, files ~2 % larger (109 KiB), pixels identical; OpenCV's
-encoder with the same filter takes as long as this one (level 0, stored: ~0.5 ms, 441 KiB).
+subtraction, then one zlib stream at level 1 (Pillow tries all five filters per row, which costs
+more than the compression itself; pixels identical, figures in docs/throughput.md).
 
 This module imports only numpy, zlib and scipy (and util helpers that do the same), so a writer
 process starts in a fraction of a second. A face's files are written to temporary names of the
@@ -28,9 +25,7 @@ collide) and renamed into place together: a face is complete or absent, never ha
 a write that fails is a failed face with its reason. A disk that is full or read-only ends the
 run (:class:`RunStop`) rather than failing every face in turn. Writer processes keep freed
 memory for reuse (:func:`keep_freed_memory`) instead of handing it back to the system between
-faces: the first touch of each fresh page costs a page fault (measured on a busy 2-core VM,
-files in /dev/shm: a face's three files took 11-18 ms with glibc's defaults, 2-5 ms less with
-freed memory kept).
+faces: the first touch of each fresh page costs a page fault (docs/throughput.md).
 """
 from __future__ import annotations
 
@@ -43,12 +38,13 @@ import struct
 import zlib
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from util.atomic_files import write_files_atomic as write_together  # a face's files: all or none
+from util.checks import check_shape
 from util.subprocesses import die_with_parent, exit_with, keep_freed_memory, main_module_hidden
 
 if TYPE_CHECKING:
@@ -63,6 +59,10 @@ PNG_COMPRESS_LEVEL = 1  # lossless; the fastest deflate level that still compres
 class OutputConfig:
     """What to write and where; shared by every face of a run (sent once to each writer process).
 
+    files: the writers of the run's outputs, in order (the enabled entries of the registry,
+    :mod:`pipeline.outputs`): each ``files(cfg, res, base) -> [(path, bytes-like chunks)]`` for the
+    face ``res`` whose files start with ``base`` (``<out_dir>/<rel_dir>/<name>``); module-level
+    functions that import no torch (writer processes import them by name).
     coeff_slices: name -> (start, stop) of the 257 coefficients (``COEFFS.slices()``), the .mat keys.
     face_lines: the .obj triangle lines (:func:`util.mesh_io.face_lines`), formatted once per run.
     crop_size: side of the aligned crop in pixels (2 * center), to flip landmarks to y down.
@@ -70,9 +70,7 @@ class OutputConfig:
     """
 
     out_dir: str
-    save_png: bool = True
-    save_mesh: bool = True
-    save_mat: bool = True
+    files: tuple[Callable[["OutputConfig", "FaceResult", str], list], ...] = ()
     coeff_slices: tuple[tuple[str, int, int], ...] = ()
     face_lines: bytes = b""
     crop_size: int = 224
@@ -90,6 +88,9 @@ class FaceResult:
     image: (3, H, W) uint8 aligned crop.  overlay: (H, W, 3) uint8, the picture's middle panel
     (:func:`util.visualize.overlay_uint8`: the render's bytes where it covers the crop).
     lm_gt: (K, 2) detected landmarks in the crop, y up.
+    arrays: further per-face arrays that outputs made on the device (the registry's ``make``:
+    ``visibility`` (N,) uint8 and ``albedo`` (N, 3) uint8 for the UV texture, ``photo_error``
+    float32 for the report).
     """
 
     name: str
@@ -101,10 +102,7 @@ class FaceResult:
     image: np.ndarray | None = None
     overlay: np.ndarray | None = None
     lm_gt: np.ndarray | None = None
-    # for util.output_extras (UV texture, report): (N,) uint8, (N, 3) uint8, float
-    visibility: np.ndarray | None = None
-    albedo: np.ndarray | None = None
-    photo_error: float | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- one face
@@ -134,7 +132,8 @@ def png_chunks(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> list:
     8-bit RGB, not interlaced, every row 'Up'-filtered (the row above subtracted, byte-wise mod
     256; the first row as it is), one zlib stream at ``level`` (lossless at every level)."""
     rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+    check_shape(rgb, ("H", "W", 3), "rgb")
+    if rgb.dtype != np.uint8:
         raise ValueError(f"png_chunks needs an (H, W, 3) uint8 picture, got {rgb.shape} {rgb.dtype}")
     h, w, _ = rgb.shape
     rows = rgb.reshape(h, 3 * w)
@@ -188,32 +187,53 @@ class NotFiniteError(ValueError):
     """A face's numbers are NaN or inf (broken weights or input): no file of it would be right."""
 
 
-def face_files(cfg: OutputConfig, res: FaceResult) -> list[tuple[str, list]]:
-    """(file suffix, its bytes-like chunks) of each file of the face that ``cfg`` asks for; raises
-    :class:`NotFiniteError` where the face holds non-finite numbers."""
+def check_finite(res: FaceResult) -> None:
+    """Raise :class:`NotFiniteError` where the face's coefficients, landmarks or vertices hold NaN or inf."""
     for key in ("coeffs", "lm68", "vertex"):
         a = getattr(res, key)
         if a is not None and not np.isfinite(a).all():
             raise NotFiniteError(f"the reconstruction is not finite (NaN or inf in its {key}): the checkpoint's "
                                  "weights or this photo's detection are broken")
-    files: list[tuple[str, list]] = []
-    if cfg.save_png:
-        files.append((".png", png_chunks(result_picture(res))))
-    if cfg.save_mesh and cfg.extras is None:  # extras: their own mesh writer (any format)
-        from util.mesh_io import obj_chunks
 
-        world = res.vertex.copy()
-        world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
-        files.append((".obj", obj_chunks(world, cfg.face_lines, res.color)))
-    if cfg.save_mat:
-        import io
 
-        from scipy.io import savemat
+def world_vertices(cfg: OutputConfig, res: FaceResult) -> np.ndarray:
+    """(N, 3) float32 world-space vertices of the face (world z = camera_d - camera z)."""
+    world = res.vertex.copy()
+    world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
+    return world
 
-        buf = io.BytesIO()
-        savemat(buf, mat_dict(cfg, res), format="5")
-        files.append((".mat", [buf.getbuffer()]))
-    return files
+
+def png_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.png``: the result picture (input | render overlay | overlay with landmarks)."""
+    return [(base + ".png", png_chunks(result_picture(res)))]
+
+
+def obj_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.obj``: the world-space mesh with vertex colours (the original's format)."""
+    from util.mesh_io import obj_chunks
+
+    return [(base + ".obj", obj_chunks(world_vertices(cfg, res), cfg.face_lines, res.color))]
+
+
+def mat_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """``<base>.mat``: the coefficient groups and the 68 landmarks (:func:`mat_dict`)."""
+    import io
+
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, mat_dict(cfg, res), format="5")
+    return [(base + ".mat", [buf.getbuffer()])]
+
+
+def face_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
+    """(path, bytes-like chunks) of every file of the face that ``cfg.files`` makes.
+
+    Raises:
+        NotFiniteError: the face holds non-finite numbers (no file of it would be right).
+    """
+    check_finite(res)
+    return [f for files in cfg.files for f in files(cfg, res, base)]
 
 
 def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size: int) -> RunStop | None:
@@ -232,22 +252,27 @@ def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size:
 
 
 def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
-    """Write one face's .png / .obj / .mat (whatever ``cfg`` asks for), all or none of them
-    (:func:`util.atomic_files.write_files_atomic`); raises on failure."""
-    d = os.path.join(cfg.out_dir, res.rel_dir)
-    base = os.path.join(d, res.name)
-    files = [(base + suffix, chunks) for suffix, chunks in face_files(cfg, res)]
-    if cfg.extras is not None:  # other mesh formats, textures, the report's files
-        from util.output_extras import extra_files
+    """Write one face's files (:func:`face_files`), all or none of them
+    (:func:`util.atomic_files.write_files_atomic`).
 
-        files += extra_files(cfg, res, base)
+    Raises:
+        NotFiniteError: the face holds non-finite numbers. OSError: a file could not be written.
+    """
+    d = os.path.join(cfg.out_dir, res.rel_dir)
+    files = face_files(cfg, res, os.path.join(d, res.name))
     os.makedirs(d, exist_ok=True)
     write_together(files)
 
 
 def _face_bytes(cfg: OutputConfig, res: FaceResult) -> int:
+    """About how many bytes a face's files take, for the disk-full message: its .png, .obj and
+    .mat (those asked for; a plain .obj only where no other mesh format is)."""
+    from util.output_extras import mesh_face_files
+
+    sized = [png_files, mat_files] + ([obj_files, mesh_face_files] if cfg.extras is None else [])
     try:
-        return sum(memoryview(c).nbytes for _, chunks in face_files(cfg, res) for c in chunks)
+        return sum(memoryview(c).nbytes for files in cfg.files if files in sized
+                   for _, chunks in files(cfg, res, "") for c in chunks)
     except Exception:  # noqa: BLE001 - only for the message
         return 0
 
@@ -282,11 +307,12 @@ _WORKER_CFG: OutputConfig | None = None
 WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io",
                   "util.output_extras")
 
+
 def _init_worker(cfg: OutputConfig, run_pid: int) -> None:
     """Writer process set-up: it ends with the run's process ``run_pid`` (even killed with
-    ``kill -9``: :func:`util.subprocesses.exit_with`; its parent is a forkserver); Ctrl-C is the main process's business (it lets running writes
-    finish, so no file is left half written); freed memory is kept for the next face; import
-    the writers now, not on the first face."""
+    ``kill -9``: :func:`util.subprocesses.exit_with`; its parent is a forkserver); Ctrl-C is the
+    main process's business (it lets running writes finish, so no file is left half written);
+    freed memory is kept for the next face; the writers are imported now, not on the first face."""
     import importlib
 
     global _WORKER_CFG
@@ -327,7 +353,7 @@ def writer_context():
 
 def launch_writer_server() -> None:
     """Start the forkserver that writer processes fork from, without waiting for it: it imports
-    :data:`WRITER_MODULES` (~0.3 s) while the caller goes on (e.g. loads the model), instead of
+    :data:`WRITER_MODULES` while the caller goes on (e.g. loads the model), instead of
     while :meth:`ResultWriter.start` waits. Nothing to do where writers are spawned."""
     if writer_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver

@@ -240,7 +240,7 @@ def face_texture(raster: UvRaster, vertex: np.ndarray, albedo: np.ndarray, visib
     """One face's (size, size, 3) uint8 texture.
 
     Args: vertex (N, 3) camera space (x right, y up, z > 0 in front); albedo (N, 3) uint8;
-    visibility (N,) uint8, 255 = seen by the camera, 0 = hidden (:func:`models.output_extras.
+    visibility (N,) uint8, 255 = seen by the camera, 0 = hidden (:func:`pipeline.extra_arrays.
     vertex_visibility`: the render's depth and the normal's angle); image (H, W, 3) uint8, the
     aligned crop that the vertices project into (``col = focal x / z + center - 0.5``,
     ``row = center - focal y / z - 0.5``, the renderer's pixel centres).

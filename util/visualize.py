@@ -6,7 +6,7 @@ round trip, in float32, is a monotone step function of each value ``x``: it give
 ``n`` exactly when ``levels[n] <= x < levels[n + 1]``, ``levels = float32(k / 255)``
 (:func:`util.preprocess.unit_float_table`; checked on every float32 in [-2, 2] and beyond it by
 monotonicity). So a picture is built from bytes: each float becomes its byte once
-(:func:`unit_to_uint8`; the same on the device, batched: ``models.inference.overlay_uint8``),
+(:func:`unit_to_uint8`; the same on the device, batched: ``pipeline.render.overlay_uint8``),
 and the panels are copies of uint8 arrays; the landmark colours (0 and 255) survive the round
 trip unchanged, and a uint8 crop comes back as itself.
 """

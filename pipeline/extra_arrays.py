@@ -1,7 +1,8 @@
 """Per-face arrays for the optional outputs (UV textures, the HTML report), made on the device.
 
-:func:`extra_arrays` adds to a batch's tensors what :mod:`util.uv_texture` and :mod:`util.report`
-need beyond the mesh and the picture: each vertex's visibility in the photo (from the render's
+:func:`texture_arrays` and :func:`report_arrays` (the ``make`` of the output registry's texture and
+report entries, :mod:`pipeline.outputs`) add to a batch's tensors what :mod:`util.uv_texture` and
+:mod:`util.report` need beyond the mesh and the picture: each vertex's visibility in the photo (from the render's
 depth and the normal's angle to the line of sight), the albedo, and the photometric residual of
 the fit. All batched, on the render's device; bytes where the files hold bytes.
 """
@@ -45,13 +46,20 @@ def photometric_error(render, images_u8: torch.Tensor) -> torch.Tensor:
     return (diff.sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3)))).float()
 
 
-def extra_arrays(model, face, render, images_u8: torch.Tensor, uv_texture: bool, report: bool) -> dict:
-    """The tensors :class:`util.results_io.FaceResult` takes for the UV texture (``visibility``
-    (B, N) uint8, ``albedo`` (B, N, 3) uint8) and the report (``photo_error`` (B,) float32)."""
-    out = {}
-    if uv_texture:
-        out["visibility"] = vertex_visibility(model.face_model, face, render.depth)
-        out["albedo"] = torch.clamp(255.0 * face.texture, 0, 255).to(torch.uint8)
-    if report:
-        out["photo_error"] = photometric_error(render, images_u8)
-    return out
+def texture_arrays(model, face, render, images_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a UV texture needs beyond the mesh and the crop: ``visibility`` (B, N) uint8
+    (:func:`vertex_visibility`) and ``albedo`` (B, N, 3) uint8 (the model's colours without light).
+
+    Args:
+        model: the run's :class:`models.facerecon.FaceReconModel`; face: its
+            :class:`models.bfm.FaceOutput` of the batch; render: the renderer's output for it
+            (``depth`` (B, 1, H, W)); images_u8: (B, 3, H, W) uint8 crops (unused).
+    """
+    return {"visibility": vertex_visibility(model.face_model, face, render.depth),
+            "albedo": torch.clamp(255.0 * face.texture, 0, 255).to(torch.uint8)}
+
+
+def report_arrays(model, face, render, images_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the report needs beyond the mesh and the picture: ``photo_error`` (B,) float32
+    (:func:`photometric_error` of the render against the (B, 3, H, W) uint8 crops)."""
+    return {"photo_error": photometric_error(render, images_u8)}

@@ -1,6 +1,6 @@
 """The processes of a test.py run: one, torchrun's ranks, or one spawned per ``--gpu_ids`` GPU.
 
-Each rank reconstructs its share of the folder (:func:`models.inference.run_folder`, every
+Each rank reconstructs its share of the folder (:func:`pipeline.run.run_folder`, every
 world-th photo) on its GPU and writes its faces' files; the ranks' summaries are gathered into one.
 """
 from __future__ import annotations
@@ -9,24 +9,35 @@ import os
 
 import torch
 
-from models.inference import RunSummary, resolve_device, run_folder
+from pipeline.run import run_folder
+from pipeline.runtime import resolve_device
+from pipeline.settings import RunSpec
+from pipeline.summary import RunSummary
 from util.interrupts import sigterm_as_interrupt
 
 
-def run_ranks(opt) -> tuple[RunSummary, bool]:
-    """(the run's summary, of all ranks; whether this process reports it: all but torchrun's
-    ranks other than 0)."""
+def run_ranks(spec: RunSpec) -> tuple[RunSummary, bool]:
+    """Run ``spec`` in this process, as one of torchrun's ranks (``WORLD_SIZE`` > 1), or in one
+    spawned process per GPU where ``spec.gpu_ids`` names several and as many are present.
+
+    Returns:
+        (the run's summary, of all ranks; whether this process reports it: all but torchrun's
+        ranks other than 0).
+
+    Raises:
+        SetupError: as :func:`pipeline.run.run_folder`, or no CUDA for a CUDA device.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # launched by torchrun
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        return run_rank(rank, world, opt, local_rank, spawned=False), rank == 0
-    ids = [i for i in opt.gpu_ids.split(",") if i.strip() and int(i) >= 0]
-    if len(ids) > 1 and opt.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
-        return run_spawned(len(ids), opt), True
-    return run_rank(0, 1, opt, None, spawned=False), True
+        return run_rank(rank, world, spec, local_rank, spawned=False), rank == 0
+    ids = [i for i in spec.gpu_ids.split(",") if i.strip() and int(i) >= 0]
+    if len(ids) > 1 and spec.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        return run_spawned(len(ids), spec), True
+    return run_rank(0, 1, spec, None, spawned=False), True
 
 
-def run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool) -> RunSummary:
+def run_rank(rank: int, world: int, spec: RunSpec, local_rank: int | None, spawned: bool) -> RunSummary:
     """Rank ``rank`` of ``world``: its share of the folder on its device (GPU ``local_rank``);
     with several ranks, joins their gloo group (``spawned``: on this machine, at ``--ddp_port``)
     and returns the summary of all of them."""
@@ -36,10 +47,10 @@ def run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool) 
         if not dist.is_initialized():
             if spawned:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(opt.ddp_port))
+                os.environ.setdefault("MASTER_PORT", str(spec.ddp_port))
             dist.init_process_group("gloo", rank=rank, world_size=world)
-    device = resolve_device(opt.device, opt.gpu_ids, local_rank)
-    summary = run_folder(opt, device, rank=rank, world=world, progress=rank == 0 or opt.verbose)
+    device = resolve_device(spec.device, spec.gpu_ids, local_rank)
+    summary = run_folder(spec, device, rank=rank, world=world, progress=rank == 0 or spec.verbose)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, summary)
@@ -51,18 +62,18 @@ def run_rank(rank: int, world: int, opt, local_rank: int | None, spawned: bool) 
     return summary
 
 
-def _spawned_main(rank: int, world: int, opt, queue) -> None:
+def _spawned_main(rank: int, world: int, spec: RunSpec, queue) -> None:
     with sigterm_as_interrupt():
-        queue.put((rank, run_rank(rank, world, opt, rank, spawned=True)))
+        queue.put((rank, run_rank(rank, world, spec, rank, spawned=True)))
 
 
-def run_spawned(world: int, opt) -> RunSummary:
+def run_spawned(world: int, spec: RunSpec) -> RunSummary:
     """``--gpu_ids`` with several GPUs: one spawned process per GPU; the ranks are stopped (as by
     SIGTERM, which they take as Ctrl-C) when this process is interrupted."""
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
-    ranks = mp.start_processes(_spawned_main, args=(world, opt, queue), nprocs=world, start_method="spawn",
+    ranks = mp.start_processes(_spawned_main, args=(world, spec, queue), nprocs=world, start_method="spawn",
                                join=False)
     summaries = {}
 

@@ -1,0 +1,123 @@
+"""The scan stage of a run: where the results go, whether they can be written there, and which
+faces are left to do (``--skip_existing``)."""
+from __future__ import annotations
+
+import os
+
+from pipeline.runtime import SetupError
+from pipeline.settings import RunSpec
+from pipeline.summary import RunSummary
+
+
+def make_dirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the folders it created, outermost first."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        created.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return created[::-1]
+
+
+def check_results_dir(out_dir: str, recursive: bool = False) -> None:
+    """Fail early (before the model loads), creating nothing, unless results can be written.
+
+    The results folder must be a folder that a file can be made in (proved with a temporary
+    file), or one that can be created (its nearest existing parent a writable folder). Removes
+    the temporary files that killed runs left in it (ours only, of dead processes:
+    :func:`util.atomic_files.remove_stale_temp_files`; in sub-folders too with ``recursive``).
+
+    Raises:
+        SetupError: one line saying why not and to give another ``--results_dir``.
+    """
+    from util.atomic_files import remove_stale_temp_files, temp_path
+
+    def refuse(why: str) -> SetupError:
+        return SetupError(f"cannot write results into {out_dir}: {why}; give a writable --results_dir")
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SetupError(f"the results folder {out_dir} is a file, not a folder; give another --results_dir")
+    if os.path.isdir(out_dir):
+        try:
+            probe = temp_path(os.path.join(out_dir, "probe"))
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.remove(probe)
+        except OSError as e:
+            raise refuse(e.strerror) from None
+        remove_stale_temp_files(out_dir, recursive)
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise refuse(f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"no folder can be created in {parent} (read-only filesystem or no permission)")
+
+
+def make_results_dir(out_dir: str) -> list[str]:
+    """Create the results folder (:func:`check_results_dir` said it can be).
+
+    Returns:
+        the folders it created, outermost first (:func:`make_dirs`).
+
+    Raises:
+        SetupError: one line, when it cannot be created after all.
+    """
+    try:
+        return make_dirs(out_dir)
+    except OSError as e:
+        raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
+
+
+def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[list, int]:
+    """``--skip_existing``: (the entries not all of whose ``suffixes`` files are in ``out_dir``
+    (under their ``rel_dir``), how many were left out). One listing per results sub-folder; a
+    file being written has a temporary name, so a name present is a complete file."""
+    if not suffixes:
+        return entries, 0
+    listed: dict[str, set[str]] = {}
+    todo = []
+    for e in entries:
+        names = listed.get(e.rel_dir)
+        if names is None:
+            try:
+                names = listed[e.rel_dir] = set(os.listdir(os.path.join(out_dir, e.rel_dir)))
+            except (FileNotFoundError, NotADirectoryError):
+                names = listed[e.rel_dir] = set()
+        if not all(e.name + suffix in names for suffix in suffixes):
+            todo.append(e)
+    return todo, len(entries) - len(todo)
+
+
+def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = None) -> tuple[list, RunSummary]:
+    """The faces a run (this rank's share) will reconstruct, and its summary so far.
+
+    Args:
+        spec: the run (its folder, results folder, ``recursive``, ``skip_existing``, outputs).
+        rank, world: this rank's share, every world-th photo from ``rank``.
+        only: photos (paths relative to the folder, '/'-separated) to keep; the others are left
+            out and not reported.
+
+    Returns:
+        (the :class:`data.image_folder.FaceEntry` list to do, a :class:`RunSummary` with the
+        results folder, the photos without a detection file and the faces done before).
+
+    Raises:
+        SetupError: ``spec.img_folder`` is not a folder.
+    """
+    from data.image_folder import scan_folder
+    from pipeline.outputs import output_suffixes
+
+    folder = spec.img_folder
+    if not os.path.isdir(folder):
+        raise SetupError(f"--img_folder {folder} is not a folder; give the folder of photos "
+                         "that ./process_images.sh prepared")
+    entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
+    if only is not None:
+        prefix = os.path.join(folder, "")
+        entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
+    summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
+    if spec.skip_existing:
+        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(spec.outputs))
+    return entries, summary
