@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from util.mesh_formats import TEXTURE_SUFFIX, mesh_settings, mesh_suffixes, write_mesh
-from util.results_io import png_chunks
+from util.png import png_chunks
 from util.uv_texture import (UV_FILE, boundary_loops, face_texture, fill_holes, load_uv_layout, mean_value_layout,
                              signed_areas, uv_raster)
 

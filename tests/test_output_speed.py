@@ -106,7 +106,7 @@ def test_device_overlay_is_the_numpy_overlay(device):
 def test_png_is_lossless(shape, tmp_path):
     import cv2
 
-    from util.results_io import png_chunks
+    from util.png import png_chunks
 
     rng = np.random.default_rng(sum(shape))
     for pic in (rng.integers(0, 256, shape, dtype=np.uint8), np.full(shape, 255, np.uint8),

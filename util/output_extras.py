@@ -47,7 +47,7 @@ def make_output_extras(fmt: str, faces: np.ndarray, save_mesh: bool, uv: np.ndar
 
 def _texture_png(cfg, res) -> list:
     """The face's UV texture (:func:`util.uv_texture.face_texture`) as PNG chunks."""
-    from util.results_io import png_chunks
+    from util.png import png_chunks
 
     ex: OutputExtras = cfg.extras
     return png_chunks(face_texture(ex.raster, res.vertex, res.arrays["albedo"], res.arrays["visibility"],

@@ -95,7 +95,7 @@ def face_report_files(out_dir: str, res, world: np.ndarray, angles: np.ndarray,
     """The face's report files under ``<out_dir>/report/`` as (path, bytes-like chunks): its
     thumbnail, numbers and viewer mesh. Makes the folder, and writes the shared ``triangles.js``
     if it is not there yet."""
-    from util.results_io import png_chunks
+    from util.png import png_chunks
 
     top = os.path.join(out_dir, REPORT_DIR)
     d = os.path.join(top, res.rel_dir)

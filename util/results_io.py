@@ -14,7 +14,7 @@ copy to the host (``pipeline.render.overlay_uint8``: the same pixels, see util.v
 face pickles as vertices float32, colours, crop and overlay uint8; the writer only copies the
 panels, draws the landmarks and encodes.
 
-The .png is encoded here (:func:`png_chunks`): every row 'Up'-filtered with one numpy
+The .png is encoded by :func:`util.png.png_chunks`: every row 'Up'-filtered with one numpy
 subtraction, then one zlib stream at level 1 (Pillow tries all five filters per row, which costs
 more than the compression itself; pixels identical, figures in docs/throughput.md).
 
@@ -34,8 +34,6 @@ import logging
 import math
 import os
 import signal
-import struct
-import zlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -44,16 +42,13 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from util.atomic_files import write_files_atomic as write_together  # a face's files: all or none
-from util.checks import check_shape
+from util.png import png_chunks
 from util.subprocesses import die_with_parent, exit_with, keep_freed_memory, main_module_hidden
 
 if TYPE_CHECKING:
     from util.output_extras import OutputExtras
 
 log = logging.getLogger(__name__)
-
-PNG_COMPRESS_LEVEL = 1  # lossless; the fastest deflate level that still compresses (~110 KB a picture)
-
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -120,30 +115,6 @@ def result_picture(res: FaceResult) -> np.ndarray:
 
     return compose_picture(res.image.transpose(1, 2, 0)[None], res.overlay[None], res.lm68[None],
                            None if res.lm_gt is None else res.lm_gt[None])[0]
-
-
-def _png_chunk(tag: bytes, data) -> list:
-    crc = zlib.crc32(data, zlib.crc32(tag))
-    return [struct.pack(">I", len(data)) + tag, data, struct.pack(">I", crc)]
-
-
-def png_chunks(rgb: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> list:
-    """A PNG file of the (H, W, 3) uint8 RGB picture, as a list of byte strings to write in order:
-    8-bit RGB, not interlaced, every row 'Up'-filtered (the row above subtracted, byte-wise mod
-    256; the first row as it is), one zlib stream at ``level`` (lossless at every level)."""
-    rgb = np.asarray(rgb)
-    check_shape(rgb, ("H", "W", 3), "rgb")
-    if rgb.dtype != np.uint8:
-        raise ValueError(f"png_chunks needs an (H, W, 3) uint8 picture, got {rgb.shape} {rgb.dtype}")
-    h, w, _ = rgb.shape
-    rows = rgb.reshape(h, 3 * w)
-    filtered = np.empty((h, 1 + 3 * w), np.uint8)
-    filtered[:, 0] = 2  # filter type 'Up'
-    filtered[:1, 1:] = rows[:1]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, filtering, no interlace
-    return [b"\x89PNG\r\n\x1a\n", *_png_chunk(b"IHDR", header),
-            *_png_chunk(b"IDAT", zlib.compress(filtered, level)), *_png_chunk(b"IEND", b"")]
 
 
 class RunStop(str):
@@ -265,14 +236,10 @@ def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
 
 
 def _face_bytes(cfg: OutputConfig, res: FaceResult) -> int:
-    """About how many bytes a face's files take, for the disk-full message: its .png, .obj and
-    .mat (those asked for; a plain .obj only where no other mesh format is)."""
-    from util.output_extras import mesh_face_files
-
-    sized = [png_files, mat_files] + ([obj_files, mesh_face_files] if cfg.extras is None else [])
+    """About how many bytes the face's files take (all those the run writes), for the disk-full
+    message; 0 when they cannot be made."""
     try:
-        return sum(memoryview(c).nbytes for files in cfg.files if files in sized
-                   for _, chunks in files(cfg, res, "") for c in chunks)
+        return sum(memoryview(c).nbytes for _, chunks in face_files(cfg, res, "") for c in chunks)
     except Exception:  # noqa: BLE001 - only for the message
         return 0
 
