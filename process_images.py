@@ -3,7 +3,7 @@
     ./process_images.sh <folder> [--device cuda] [--all-faces] [--landmarks68] [--workers 2] [--debug-vis] ...
 
 Writes <folder>/detections/<stem>.txt (5 lines "x y"), optional landmarks/ and debug_vis/
-folders and <folder>/process_report.json; see docs/process_images.md and util/prepare.py.
+folders and <folder>/process_report.json; see docs/process_images.md and detect/folder.py.
 
 Exit status: 0 when the run completed (photos without a face are reported, not errors);
 1 when nothing could be processed (no photo found or none readable) or, with --strict, when
@@ -23,7 +23,7 @@ EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtcnn_detector import DETECTORS
+    from detect.registry import DETECTORS
 
     p = argparse.ArgumentParser(
         prog="process_images",
@@ -86,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
-    from mtcnn_detector import DetectorUnavailableError, resolve_detector_device, tensorflow_quiet
+    from detect.base import DetectorUnavailableError
+    from detect.folder import plan_folder, run_plan
+    from detect.mtcnn_tf import tensorflow_quiet
+    from detect.registry import resolve_detector_device
+    from detect.settings import PrepareOptions
     from util.filenames import printable
-    from util.prepare import PrepareOptions, plan_folder, run_plan
 
     if not args.verbose:
         tensorflow_quiet()  # before any TensorFlow import, here or in the workers

@@ -5,7 +5,7 @@ detections are done are reconstructed while the rest are still being detected.
 
 The same as ``./process_images.sh <folder> && python test.py --img_folder <folder> ...`` (same
 files, same report, same exit codes), in less time: detection runs in a process of its own
-(:func:`util.prepare.run_plan`, batched on CUDA) and reports each photo it finishes; this process
+(:func:`detect.folder.run_plan`, batched on CUDA) and reports each photo it finishes; this process
 loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
 (:func:`models.inference.run_folder` on those photos, the model loaded once), each round taking
 every photo finished since the last one.
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
               "python test.py with them", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from mtcnn_detector import resolve_detector_device, tensorflow_quiet
-    from util.prepare import PrepareOptions
+    from detect.mtcnn_tf import tensorflow_quiet
+    from detect.registry import resolve_detector_device
+    from detect.settings import PrepareOptions
 
     try:
         workers = 0 if dargs.workers == "auto" else int(dargs.workers)
@@ -99,7 +100,7 @@ def run(opt, options) -> int:
 
     from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
     from models.inference import default_batch_size
-    from util.prepare import DETECTION_FAILED, detect_to_queue
+    from detect.folder import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 
     t0 = time.perf_counter()

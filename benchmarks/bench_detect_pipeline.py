@@ -106,7 +106,7 @@ def step_warm(a, tmp: str, res: dict) -> None:
 
 
 def step_agreement(a, tmp: str, res: dict) -> None:
-    import mtcnn_detector as md
+    from detect import registry
     from util.detections_io import detection_path, read_points
     from util.image_io import load_image_array
 
@@ -114,7 +114,7 @@ def step_agreement(a, tmp: str, res: dict) -> None:
     if folder is None:
         folder = make_copies(a.faces, os.path.join(tmp, "agree"), len(photo_names(a.faces)))
         timed(process_images(folder, "--device", a.device))
-    det = md.create_detector("torch", device="cpu")
+    det = registry.create_detector("torch", device="cpu")
     errs, missing, extra = [], [], []
     for i, name in enumerate(photo_names(a.faces)):
         ref = det.detect(load_image_array(os.path.join(a.faces, name)))
@@ -126,7 +126,7 @@ def step_agreement(a, tmp: str, res: dict) -> None:
         if not os.path.exists(path):
             missing.append(name)
             continue
-        from util.prepare import order_faces
+        from detect.analyze import order_faces
 
         img = load_image_array(os.path.join(a.faces, name))
         best = order_faces(ref, img.shape[1], img.shape[0])[0]

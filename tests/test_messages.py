@@ -133,11 +133,11 @@ def test_default_detector_without_tensorflow_names_the_extra(monkeypatch):
     """No TensorFlow: one line naming the extra that installs it and the TensorFlow-free backend."""
     import importlib.util
 
-    import mtcnn_detector as md
+    from detect import base, registry
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
-    with pytest.raises(md.DetectorUnavailableError) as e:
-        md.create_detector("mtcnn")
+    with pytest.raises(base.DetectorUnavailableError) as e:
+        registry.create_detector("mtcnn")
     msg = str(e.value)
     assert '.[mtcnn-tf]' in msg and "--detector torch" in msg and "\n" not in msg

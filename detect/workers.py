@@ -1,0 +1,163 @@
+"""Worker processes of the folder engine: their number, their thread limits, their tasks.
+
+Each worker process holds one :class:`detect.analyze.Analyzer` (its detector loaded once), caps
+its libraries' threads so that workers x threads <= cores, and dies with the run.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import os
+import signal
+
+from detect.analyze import Analyzer, load_photo
+from detect.settings import Plan, PrepareOptions
+from util.subprocesses import main_module_hidden
+
+_WORKER: dict = {}
+# Variables that size the thread pools of OpenMP, BLAS libraries, TensorFlow and torch's inter-op
+# pool; set for a worker before it starts, so that every library reads them at its import.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                    "TF_NUM_INTEROP_THREADS")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int, n_photos: int, batched: bool = False, cores: int | None = None) -> int:
+    """Processes for ``n_photos``: ``requested``, or with 0 (auto) one per core, at most one per
+    4 photos (a detector process costs seconds to start), at least 1. ``batched``: engine
+    processes of the batched engine for ``n_photos`` batches (auto: the cores less one, at most
+    16, at most one per batch)."""
+    cores = cores or usable_cores()
+    if requested > 0:
+        return min(requested, max(1, n_photos))
+    if batched:  # n_photos: batches
+        return min(16, max(1, cores - 1), max(1, n_photos))
+    return max(1, min(cores, -(-n_photos // 4)))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """CPU threads each of ``workers`` processes may use, so that workers x threads <= cores."""
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
+@contextlib.contextmanager
+def thread_limits_in_environment(threads: int):
+    """Set :data:`THREAD_VARIABLES` to ``threads`` while worker processes start (they inherit
+    the environment, and their libraries read it at import), then restore the parent's."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's torch and OpenCV threads (OpenMP and BLAS read the environment set by
+    :func:`thread_limits_in_environment`; TensorFlow gets ``threads`` from the Analyzer)."""
+    import sys
+
+    if "torch" in sys.modules:  # not imported for it: a TensorFlow worker has no use for torch
+        sys.modules["torch"].set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:  # pragma: no cover - opencv is a requirement
+        pass
+
+
+def thread_limits() -> dict:
+    """This process's thread settings, as :func:`limit_threads` left them (read back by tests)."""
+    import torch
+
+    out = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    out["torch"] = torch.get_num_threads()
+    try:
+        import cv2
+
+        out["cv2"] = cv2.getNumThreads()
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _worker_init(folder: str, options: PrepareOptions, min_score: float, threads: int) -> None:
+    from util.subprocesses import die_with_parent
+
+    die_with_parent()  # a worker never outlives a killed run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    try:
+        limit_threads(threads)
+        _WORKER["analyzer"] = Analyzer(folder, options, min_score, threads=threads)
+    except BaseException as e:  # reported by the first task, in the parent
+        _WORKER["error"] = e
+
+
+def _worker_analyse(rel: str) -> dict:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["analyzer"].analyse(rel)
+
+
+def _worker_thread_limits(_=None) -> dict:
+    """A pool task: the worker's :func:`thread_limits` and its parent-death signal (for tests)."""
+    import ctypes
+    import ctypes.util
+
+    out = thread_limits()
+    sig = ctypes.c_int(-1)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(2, ctypes.byref(sig), 0, 0, 0)  # GET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    out["pdeathsig"] = sig.value
+    return out
+
+
+def _worker_analyse_batch(rels: list[str]) -> list[dict]:
+    """A batched engine's task: load a batch of photos, detect them in one call."""
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return analyse_chunk(_WORKER["analyzer"], rels)
+
+
+def analyse_chunk(analyzer: Analyzer, rels: list[str]) -> list[dict]:
+    keep_full = analyzer.options.landmarks68 or analyzer.options.debug_vis
+    photos = [load_photo(analyzer.folder, rel, analyzer.settings, analyzer.options.max_side, keep_full)
+              for rel in rels]
+    return analyzer.analyse_batch(photos)
+
+
+def run_pool(plan: Plan, accept, tasks: list | None = None, task=_worker_analyse, workers: int | None = None) -> None:
+    """Worker processes, each with its own detector and :func:`threads_per_worker` threads, on
+    ``tasks`` (default: each photo to do) with ``task``, whose results (one or a list) go to ``accept``."""
+    options = plan.options
+    tasks = plan.todo if tasks is None else tasks
+    n = workers or worker_count(options.workers, len(tasks))
+    threads = threads_per_worker(n)
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow and CUDA do not survive fork
+    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(plan.folder, options, plan.min_score, threads))
+    try:
+        # the workers start here; they need nothing from the caller's script
+        with main_module_hidden(), thread_limits_in_environment(threads):
+            futures = [pool.submit(task, t) for t in tasks]
+        for fut in cf.as_completed(futures):
+            result = fut.result()
+            for r in result if isinstance(result, list) else [result]:
+                accept(r)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
