@@ -22,6 +22,7 @@ room (with --skip_existing true to leave out the faces already written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         workers = 0 if dargs.workers == "auto" else int(dargs.workers)
-        detector, device = resolve_detector_device(dargs.detector, dargs.detect_device)
+        # CUDA where the machine shows a GPU is checked by the detection process, as its engines start
+        detector, device = resolve_detector_device(dargs.detector, dargs.detect_device, verify=False)
+        cpu_detector = resolve_detector_device(dargs.detector, "cpu")[0] if dargs.detect_device == "auto" else None
     except ValueError as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)
         return 2
@@ -83,32 +86,37 @@ def main(argv: list[str] | None = None) -> int:
                              max_side=dargs.max_side, recursive=opt.recursive, force=dargs.force_detect,
                              workers=workers, device=device, batch_size=dargs.detect_batch_size,
                              verbose=opt.verbose)
+    fallback = None  # --detect_device auto: the CPU, should torch see no CUDA after all
+    if cpu_detector is not None and device != "cpu":
+        fallback = dataclasses.replace(options, detector=cpu_detector, device="cpu")
     from util.interrupts import sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
-            return run(opt, options)
+            return run(opt, options, fallback)
     except KeyboardInterrupt:
         print("run_pipeline: interrupted: files already written are complete; the same command does the rest "
               "(add --skip_existing true to leave out faces already reconstructed)", file=sys.stderr)
         return 130
 
 
-def run(opt, options) -> int:
+def run(opt, options, fallback=None) -> int:
     """Detection in a process of its own, reconstruction rounds here; prints both summaries."""
     import multiprocessing
 
-    from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
-    from models.inference import default_batch_size
     from detect.folder import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # CUDA and TensorFlow do not survive fork
     queue = ctx.Queue()
-    detector = ctx.Process(target=detect_to_queue, args=(opt.img_folder, options, queue), name="detection")
+    detector = ctx.Process(target=detect_to_queue, args=(opt.img_folder, options, queue, None, fallback),
+                           name="detection")
     with main_module_hidden():
         detector.start()
+    # torch and the model are imported once the detection process (and its engines) are on their way
+    from models.inference import RunSummary, SetupError, build_model, resolve_device, run_folder, warm_up_network
+    from models.inference import default_batch_size
     total = RunSummary()
     ready: list[str] = []
     final = None

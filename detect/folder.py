@@ -30,7 +30,8 @@ from detect.dlib68 import resolve_predictor_path
 from detect.registry import DETECTORS
 from detect.report import REPORT_NAME, Report, file_stat, make_row, read_report, write_report
 from detect.settings import Plan, PrepareOptions
-from detect.workers import _worker_analyse_batch, analyse_chunk, run_pool, worker_count
+from detect.workers import (StartedWorkers, _worker_analyse, _worker_analyse_batch, analyse_chunk, start_workers,
+                            worker_count)
 from util.atomic_files import SUFFIX, remove_stale_temp_files, stale_temp_files
 from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR
 from util.image_io import DEBUG_VIS_DIR, list_images
@@ -137,11 +138,101 @@ def _spawnable(detector: str) -> bool:
     return getattr(DETECTORS.get(detector), "__module__", "").startswith("detect.")
 
 
-def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
-    """Process ``plan.todo``, write outputs and the report; ``on_result(row)`` after each photo.
+def _chunks(plan: Plan) -> list[list[str]]:
+    """The batched engine's batches: ``plan.todo`` in runs of ``batch_size`` (default
+    :data:`DEFAULT_BATCH` for the device type)."""
+    bs = plan.options.batch_size or DEFAULT_BATCH.get(plan.options.device.split(":")[0], 8)
+    return [plan.todo[i:i + bs] for i in range(0, len(plan.todo), bs)]
 
-    The report is also written every ``flush_every_s`` seconds and when interrupted
-    (KeyboardInterrupt is re-raised after the report is written).
+
+def start_run(plan: Plan) -> StartedWorkers | None:
+    """Start the worker processes that :func:`run_plan` will use for ``plan``, with their tasks,
+    so that they load their detectors while the caller does other work (run_plan's outputs are
+    written only when it runs).
+
+    The batched engine (:func:`batched`: the torch port on CUDA, or on the CPU with a batch size)
+    runs ``workers`` engine processes (auto: the cores less one, at most 16, at most one per
+    batch) that share the GPU, each reading, checking and shrinking its own batches and
+    detecting each in one ``detect_batch`` call; one photo at a time, ``workers`` detector
+    processes (auto: one per core, at most one per 4 photos), each with cores / workers threads.
+
+    Args:
+        plan: from :func:`plan_folder`.
+
+    Returns:
+        the started workers, or None when the plan runs in this process (nothing to do, one
+        worker, one batch, or a backend registered at run time). Pass it to :func:`run_plan`,
+        or call its ``stop()`` when not running the plan after all.
+    """
+    options = plan.options
+    if not plan.todo or not _spawnable(options.detector):
+        return None
+    if batched(options):
+        chunks = _chunks(plan)
+        workers = worker_count(options.workers, len(chunks), batched=True)
+        if workers <= 1 or len(chunks) == 1:
+            return None
+        logger.info("batched detection on %s: %d batches of up to %d, %d engine process(es)", options.device,
+                    len(chunks), len(chunks[0]), workers)
+        return start_workers(plan, chunks, _worker_analyse_batch, workers)
+    workers = worker_count(options.workers, len(plan.todo))
+    return None if workers == 1 else start_workers(plan, plan.todo, _worker_analyse, workers)
+
+
+def start_run_checking_cuda(plan: Plan, fallback: PrepareOptions | None = None
+                            ) -> tuple[Plan, StartedWorkers | None]:
+    """:func:`start_run`, and on CUDA the check that torch sees a CUDA device, made while the
+    engines start (they import torch and set up CUDA, seconds; the check imports torch here too).
+
+    Args:
+        plan: from :func:`plan_folder`, its device possibly taken on trust
+            (``resolve_detector_device(..., verify=False)``).
+        fallback: the options to run with instead when torch sees no CUDA (those of the CPU, for
+            ``--device auto``); None: that is an error.
+
+    Returns:
+        ``(plan, started)``: the plan to run (made again with ``fallback`` after a fallback)
+        and its started workers (None: it runs in the calling process).
+
+    Raises:
+        ValueError: (one line) torch sees no CUDA device and there is no fallback; the engines
+            are stopped first.
+    """
+    from detect.registry import check_cuda
+
+    started = start_run(plan)
+    if not plan.options.device.startswith("cuda"):
+        return plan, started
+    try:
+        check_cuda(plan.options.device)
+    except ValueError:
+        if started is not None:
+            started.stop()
+        if fallback is None:
+            raise
+        plan = plan_folder(plan.folder, fallback, report_path=plan.report_path)
+        return plan, start_run(plan)
+    return plan, started
+
+
+def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0, started: StartedWorkers | None = None) -> Report:
+    """Process ``plan.todo``: detect, write each photo's outputs as its result comes, then the report.
+
+    Args:
+        plan: from :func:`plan_folder`.
+        on_result: called with each photo's report row after its outputs are written.
+        flush_every_s: the report is also written this often while the run goes on (marked
+            interrupted), and when interrupted.
+        started: the workers :func:`start_run` started for this plan (default: started here);
+            they are stopped before this returns.
+
+    Returns:
+        the report written (rows sorted by path, summary).
+
+    Raises:
+        KeyboardInterrupt: re-raised after the report of the photos done so far is written.
+        DetectorUnavailableError, OSError: a backend that cannot start, outputs that cannot be
+            written.
     """
     options, folder = plan.options, plan.folder
     _remove_stale_temp_files(folder, plan.report_path)
@@ -166,62 +257,51 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0) -> Report:
 
     interrupted = False
     try:
-        if plan.todo:
+        if started is None:
+            started = start_run(plan)
+        if started is not None:
+            started.collect(accept)
+        elif plan.todo:
+            analyzer = Analyzer(folder, options, plan.min_score)
             if batched(options):
-                _run_batched(plan, accept)
-            elif not _spawnable(options.detector) or worker_count(options.workers, len(plan.todo)) == 1:
-                analyzer = Analyzer(folder, options, plan.min_score)
+                for chunk in _chunks(plan):
+                    for r in analyse_chunk(analyzer, chunk):
+                        accept(r)
+            else:
                 for rel in plan.todo:
                     accept(analyzer.analyse(rel))
-            else:
-                run_pool(plan, accept)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
-        report = write_report(plan, rows, time.perf_counter() - t0, interrupted=interrupted)
+        try:
+            if started is not None:
+                started.stop()
+        finally:
+            report = write_report(plan, rows, time.perf_counter() - t0, interrupted=interrupted)
     return report
-
-
-def _run_batched(plan: Plan, accept) -> None:
-    """The batched engine: the photos in batches of ``batch_size``; each batch is read, checked
-    and shrunk, then detected in one ``detect_batch`` call. On CUDA several engine processes
-    (``workers``, auto: the cores less one, at most 16) share the GPU, each reading its own
-    batches, so that decoding runs on every core and the GPU's work of one process overlaps the
-    reading and the Python of the others (docs/detection_speed.md)."""
-    options = plan.options
-    device_type = options.device.split(":")[0]
-    bs = options.batch_size or DEFAULT_BATCH.get(device_type, 8)
-    chunks = [plan.todo[i:i + bs] for i in range(0, len(plan.todo), bs)]
-    workers = worker_count(options.workers, len(chunks), batched=True) if _spawnable(options.detector) else 1
-    if workers <= 1 or len(chunks) == 1:
-        analyzer = Analyzer(plan.folder, options, plan.min_score)
-        for chunk in chunks:
-            for r in analyse_chunk(analyzer, chunk):
-                accept(r)
-        return
-    logger.info("batched detection on %s: %d batches of up to %d, %d engine process(es)", options.device,
-                len(chunks), bs, workers)
-    run_pool(plan, accept, tasks=chunks, task=_worker_analyse_batch, workers=workers)
 
 
 DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last message: (kind, ...)
 
 
-def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None) -> None:
+def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None,
+                    fallback: PrepareOptions | None = None) -> None:
     """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
     lists of the photos (report paths) that have a detection, as they get it (those kept from an
     earlier run first), then ``(DETECTION_DONE, summary, report path)`` or ``(DETECTION_FAILED,
-    one-line reason)``. Dies with its parent."""
+    one-line reason)``. CUDA taken on trust is checked as :func:`start_run_checking_cuda` does
+    (``fallback``: the options without CUDA). Dies with its parent."""
     from util.subprocesses import die_with_parent
 
     die_with_parent()
     try:
-        plan = plan_folder(folder, options, report_path=report_path)
+        plan, started = start_run_checking_cuda(plan_folder(folder, options, report_path=report_path), fallback)
         ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
         if ready:
             queue.put(ready)
-        report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None)
+        report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None,
+                          started=started)
         queue.put((DETECTION_DONE, report.summary, report.path))
     except KeyboardInterrupt:
         queue.put((DETECTION_FAILED, "interrupted"))

@@ -36,7 +36,7 @@ def _gpu_device_files() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))
 
 
-def resolve_detector_device(detector: str = "auto", device: str = "auto") -> tuple[str, str]:
+def resolve_detector_device(detector: str = "auto", device: str = "auto", verify: bool = True) -> tuple[str, str]:
     """process_images' ``--detector`` and ``--device`` -> (backend name, device).
 
     Args:
@@ -44,6 +44,9 @@ def resolve_detector_device(detector: str = "auto", device: str = "auto") -> tup
             :data:`DEFAULT_CPU_DETECTOR` (the mtcnn package).
         device: 'auto' (CUDA when a CUDA device is present and the backend runs there, else
             'cpu'), 'cpu', 'cuda' or 'cuda:N'.
+        verify: ask torch whether it sees a CUDA device (imports torch). False: where the
+            machine shows a GPU, CUDA is taken on trust (the caller then calls :func:`check_cuda`,
+            e.g. while worker processes start); where it shows none, 'cuda' is checked at once.
 
     Returns:
         ``(backend name, device)``.
@@ -58,18 +61,23 @@ def resolve_detector_device(detector: str = "auto", device: str = "auto") -> tup
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         runs_on_cuda = detector == "auto" or "cuda" in DETECTORS[detector].devices
-        device = "cuda" if runs_on_cuda and _gpu_device_files() and _cuda_available() else "cpu"
-    elif device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device; "
-                             "use --device cpu (or auto)")
+        device = "cuda" if runs_on_cuda and _gpu_device_files() and (not verify or _cuda_available()) else "cpu"
+    elif device.startswith("cuda") and (verify or not _gpu_device_files()):
+        check_cuda(device)
     if detector == "auto":
         detector = "torch" if device.startswith("cuda") else DEFAULT_CPU_DETECTOR
     if device.startswith("cuda") and "cuda" not in DETECTORS[detector].devices:
         raise ValueError(f"the {detector} detector runs on the CPU only; use --detector torch for --device {device}")
     return detector, device
+
+
+def check_cuda(device: str) -> None:
+    """Raise ValueError (one line, what to do) unless torch sees a CUDA device; imports torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} sees no CUDA device; "
+                         "use --device cpu (or auto)")
 
 
 def create_detector(name: str = "mtcnn", **kw) -> FaceDetector:

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
+import time
+from dataclasses import dataclass, field
 
 from detect.analyze import Analyzer, load_photo
 from detect.settings import Plan, PrepareOptions
 from util.subprocesses import main_module_hidden
+
+logger = logging.getLogger(__name__)
 
 _WORKER: dict = {}
 # Variables that size the thread pools of OpenMP, BLAS libraries, TensorFlow and torch's inter-op
@@ -141,23 +146,79 @@ def analyse_chunk(analyzer: Analyzer, rels: list[str]) -> list[dict]:
     return analyzer.analyse_batch(photos)
 
 
-def run_pool(plan: Plan, accept, tasks: list | None = None, task=_worker_analyse, workers: int | None = None) -> None:
-    """Worker processes, each with its own detector and :func:`threads_per_worker` threads, on
-    ``tasks`` (default: each photo to do) with ``task``, whose results (one or a list) go to ``accept``."""
-    options = plan.options
-    tasks = plan.todo if tasks is None else tasks
-    n = workers or worker_count(options.workers, len(tasks))
-    threads = threads_per_worker(n)
-    ctx = multiprocessing.get_context("spawn")  # TensorFlow and CUDA do not survive fork
-    pool = cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(plan.folder, options, plan.min_score, threads))
-    try:
-        # the workers start here; they need nothing from the caller's script
-        with main_module_hidden(), thread_limits_in_environment(threads):
-            futures = [pool.submit(task, t) for t in tasks]
-        for fut in cf.as_completed(futures):
+@dataclass
+class StartedWorkers:
+    """Worker processes started on their tasks (:func:`start_workers`); their results are
+    collected with :meth:`collect` and the processes ended with :meth:`stop`.
+
+    Attributes:
+        pool: the process pool; futures: one per task, in task order; workers: the processes;
+        started: ``time.perf_counter()`` when they were started.
+    """
+
+    pool: cf.ProcessPoolExecutor
+    futures: list
+    workers: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def collect(self, accept) -> None:
+        """``accept(result)`` for each photo's result (tasks that return lists give several), in
+        the order the tasks finish. Raises the first task's exception (a worker that could not
+        start raises its start-up error here)."""
+        first = True
+        for fut in cf.as_completed(self.futures):
             result = fut.result()
+            if first:
+                logger.info("first task done %.2f s after the %d worker(s) were started",
+                            time.perf_counter() - self.started, self.workers)
+                first = False
             for r in result if isinstance(result, list) else [result]:
                 accept(r)
-    finally:
+        logger.info("all %d tasks done %.2f s after the start", len(self.futures), time.perf_counter() - self.started)
+
+    def stop(self) -> None:
+        """Cancel the tasks not begun and wait for the processes to end."""
+        t0 = time.perf_counter()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        logger.info("%d worker(s) ended in %.2f s", self.workers, time.perf_counter() - t0)
+
+
+def start_workers(plan: Plan, tasks: list, task, workers: int) -> StartedWorkers:
+    """Start ``workers`` processes, each with its own detector (:class:`detect.analyze.Analyzer`)
+    and :func:`threads_per_worker` threads, and hand them ``tasks`` (run with ``task``) at once.
+
+    Args:
+        plan: the run (folder, options, min_score are passed to each worker).
+        tasks: picklable task arguments (a photo, or a batch of photos).
+        task: a module-level function of this module run on each task in a worker.
+        workers: the number of processes (>= 1).
+
+    Returns:
+        the started workers; the caller must :meth:`~StartedWorkers.stop` them (also on errors).
+    """
+    threads = threads_per_worker(workers)
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow and CUDA do not survive fork
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(plan.folder, plan.options, plan.min_score, threads))
+    started = StartedWorkers(pool, [], workers)
+    try:
+        # the workers start here (one per task submitted while none is idle, so all of them at
+        # once); they need nothing from the caller's script
+        with main_module_hidden(), thread_limits_in_environment(threads):
+            started.futures = [pool.submit(task, t) for t in tasks]
+    except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return started
+
+
+def run_pool(plan: Plan, accept, tasks: list | None = None, task=_worker_analyse, workers: int | None = None) -> None:
+    """:func:`start_workers` on ``tasks`` (default: each photo to do, with :func:`_worker_analyse`),
+    every result to ``accept``, then the processes ended. ``workers``: default
+    :func:`worker_count` of the options' ``workers`` for the tasks."""
+    tasks = plan.todo if tasks is None else tasks
+    started = start_workers(plan, tasks, task, workers or worker_count(plan.options.workers, len(tasks)))
+    try:
+        started.collect(accept)
+    finally:
+        started.stop()

@@ -94,6 +94,37 @@ def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
     assert process_images.main([folder, "--no-progress", "--device", "cuda", "--detector", "mtcnn"]) == 2
 
 
+@needs_port
+def test_cuda_taken_on_trust_is_checked_while_the_engines_start(tmp_path, capsys, monkeypatch):
+    """Where the machine shows a GPU, process_images starts its engines before torch is asked
+    about CUDA (that takes seconds): a GPU torch cannot use is still the one-line error (exit 2,
+    nothing written, the engines stopped), and --device auto goes on on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(registry, "_gpu_device_files", lambda: True)
+    assert registry.resolve_detector_device("auto", "auto", verify=False) == ("torch", "cuda")
+    folder = _folder(tmp_path / "photos")
+    stopped = []
+    real_start = engine.start_run
+
+    def start_run(plan):
+        started = real_start(plan)
+        if started is not None:
+            real_stop = started.stop
+            started.stop = lambda: stopped.append(1) or real_stop()
+        return started
+
+    monkeypatch.setattr(engine, "start_run", start_run)
+    argv = [folder, "--no-progress", "--detector", "torch", "--batch_size", "2", "--workers", "2"]
+    assert process_images.main(argv + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sees no CUDA device" in err and "--device cpu" in err
+    assert stopped == [1] and not os.path.exists(os.path.join(folder, "detections"))
+    assert process_images.main(argv[:-4] + ["--device", "auto", "--workers", "1"]) == 0
+    report = json.load(open(os.path.join(folder, "process_report.json"), encoding="utf-8"))
+    assert report["options"]["device"] == "cpu" and report["summary"]["ok"] == len(PHOTOS)
+
+
 def test_device_and_detector_resolution(monkeypatch):
     monkeypatch.setattr(registry, "_gpu_device_files", lambda: False)
     assert registry.resolve_detector_device("auto", "auto") == ("mtcnn", "cpu")
