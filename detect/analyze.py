@@ -142,9 +142,15 @@ class Analyzer:
 def load_photo(folder: str, rel: str, settings: dict, max_side: int, keep_full: bool) -> dict:
     """Read and check one photo and shrink it for the detector (safe in a loader process).
 
-    Returns ``{"result": ...}`` (the photo's final :meth:`Analyzer.analyse` result) when it cannot
-    be detected (unreadable, too small), else ``{"rel", "row_kw", "prepared": (small, sx, sy),
-    "image": the full photo or None (``keep_full`` False), "load_seconds"}``.
+    Args:
+        folder: the photo folder; rel: the photo's path relative to it.
+        settings: the run's settings (for the report row); max_side: see detect.base.downscale.
+        keep_full: keep the full (H, W, 3) uint8 photo (for 68 points or the debug picture).
+
+    Returns:
+        ``{"result": ...}`` (the photo's final :meth:`Analyzer.analyse` result) when it cannot
+        be detected (unreadable, too small), else ``{"rel", "row_kw", "prepared": (small, sx,
+        sy), "image": the full photo or None, "load_seconds"}``. Never raises for a bad photo.
     """
     t0 = time.perf_counter()
     path = os.path.join(folder, rel)

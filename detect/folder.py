@@ -42,11 +42,22 @@ _FACE_NAME = re.compile(r"^(?P<base>.+)__face\d{2,}$", re.IGNORECASE)
 
 
 def plan_folder(folder: str, options: PrepareOptions, report_path: str | None = None) -> Plan:
-    """List the photos of ``folder`` and decide which need processing.
+    """List the photos of ``folder`` and decide which need processing. Writes nothing.
 
-    Raises NotADirectoryError for a missing folder, ValueError for an existing report file that
-    process_images did not write, DetectorUnavailableError/FileNotFoundError for a missing
-    backend or dlib predictor (checked here, before any work).
+    Args:
+        folder: the photo folder.
+        options: what the run does (its detector must be a name of detect.registry.DETECTORS).
+        report_path: the report file; default ``<folder>/process_report.json``.
+
+    Returns:
+        the plan: rows already final (name clashes, photos reused from the report) and the
+        photos to do, sorted.
+
+    Raises:
+        NotADirectoryError: a missing folder.
+        ValueError: an unknown detector, a detector that does not run on the device, an output
+            folder name taken by a file, or a report file that process_images did not write.
+        FileNotFoundError: a missing dlib predictor (checked here, before any work).
     """
     if options.detector not in DETECTORS:
         raise ValueError(f"unknown detector {options.detector!r}; choose one of {sorted(DETECTORS)}")

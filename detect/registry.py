@@ -81,9 +81,19 @@ def check_cuda(device: str) -> None:
 
 
 def create_detector(name: str = "mtcnn", **kw) -> FaceDetector:
-    """Build the detector ``name`` (one of :data:`DETECTORS`); ``kw`` go to its constructor.
+    """Build a detector.
 
-    Raises ValueError for an unknown name and DetectorUnavailableError when its package is missing.
+    Args:
+        name: one of :data:`DETECTORS`.
+        **kw: its constructor's arguments (``max_side``, ``device``, ``threads``, ...).
+
+    Returns:
+        the detector, its model loaded.
+
+    Raises:
+        ValueError: an unknown name, or a bad argument (``max_side`` < 64).
+        DetectorUnavailableError: its package is missing (the message says how to install it).
+        FileNotFoundError: its model file is missing (dlib predictor, MTCNN weights).
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")

@@ -36,10 +36,19 @@ def usable_cores() -> int:
 
 
 def worker_count(requested: int, n_photos: int, batched: bool = False, cores: int | None = None) -> int:
-    """Processes for ``n_photos``: ``requested``, or with 0 (auto) one per core, at most one per
-    4 photos (a detector process costs seconds to start), at least 1. ``batched``: engine
-    processes of the batched engine for ``n_photos`` batches (auto: the cores less one, at most
-    16, at most one per batch)."""
+    """How many worker processes a run starts.
+
+    Args:
+        requested: ``--workers`` (> 0), or 0 for auto.
+        n_photos: the photos to do (``batched``: the batches).
+        batched: count engine processes of the batched engine.
+        cores: the usable cores (default :func:`usable_cores`).
+
+    Returns:
+        ``requested`` (at most one per photo or batch); auto: one per core, at most one per 4
+        photos (a detector process takes seconds to start); batched auto: the cores less one, at
+        most 16, at most one per batch. At least 1.
+    """
     cores = cores or usable_cores()
     if requested > 0:
         return min(requested, max(1, n_photos))
