@@ -21,6 +21,12 @@ class _KerasPort(nn.Module):
     keras_layers: tuple[str, ...] = ()
     flatten_chw: tuple[int, int, int] | None = None
 
+    def _add_conv_prelus(self, *specs: tuple[int, int, int]) -> None:
+        """Layers ``conv1, prelu1, conv2, prelu2, ...``: one ``(in, out, kernel)`` per pair."""
+        for i, (cin, cout, kernel) in enumerate(specs, start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel))
+            setattr(self, f"prelu{i}", nn.PReLU(cout))
+
     def keras_weight_count(self) -> int:
         return sum(1 if isinstance(getattr(self, n), nn.PReLU) else 2 for n in self.keras_layers)
 
@@ -89,12 +95,7 @@ class PNet(_KerasPort):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 10, 3)
-        self.prelu1 = nn.PReLU(10)
-        self.conv2 = nn.Conv2d(10, 16, 3)
-        self.prelu2 = nn.PReLU(16)
-        self.conv3 = nn.Conv2d(16, 32, 3)
-        self.prelu3 = nn.PReLU(32)
+        self._add_conv_prelus((3, 10, 3), (10, 16, 3), (16, 32, 3))
         self.conv4_1 = nn.Conv2d(32, 4, 1)
         self.conv4_2 = nn.Conv2d(32, 2, 1)
 
@@ -128,12 +129,7 @@ class RNet(_KerasPort):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 28, 3)
-        self.prelu1 = nn.PReLU(28)
-        self.conv2 = nn.Conv2d(28, 48, 3)
-        self.prelu2 = nn.PReLU(48)
-        self.conv3 = nn.Conv2d(48, 64, 2)
-        self.prelu3 = nn.PReLU(64)
+        self._add_conv_prelus((3, 28, 3), (28, 48, 3), (48, 64, 2))
         self.fc4 = nn.Linear(576, 128)
         self.prelu4 = nn.PReLU(128)
         self.fc5_1 = nn.Linear(128, 4)
@@ -157,14 +153,7 @@ class ONet(_KerasPort):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3)
-        self.prelu1 = nn.PReLU(32)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.prelu2 = nn.PReLU(64)
-        self.conv3 = nn.Conv2d(64, 64, 3)
-        self.prelu3 = nn.PReLU(64)
-        self.conv4 = nn.Conv2d(64, 128, 2)
-        self.prelu4 = nn.PReLU(128)
+        self._add_conv_prelus((3, 32, 3), (32, 64, 3), (64, 64, 3), (64, 128, 2))
         self.fc5 = nn.Linear(1152, 256)
         self.prelu5 = nn.PReLU(256)
         self.fc6_1 = nn.Linear(256, 4)
