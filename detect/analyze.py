@@ -25,7 +25,15 @@ from util.image_io import ImageLoadError, load_image_array
 logger = logging.getLogger(__name__)
 
 def face_priority(box: np.ndarray, width: int, height: int) -> float:
-    """Box area times ``1 - 0.5 d / R``: ``d`` box centre to image centre, ``R`` half the diagonal."""
+    """How much a face is "the" face of a photo.
+
+    Args:
+        box: (4,) ``x, y, w, h``, pixels; width, height: the photo's size, pixels.
+
+    Returns:
+        the box area times ``1 - 0.5 min(d / R, 1)``, ``d`` the distance from the box centre to
+        the image centre, ``R`` half the image diagonal (>= 0; negative sizes count as 0).
+    """
     x, y, w, h = (float(v) for v in box)
     d = np.hypot(x + w / 2 - width / 2, y + h / 2 - height / 2)
     r = 0.5 * np.hypot(width, height)
@@ -33,7 +41,14 @@ def face_priority(box: np.ndarray, width: int, height: int) -> float:
 
 
 def order_faces(faces: list, width: int, height: int) -> list:
-    """Faces (anything with ``.box``) sorted by decreasing :func:`face_priority` (stable)."""
+    """Faces sorted by decreasing :func:`face_priority`.
+
+    Args:
+        faces: anything with a (4,) ``.box`` (e.g. detect.base.Detection); width, height: the photo's.
+
+    Returns:
+        a new list, the chosen face first; ties keep their order (stable sort).
+    """
     return sorted(faces, key=lambda f: -face_priority(f.box, width, height))
 
 

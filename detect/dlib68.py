@@ -39,7 +39,18 @@ def default_predictor_path() -> str | None:
 
 
 def resolve_predictor_path(path: str | None) -> str:
-    """``path`` or the default predictor; raises MissingAssetError (FileNotFoundError) if missing."""
+    """The dlib 68-point predictor file to use.
+
+    Args:
+        path: ``--dlib_predictor``, or None for :func:`default_predictor_path`.
+
+    Returns:
+        the path of an existing file.
+
+    Raises:
+        FileNotFoundError: (util.assets.MissingAssetError) no such file; the message says how to
+            get it.
+    """
     if path is None:
         path = default_predictor_path()
         if path is None:

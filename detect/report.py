@@ -76,7 +76,15 @@ def atomic_write_into(path: str, write) -> None:
 
 
 def summarize(rows: list[dict], seconds: float) -> dict:
-    """Counts over report rows: images, ok, faces_written, reused, processed, skipped by reason."""
+    """The report's summary.
+
+    Args:
+        rows: report rows (:func:`make_row`); seconds: the run's duration.
+
+    Returns:
+        ``{"images", "ok", "faces_written", "reused", "skipped": {reason: count}, "loaded",
+        "seconds"}``.
+    """
     skipped: dict[str, int] = {}
     for r in rows:
         if r["status"] != "ok":
