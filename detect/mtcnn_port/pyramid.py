@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from util.checks import check_shape
+
 PNET_WINDOW = 12  # PNet's receptive field, the package's ``min_size``
 PNET_STRIDE = 2
 
@@ -134,9 +136,9 @@ def area_resize(
     the end by ``1 / (sy * sx)`` as the kernel does; only float32 summation order differs.
     ``transposed``: the image as (W, H * C), to share between the levels of a pyramid;
     ``matrices``: a weight cache for the image's device (default: a fresh one).
+    Raises ValueError when ``image`` is not (H, W, C).
     """
-    if image.ndim != 3:
-        raise ValueError(f"area_resize expects an (H, W, C) image, got shape {tuple(image.shape)}")
+    check_shape(image, ("H", "W", "C"), "image")
     height, width, channels = image.shape
     if transposed is None:
         transposed = image.permute(1, 0, 2).reshape(width, height * channels)
