@@ -55,8 +55,15 @@ def order_faces(faces: list, width: int, height: int) -> list:
 class Analyzer:
     """Per-process state: the detector (model loaded once) and, if needed, the dlib landmarker.
 
-    ``threads`` > 0 caps the detector's CPU threads in this process; ``device`` (default
-    ``options.device``) is where a backend that has a choice (``torch``) runs."""
+    Args:
+        folder: the photo folder; options: the run's; min_score: faces below it are weak.
+        threads: > 0 caps the detector's CPU threads in this process.
+        device: where a backend that has a choice (``torch``) runs; default ``options.device``.
+
+    Raises:
+        ValueError, DetectorUnavailableError, FileNotFoundError: as
+            :func:`detect.registry.create_detector` (and the dlib predictor for ``landmarks68``).
+    """
 
     def __init__(self, folder: str, options: PrepareOptions, min_score: float, threads: int = 0,
                  device: str | None = None):

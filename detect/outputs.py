@@ -17,13 +17,25 @@ def vis_rel(rel: str) -> str:
 def write_outputs(folder: str, rel: str, faces: list[dict], landmarks68: bool, index: dict | None = None) -> list[str]:
     """Write the detection (and landmark) files of one photo; remove its stale ones.
 
-    Returns the written paths relative to ``folder``. Detection files of this photo that are not
-    rewritten are removed (a photo with no face keeps none, a photo with fewer faces than before
-    loses the extra ones). Landmark files not rewritten are removed too when they are older than
-    the photo. Raises OutputBlockedError, having written and removed nothing, when one of these
-    names is taken by a folder or a special file (never replaced or removed). ``index``: one dict
-    for all photos of a run, so that each output folder is listed once (its listing from before
-    the run is what stale files are looked up in).
+    Detection files of this photo that are not rewritten are removed (a photo with no face keeps
+    none, a photo with fewer faces than before loses the extra ones). Landmark files not
+    rewritten are removed too when they are older than the photo.
+
+    Args:
+        folder: the photo folder; rel: the photo, relative to it.
+        faces: the faces to write, chosen first: dicts with ``lm5`` (5, 2) and ``lm68`` (68, 2)
+            or None, pixels, y down.
+        landmarks68: write ``landmarks/`` files too.
+        index: one dict for all photos of a run, so that each output folder is listed once (its
+            listing from before the run is what stale files are looked up in).
+
+    Returns:
+        the written paths, relative to ``folder``, '/'-separated.
+
+    Raises:
+        OutputBlockedError: one of these names is taken by a folder or a special file (never
+            replaced or removed); nothing was written or removed.
+        NotADirectoryError: a file stands where an output folder should be.
     """
     targets = []
     for k, f in enumerate(faces, start=1):

@@ -164,10 +164,19 @@ def _restore_names(row: dict) -> dict | None:
 
 
 def read_report(path: str) -> dict[str, dict]:
-    """Rows of an earlier report by path; {} when absent or unreadable. Raises ValueError when
-    ``path`` exists but is not a process_images report (it is then never overwritten), or is not
-    a file (a folder, a FIFO - never opened, so never waited on). Rows that are not well-formed
-    (an edited report) are left out: their photos are processed again."""
+    """The rows of an earlier report, for resuming.
+
+    Args:
+        path: the report file.
+
+    Returns:
+        rows by photo path; {} when the file is absent, unreadable or of another format. Rows that
+        are not well-formed (an edited report) are left out: their photos are processed again.
+
+    Raises:
+        ValueError: ``path`` exists but is not a process_images report (it is then never
+            overwritten), or is not a file (a folder, a FIFO - never opened, so never waited on).
+    """
     if not os.path.lexists(path):
         return {}
     if not os.path.isfile(path):

@@ -60,7 +60,8 @@ def worker_count(requested: int, n_photos: int, batched: bool = False, cores: in
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
-    """CPU threads each of ``workers`` processes may use, so that workers x threads <= cores."""
+    """CPU threads each of ``workers`` processes may use: ``cores // workers``, at least 1, so that
+    workers x threads <= cores (``cores`` default :func:`usable_cores`)."""
     return max(1, (cores or usable_cores()) // max(1, workers))
 
 
