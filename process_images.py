@@ -3,7 +3,7 @@
     ./process_images.sh <folder> [--device cuda] [--all-faces] [--landmarks68] [--workers 2] [--debug-vis] ...
 
 Writes <folder>/detections/<stem>.txt (5 lines "x y"), optional landmarks/ and debug_vis/
-folders and <folder>/process_report.json; see docs/process_images.md and util/prepare.py.
+folders and <folder>/process_report.json; see docs/process_images.md and detect/folder.py.
 
 Exit status: 0 when the run completed (photos without a face are reported, not errors);
 1 when nothing could be processed (no photo found or none readable) or, with --strict, when
@@ -14,6 +14,7 @@ SIGTERM) - the report then lists the photos done so far and a re-run resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -23,7 +24,7 @@ EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtcnn_detector import DETECTORS
+    from detect.registry import DETECTORS
 
     p = argparse.ArgumentParser(
         prog="process_images",
@@ -86,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
-    from mtcnn_detector import DetectorUnavailableError, resolve_detector_device, tensorflow_quiet
+    from detect.base import DetectorUnavailableError
+    from detect.folder import plan_folder, run_plan, start_run_checking_cuda
+    from detect.mtcnn_tf import tensorflow_quiet
+    from detect.registry import resolve_detector_device
+    from detect.settings import PrepareOptions
     from util.filenames import printable
-    from util.prepare import PrepareOptions, plan_folder, run_plan
 
     if not args.verbose:
         tensorflow_quiet()  # before any TensorFlow import, here or in the workers
@@ -99,17 +103,24 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers must be >= 1 (or auto), got {args.workers}")
         if args.batch_size < 0:
             raise ValueError(f"--batch_size must be >= 1 (or 0 for the default), got {args.batch_size}")
-        detector, device = resolve_detector_device(args.detector, args.device)
+        # CUDA where the machine shows a GPU is checked below, while the engines start
+        detector, device = resolve_detector_device(args.detector, args.device, verify=False)
         options = PrepareOptions(
             detector=detector, all_faces=args.all_faces, landmarks68=args.landmarks68,
             dlib_predictor=args.dlib_predictor, min_score=args.min_score, max_side=args.max_side,
             recursive=args.recursive, force=args.force, debug_vis=args.debug_vis, workers=args.workers or 0,
             device=device, batch_size=args.batch_size, verbose=args.verbose)
-        plan = plan_folder(folder, options, report_path=args.report)
+        fallback = None  # --device auto: the CPU, should torch see no CUDA after all
+        if args.device == "auto" and device != "cpu":
+            cpu_detector, _ = resolve_detector_device(args.detector, "cpu")
+            fallback = dataclasses.replace(options, detector=cpu_detector, device="cpu")
+        plan, started = start_run_checking_cuda(plan_folder(folder, options, report_path=args.report), fallback)
     except (ValueError, NotADirectoryError, FileNotFoundError, DetectorUnavailableError) as e:
         print(f"process_images: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not plan.rows and not plan.todo:
+        if started is not None:
+            started.stop()
         print(f"process_images: no photos found in {folder} "
               "(.jpg .jpeg .png .bmp .webp .tif .tiff; --recursive for sub-folders)", file=sys.stderr)
         return EXIT_NOTHING
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with sigterm_as_interrupt():
-            report = run_plan(plan, on_result=on_result)
+            report = run_plan(plan, on_result=on_result, started=started)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

@@ -5,7 +5,7 @@ detections are done are reconstructed while the rest are still being detected.
 
 The same as ``./process_images.sh <folder> && python test.py --img_folder <folder> ...`` (same
 files, same report, same exit codes), in less time: detection runs in a process of its own
-(:func:`util.prepare.run_plan`, batched on CUDA) and reports each photo it finishes; this process
+(:func:`detect.folder.run_plan`, batched on CUDA) and reports each photo it finishes; this process
 loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
 (:func:`pipeline.run.run_folder` on those photos, the model loaded once), each round taking
 every photo finished since the last one.
@@ -22,6 +22,7 @@ room (with --skip_existing true to leave out the faces already written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -67,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
               "python test.py with them", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    from mtcnn_detector import resolve_detector_device, tensorflow_quiet
-    from util.prepare import PrepareOptions
+    from detect.mtcnn_tf import tensorflow_quiet
+    from detect.registry import resolve_detector_device
+    from detect.settings import PrepareOptions
 
     try:
         workers = 0 if dargs.workers == "auto" else int(dargs.workers)
-        detector, device = resolve_detector_device(dargs.detector, dargs.detect_device)
+        # CUDA where the machine shows a GPU is checked by the detection process, as its engines start
+        detector, device = resolve_detector_device(dargs.detector, dargs.detect_device, verify=False)
+        cpu_detector = resolve_detector_device(dargs.detector, "cpu")[0] if dargs.detect_device == "auto" else None
     except ValueError as e:
         print(f"run_pipeline: error: {e}", file=sys.stderr)
         return 2
@@ -82,37 +86,44 @@ def main(argv: list[str] | None = None) -> int:
                              max_side=dargs.max_side, recursive=opt.recursive, force=dargs.force_detect,
                              workers=workers, device=device, batch_size=dargs.detect_batch_size,
                              verbose=opt.verbose)
+    fallback = None  # --detect_device auto: the CPU, should torch see no CUDA after all
+    if cpu_detector is not None and device != "cpu":
+        fallback = dataclasses.replace(options, detector=cpu_detector, device="cpu")
     from options.run_specs import run_spec
     from util.interrupts import sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
-            return run(run_spec(opt), options)
+            return run(run_spec(opt), options, fallback)
     except KeyboardInterrupt:
         print("run_pipeline: interrupted: files already written are complete; the same command does the rest "
               "(add --skip_existing true to leave out faces already reconstructed)", file=sys.stderr)
         return 130
 
 
-def run(spec, options) -> int:
-    """Detection (``options``, a :class:`util.prepare.PrepareOptions`) in a process of its own,
-    reconstruction rounds of ``spec`` (a :class:`pipeline.settings.RunSpec`) here; prints both
-    summaries and returns the exit code."""
+def run(spec, options, fallback=None) -> int:
+    """Detection (``options``, a :class:`detect.settings.PrepareOptions`; ``fallback``, the same on
+    the CPU should torch see no CUDA after all) in a process of its own, reconstruction rounds of
+    ``spec`` (a :class:`pipeline.settings.RunSpec`) here; prints both summaries and returns the
+    exit code."""
     import multiprocessing
 
-    from pipeline.model import build_model, warm_up_network
-    from pipeline.run import run_folder
-    from pipeline.runtime import SetupError, resolve_device
-    from pipeline.summary import RunSummary
-    from util.prepare import DETECTION_FAILED, detect_to_queue
+    from detect.folder import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # CUDA and TensorFlow do not survive fork
     queue = ctx.Queue()
-    detector = ctx.Process(target=detect_to_queue, args=(spec.img_folder, options, queue), name="detection")
+    detector = ctx.Process(target=detect_to_queue, args=(spec.img_folder, options, queue, None, fallback),
+                           name="detection")
     with main_module_hidden():
         detector.start()
+    # torch and the model are imported once the detection process (and its engines) are on their way
+    from pipeline.model import build_model, warm_up_network
+    from pipeline.run import run_folder
+    from pipeline.runtime import SetupError, resolve_device
+    from pipeline.summary import RunSummary
+
     total = RunSummary()
     ready: list[str] = []
     final = None
@@ -175,7 +186,7 @@ def _drain(queue, ready: list[str], block: bool, alive) -> tuple | None:
             if not block:
                 return None
             if not alive():
-                from util.prepare import DETECTION_FAILED
+                from detect.folder import DETECTION_FAILED
 
                 return (DETECTION_FAILED, "the detection process ended without a word (killed?)")
             continue

@@ -10,8 +10,10 @@ Steps (--steps, comma list; each adds its figures to the JSON):
   (unbatched, the reference) vs the detection files ``process_images.sh --device cuda`` wrote for
   them in the ``detect`` step (copies 0..27 of the big folder): max and mean point distance (px),
   and the faces per photo;
-- ``detect``: ``process_images.sh <N copies> --device cuda [--batch_size B]`` for each of
-  --batch-sizes, each on a fresh copy: photos/s end to end (process start to exit);
+- ``detect``: ``process_images.sh <N copies> --device cuda --batch_size B --workers W`` for each
+  B of --batch-sizes and W of --detect-workers, each on a fresh copy: photos/s end to end
+  (process start to exit), and the run's timeline (its --verbose lines: engines started, first
+  and last batch done, engines ended);
 - ``chain``: detection + reconstruction with all outputs of N fresh copies, two ways:
   ``process_images.sh F && python test.py --img_folder F`` and ``run_pipeline.sh F`` (streaming);
 - ``scaling``: ``process_images.sh --device cpu --detector D --workers K`` for each K of
@@ -71,7 +73,7 @@ def timed(cmd: list[str], timeout: float = 600, env: dict | None = None) -> tupl
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])}... exit {r.returncode}: {r.stderr[-1500:]} {r.stdout[-500:]}")
-    return wall, (r.stdout + r.stderr)[-600:]
+    return wall, (r.stdout + r.stderr)[-3000:]
 
 
 def process_images(folder: str, *args: str) -> list[str]:
@@ -86,14 +88,18 @@ def standin_args(folder: str, out: str, device: str) -> list[str]:
 
 def step_detect(a, tmp: str, res: dict) -> None:
     runs = []
-    for bs in [int(b) for b in a.batch_sizes.split(",")]:
-        folder = make_copies(a.faces, os.path.join(tmp, f"detect_bs{bs}"), a.n)
-        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--verbose"))
+    combos = [(int(b), w) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")]
+    for i, (bs, workers) in enumerate(combos):
+        folder = make_copies(a.faces, os.path.join(tmp, f"detect_{i}_bs{bs}_w{workers}"), a.n)
+        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--workers", workers,
+                                          "--verbose"))
         report = json.load(open(os.path.join(folder, "process_report.json")))
-        runs.append({"batch_size": bs, "n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
-                     "ok": report["summary"]["ok"], "summary": report["summary"], "log_tail": tail[-400:]})
-        print(f"detect --device {a.device} --batch_size {bs}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
-              f"({report['summary']['ok']} with a face)", flush=True)
+        timeline = [line for line in tail.splitlines() if "detect." in line and " s" in line]
+        runs.append({"batch_size": bs, "workers": workers, "n": a.n, "wall_s": round(wall, 2),
+                     "photos_per_s": round(a.n / wall, 1), "ok": report["summary"]["ok"], "summary": report["summary"],
+                     "timeline": timeline})
+        print(f"detect --device {a.device} --batch_size {bs} --workers {workers}: {a.n} photos in {wall:.2f} s = "
+              f"{a.n / wall:.1f} photos/s ({report['summary']['ok']} with a face)", *timeline, sep="\n  ", flush=True)
         res["detect_folder"] = folder
     res["detect"] = runs
 
@@ -106,7 +112,7 @@ def step_warm(a, tmp: str, res: dict) -> None:
 
 
 def step_agreement(a, tmp: str, res: dict) -> None:
-    import mtcnn_detector as md
+    from detect import registry
     from util.detections_io import detection_path, read_points
     from util.image_io import load_image_array
 
@@ -114,7 +120,7 @@ def step_agreement(a, tmp: str, res: dict) -> None:
     if folder is None:
         folder = make_copies(a.faces, os.path.join(tmp, "agree"), len(photo_names(a.faces)))
         timed(process_images(folder, "--device", a.device))
-    det = md.create_detector("torch", device="cpu")
+    det = registry.create_detector("torch", device="cpu")
     errs, missing, extra = [], [], []
     for i, name in enumerate(photo_names(a.faces)):
         ref = det.detect(load_image_array(os.path.join(a.faces, name)))
@@ -126,7 +132,7 @@ def step_agreement(a, tmp: str, res: dict) -> None:
         if not os.path.exists(path):
             missing.append(name)
             continue
-        from util.prepare import order_faces
+        from detect.analyze import order_faces
 
         img = load_image_array(os.path.join(a.faces, name))
         best = order_faces(ref, img.shape[1], img.shape[0])[0]
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4032, help="photos of the detect and chain steps")
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", default="detect,agreement,chain,scaling,startup")
-    p.add_argument("--batch-sizes", default="64")
+    p.add_argument("--batch-sizes", default="32")
+    p.add_argument("--detect-workers", default="auto", help="--workers of the detect step, a comma list")
     p.add_argument("--workers-list", default="1,2,4,8,15")
     p.add_argument("--scaling-n", type=int, default=112)
     p.add_argument("--scaling-detector", default="torch")

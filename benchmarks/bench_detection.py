@@ -3,7 +3,7 @@
     python benchmarks/bench_detection.py                         # mtcnn, dlib, torch
     python benchmarks/bench_detection.py --detectors mtcnn --folder-runs 1,2 --json bench.json
 
-For each backend of mtcnn_detector (as process_images calls it: ``create_detector(name)`` with
+For each backend of detect/ (as process_images calls it: ``create_detector(name)`` with
 its default --max_side 1600): the model build time, then ``detect()`` on every photo, decoded once
 by util.image_io outside the timing, after one untimed warm-up image; reported as images/s and
 the median milliseconds per photo. ``--repeat`` passes over the folder are timed.
@@ -33,16 +33,17 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import mtcnn_detector as md  # noqa: E402
+from detect import base, dlib68, mtcnn_tf, registry  # noqa: E402
 from util.image_io import list_images, load_image_array  # noqa: E402
-from util.prepare import order_faces  # noqa: E402
+from detect.analyze import order_faces  # noqa: E402
+from util import landmarks  # noqa: E402
 
 DEFAULT_FACES = os.path.join(ROOT, "tests", "data", "faces")  # the 28 test photos
 
 
 def bench_backend(name: str, photos: dict[str, np.ndarray], repeat: int) -> dict:
     t0 = time.perf_counter()
-    det = md.create_detector(name)
+    det = registry.create_detector(name)
     build = time.perf_counter() - t0
     first = next(iter(photos.values()))
     det.detect(first)  # warm-up (graph tracing, allocations)
@@ -61,14 +62,14 @@ def bench_backend(name: str, photos: dict[str, np.ndarray], repeat: int) -> dict
 
 
 def agreement(photos: dict[str, np.ndarray], mtcnn_found: dict) -> dict:
-    lmk = md.Dlib68Landmarker()
+    lmk = dlib68.Dlib68Landmarker()
     errs = []
     for key, img in photos.items():
-        faces = [f for f in mtcnn_found[key] if f.score >= md.MTCNNDetector.default_min_score]
+        faces = [f for f in mtcnn_found[key] if f.score >= mtcnn_tf.MTCNNDetector.default_min_score]
         if not faces:
             continue
         face = order_faces(faces, img.shape[1], img.shape[0])[0]
-        lm5 = md.lm5_from_lm68(lmk.fit(img, face))
+        lm5 = landmarks.lm68_to_5(lmk.fit(img, face))
         errs.append(float(np.linalg.norm(lm5 - face.lm5, axis=1).mean() / face.interocular))
     return {"photos": len(errs), "mean": round(float(np.mean(errs)), 4), "median": round(float(np.median(errs)), 4),
             "max": round(float(np.max(errs)), 4)}
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     for name in [d for d in args.detectors.split(",") if d]:
         try:
             r = bench_backend(name, photos, args.repeat)
-        except md.DetectorUnavailableError as e:
+        except base.DetectorUnavailableError as e:
             print(f"{name}: unavailable ({e})")
             continue
         found[name] = r.pop("_found")
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         print(f"{name:6s} build {r['build_s']:5.2f} s | {r['images_per_s']:6.2f} images/s | median "
               f"{r['median_ms']:6.1f} ms | max {r['max_ms']:7.1f} ms | {r['faces']} faces")
     out = {"machine": info, "detectors": results}
-    if "mtcnn" in found and md.default_predictor_path():
+    if "mtcnn" in found and dlib68.default_predictor_path():
         out["agreement_mtcnn_vs_dlib68"] = a = agreement(photos, found["mtcnn"])
         print(f"mtcnn vs dlib-68 5 points: mean {a['mean']:.3f}, median {a['median']:.3f}, max {a['max']:.3f} "
               f"x inter-ocular distance ({a['photos']} photos)")

@@ -1,4 +1,4 @@
-"""Face detection throughput: the `mtcnn` package (TensorFlow, CPU) vs models.mtcnn_torch.
+"""Face detection throughput: the `mtcnn` package (TensorFlow, CPU) vs detect.mtcnn_port.
 
     python benchmarks/bench_mtcnn_torch.py                    # every backend available here
     python benchmarks/bench_mtcnn_torch.py --threads 1        # one CPU thread for torch and TF
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere
 
 from benchmarks.hardware import cpu_model  # noqa: E402
-from models.mtcnn_torch import DEFAULT_THRESHOLDS, TorchMTCNN  # noqa: E402
+from detect.mtcnn_port.detector import DEFAULT_THRESHOLDS, TorchMTCNN  # noqa: E402
 
 DEFAULT_FACES = os.path.join(ROOT, "tests", "data", "faces")  # the 28 test photos
 BACKENDS = ("package", "torch-cpu", "torch-cuda")

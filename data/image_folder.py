@@ -34,7 +34,8 @@ from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, read_po
 from util.image_io import decode_error_reason, list_images, load_image, read_plain_jpeg
 from util.pil_resample import (PlanBatch, ResizeCropPlan, apply_plans, identity_plan, pad_regions, plan_resize_crop,
                                region_shape)
-from util.preprocess import (AlignTransform, align_params, crop_box, flip_y, pil_vertical_first, resize_crop,
+from util.landmarks import flip_y
+from util.preprocess import (AlignTransform, align_params, crop_box, pil_vertical_first, resize_crop,
                              unit_float_table)
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from torch.utils.data import Dataset
 
 from util.detections_io import DetectionFileError, read_points
 from util.image_io import load_image
-from util.preprocess import align_img, flip_y, image_to_array
+from util.landmarks import flip_y
+from util.preprocess import align_img, image_to_array
 
 CROP = 224
 NO_FILE = "-"

@@ -32,12 +32,11 @@ from models.bfm import FaceOutput, ParametricFaceModel
 from models.coeffs import COEFFS
 from models.loss_weights import LossWeights
 from util.checks import check_shape, check_shapes
+from util.landmarks import lm68_to_5  # the one 68 -> 5 mapping (also imported from here)
 
 # 0-based landmark indices that the original weights 20x: weight[28:31] and weight[-8:]
 LM_HEAVY = tuple(range(28, 31)) + tuple(range(60, 68))
 LM_HEAVY_WEIGHT = 20.0
-# 1-based landmarks of extract_5p: nose tip, eye corners (2+2), mouth corners
-_LM5_SRC = (31, 37, 40, 43, 46, 49, 55)
 
 
 def landmark_weights(n: int = 68, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -55,18 +54,6 @@ def landmark_weights(n: int = 68, device=None, dtype=torch.float32) -> torch.Ten
     if n == 68:
         w[list(LM_HEAVY)] = LM_HEAVY_WEIGHT
     return w
-
-
-def lm68_to_5(lm68: torch.Tensor) -> torch.Tensor:
-    """(B, 68, 2) -> (B, 5, 2): eye centres (mean of corners), nose tip, mouth corners.
-
-    The torch twin of :func:`util.preprocess.extract_5p` (same order: left eye, right eye, nose,
-    left mouth corner, right mouth corner), differentiable.
-    """
-    check_shape(lm68, ("B", 68, 2), "lm68")
-    i = [k - 1 for k in _LM5_SRC]
-    return torch.stack([(lm68[:, i[1]] + lm68[:, i[2]]) / 2, (lm68[:, i[3]] + lm68[:, i[4]]) / 2,
-                        lm68[:, i[0]], lm68[:, i[5]], lm68[:, i[6]]], dim=1)
 
 
 # --------------------------------------------------------------------------- the terms

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import lm68_to_5
+from util.landmarks import lm68_to_5
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Reconstruction of videos: every frame detected and reconstructed, one coefficient file per video.
 
-    frames (PyAV) -> MTCNN 5 points (models.mtcnn_torch, batched) -> aligned 224 crops
+    frames (PyAV) -> MTCNN 5 points (detect.mtcnn_port, batched) -> aligned 224 crops
     -> network in batches -> <out_dir>/<stem>.npz [-> <stem>_overlay.mp4]
 
 The .npz holds, for the T decoded frames: ``coeffs`` (T, 257) float32 (NaN where no face was
@@ -117,7 +117,8 @@ def align_frame(frame: np.ndarray, points: np.ndarray, lm3d: np.ndarray) -> tupl
     raises ValueError for points that are not a face's (see :func:`util.preprocess.align_params`)."""
     from PIL import Image
 
-    from util.preprocess import align_img, flip_y
+    from util.landmarks import flip_y
+    from util.preprocess import align_img
 
     transform, crop, _ = align_img(Image.fromarray(frame), flip_y(points, frame.shape[0]), lm3d)
     return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1), transform
@@ -299,7 +300,7 @@ def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str
 
 def make_detector(settings: VideoSettings):
     """The PyTorch MTCNN on ``settings.device`` (raises FileNotFoundError naming its weights)."""
-    from models.mtcnn_torch import TorchMTCNN
+    from detect.mtcnn_port.detector import TorchMTCNN
 
     return TorchMTCNN(device=settings.device, min_face_size=settings.min_face_size)
 

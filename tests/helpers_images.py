@@ -2,7 +2,7 @@
 
 The fake detector finds synthetic "faces": solid squares of colour (0, 255, b) on any other
 background; its score is b / 255 and its 5 points sit at fixed fractions of the square. It
-subclasses mtcnn_detector.FaceDetector, so the downscaling of large images is exercised too.
+subclasses detect.base.FaceDetector, so the downscaling of large images is exercised too.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ FAKE_LM = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 
 
 
 def fake_detector_class(delay: float = 0.0):
-    from mtcnn_detector import Detection, FaceDetector
+    from detect.base import Detection, FaceDetector
 
     class FakeDetector(FaceDetector):
         name = "fake"
@@ -58,13 +58,13 @@ def fake_detector_class(delay: float = 0.0):
 
 def register_fake(monkeypatch=None, delay: float = 0.0) -> None:
     """Add the fake backend as ``--detector fake`` (via monkeypatch when given)."""
-    import mtcnn_detector
+    from detect import registry
 
     cls = fake_detector_class(delay)
     if monkeypatch is not None:
-        monkeypatch.setitem(mtcnn_detector.DETECTORS, "fake", cls)
+        monkeypatch.setitem(registry.DETECTORS, "fake", cls)
     else:
-        mtcnn_detector.DETECTORS["fake"] = cls
+        registry.DETECTORS["fake"] = cls
 
 
 def fake_main_subprocess_code(args: list[str], delay: float) -> str:

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import mtcnn_detector as md
+from detect import base, registry
+from detect import folder as engine
+from detect import settings as run_settings
+from detect import workers as wk
 import process_images
 from tests.conftest import ROOT, make_photo_folder
-from util import prepare
 from util.detections_io import detection_path, read_points
 
 # small photos (fast on a CPU), one with two faces
@@ -29,8 +31,8 @@ PHOTOS = ["000033.jpg", "000050.jpg", "vd006.png", "000037.jpg"]
 
 def _port_available() -> bool:
     try:
-        md.create_detector("torch")
-    except (md.DetectorUnavailableError, FileNotFoundError):
+        registry.create_detector("torch")
+    except (base.DetectorUnavailableError, FileNotFoundError):
         return False
     return True
 
@@ -92,28 +94,59 @@ def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
     assert process_images.main([folder, "--no-progress", "--device", "cuda", "--detector", "mtcnn"]) == 2
 
 
+@needs_port
+def test_cuda_taken_on_trust_is_checked_while_the_engines_start(tmp_path, capsys, monkeypatch):
+    """Where the machine shows a GPU, process_images starts its engines before torch is asked
+    about CUDA (that takes seconds): a GPU torch cannot use is still the one-line error (exit 2,
+    nothing written, the engines stopped), and --device auto goes on on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(registry, "_gpu_device_files", lambda: True)
+    assert registry.resolve_detector_device("auto", "auto", verify=False) == ("torch", "cuda")
+    folder = _folder(tmp_path / "photos")
+    stopped = []
+    real_start = engine.start_run
+
+    def start_run(plan):
+        started = real_start(plan)
+        if started is not None:
+            real_stop = started.stop
+            started.stop = lambda: stopped.append(1) or real_stop()
+        return started
+
+    monkeypatch.setattr(engine, "start_run", start_run)
+    argv = [folder, "--no-progress", "--detector", "torch", "--batch_size", "2", "--workers", "2"]
+    assert process_images.main(argv + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sees no CUDA device" in err and "--device cpu" in err
+    assert stopped == [1] and not os.path.exists(os.path.join(folder, "detections"))
+    assert process_images.main(argv[:-4] + ["--device", "auto", "--workers", "1"]) == 0
+    report = json.load(open(os.path.join(folder, "process_report.json"), encoding="utf-8"))
+    assert report["options"]["device"] == "cpu" and report["summary"]["ok"] == len(PHOTOS)
+
+
 def test_device_and_detector_resolution(monkeypatch):
-    monkeypatch.setattr(md, "_gpu_device_files", lambda: False)
-    assert md.resolve_detector_device("auto", "auto") == ("mtcnn", "cpu")
-    assert md.resolve_detector_device("torch", "auto") == ("torch", "cpu")
-    monkeypatch.setattr(md, "_gpu_device_files", lambda: True)
-    monkeypatch.setattr(md, "_cuda_available", lambda: True)
-    assert md.resolve_detector_device("auto", "auto") == ("torch", "cuda")
-    assert md.resolve_detector_device("mtcnn", "auto") == ("mtcnn", "cpu")  # TensorFlow here runs on the CPU
-    assert md.resolve_detector_device("auto", "cpu") == ("mtcnn", "cpu")
+    monkeypatch.setattr(registry, "_gpu_device_files", lambda: False)
+    assert registry.resolve_detector_device("auto", "auto") == ("mtcnn", "cpu")
+    assert registry.resolve_detector_device("torch", "auto") == ("torch", "cpu")
+    monkeypatch.setattr(registry, "_gpu_device_files", lambda: True)
+    monkeypatch.setattr(registry, "_cuda_available", lambda: True)
+    assert registry.resolve_detector_device("auto", "auto") == ("torch", "cuda")
+    assert registry.resolve_detector_device("mtcnn", "auto") == ("mtcnn", "cpu")  # TensorFlow here runs on the CPU
+    assert registry.resolve_detector_device("auto", "cpu") == ("mtcnn", "cpu")
     with pytest.raises(ValueError, match="--device"):
-        md.resolve_detector_device("torch", "tpu")
+        registry.resolve_detector_device("torch", "tpu")
 
 
 def test_worker_counts_and_threads():
-    assert prepare.worker_count(0, 100, cores=16) == 16
-    assert prepare.worker_count(0, 6, cores=16) == 2  # a process per 4 photos at most
-    assert prepare.worker_count(0, 1, cores=16) == 1
-    assert prepare.worker_count(3, 100, cores=16) == 3
-    assert prepare.worker_count(0, 126, batched=True, cores=16) == 15  # batches; the main process keeps a core
-    assert prepare.worker_count(0, 2, batched=True, cores=16) == 2
+    assert wk.worker_count(0, 100, cores=16) == 16
+    assert wk.worker_count(0, 6, cores=16) == 2  # a process per 4 photos at most
+    assert wk.worker_count(0, 1, cores=16) == 1
+    assert wk.worker_count(3, 100, cores=16) == 3
+    assert wk.worker_count(0, 126, batched=True, cores=16) == 15  # batches; the main process keeps a core
+    assert wk.worker_count(0, 2, batched=True, cores=16) == 2
     for workers, cores in [(1, 16), (2, 16), (15, 16), (4, 2), (2, 2), (1, 2)]:
-        threads = prepare.threads_per_worker(workers, cores)
+        threads = wk.threads_per_worker(workers, cores)
         assert threads >= 1 and (workers * threads <= cores or threads == 1)
 
 
@@ -121,22 +154,22 @@ def test_worker_counts_and_threads():
 def test_workers_cap_their_threads_and_die_with_their_parent(tmp_path):
     """The limits are read back inside two pool workers, started as process_images starts them."""
     folder = _folder(tmp_path / "photos")
-    options = prepare.PrepareOptions(detector="torch", workers=2)
-    plan = prepare.plan_folder(folder, options)
-    threads = prepare.threads_per_worker(2)
-    env_before = {k: os.environ.get(k) for k in prepare.THREAD_VARIABLES}
+    options = run_settings.PrepareOptions(detector="torch", workers=2)
+    plan = engine.plan_folder(folder, options)
+    threads = wk.threads_per_worker(2)
+    env_before = {k: os.environ.get(k) for k in wk.THREAD_VARIABLES}
     seen = []
-    prepare._run_pool(plan, seen.append, tasks=[None] * 4, task=prepare._worker_thread_limits, workers=2)
+    wk.run_pool(plan, seen.append, tasks=[None] * 4, task=wk._worker_thread_limits, workers=2)
     assert len(seen) == 4
     for limits in seen:
         assert limits["torch"] == threads and limits["cv2"] == threads
-        assert all(limits[k] == str(threads) for k in prepare.THREAD_VARIABLES)
+        assert all(limits[k] == str(threads) for k in wk.THREAD_VARIABLES)
         assert limits["pdeathsig"] == 9  # SIGKILL when the parent dies
-    assert {k: os.environ.get(k) for k in prepare.THREAD_VARIABLES} == env_before  # the parent's are back
+    assert {k: os.environ.get(k) for k in wk.THREAD_VARIABLES} == env_before  # the parent's are back
 
 
 def test_torch_port_shows_no_sparse_tensor_warning():
-    from models.mtcnn_torch import AreaMatrices, area_resize
+    from detect.mtcnn_port.pyramid import AreaMatrices, area_resize
 
     image = torch.rand(40, 50, 3)
     with warnings.catch_warnings(record=True) as caught:

@@ -36,7 +36,7 @@ from util.atomic_files import temp_owner
 from util.detections_io import MAX_POINTS_BYTES, DetectionFileError, read_points
 from util.filenames import from_hex, is_plain, json_text, printable, raw_hex
 from util.image_io import list_images
-from util.prepare import REPORT_NAME, read_report
+from detect.report import REPORT_NAME, read_report
 
 ODD_NAMES = [b"caf\xe9.png", b"new\nline.png", b"-dash.png", b"with  space.png", b"$(touch x);`id`&|'\".png",
              b"plain.png"]
@@ -343,7 +343,8 @@ def test_detection_file_cases_read_or_fail_with_their_reason(tmp_path):
 
 
 def test_landmarks_that_cannot_be_aligned_are_named_without_warnings():
-    from util.preprocess import AlignmentError, align_params, flip_y, load_lm3d
+    from util.landmarks import flip_y
+    from util.preprocess import AlignmentError, align_params, load_lm3d
 
     lm3d = load_lm3d(os.path.join(ROOT, "BFM"))
     with warnings.catch_warnings():

@@ -419,7 +419,8 @@ def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):
     their 5 points, in the same batch)."""
     from data.image_folder import scan_folder
     from util.detections_io import detection_path, read_points, write_points
-    from util.preprocess import align_img, flip_y, load_lm3d
+    from util.landmarks import flip_y
+    from util.preprocess import align_img, load_lm3d
 
     folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
     flags = ("--save_mesh=false", "--save_png=false", "--batch_size=2")

@@ -17,7 +17,7 @@ from models.losses import (LM_HEAVY, HybridLoss, coeff_reg_loss, gamma_loss, lan
                            lm68_to_5, perceptual_loss, photo_loss, reflectance_loss)
 from models.recog import RecogNet, estimate_norm, similarity_transform
 from models.renderer import create_renderer
-from util.preprocess import extract_5p
+from util.landmarks import lm68_to_5 as lm68_to_5_any
 
 needs_kornia = pytest.mark.skipif(importlib.util.find_spec("kornia") is None,
                                   reason='the identity loss needs kornia: pip install -e ".[train]"')
@@ -67,7 +67,7 @@ def test_landmark_weights_and_loss():
 
 def test_lm68_to_5_matches_alignment_helper():
     lm = np.random.default_rng(0).normal(size=(68, 2)) * 50
-    assert np.allclose(lm68_to_5(torch.from_numpy(lm)[None])[0].numpy(), extract_5p(lm))
+    assert np.allclose(lm68_to_5(torch.from_numpy(lm)[None])[0].numpy(), lm68_to_5_any(lm))
 
 
 def test_regularisers():

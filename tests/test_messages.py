@@ -138,11 +138,12 @@ def test_default_detector_without_tensorflow_names_the_extra(monkeypatch):
     """No TensorFlow: one line naming the extra that installs it and the TensorFlow-free backend."""
     import importlib.util
 
-    import mtcnn_detector as md
+    from detect import base, mtcnn_tf, registry
 
+    monkeypatch.setattr(mtcnn_tf, "_MTCNN_MODELS", {})  # a model an earlier test built in this process
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
-    with pytest.raises(md.DetectorUnavailableError) as e:
-        md.create_detector("mtcnn")
+    with pytest.raises(base.DetectorUnavailableError) as e:
+        registry.create_detector("mtcnn")
     msg = str(e.value)
     assert '.[mtcnn-tf]' in msg and "--detector torch" in msg and "\n" not in msg

@@ -1,4 +1,4 @@
-"""models.mtcnn_torch: the PyTorch MTCNN against the `mtcnn` 1.0.0 package it reproduces.
+"""detect.mtcnn_port: the PyTorch MTCNN against the `mtcnn` 1.0.0 package it reproduces.
 
 Fast tests need only the package's weight files; tests marked ``slow`` import TensorFlow and run
 the package itself (its Keras networks, TF's resize kernels, and detect_faces on the photos of
@@ -16,17 +16,18 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from models import mtcnn_torch as mt
+from detect.mtcnn_port import detector as port
+from detect.mtcnn_port import networks, nms, pyramid, weights
 
 from conftest import FACES as FACES_DIR, ROOT as REPO  # FACES_DIR: the 28 test photos
 
 
 def _weights_available() -> bool:
     try:
-        folder = mt.package_weights_dir()
+        folder = weights.package_weights_dir()
     except FileNotFoundError:
         return False
-    return all(os.path.isfile(os.path.join(folder, f)) for f in mt.WEIGHT_FILES.values())
+    return all(os.path.isfile(os.path.join(folder, f)) for f in weights.WEIGHT_FILES.values())
 
 
 pytestmark = pytest.mark.skipif(not _weights_available(), reason="mtcnn package weights not installed")
@@ -43,8 +44,8 @@ def _load(path: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def detector() -> mt.TorchMTCNN:
-    return mt.TorchMTCNN()
+def detector() -> port.TorchMTCNN:
+    return port.TorchMTCNN()
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,8 @@ def photos() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name", ["pnet", "rnet", "onet"])
 def test_weights_load_with_keras_shapes(name):
-    arrays = mt.load_keras_arrays(name)
-    net = mt.load_network(name)
+    arrays = weights.load_keras_arrays(name)
+    net = weights.load_network(name)
     assert len(arrays) == net.keras_weight_count()
     params = dict(net.named_parameters())
     it = iter(arrays)
@@ -84,21 +85,21 @@ def test_weights_load_with_keras_shapes(name):
 
 def test_weight_errors_are_loud(tmp_path):
     with pytest.raises(FileNotFoundError, match="pnet.lz4"):
-        mt.load_keras_arrays("pnet", str(tmp_path))
-    arrays = mt.load_keras_arrays("rnet")
+        weights.load_keras_arrays("pnet", str(tmp_path))
+    arrays = weights.load_keras_arrays("rnet")
     with pytest.raises(ValueError, match="expected 16 Keras arrays"):
-        mt.RNet().load_keras_weights(arrays[:-1])
+        networks.RNet().load_keras_weights(arrays[:-1])
     bad = list(arrays)
     bad[3] = np.zeros((3, 3, 28, 49), np.float32)
     with pytest.raises(ValueError, match="conv2"):
-        mt.RNet().load_keras_weights(bad)
+        networks.RNet().load_keras_weights(bad)
 
 
 def test_import_and_detect_without_tensorflow():
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from models.mtcnn_torch import TorchMTCNN
+        from detect.mtcnn_port.detector import TorchMTCNN
         TorchMTCNN().detect(np.zeros((64, 80, 3), np.uint8))
         bad = [m for m in ("tensorflow", "keras", "mtcnn") if m in sys.modules]
         assert not bad, bad
@@ -113,7 +114,7 @@ def _reference_nms(boxes, threshold, method):
     """Keep j unless any earlier box overlaps it by more than threshold (the package's rule)."""
     keep = []
     for j in range(len(boxes)):
-        ov = mt.box_overlap(boxes[j:j + 1], boxes[:j], method)
+        ov = nms.box_overlap(boxes[j:j + 1], boxes[:j], method)
         keep.append(not bool((ov > threshold).any()))
     return keep
 
@@ -125,31 +126,31 @@ def test_nms_is_the_packages_rule_per_group(method):
     wh = torch.rand(300, 2, generator=g, dtype=torch.float64) * 30 + 1
     boxes = torch.cat([xy, xy + wh], 1)
     groups = torch.sort(torch.randint(0, 5, (300,), generator=g)).values
-    keep = mt.earlier_overlap_nms(boxes, groups, 0.3, method, chunk=64)
+    keep = nms.earlier_overlap_nms(boxes, groups, 0.3, method, chunk=64)
     expected = []
     for gid in torch.unique(groups):
         expected += _reference_nms(boxes[groups == gid], 0.3, method)
     assert keep.tolist() == expected
     # Not greedy NMS: a suppressed box still suppresses later ones.
     chain = torch.tensor([[0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]], dtype=torch.float64)
-    assert mt.earlier_overlap_nms(chain, torch.zeros(3, dtype=torch.long), 0.4).tolist() == [True, False, False]
+    assert nms.earlier_overlap_nms(chain, torch.zeros(3, dtype=torch.long), 0.4).tolist() == [True, False, False]
 
 
 def test_area_resize_constant_and_mean():
     img = torch.rand(37, 53, 3)
-    small = mt.area_resize(img, 11, 20)
+    small = pyramid.area_resize(img, 11, 20)
     assert small.shape == (11, 20, 3) and small.dtype == torch.float32
-    const = mt.area_resize(torch.full((37, 53, 3), 0.25), 11, 20)
+    const = pyramid.area_resize(torch.full((37, 53, 3), 0.25), 11, 20)
     torch.testing.assert_close(const, torch.full_like(const, 0.25))
     # Integer factor: plain block means.
     img = torch.rand(40, 60, 3)
-    torch.testing.assert_close(mt.area_resize(img, 10, 20), img.view(10, 4, 20, 3, 3).mean(dim=(1, 3)))
+    torch.testing.assert_close(pyramid.area_resize(img, 10, 20), img.view(10, 4, 20, 3, 3).mean(dim=(1, 3)))
     # The dense weights (used on CUDA) equal the sparse ones (CPU).
     img = torch.rand(45, 61, 3)
-    dense, sparse = mt.AreaMatrices("cpu", sparse=False), mt.AreaMatrices("cpu", sparse=True)
-    torch.testing.assert_close(mt.area_resize(img, 17, 23, matrices=dense), mt.area_resize(img, 17, 23, matrices=sparse))
+    dense, sparse = pyramid.AreaMatrices("cpu", sparse=False), pyramid.AreaMatrices("cpu", sparse=True)
+    torch.testing.assert_close(pyramid.area_resize(img, 17, 23, matrices=dense), pyramid.area_resize(img, 17, 23, matrices=sparse))
     # The cache stays within its byte budget and keeps what was used last.
-    small = mt.AreaMatrices("cpu", sparse=False, max_bytes=2 * 40 * 100 * 4)
+    small = pyramid.AreaMatrices("cpu", sparse=False, max_bytes=2 * 40 * 100 * 4)
     for n_out in range(30, 41):
         small(100, n_out)
     assert list(small._cache) == [(100, 39), (100, 40)] and small._bytes <= small.max_bytes
@@ -157,23 +158,23 @@ def test_area_resize_constant_and_mean():
 
 def test_pnet_on_packed_canvas_equals_levels_alone():
     """Odd tile sizes: the masked conv1 cells make TF's 'same' pool hold at tile edges."""
-    net = mt.load_network("pnet")
+    net = weights.load_network("pnet")
     g = torch.Generator().manual_seed(1)
     sizes = [(33, 47), (24, 31), (17, 17), (12, 13), (40, 12)]
-    tiles = [mt._Tile(0, 1.0, h, w) for h, w in sizes]
-    placed, shapes = mt._pack(tiles, max_pixels=10_000)
+    tiles = [pyramid._Tile(0, 1.0, h, w) for h, w in sizes]
+    placed, shapes = pyramid._pack(tiles, max_pixels=10_000)
     assert len(shapes) == 1 and all(t.oy % 2 == 0 and t.ox % 2 == 0 for t in placed)
     canvas = torch.randn(*shapes[0], 3, generator=g)  # garbage between tiles on purpose
     levels = [torch.rand(h, w, 3, generator=g) * 2 - 1 for h, w in sizes]
     for t, level in zip(placed, levels):
         canvas[t.oy:t.oy + t.height, t.ox:t.ox + t.width] = level
     assert shapes[0][0] % 2 == 0 and shapes[0][1] % 2 == 0
-    edges = np.concatenate([mt._pool_edge_cells(t) for t in placed], axis=1)
+    edges = np.concatenate([pyramid._pool_edge_cells(t) for t in placed], axis=1)
     with torch.inference_mode():
         reg, prob = net(canvas.permute(2, 0, 1)[None], torch.from_numpy(edges))
         for t, level in zip(placed, levels):
             r1, p1 = net(level.permute(2, 0, 1)[None])
-            oh, ow = mt.pnet_output_size(t.height, t.width)
+            oh, ow = pyramid.pnet_output_size(t.height, t.width)
             assert p1.shape[1:] == (oh, ow)
             sl = (slice(t.oy // 2, t.oy // 2 + oh), slice(t.ox // 2, t.ox // 2 + ow))
             torch.testing.assert_close(prob[0][sl], p1[0], atol=1e-5, rtol=1e-5)
@@ -209,9 +210,9 @@ def test_detect_output_layout_and_batch(detector, photos):
 
 def test_cuda_settings_on_cpu(detector, photos):
     """What differs on CUDA apart from the kernels (one big canvas, dense resize weights)."""
-    like_cuda = mt.TorchMTCNN()
-    like_cuda.canvas_pixels = mt.CANVAS_PIXELS["cuda"]
-    like_cuda.area_matrices = mt.AreaMatrices("cpu", sparse=False)
+    like_cuda = port.TorchMTCNN()
+    like_cuda.canvas_pixels = port.CANVAS_PIXELS["cuda"]
+    like_cuda.area_matrices = pyramid.AreaMatrices("cpu", sparse=False)
     images = list(photos.values())[:6]
     for a_faces, b_faces in zip(detector.detect_batch(images), like_cuda.detect_batch(images)):
         assert len(a_faces) == len(b_faces)
@@ -225,13 +226,13 @@ def test_detect_rejects_bad_input(detector):
     with pytest.raises(TypeError, match="uint8"):
         detector.detect(np.zeros((20, 20, 3), np.float32))
     with pytest.raises(ValueError, match="thresholds"):
-        mt.TorchMTCNN(thresholds=(0.6, 0.7))
+        port.TorchMTCNN(thresholds=(0.6, 0.7))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(detector, photos):
-    gpu = mt.TorchMTCNN(device="cuda")
+    gpu = port.TorchMTCNN(device="cuda")
     images = list(photos.values())
     for cpu_faces, gpu_faces in zip(detector.detect_batch(images), gpu.detect_batch(images)):
         assert len(cpu_faces) == len(gpu_faces)
@@ -257,7 +258,7 @@ def test_networks_match_keras(package, name):
     import tensorflow as tf
 
     keras_net = package.stages[["pnet", "rnet", "onet"].index(name)].model
-    net = mt.load_network(name)
+    net = weights.load_network(name)
     size = {"pnet": (41, 57), "rnet": (24, 24), "onet": (48, 48)}[name]
     x = np.random.default_rng(2).uniform(-1, 1, (5, *size, 3)).astype(np.float32)
     expected = [o.numpy() for o in keras_net(tf.constant(x))]
@@ -278,7 +279,7 @@ def test_area_resize_matches_tensorflow():
     img = np.random.default_rng(3).uniform(-1, 1, (101, 77, 3)).astype(np.float32)
     for h, w in [(60, 46), (42, 32), (13, 10), (101, 77), (150, 90), (7, 5)]:
         expected = tf.image.resize(img[None], (h, w), method="area").numpy()[0]
-        got = mt.area_resize(torch.from_numpy(img), h, w).numpy()
+        got = pyramid.area_resize(torch.from_numpy(img), h, w).numpy()
         np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
@@ -295,7 +296,7 @@ def test_crop_and_resize_matches_tensorflow():
     ids, boxes = ids[order], boxes[order]
     flat = torch.from_numpy(np.concatenate([im.reshape(-1, 3) for im in images]))
     offsets = torch.tensor([0, shapes[0][0] * shapes[0][1]])
-    got = mt.crop_and_resize(flat, offsets, torch.tensor(shapes), torch.from_numpy(boxes),
+    got = pyramid.crop_and_resize(flat, offsets, torch.tensor(shapes), torch.from_numpy(boxes),
                              torch.from_numpy(ids), 24).permute(0, 2, 3, 1).numpy()
     for b, (h, w) in enumerate(shapes):  # the package normalises by the image it crops from
         sel = ids == b
@@ -329,7 +330,7 @@ def test_detections_match_package_on_photos(detector, package, photos):
 @pytest.mark.slow
 def test_other_settings_match_package(package, photos):
     """Upsampled first level (min_face_size < 12), another pyramid step and thresholds."""
-    det = mt.TorchMTCNN(min_face_size=9, scale_factor=0.8, thresholds=(0.5, 0.6, 0.8))
+    det = port.TorchMTCNN(min_face_size=9, scale_factor=0.8, thresholds=(0.5, 0.6, 0.8))
     for name, image in sorted(photos.items(), key=lambda kv: kv[1].shape[0] * kv[1].shape[1])[:4]:
         expected = package.detect_faces(image, output_type="numpy", min_face_size=9, scale_factor=0.8,
                                         threshold_pnet=0.5, threshold_rnet=0.6, threshold_onet=0.8)

@@ -14,7 +14,8 @@ from conftest import FACES, golden_lm5
 from util.image_io import load_image
 from util.pil_resample import (PlanBatch, apply_plan, apply_plans, axis_coeffs, identity_plan, plan_resize_crop,
                                 resize_crop_array)
-from util.preprocess import align_img, crop_box, flip_y, load_lm3d, pil_vertical_first
+from util.landmarks import flip_y
+from util.preprocess import align_img, crop_box, load_lm3d, pil_vertical_first
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BICUBIC = Image.Resampling.BICUBIC

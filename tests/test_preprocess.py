@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import DATA, FACES, golden_lm5
-from util.preprocess import align_img, extract_5p, flip_y, image_to_array, load_lm3d, pos
+from util.landmarks import flip_y, lm68_to_5
+from util.preprocess import align_img, image_to_array, load_lm3d, pos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,12 +83,40 @@ def test_image_to_crop_is_the_mapping_align_img_applies(lm3d):
     np.testing.assert_allclose(moved - lm_crop, (others - lm_up) * tr.s, atol=1e-9)
 
 
-def test_extract_5p_from_68():
+def test_lm68_to_5_from_68():
     lm68 = np.random.default_rng(0).normal(size=(68, 2))
-    five = extract_5p(lm68)
+    five = lm68_to_5(lm68)
     np.testing.assert_allclose(five[0], (lm68[36] + lm68[39]) / 2)
     np.testing.assert_allclose(five[2], lm68[30])
     np.testing.assert_allclose(five[4], lm68[54])
+    np.testing.assert_allclose(five[1], (lm68[42] + lm68[45]) / 2)
+    np.testing.assert_allclose(five[3], lm68[48])
+
+
+def test_lm68_to_5_is_one_mapping_for_arrays_and_tensors():
+    """util.landmarks.lm68_to_5: (..., 68, D) NumPy or torch, batched, differentiable; the 1-based
+    indices of the original (37 & 40, 43 & 46, 31, 49, 55) written out here independently."""
+    import torch
+
+    lm68 = np.random.default_rng(1).normal(size=(3, 68, 3)).astype(np.float32)
+    want = np.stack([lm68[:, [36, 39]].mean(1), lm68[:, [42, 45]].mean(1), lm68[:, 30], lm68[:, 48], lm68[:, 54]], 1)
+    got = lm68_to_5(lm68)
+    assert got.shape == (3, 5, 3) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    t = torch.from_numpy(lm68).requires_grad_(True)
+    out = lm68_to_5(t)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 5, 3)
+    np.testing.assert_array_equal(out.detach().numpy(), want)
+    out.sum().backward()
+    assert float(t.grad[0, 36, 0]) == 0.5 and float(t.grad[0, 30, 0]) == 1.0 and float(t.grad[0, 0, 0]) == 0.0
+    with pytest.raises(ValueError, match=r"\(\.\.\., 68, D\)"):
+        lm68_to_5(np.zeros((5, 2)))
+
+
+def test_flip_y_round_trip():
+    pts = np.array([[1.0, 2.0], [3.0, 9.0]])
+    np.testing.assert_array_equal(flip_y(pts, 10), [[1.0, 7.0], [3.0, 0.0]])
+    np.testing.assert_array_equal(flip_y(flip_y(pts, 10), 10), pts)
 
 
 def test_image_to_array_matches_original_division():

@@ -18,7 +18,7 @@ VIEWER_BG = (32, 36, 42)  # the viewer canvas's clear colour (#20242a)
 
 
 def fake_face(name: str, rel_dir: str = "", shift: float = 0.0) -> FaceResult:
-    """A face whose 68 landmarks put their 5 points (util.preprocess.extract_5p) ``shift`` px right
+    """A face whose 68 landmarks put their 5 points (util.landmarks.lm68_to_5) ``shift`` px right
     of the detected ones."""
     lm68 = np.zeros((68, 2), np.float32)
     lm_gt = np.array([[80, 120], [140, 120], [112, 90], [90, 60], [134, 60]], np.float32)

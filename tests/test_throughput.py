@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import DATA, FACES, golden_lm5
 from util.image_io import load_image
-from util.preprocess import align_img, flip_y, image_to_array, load_lm3d, pil_vertical_first, resize_crop
+from util.landmarks import flip_y
+from util.preprocess import align_img, image_to_array, load_lm3d, pil_vertical_first, resize_crop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BICUBIC = Image.Resampling.BICUBIC

@@ -18,7 +18,8 @@ from conftest import ROOT, tiny_face_model_dict
 from data.train_dataset import (LM68_MIRROR, AugmentConfig, FaceTrainDataset, apply_affine, augment_landmarks,
                                 random_affine, read_list)
 from util.detections_io import detection_path, write_points
-from util.preprocess import extract_5p, load_lm3d
+from util.landmarks import lm68_to_5
+from util.preprocess import load_lm3d
 
 N_PHOTOS = 4
 
@@ -45,7 +46,7 @@ def workspace(tmp_path_factory):
         img = (rng.uniform(0, 255, (256, 256, 3)) * 0.3 + 90).astype(np.uint8)
         Image.fromarray(img).save(photos / name)
         write_points(detection_path(str(photos), name, subdir="landmarks"), lm68)
-        write_points(detection_path(str(photos), name), extract_5p(lm68))
+        write_points(detection_path(str(photos), name), lm68_to_5(lm68))
     return {"root": str(root), "bfm": str(bfm), "photos": str(photos), "data_root": str(root / "data")}
 
 
@@ -86,7 +87,7 @@ def test_prepare_list_and_dataset(workspace, tmp_path):
     assert item["imgs"].shape == (3, 224, 224) and item["imgs"].dtype == torch.float32
     assert item["lms"].shape == (68, 2) and item["msks"].shape == (1, 224, 224) and torch.all(item["msks"] == 1)
     # aligned with the 5 points of its own landmarks, they land on the standard 5 points
-    five = extract_5p(item["lms"].numpy())
+    five = lm68_to_5(item["lms"].numpy())
     assert np.abs(five[:, 0] - five[:, 0].mean()).max() < 60 and 80 < five[:, 1].mean() < 140
     aug = FaceTrainDataset(entries, load_lm3d(ws["bfm"]), AugmentConfig(), seed=3)
     a, b = aug[1], aug[1]

@@ -32,7 +32,8 @@ def test_smoothing_moves_only_pose_and_expression_within_runs_of_faces():
 
 
 def test_landmarks_go_back_to_the_frame_where_they_were_detected():
-    from util.preprocess import align_img, flip_y, load_lm3d
+    from util.landmarks import flip_y
+    from util.preprocess import align_img, load_lm3d
 
     img = Image.open(os.path.join(ROOT, "examples", "000002.jpg")).convert("RGB")
     lm = np.array(golden_lm5()["000002.jpg"], dtype=np.float64)  # y down

@@ -6,7 +6,8 @@ The photo is then resized by ``s`` with PIL bicubic and cropped to 224x224, with
 integer truncations, because the regressor's numbers hinge on exactly those pixels.
 
 Coordinates: detections on disk are image pixels with y down. Like the original, the point
-arrays inside alignment are y up (``y_up = H - 1 - y_down``).
+arrays inside alignment are y up (``y_up = H - 1 - y_down``, :func:`util.landmarks.flip_y`); the
+68 -> 5 point mapping is :func:`util.landmarks.lm68_to_5`.
 """
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ import numpy as np
 from PIL import Image
 
 from util.assets import error_line, require_file
+from util.landmarks import lm68_to_5
 
 TARGET_SIZE = 224
 RESCALE_FACTOR = 102.0
-# 1-based indices into the 68 landmarks: nose tip, eye corners (2+2), mouth corners
-_LM68_TO_5 = np.array([31, 37, 40, 43, 46, 49, 55]) - 1
 MIN_POINT_SPREAD = 2.0  # pixels: 5 points closer together than this are no face's
 MAX_ALIGNED_SIDE = 1 << 20  # pixels: the photo resized for the crop may not be larger (int32-safe)
 _REDO = "re-run ./process_images.sh on the folder"
@@ -30,13 +30,6 @@ _REDO = "re-run ./process_images.sh on the folder"
 class AlignmentError(ValueError):
     """The landmarks of a face cannot be aligned (not finite, all at one place, off the photo);
     the message says why, in one line."""
-
-
-def extract_5p(lm68: np.ndarray) -> np.ndarray:
-    """(68, D) landmarks -> (5, D): left eye centre, right eye centre, nose tip, mouth corners."""
-    i = _LM68_TO_5
-    five = np.stack([lm68[i[0]], lm68[i[[1, 2]]].mean(0), lm68[i[[3, 4]]].mean(0), lm68[i[5]], lm68[i[6]]], 0)
-    return five[[1, 2, 0, 3, 4]]
 
 
 def load_lm3d(bfm_folder: str) -> np.ndarray:
@@ -51,7 +44,7 @@ def load_lm3d(bfm_folder: str) -> np.ndarray:
         raise ValueError(f"cannot read the standard landmarks {path} ({error_line(e)}); {how}") from None
     if lm.shape != (68, 3) or lm.dtype.kind != "f" or not np.all(np.isfinite(lm)):
         raise ValueError(f"{path}: 'lm' should be 68 finite 3D points, found shape {lm.shape}; {how}")
-    return extract_5p(lm)
+    return lm68_to_5(lm)
 
 
 def pos(xp: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -146,7 +139,7 @@ def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, ta
     (transform.w, transform.h), PIL bicubic, then cropped at (left, up) to target_size."""
     w0, h0 = img_size
     check_landmarks(lm, img_size)
-    lm5 = lm if lm.shape[0] == 5 else extract_5p(lm)
+    lm5 = lm if lm.shape[0] == 5 else lm68_to_5(lm)
     t, s = pos(lm5.T, lm3d.T)
     s = rescale_factor / s if s > 0 else float("inf")
     big = max(w0, h0) * s
@@ -229,13 +222,6 @@ def resize_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, in
     if vertical_first is None or img.mode != "RGB":
         return img.resize(size, resample=Image.Resampling.BICUBIC).crop(box)
     return Image.fromarray(resize_crop_array(img, plan_resize_crop(img.size, size, box, vertical_first)))
-
-
-def flip_y(points: np.ndarray, height: int) -> np.ndarray:
-    """Convert (..., 2) points between y-down and y-up pixel conventions: y' = height - 1 - y."""
-    out = np.array(points, copy=True)
-    out[..., 1] = height - 1 - out[..., 1]
-    return out
 
 
 def image_to_array(img: Image.Image) -> np.ndarray:

@@ -12,7 +12,7 @@ modules and fetches) into ``report/``, and writes ``index.html``. Without the ve
 page still has everything but the 3D view, and says which command installs it.
 
 Numbers per face: the landmark residual (mean distance in crop pixels between the 5 detected
-points and the same 5 points of the predicted 68 landmarks, :func:`util.preprocess.extract_5p`),
+points and the same 5 points of the predicted 68 landmarks, :func:`util.landmarks.lm68_to_5`),
 the photometric residual (mean absolute difference in grey levels between render and crop where
 the face is drawn) and the head pose in degrees (the coefficients' Euler angles: pitch about x,
 yaw about y, roll about z).
@@ -45,12 +45,12 @@ INSTALL_HINT = "tools/vendor_viewer.sh"
 def face_numbers(res, angles: np.ndarray) -> dict:
     """The report's numbers of one :class:`util.results_io.FaceResult` (see the module's docstring);
     ``angles`` (3,) radians. Missing inputs give None."""
-    from util.preprocess import extract_5p
+    from util.landmarks import lm68_to_5
 
     lm_err = None
     if res.lm_gt is not None and res.lm68 is not None:
-        gt = res.lm_gt if len(res.lm_gt) == 5 else extract_5p(res.lm_gt)
-        lm_err = float(np.linalg.norm(extract_5p(res.lm68) - gt, axis=1).mean())
+        gt = res.lm_gt if len(res.lm_gt) == 5 else lm68_to_5(res.lm_gt)
+        lm_err = float(np.linalg.norm(lm68_to_5(res.lm68) - gt, axis=1).mean())
     pitch, yaw, roll = (float(np.degrees(a)) for a in angles)
     err = res.arrays.get("photo_error")
     photo = None if err is None or not math.isfinite(err) else float(err)

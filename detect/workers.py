@@ -1,0 +1,250 @@
+"""Worker processes of the folder engine: their number, their thread limits, their tasks.
+
+Each worker process holds one :class:`detect.analyze.Analyzer` (its detector loaded once), caps
+its libraries' threads so that workers x threads <= cores, and dies with the run.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from detect.analyze import Analyzer, load_photo
+from detect.settings import Plan, PrepareOptions
+from util.subprocesses import main_module_hidden
+
+logger = logging.getLogger(__name__)
+
+_WORKER: dict = {}
+# Variables that size the thread pools of OpenMP, BLAS libraries, TensorFlow and torch's inter-op
+# pool; set for a worker before it starts, so that every library reads them at its import.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                    "TF_NUM_INTEROP_THREADS")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int, n_photos: int, batched: bool = False, cores: int | None = None) -> int:
+    """How many worker processes a run starts.
+
+    Args:
+        requested: ``--workers`` (> 0), or 0 for auto.
+        n_photos: the photos to do (``batched``: the batches).
+        batched: count engine processes of the batched engine.
+        cores: the usable cores (default :func:`usable_cores`).
+
+    Returns:
+        ``requested`` (at most one per photo or batch); auto: one per core, at most one per 4
+        photos (a detector process takes seconds to start); batched auto: the cores less one, at
+        most 16, at most one per batch. At least 1.
+    """
+    cores = cores or usable_cores()
+    if requested > 0:
+        return min(requested, max(1, n_photos))
+    if batched:  # n_photos: batches
+        return min(16, max(1, cores - 1), max(1, n_photos))
+    return max(1, min(cores, -(-n_photos // 4)))
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """CPU threads each of ``workers`` processes may use: ``cores // workers``, at least 1, so that
+    workers x threads <= cores (``cores`` default :func:`usable_cores`)."""
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
+@contextlib.contextmanager
+def thread_limits_in_environment(threads: int):
+    """Set :data:`THREAD_VARIABLES` to ``threads`` while worker processes start (they inherit
+    the environment, and their libraries read it at import), then restore the parent's."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def limit_threads(threads: int) -> None:
+    """Cap this process's torch and OpenCV threads (OpenMP and BLAS read the environment set by
+    :func:`thread_limits_in_environment`; TensorFlow gets ``threads`` from the Analyzer)."""
+    import sys
+
+    if "torch" in sys.modules:  # not imported for it: a TensorFlow worker has no use for torch
+        sys.modules["torch"].set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:  # pragma: no cover - opencv is a requirement
+        pass
+
+
+def thread_limits() -> dict:
+    """This process's thread settings, as :func:`limit_threads` left them (read back by tests)."""
+    import torch
+
+    out = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    out["torch"] = torch.get_num_threads()
+    try:
+        import cv2
+
+        out["cv2"] = cv2.getNumThreads()
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _worker_init(folder: str, options: PrepareOptions, min_score: float, threads: int) -> None:
+    from util.subprocesses import die_with_parent
+
+    die_with_parent()  # a worker never outlives a killed run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    try:
+        limit_threads(threads)
+        _WORKER["analyzer"] = Analyzer(folder, options, min_score, threads=threads)
+    except BaseException as e:  # reported by the first task, in the parent
+        _WORKER["error"] = e
+    atexit.register(_leave_at_once)  # registered last, so run first at the worker's exit
+
+
+def _leave_at_once() -> None:
+    """A worker's exit without the interpreter's teardown: its results are all sent (the pool's
+    result queue writes synchronously) and it writes no file, while tearing down TensorFlow's or
+    torch's and CUDA's state took 1.5-2.5 s during which the run waited for it
+    (docs/detection_speed.md)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(0)
+
+
+def _worker_analyse(rel: str) -> dict:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["analyzer"].analyse(rel)
+
+
+def _worker_thread_limits(_=None) -> dict:
+    """A pool task: the worker's :func:`thread_limits` and its parent-death signal (for tests)."""
+    import ctypes
+    import ctypes.util
+
+    out = thread_limits()
+    sig = ctypes.c_int(-1)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(2, ctypes.byref(sig), 0, 0, 0)  # GET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    out["pdeathsig"] = sig.value
+    return out
+
+
+def _worker_analyse_batch(rels: list[str]) -> list[dict]:
+    """A batched engine's task: load a batch of photos, detect them in one call."""
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return analyse_chunk(_WORKER["analyzer"], rels)
+
+
+def analyse_chunk(analyzer: Analyzer, rels: list[str]) -> list[dict]:
+    keep_full = analyzer.options.landmarks68 or analyzer.options.debug_vis
+    photos = [load_photo(analyzer.folder, rel, analyzer.settings, analyzer.options.max_side, keep_full)
+              for rel in rels]
+    return analyzer.analyse_batch(photos)
+
+
+@dataclass
+class StartedWorkers:
+    """Worker processes started on their tasks (:func:`start_workers`); their results are
+    collected with :meth:`collect` and the processes ended with :meth:`stop`.
+
+    Attributes:
+        pool: the process pool; futures: one per task, in task order; workers: the processes;
+        started: ``time.perf_counter()`` when they were started.
+    """
+
+    pool: cf.ProcessPoolExecutor
+    futures: list
+    workers: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def collect(self, accept) -> None:
+        """``accept(result)`` for each photo's result (tasks that return lists give several), in
+        the order the tasks finish. Raises the first task's exception (a worker that could not
+        start raises its start-up error here)."""
+        first = True
+        for fut in cf.as_completed(self.futures):
+            result = fut.result()
+            if first:
+                logger.info("first task done %.2f s after the %d worker(s) were started",
+                            time.perf_counter() - self.started, self.workers)
+                first = False
+            for r in result if isinstance(result, list) else [result]:
+                accept(r)
+        logger.info("all %d tasks done %.2f s after the start", len(self.futures), time.perf_counter() - self.started)
+
+    def stop(self) -> None:
+        """Cancel the tasks not begun and wait for the processes to end."""
+        t0 = time.perf_counter()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        logger.info("%d worker(s) ended in %.2f s", self.workers, time.perf_counter() - t0)
+
+
+def start_workers(plan: Plan, tasks: list, task, workers: int) -> StartedWorkers:
+    """Start ``workers`` processes, each with its own detector (:class:`detect.analyze.Analyzer`)
+    and :func:`threads_per_worker` threads, and hand them ``tasks`` (run with ``task``) at once.
+
+    Args:
+        plan: the run (folder, options, min_score are passed to each worker).
+        tasks: picklable task arguments (a photo, or a batch of photos).
+        task: a module-level function of this module run on each task in a worker.
+        workers: the number of processes (>= 1).
+
+    Returns:
+        the started workers; the caller must :meth:`~StartedWorkers.stop` them (also on errors).
+    """
+    threads = threads_per_worker(workers)
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow and CUDA do not survive fork
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(plan.folder, plan.options, plan.min_score, threads))
+    started = StartedWorkers(pool, [], workers)
+    try:
+        # the workers start here (one per task submitted while none is idle, so all of them at
+        # once); they need nothing from the caller's script
+        with main_module_hidden(), thread_limits_in_environment(threads):
+            started.futures = [pool.submit(task, t) for t in tasks]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return started
+
+
+def run_pool(plan: Plan, accept, tasks: list | None = None, task=_worker_analyse, workers: int | None = None) -> None:
+    """:func:`start_workers` on ``tasks`` (default: each photo to do, with :func:`_worker_analyse`),
+    every result to ``accept``, then the processes ended. ``workers``: default
+    :func:`worker_count` of the options' ``workers`` for the tasks."""
+    tasks = plan.todo if tasks is None else tasks
+    started = start_workers(plan, tasks, task, workers or worker_count(plan.options.workers, len(tasks)))
+    try:
+        started.collect(accept)
+    finally:
+        started.stop()
