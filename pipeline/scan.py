@@ -70,23 +70,29 @@ def make_results_dir(out_dir: str) -> list[str]:
         raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
 
 
-def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[list, int]:
-    """``--skip_existing``: (the entries not all of whose ``suffixes`` files are in ``out_dir``
-    (under their ``rel_dir``), how many were left out). One listing per results sub-folder; a
-    file being written has a temporary name, so a name present is a complete file."""
+def without_finished(entries: list, out_dir: str, suffixes: list) -> tuple[list, int]:
+    """``--skip_existing``: (the entries not all of whose files are in ``out_dir``, how many were
+    left out). ``suffixes``: the files of a face, each a suffix of its name (under its ``rel_dir``)
+    or (folder, suffix) (under ``<folder>/<rel_dir>``, :func:`pipeline.outputs.output_files`). One
+    listing per results sub-folder; a file being written has a temporary name, so a name present
+    is a complete file."""
     if not suffixes:
         return entries, 0
+    wanted = [s if isinstance(s, tuple) else ("", s) for s in suffixes]
     listed: dict[str, set[str]] = {}
-    todo = []
-    for e in entries:
-        names = listed.get(e.rel_dir)
+
+    def names_in(d: str) -> set[str]:
+        names = listed.get(d)
         if names is None:
             try:
-                names = listed[e.rel_dir] = set(os.listdir(os.path.join(out_dir, e.rel_dir)))
+                names = listed[d] = set(os.listdir(os.path.join(out_dir, d)))
             except (FileNotFoundError, NotADirectoryError):
-                names = listed[e.rel_dir] = set()
-        if not all(e.name + suffix in names for suffix in suffixes):
-            todo.append(e)
+                names = listed[d] = set()
+        return names
+
+    todo = [e for e in entries
+            if not all(e.name + sfx in names_in(os.path.join(folder, e.rel_dir) if folder else e.rel_dir)
+                       for folder, sfx in wanted)]
     return todo, len(entries) - len(todo)
 
 
@@ -107,7 +113,7 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
         SetupError: ``spec.img_folder`` is not a folder.
     """
     from data.image_folder import scan_folder
-    from pipeline.outputs import output_suffixes
+    from pipeline.outputs import output_files
 
     folder = spec.img_folder
     if not os.path.isdir(folder):
@@ -119,5 +125,5 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
         entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
     summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
     if spec.skip_existing:
-        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(spec.outputs))
+        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_files(spec.outputs))
     return entries, summary

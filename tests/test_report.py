@@ -243,3 +243,29 @@ def test_a_report_subfolder_is_fine_without_recursive_or_report(tmp_path):
     assert error(recursive=True, group_by="") is None
     assert "'report'" in error(recursive=True, report=True)
     assert "'image_sets'" in error(group_by="folder")
+
+
+def test_skip_existing_redoes_a_face_whose_report_files_are_missing(standin, tmp_path, capsys):
+    """--skip_existing --report: a face is done only with its report files (report/<rel_dir>/<name>
+    .png/.mesh.js/.json) too; a resumed run redoes the face that lacks one and leaves the other."""
+    from tests.conftest import make_photo_folder
+    from tests.test_inference import run
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    out = str(tmp_path / "out")
+    args = ("--report", "true", "--save_mat", "false", "--save_png", "false")
+    assert run(standin, folder, out, *args) == 0
+    assert sorted(os.listdir(os.path.join(out, "report"))) == [
+        "000002.json", "000002.mesh.js", "000002.png", "triangles.js", "vd006.json", "vd006.mesh.js", "vd006.png",
+        "vendor", "viewer.js"]
+    os.remove(os.path.join(out, "report", "vd006.mesh.js"))  # as a run killed between a face's files would
+    capsys.readouterr()
+    assert run(standin, folder, out, *args, "--skip_existing", "true") == 0
+    printed = capsys.readouterr().out
+    assert "1 face(s) reconstructed" in printed and "1 face(s) left out" in printed
+    assert os.path.isfile(os.path.join(out, "report", "vd006.mesh.js"))
+    from pipeline.outputs import output_files
+    from pipeline.settings import OutputSpec
+
+    assert output_files(OutputSpec(save_mat=False, report=True)) == [
+        ("", ".png"), ("", ".obj"), ("report", ".png"), ("report", ".mesh.js"), ("report", ".json")]
