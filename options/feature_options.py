@@ -14,8 +14,9 @@ from options.base_options import opt
 @dataclass
 class ImageSetOptions:
     group_by: str = opt("", "image sets: reconstruct every photo, then aggregate one identity and albedo per person "
-                            "(<results>/image_sets/<person>.obj/.mat). 'folder' = a sub-folder per person (implies "
-                            "--recursive), or the path of a CSV file with the columns photo,person", group="sets")
+                            "(<results>/image_sets/<person>.obj/.mat; .ply/.glb with --mesh_format). 'folder' = a "
+                            "sub-folder per person (implies --recursive), or the path of a CSV file with the columns "
+                            "photo,person", group="sets")
     confidence: str = opt("fit", "image sets: per-photo confidence of the aggregation: fit (from the landmark and "
                                  "photometric residuals) | uniform | path of a TorchScript confidence network", group="sets")
 
@@ -68,7 +69,7 @@ def reserved_subfolder_error(img_folder: str, report: bool, image_sets: bool) ->
 def image_set_settings(o):
     from pipeline.image_sets import ImageSetSettings
 
-    return ImageSetSettings(group_by=o.group_by, confidence=o.confidence)
+    return ImageSetSettings(group_by=o.group_by, confidence=o.confidence, mesh_format=o.mesh_format)
 
 
 def video_settings(o, device):
