@@ -96,6 +96,32 @@ def without_finished(entries: list, out_dir: str, suffixes: list) -> tuple[list,
     return todo, len(entries) - len(todo)
 
 
+def entries_of(folder: str, photos: set[str], lm68: bool = False) -> list:
+    """The faces of ``photos`` (paths relative to ``folder``, '/'-separated, as the detection
+    process reports them), as :func:`data.image_folder.scan_folder` would give them, in its order,
+    without listing the folder: only their detection (and with ``lm68`` landmark) folders are
+    read. Photos no longer there or without a detection file are left out; of photos sharing a
+    sub-folder and stem, the first in listing order (the detection process marks the others
+    ``duplicate_stem`` and never reports them)."""
+    from data.image_folder import FaceEntry
+    from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, stem_detection_files
+
+    prefix = os.path.join(folder, "")
+    index: dict = {}
+    seen: set[tuple[str, str]] = set()
+    entries = []
+    for rel in sorted(photos):  # list_images' order
+        rel_dir, _, name = rel.rpartition("/")
+        key = (rel_dir, file_stem(name))
+        if key in seen or not os.path.lexists(prefix + rel):
+            continue
+        seen.add(key)
+        faces = stem_detection_files(folder, rel_dir, key[1], DETECTIONS_DIR, index)
+        lm_files = dict(stem_detection_files(folder, rel_dir, key[1], LANDMARKS_DIR, index)) if lm68 and faces else {}
+        entries += [FaceEntry(prefix + rel, det, face, rel_dir, lm_files.get(face, "")) for face, det in faces]
+    return entries
+
+
 def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = None) -> tuple[list, RunSummary]:
     """The faces a run (this rank's share) will reconstruct, and its summary so far.
 
@@ -119,8 +145,11 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
     if not os.path.isdir(folder):
         raise SetupError(f"--img_folder {folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
-    entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
-    if only is not None:
+    if only is not None and world == 1:  # run_pipeline's rounds: those photos only, no listing of the folder
+        entries, missing = entries_of(folder, only, lm68=spec.fit_steps > 0), []
+    else:
+        entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
+    if only is not None and world > 1:
         prefix = os.path.join(folder, "")
         entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
     summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
