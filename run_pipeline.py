@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print("run_pipeline: error: --video and --group_by are test.py's: run ./process_images.sh, then "
               "python test.py with them", file=sys.stderr)
         return 2
+    from options.feature_options import reserved_subfolder_error
+
+    clash = opt.recursive and reserved_subfolder_error(opt.img_folder, opt.report, False)
+    if clash:
+        print(f"run_pipeline: error: {clash}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from detect.mtcnn_tf import tensorflow_quiet
     from detect.registry import resolve_detector_device

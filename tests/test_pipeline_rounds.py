@@ -59,3 +59,13 @@ def test_a_round_does_not_list_the_folder(tmp_path, monkeypatch):
     entries, summary = scan.scan(spec, only={"sub/c.jpg", "b.png"})
     assert [(e.rel_dir, e.name) for e in entries] == [("", "b"), ("sub", "c"), ("sub", "c__face03")]
     assert summary.photos_without_detection == []
+
+
+def test_run_pipeline_refuses_a_report_subfolder_with_recursive_report(tmp_path, capsys):
+    """As test.py: a photo sub-folder report/ would write into the report's own folder."""
+    import run_pipeline
+
+    (tmp_path / "report").mkdir()
+    assert run_pipeline.main([str(tmp_path), "--recursive", "true", "--report", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"run_pipeline: error: {tmp_path / 'report'}: a photo sub-folder")
