@@ -11,10 +11,10 @@ reconstructed as test.py always does (its own files are written), and per group:
 * identity = ``sum_j c_j * id_j / sum_j c_j`` (per coefficient when ``c_j`` is a vector) and
   albedo likewise with each photo's scalar confidence (a vector's mean): the paper aggregates
   shape only;
-* ``<results>/image_sets/<person>.obj`` (``.ply``, ``.glb``: ``mesh_format``): the aggregated identity with a neutral expression, in
-  model space (as the per-photo .obj files' world space, without pose), coloured by the
-  aggregated albedo (no lighting); ``<person>.mat``: ``id`` (1, 80), ``tex`` (1, 80),
-  ``photos`` (the photos' paths relative to the folder), ``weights`` (1, N) the photos' shares
+* ``<results>/image_sets/<person>.obj`` (``.ply``, ``.glb``: ``mesh_format``): the aggregated
+  identity with a neutral expression, in model space (as the per-photo .obj files' world space,
+  without pose), coloured by the aggregated albedo (no lighting); ``<person>.mat``: ``id`` (1, 80),
+  ``tex`` (1, 80), ``photos`` (the photos' paths relative to the folder), ``weights`` (1, N) the photos' shares
   (``c_j / sum c``, scalar confidences), ``confidence`` (N, 1) or (N, 80),
   ``landmark_residual`` and ``photo_residual`` (1, N), ``confidence_name``.
 
