@@ -8,7 +8,8 @@ files, same report, same exit codes), in less time: detection runs in a process 
 (:func:`detect.folder.run_plan`, batched on CUDA) and reports each photo it finishes; this process
 loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
 (:func:`pipeline.run.run_folder` on those photos, the model loaded once), each round taking
-every photo finished since the last one.
+every photo finished since the last one: a round reads only those photos' detection folders
+(:func:`pipeline.scan.entries_of`), never lists the whole folder again.
 
 Detection options (the rest go to test.py): --detector, --detect_device (default auto), --workers
 (detection), --detect_batch_size, --max_side, --min_score, --all-faces, --force_detect; see
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     if opt.video or opt.group_by:
         print("run_pipeline: error: --video and --group_by are test.py's: run ./process_images.sh, then "
               "python test.py with them", file=sys.stderr)
+        return 2
+    from options.feature_options import reserved_subfolder_error
+
+    clash = opt.recursive and reserved_subfolder_error(opt.img_folder, opt.report, False)
+    if clash:
+        print(f"run_pipeline: error: {clash}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if opt.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from detect.mtcnn_tf import tensorflow_quiet

@@ -14,8 +14,9 @@ from options.base_options import opt
 @dataclass
 class ImageSetOptions:
     group_by: str = opt("", "image sets: reconstruct every photo, then aggregate one identity and albedo per person "
-                            "(<results>/image_sets/<person>.obj/.mat). 'folder' = a sub-folder per person (implies "
-                            "--recursive), or the path of a CSV file with the columns photo,person", group="sets")
+                            "(<results>/image_sets/<person>.obj/.mat; .ply/.glb with --mesh_format). 'folder' = a "
+                            "sub-folder per person (implies --recursive), or the path of a CSV file with the columns "
+                            "photo,person", group="sets")
     confidence: str = opt("fit", "image sets: per-photo confidence of the aggregation: fit (from the landmark and "
                                  "photometric residuals) | uniform | path of a TorchScript confidence network", group="sets")
 
@@ -32,7 +33,8 @@ class VideoOptions:
 
 
 def feature_inputs_error(o) -> str | None:
-    """A missing --video or --group_by CSV path as one line (None: none), checked by path only so
+    """A missing --video or --group_by CSV path, or a photo sub-folder whose results would land in
+    the report's or the image sets' own folder, as one line (None: none); checked by path only so
     that test.py reports it before torch loads."""
     import os
 
@@ -41,13 +43,33 @@ def feature_inputs_error(o) -> str | None:
     if o.group_by and o.group_by != "folder" and not os.path.isfile(o.group_by):
         return (f"--group_by {o.group_by!r}: give 'folder' (a sub-folder per person) or the path of a CSV file "
                 "with the columns photo,person")
+    if not o.video and (o.recursive or o.group_by == "folder"):
+        return reserved_subfolder_error(o.img_folder, o.report, bool(o.group_by))
+    return None
+
+
+def reserved_subfolder_error(img_folder: str, report: bool, image_sets: bool) -> str | None:
+    """With --recursive, a photo sub-folder ``report/`` (with --report) or ``image_sets/`` (with
+    --group_by) would write its photos' results into ``<results>/report/`` or
+    ``<results>/image_sets/``, the run's own folders for the report's and the people's files:
+    one line saying so and what to do (None: no such sub-folder)."""
+    import os
+
+    from util.report import REPORT_DIR
+
+    # "image_sets": pipeline.image_sets.SETS_DIR (that module imports torch; this check runs before it loads)
+    for wanted, sub, flag in ((report, REPORT_DIR, "--report"), (image_sets, "image_sets", "--group_by")):
+        if wanted and img_folder and os.path.isdir(os.path.join(img_folder, sub)):
+            return (f"{os.path.join(img_folder, sub)}: a photo sub-folder named {sub!r} would put its results "
+                    f"into the results folder's {sub}/, where {flag} writes its own files; rename that "
+                    f"sub-folder (or leave out {flag})")
     return None
 
 
 def image_set_settings(o):
     from pipeline.image_sets import ImageSetSettings
 
-    return ImageSetSettings(group_by=o.group_by, confidence=o.confidence)
+    return ImageSetSettings(group_by=o.group_by, confidence=o.confidence, mesh_format=o.mesh_format)
 
 
 def video_settings(o, device):

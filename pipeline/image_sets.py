@@ -11,10 +11,10 @@ reconstructed as test.py always does (its own files are written), and per group:
 * identity = ``sum_j c_j * id_j / sum_j c_j`` (per coefficient when ``c_j`` is a vector) and
   albedo likewise with each photo's scalar confidence (a vector's mean): the paper aggregates
   shape only;
-* ``<results>/image_sets/<person>.obj``: the aggregated identity with a neutral expression, in
-  model space (as the per-photo .obj files' world space, without pose), coloured by the
-  aggregated albedo (no lighting); ``<person>.mat``: ``id`` (1, 80), ``tex`` (1, 80),
-  ``photos`` (the photos' paths relative to the folder), ``weights`` (1, N) the photos' shares
+* ``<results>/image_sets/<person>.obj`` (``.ply``, ``.glb``: ``mesh_format``): the aggregated
+  identity with a neutral expression, in model space (as the per-photo .obj files' world space,
+  without pose), coloured by the aggregated albedo (no lighting); ``<person>.mat``: ``id`` (1, 80),
+  ``tex`` (1, 80), ``photos`` (the photos' paths relative to the folder), ``weights`` (1, N) the photos' shares
   (``c_j / sum c``, scalar confidences), ``confidence`` (N, 1) or (N, 80),
   ``landmark_residual`` and ``photo_residual`` (1, N), ``confidence_name``.
 
@@ -45,10 +45,12 @@ SETS_DIR = "image_sets"
 @dataclass(frozen=True)
 class ImageSetSettings:
     """group_by: ``folder`` or the path of a ``photo,person`` CSV file. confidence: ``fit`` |
-    ``uniform`` | path of a TorchScript network (:func:`pipeline.confidence.load_confidence`)."""
+    ``uniform`` | path of a TorchScript network (:func:`pipeline.confidence.load_confidence`).
+    mesh_format: the people's mesh files, ``obj`` | ``ply`` | ``glb`` (test.py's --mesh_format)."""
 
     group_by: str
     confidence: str = "fit"
+    mesh_format: str = "obj"
 
 
 class GroupRule:
@@ -197,7 +199,7 @@ class SetCollector:
             self.records.setdefault(person, []).append(PhotoRecord(rel, cs[k], conf[k], float(rl[k]), float(rp[k])))
 
     def write(self, out_dir: str) -> SetsSummary:
-        """Aggregate every group and write ``<out_dir>/image_sets/<person>.{obj,mat}``."""
+        """Aggregate every group and write ``<out_dir>/image_sets/<person>.{obj|ply|glb,mat}``."""
         summary = SetsSummary(ungrouped=sorted(self.ungrouped), out_dir=os.path.join(out_dir, SETS_DIR))
         if not self.records:
             return summary
@@ -209,7 +211,7 @@ class SetCollector:
                 name += "_"
             used.add(name)
             write_group(os.path.join(summary.out_dir, name), self.face_model, sorted(self.records[person],
-                        key=lambda r: r.rel_path), self.settings.confidence)
+                        key=lambda r: r.rel_path), self.settings.confidence, self.settings.mesh_format)
             summary.groups[person] = len(self.records[person])
         return summary
 
@@ -227,18 +229,33 @@ def group_mesh(face_model, agg: Aggregate) -> tuple[np.ndarray, np.ndarray]:
     return shape[0].cpu().numpy(), colors_to_uint8(albedo[0]).cpu().numpy()
 
 
-def write_group(base: str, face_model, records: list[PhotoRecord], confidence_name: str) -> Aggregate:
-    """Aggregate ``records`` and write ``base``.obj and ``base``.mat (module docstring)."""
+def write_group(base: str, face_model, records: list[PhotoRecord], confidence_name: str,
+                mesh_format: str = "obj") -> Aggregate:
+    """Aggregate ``records`` and write ``base``.<mesh_format> (``obj`` | ``ply`` | ``glb``,
+    :mod:`util.mesh_formats`; per-vertex colours, no texture) and ``base``.mat (module docstring),
+    both or neither (:func:`util.atomic_files.write_files_atomic`).
+
+    Raises:
+        ValueError: an unknown ``mesh_format``. OSError: a file could not be written (none is then).
+    """
+    import io
+
     from scipy.io import savemat
 
-    from util.atomic_files import write_atomic
-    from util.mesh_io import write_obj
+    from util.atomic_files import write_files_atomic
+    from util.mesh_formats import mesh_files, mesh_settings
+    from util.mesh_io import obj_chunks
 
     coeffs = torch.from_numpy(np.stack([r.coeffs for r in records])).double()
     conf = torch.from_numpy(np.stack([r.confidence for r in records])).double()
     agg = aggregate(coeffs, conf)
     vertex, color = group_mesh(face_model, agg)
-    write_obj(base + ".obj", vertex, face_model.face_buf.cpu().numpy(), color)
+    faces = face_model.face_buf.cpu().numpy()
+    if mesh_format == "obj":  # the original's .obj, as each photo's
+        files = [(base + ".obj", obj_chunks(vertex, faces, color))]
+    else:
+        files = [(base + sfx, c) for sfx, c in mesh_files(mesh_settings(mesh_format, faces), os.path.basename(base),
+                                                           vertex, color)]
     content = {"id": agg.id.float().numpy()[None], "tex": agg.tex.float().numpy()[None],
                "photos": np.array([r.rel_path for r in records], dtype=object),
                "weights": agg.weights.float().numpy()[None],
@@ -246,6 +263,8 @@ def write_group(base: str, face_model, records: list[PhotoRecord], confidence_na
                "landmark_residual": np.array([[r.landmark_residual for r in records]], np.float32),
                "photo_residual": np.array([[r.photo_residual for r in records]], np.float32),
                "confidence_name": confidence_name}
-    write_atomic(base + ".mat", lambda fh: savemat(fh, content, format="5"))
+    mat = io.BytesIO()
+    savemat(mat, content, format="5")
+    write_files_atomic(files + [(base + ".mat", [mat.getbuffer()])])
     return agg
 

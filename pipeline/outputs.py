@@ -22,6 +22,7 @@ from pipeline.runtime import SetupError
 from pipeline.settings import ModelSpec, OutputSpec
 from util.mesh_formats import TEXTURE_SUFFIX, mesh_suffixes
 from util.output_extras import mesh_face_files, report_face_files, texture_face_files
+from util.report import REPORT_DIR, REPORT_SUFFIXES
 from util.results_io import mat_files, png_files
 
 NEEDS = ("mesh", "render")  # what an entry may need: vertices and colours; the crop, render overlay and landmarks
@@ -47,6 +48,8 @@ class Output:
             per batch (``face``: :class:`models.bfm.FaceOutput`, ``render``: the renderer's output,
             ``images_u8``: (B, 3, H, W) uint8 crops); face i's slices arrive in ``res.arrays[key]``.
         flag: the command-line flag that turns it on (for messages and docs).
+        folder: the sub-folder of the results folder its files go in ("": beside the face's other
+            files): ``suffixes`` then name ``<results>/<folder>/<rel_dir>/<name><suffix>``.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Output:
     needs: frozenset[str] = frozenset()
     make: Callable | None = None
     flag: str = ""
+    folder: str = ""
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
@@ -101,8 +105,8 @@ register(Output("mesh", lambda s: s.save_mesh, lambda s: tuple(mesh_suffixes(s.m
 register(Output("mat", lambda s: s.save_mat, lambda s: (".mat",), mat_files, flag="--save_mat"))
 register(Output("texture", lambda s: s.uv_texture, lambda s: () if s.save_mesh else (TEXTURE_SUFFIX,),
                 texture_face_files, frozenset({"mesh", "render"}), _texture_extras_arrays, flag="--uv_texture"))
-register(Output("report", lambda s: s.report, lambda s: (), report_face_files, frozenset({"mesh", "render"}),
-                _report_extras_arrays, flag="--report"))
+register(Output("report", lambda s: s.report, lambda s: REPORT_SUFFIXES, report_face_files,
+                frozenset({"mesh", "render"}), _report_extras_arrays, flag="--report", folder=REPORT_DIR))
 
 
 def enabled_outputs(spec: OutputSpec) -> list[Output]:
@@ -111,8 +115,16 @@ def enabled_outputs(spec: OutputSpec) -> list[Output]:
 
 
 def output_suffixes(spec: OutputSpec) -> list[str]:
-    """The files a face gets with ``spec``, as suffixes of its name (the report's aside)."""
-    return [sfx for o in enabled_outputs(spec) for sfx in o.suffixes(spec)]
+    """The files a face gets beside each other with ``spec``, as suffixes of its name (those of
+    entries with a ``folder``, the report's, aside: :func:`output_files`)."""
+    return [sfx for o in enabled_outputs(spec) if not o.folder for sfx in o.suffixes(spec)]
+
+
+def output_files(spec: OutputSpec) -> list[tuple[str, str]]:
+    """Every file a face gets with ``spec``, as (folder, suffix): the file is
+    ``<results>/<folder>/<rel_dir>/<name><suffix>`` (folder "": beside the face's other files).
+    What ``--skip_existing`` looks for (:func:`pipeline.scan.without_finished`)."""
+    return [(o.folder, sfx) for o in enabled_outputs(spec) for sfx in o.suffixes(spec)]
 
 
 def output_needs(spec: OutputSpec) -> tuple[frozenset[str], list[Callable]]:

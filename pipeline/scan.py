@@ -70,24 +70,56 @@ def make_results_dir(out_dir: str) -> list[str]:
         raise SetupError(f"cannot write results into {out_dir}: {e.strerror}; give a writable --results_dir") from None
 
 
-def without_finished(entries: list, out_dir: str, suffixes: list[str]) -> tuple[list, int]:
-    """``--skip_existing``: (the entries not all of whose ``suffixes`` files are in ``out_dir``
-    (under their ``rel_dir``), how many were left out). One listing per results sub-folder; a
-    file being written has a temporary name, so a name present is a complete file."""
+def without_finished(entries: list, out_dir: str, suffixes: list) -> tuple[list, int]:
+    """``--skip_existing``: (the entries not all of whose files are in ``out_dir``, how many were
+    left out). ``suffixes``: the files of a face, each a suffix of its name (under its ``rel_dir``)
+    or (folder, suffix) (under ``<folder>/<rel_dir>``, :func:`pipeline.outputs.output_files`). One
+    listing per results sub-folder; a file being written has a temporary name, so a name present
+    is a complete file."""
     if not suffixes:
         return entries, 0
+    wanted = [s if isinstance(s, tuple) else ("", s) for s in suffixes]
     listed: dict[str, set[str]] = {}
-    todo = []
-    for e in entries:
-        names = listed.get(e.rel_dir)
+
+    def names_in(d: str) -> set[str]:
+        names = listed.get(d)
         if names is None:
             try:
-                names = listed[e.rel_dir] = set(os.listdir(os.path.join(out_dir, e.rel_dir)))
+                names = listed[d] = set(os.listdir(os.path.join(out_dir, d)))
             except (FileNotFoundError, NotADirectoryError):
-                names = listed[e.rel_dir] = set()
-        if not all(e.name + suffix in names for suffix in suffixes):
-            todo.append(e)
+                names = listed[d] = set()
+        return names
+
+    todo = [e for e in entries
+            if not all(e.name + sfx in names_in(os.path.join(folder, e.rel_dir) if folder else e.rel_dir)
+                       for folder, sfx in wanted)]
     return todo, len(entries) - len(todo)
+
+
+def entries_of(folder: str, photos: set[str], lm68: bool = False) -> list:
+    """The faces of ``photos`` (paths relative to ``folder``, '/'-separated, as the detection
+    process reports them), as :func:`data.image_folder.scan_folder` would give them, in its order,
+    without listing the folder: only their detection (and with ``lm68`` landmark) folders are
+    read. Photos no longer there or without a detection file are left out; of photos sharing a
+    sub-folder and stem, the first in listing order (the detection process marks the others
+    ``duplicate_stem`` and never reports them)."""
+    from data.image_folder import FaceEntry
+    from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, stem_detection_files
+
+    prefix = os.path.join(folder, "")
+    index: dict = {}
+    seen: set[tuple[str, str]] = set()
+    entries = []
+    for rel in sorted(photos):  # list_images' order
+        rel_dir, _, name = rel.rpartition("/")
+        key = (rel_dir, file_stem(name))
+        if key in seen or not os.path.lexists(prefix + rel):
+            continue
+        seen.add(key)
+        faces = stem_detection_files(folder, rel_dir, key[1], DETECTIONS_DIR, index)
+        lm_files = dict(stem_detection_files(folder, rel_dir, key[1], LANDMARKS_DIR, index)) if lm68 and faces else {}
+        entries += [FaceEntry(prefix + rel, det, face, rel_dir, lm_files.get(face, "")) for face, det in faces]
+    return entries
 
 
 def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = None) -> tuple[list, RunSummary]:
@@ -107,17 +139,20 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
         SetupError: ``spec.img_folder`` is not a folder.
     """
     from data.image_folder import scan_folder
-    from pipeline.outputs import output_suffixes
+    from pipeline.outputs import output_files
 
     folder = spec.img_folder
     if not os.path.isdir(folder):
         raise SetupError(f"--img_folder {folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
-    entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
-    if only is not None:
+    if only is not None and world == 1:  # run_pipeline's rounds: those photos only, no listing of the folder
+        entries, missing = entries_of(folder, only, lm68=spec.fit_steps > 0), []
+    else:
+        entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
+    if only is not None and world > 1:
         prefix = os.path.join(folder, "")
         entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
     summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
     if spec.skip_existing:
-        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_suffixes(spec.outputs))
+        entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_files(spec.outputs))
     return entries, summary

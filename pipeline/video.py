@@ -178,7 +178,8 @@ def smooth_coeffs(coeffs: np.ndarray, has_face: np.ndarray, sigma: float) -> np.
 
 class VideoWriter:
     """An H.264 (or MPEG-4 where libx264 is absent) video of RGB frames, written by PyAV to a
-    temporary name and renamed on :meth:`close`."""
+    temporary name (:func:`util.atomic_files.temp_path`) and renamed on :meth:`close`; or
+    :meth:`finish` completes the temporary file for the caller to rename with others."""
 
     def __init__(self, path: str, fps: float, width: int, height: int):
         from fractions import Fraction
@@ -200,25 +201,49 @@ class VideoWriter:
             self.container.mux(packet)
         self.frames += 1
 
-    def close(self, keep: bool = True) -> None:
+    def finish(self) -> str:
+        """Flush the encoder and close the file; returns its temporary path (not yet renamed).
+        On a failure the temporary file is removed and the exception propagates."""
         try:
-            if keep:
+            try:
                 for packet in self.stream.encode():
                     self.container.mux(packet)
-        finally:
+            finally:
+                self.container.close()
+        except BaseException:
+            self.discard()
+            raise
+        return self.tmp
+
+    def discard(self) -> None:
+        """Close (if still open) and remove the temporary file."""
+        try:
             self.container.close()
-        if keep:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+        except Exception:  # noqa: BLE001 - closing twice, or a broken file: it goes anyway
+            pass
+        if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+    def close(self, keep: bool = True) -> None:
+        """Finish the file and rename it to ``path`` (``keep``), or remove it."""
+        if keep:
+            os.replace(self.finish(), self.path)
+        else:
+            self.discard()
 
 
 def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str, settings: VideoSettings
                       ) -> tuple[str, int, int]:
-    """Reconstruct ``path`` (module docstring); returns (npz path, frames, frames with a face)."""
+    """Reconstruct ``path`` (module docstring); returns (npz path, frames, frames with a face).
+
+    The .npz and the overlay video (``settings.overlay``) are written to temporary names and
+    renamed together at the end: a failure anywhere leaves neither (nor a temporary file).
+
+    Raises:
+        OSError, ValueError, PyAV's errors: the video could not be read or its files written.
+    """
     from data.image_folder import images_to_float
     from pipeline.render import overlay_uint8
-    from util.atomic_files import write_atomic
 
     stem = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(out_dir, exist_ok=True)
@@ -280,22 +305,42 @@ def reconstruct_video(path: str, model, detector, lm3d: np.ndarray, out_dir: str
                 flush()
         if pending:
             flush()
+        if not rows["coeffs"]:
+            raise ValueError("no frames could be decoded")
+        data = {k: np.concatenate(v) for k, v in rows.items()}
+        data["coeffs"] = smooth_coeffs(data["coeffs"], data["has_face"], settings.smooth)
+        data.update({k: data["coeffs"][:, s] for k, s in COEFFS.slices().items()})
+        data["no_face"] = np.flatnonzero(~data["has_face"])
+        data["fps"], data["smooth"] = np.float64(frame_rate(path)), np.float64(settings.smooth)
+        out = os.path.join(out_dir, f"{stem}.npz")
+        place_together(out, lambda fh: np.savez(fh, **data), overlay)
     except BaseException:
         if overlay is not None:
-            overlay.close(keep=False)
+            overlay.discard()
         raise
-    if overlay is not None:
-        overlay.close()
-    if not rows["coeffs"]:
-        raise ValueError("no frames could be decoded")
-    data = {k: np.concatenate(v) for k, v in rows.items()}
-    data["coeffs"] = smooth_coeffs(data["coeffs"], data["has_face"], settings.smooth)
-    data.update({k: data["coeffs"][:, s] for k, s in COEFFS.slices().items()})
-    data["no_face"] = np.flatnonzero(~data["has_face"])
-    data["fps"], data["smooth"] = np.float64(frame_rate(path)), np.float64(settings.smooth)
-    out = os.path.join(out_dir, f"{stem}.npz")
-    write_atomic(out, lambda fh: np.savez(fh, **data))
     return out, len(data["has_face"]), int(data["has_face"].sum())
+
+
+def place_together(npz_path: str, write_npz, overlay: VideoWriter | None) -> None:
+    """Write the .npz (``write_npz(file)``) to a temporary name, finish ``overlay`` (if any), then
+    rename both into place: both are there, or (on any failure, the exception propagating) neither,
+    and no temporary file is left."""
+    from util.atomic_files import temp_path
+
+    tmp = temp_path(npz_path)
+    placed = None
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
+            write_npz(fh)
+        if overlay is not None:
+            os.replace(overlay.finish(), overlay.path)
+            placed = overlay.path
+        os.replace(tmp, npz_path)
+    except BaseException:
+        for p in (tmp, placed):
+            if p is not None and os.path.lexists(p):
+                os.remove(p)
+        raise
 
 
 def make_detector(settings: VideoSettings):

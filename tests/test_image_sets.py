@@ -170,3 +170,27 @@ def test_bad_group_by_or_confidence_is_a_one_line_error(standin, tmp_path, capsy
     assert "--confidence 'best'" in capsys.readouterr().err
     assert test_cli.main(base + ["--group_by=folder", "--skip_existing"]) == 2
     assert "without --skip_existing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["obj", "ply", "glb"])
+def test_a_persons_mesh_honours_the_mesh_format(standin_face_model, tmp_path, fmt):
+    """image_sets/<person>.<fmt> (--mesh_format obj|ply|glb, as each photo's mesh) with the .mat
+    beside it; read back with trimesh: the aggregated identity's vertices and albedo colours."""
+    from types import SimpleNamespace
+
+    from options.feature_options import image_set_settings
+    from pipeline.image_sets import PhotoRecord, group_mesh, write_group
+
+    trimesh = pytest.importorskip("trimesh")
+    assert image_set_settings(SimpleNamespace(group_by="folder", confidence="fit", mesh_format=fmt)).mesh_format == fmt
+    cs = random_coeffs(2).numpy()
+    records = [PhotoRecord(f"p/{i}.jpg", cs[i], np.float32(1.0), 1.0, 0.1) for i in range(2)]
+    base = str(tmp_path / "alice")
+    agg = write_group(base, standin_face_model, records, "uniform", fmt)
+    assert sorted(os.listdir(tmp_path)) == sorted(["alice.mat", f"alice.{fmt}"])
+    vertex, color = group_mesh(standin_face_model, agg)
+    mesh = trimesh.load(f"{base}.{fmt}", process=False, force="mesh")
+    np.testing.assert_allclose(mesh.vertices, vertex, atol=1e-5 if fmt != "obj" else 1e-3)
+    np.testing.assert_array_equal(np.asarray(mesh.visual.vertex_colors)[:, :3], color)
+    assert len(mesh.faces) == len(standin_face_model.face_buf)
+    assert np.allclose(loadmat(f"{base}.mat")["id"][0], cs[:, :80].mean(0), atol=1e-5)

@@ -201,3 +201,71 @@ def test_a_name_that_is_not_utf8_is_escaped_on_the_page_and_its_files_found(tmp_
     assert os.path.isfile(os.path.join(os.fsencode(str(tmp_path)), b"report", b"caf\xe9.png"))
     script = open(os.path.join(os.fsencode(str(tmp_path)), b"report", b"caf\xe9.mesh.js"), "rb").read().decode()
     assert script.startswith('D3DFR.mesh("caf\\\\xe9", ')
+
+
+@pytest.mark.parametrize("flags, sub, flag", [(("--recursive", "true", "--report", "true"), "report", "--report"),
+                                              (("--group_by", "folder"), "image_sets", "--group_by")])
+def test_a_photo_subfolder_named_like_the_runs_own_folder_is_refused_before_any_work(
+        standin, tmp_path, capsys, flags, sub, flag):
+    """A photo sub-folder report/ (--recursive --report) or image_sets/ (--group_by folder) would
+    put its results into the report's or the people's own folder: one line, exit 2, nothing written."""
+    from tests.conftest import make_photo_folder
+    from tests.test_inference import run
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"])
+    make_photo_folder(os.path.join(folder, sub), ["000006.jpg"])
+    out = tmp_path / "out"
+    assert run(standin, folder, str(out), *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {os.path.join(folder, sub)}: a photo sub-folder named {sub!r} would put its results "
+                   f"into the results folder's {sub}/, where {flag} writes its own files; rename that sub-folder "
+                   f"(or leave out {flag})"]
+    assert not out.exists()
+    assert report.REPORT_DIR == "report"
+    from pipeline.image_sets import SETS_DIR
+    assert SETS_DIR == "image_sets"  # the check names it without importing torch's module
+
+
+def test_a_report_subfolder_is_fine_without_recursive_or_report(tmp_path):
+    """Only --recursive with --report (or --group_by folder) meets the collision."""
+    from types import SimpleNamespace
+
+    from options.feature_options import feature_inputs_error
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "image_sets").mkdir()
+
+    def error(**kw):
+        o = dict(video="", group_by="", recursive=False, report=False, img_folder=str(tmp_path))
+        return feature_inputs_error(SimpleNamespace(**{**o, **kw}))
+
+    assert error(report=True) is None and error(recursive=True) is None
+    assert error(recursive=True, group_by="") is None
+    assert "'report'" in error(recursive=True, report=True)
+    assert "'image_sets'" in error(group_by="folder")
+
+
+def test_skip_existing_redoes_a_face_whose_report_files_are_missing(standin, tmp_path, capsys):
+    """--skip_existing --report: a face is done only with its report files (report/<rel_dir>/<name>
+    .png/.mesh.js/.json) too; a resumed run redoes the face that lacks one and leaves the other."""
+    from tests.conftest import make_photo_folder
+    from tests.test_inference import run
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    out = str(tmp_path / "out")
+    args = ("--report", "true", "--save_mat", "false", "--save_png", "false")
+    assert run(standin, folder, out, *args) == 0
+    assert sorted(os.listdir(os.path.join(out, "report"))) == [
+        "000002.json", "000002.mesh.js", "000002.png", "triangles.js", "vd006.json", "vd006.mesh.js", "vd006.png",
+        "vendor", "viewer.js"]
+    os.remove(os.path.join(out, "report", "vd006.mesh.js"))  # as a run killed between a face's files would
+    capsys.readouterr()
+    assert run(standin, folder, out, *args, "--skip_existing", "true") == 0
+    printed = capsys.readouterr().out
+    assert "1 face(s) reconstructed" in printed and "1 face(s) left out" in printed
+    assert os.path.isfile(os.path.join(out, "report", "vd006.mesh.js"))
+    from pipeline.outputs import output_files
+    from pipeline.settings import OutputSpec
+
+    assert output_files(OutputSpec(save_mat=False, report=True)) == [
+        ("", ".png"), ("", ".obj"), ("report", ".png"), ("report", ".mesh.js"), ("report", ".json")]

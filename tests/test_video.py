@@ -127,3 +127,48 @@ def test_missing_video_is_a_one_line_error(tmp_path, capsys):
     assert test_cli.main([f"--video={tmp_path / 'clip.mp4'}", "--device=cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --video") and "no such file" in err and err.count("\n") == 1
+
+
+class NoFaces:
+    """A detector that finds no face: frames reach the .npz and the overlay without the network."""
+
+    def detect_batch(self, frames):
+        return [[] for _ in frames]
+
+
+@pytest.mark.parametrize("fails", [None, "npz", "overlay"])
+def test_the_npz_and_its_overlay_are_written_both_or_neither(tmp_path, monkeypatch, fails):
+    """A failure writing the .npz or finishing the overlay video leaves neither file (and no
+    temporary one), with the reason in the summary; without one, both are there."""
+    import errno
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline import video
+
+    clip = str(tmp_path / "clip.mp4")
+    write_clip(clip, size=64)
+    out = tmp_path / "out"
+    if fails == "npz":
+        def no_space(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(video.np, "savez", no_space)
+    elif fails == "overlay":
+        finish = video.VideoWriter.finish
+
+        def broken(self):
+            finish(self)
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(video.VideoWriter, "finish", broken)
+    model = SimpleNamespace(face_model=SimpleNamespace(mean_shape=torch.zeros(1)))
+    summary = video.reconstruct_videos([clip], model, np.zeros((5, 3)), str(out),
+                                       video.VideoSettings(batch_size=2, overlay=True), detector=NoFaces())
+    if fails is None:
+        assert summary.failures == [] and sorted(os.listdir(out)) == ["clip.npz", "clip_overlay.mp4"]
+        assert np.load(out / "clip.npz")["has_face"].tolist() == [False] * len(FRAMES)
+        return
+    assert os.listdir(out) == []  # neither file, no temporary one
+    why = "No space left on device" if fails == "npz" else "Input/output error"
+    assert summary.failures == [(clip, f"[Errno {errno.ENOSPC if fails == 'npz' else errno.EIO}] {why}")]
+    assert summary.exit_code == 1 and f"failed: {clip}: " in summary.report()

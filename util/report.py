@@ -34,6 +34,7 @@ from util.filenames import printable
 
 REPORT_DIR = "report"
 INDEX = "index.html"
+REPORT_SUFFIXES = (".png", ".mesh.js", ".json")  # a face's files under report/<rel_dir>/: thumbnail, mesh, numbers
 TRIANGLES = "triangles.js"
 VIEWER_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_viewer.js")
 VENDOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vendor", "three")
