@@ -38,8 +38,9 @@ class TestOptions(ImageSetOptions, VideoOptions, OutputFormatOptions, BaseOption
     save_png: bool = opt(True, "write <name>.png (input | render overlay | overlay with landmarks)", group="outputs")
     save_mat: bool = opt(True, "write <name>.mat (coefficients and 68 landmarks)", group="outputs")
     skip_existing: bool = opt(False, "leave out faces whose requested outputs (.png/.obj/.mat, as the save_* "
-                                     "switches ask) are all in the results folder already: resumes an interrupted "
-                                     "run (files are complete or absent). Only the files' presence is checked",
+                                     "switches ask, and with --report its per-face files in report/) are all in the "
+                                     "results folder already: resumes an interrupted run (files are complete or "
+                                     "absent). Only the files' presence is checked",
                               group="outputs")
     recursive: bool = opt(False, "also process photos in sub-folders (detections mirrored under detections/)",
                           group="data")
