@@ -225,8 +225,15 @@ class PlanBatch:
         return dataclasses.replace(self, regions=regions)
 
     def select(self, keep: torch.Tensor) -> "PlanBatch":
-        """The plans (and regions) at ``keep``, a (B,) bool mask on any device (vertical_first
-        stays on the CPU, where :meth:`to` leaves it)."""
+        """The plans (and regions) at ``keep``.
+
+        Args:
+            keep: (B,) bool mask on any device.
+
+        Returns:
+            A new batch of the kept faces, each tensor on its own device (vertical_first stays on
+            the CPU, where :meth:`to` leaves it).
+        """
         return PlanBatch(*(getattr(self, f.name)[keep.to(getattr(self, f.name).device)]
                            for f in dataclasses.fields(self)))
 
@@ -266,13 +273,21 @@ def _transposed(pixels: np.ndarray) -> np.ndarray:
 
 def resize_crop_array(img: Image.Image, plan: ResizeCropPlan) -> np.ndarray:
     """``plan`` on an RGB photo (PIL image, mode 'RGB'), on the CPU: the (H, W, 3) uint8 crop,
-    Pillow's pixels, computing only the crop's own pixels (PIL's resize computes every pixel of the resized photo, 5x the
-    work for a face a quarter of the photo's width).
+    Pillow's pixels, computing only the crop's own pixels (PIL's resize computes every pixel of
+    the resized photo, 5x the work for a face a quarter of the photo's width).
 
     Each pass is the plan's sparse band matrix (scipy CSR, int32 weights) times the pixels in
     int32 - the arithmetic of Pillow's C loops: integer sums, so exact in any order, that cannot
     overflow (at most 255 x the weights' absolute sum, below 2**31), then ``clip8``. The photo is
-    transposed for the pass that runs along its rows; the region is all that is read."""
+    transposed for the pass that runs along its rows; the region is all that is read.
+
+    Args:
+        img: the photo, a PIL image of mode 'RGB'.
+        plan: the crop's plan (:func:`plan_resize_crop`).
+
+    Returns:
+        (H, W, 3) uint8 RGB crop, row 0 at the top.
+    """
     (r0, r1), (c0, c1) = plan.rows, plan.cols
     region = img.crop((c0, r0, c1, r1))
     cols, rows = region.size
