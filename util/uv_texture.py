@@ -72,9 +72,14 @@ def mean_value_layout(vertices: np.ndarray, faces: np.ndarray, margin: float = 0
     sparse linear solve. The weights are positive and the outline convex, so by Tutte's and
     Floater's theorems no triangle folds over.
 
-    Args: vertices (N, 3) float, the face looking along +z, y up; faces (F, 3) int, 0-based,
-    consistently oriented. Returns (N, 2) float64 UV in [margin, 1 - margin], u growing with x
-    and v with y (OBJ / OpenGL convention: v = 0 at the texture image's bottom), aspect kept.
+    Args:
+        vertices: (N, 3) float, the face looking along +z, y up.
+        faces: (F, 3) int, 0-based, consistently oriented.
+        margin: the empty border of the unit square on each side.
+
+    Returns:
+        (N, 2) float64 UV in [margin, 1 - margin], u growing with x and v with y (OBJ / OpenGL
+        convention: v = 0 at the texture image's bottom), aspect kept.
     """
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
