@@ -66,8 +66,8 @@ class FaceMeta:
         name: its outputs' stem.
         rel_dir: its sub-folder of the results ('' at top level).
         image_path: the photo.
-        transform: photo -> crop pixels (:class:`util.preprocess.AlignTransform`); None only for
-            faces that failed to load.
+        transform: photo -> crop pixels (:class:`util.preprocess.AlignTransform`); None by default
+            (:func:`collate_faces` always sets it).
     """
 
     index: int
@@ -559,7 +559,8 @@ class AlignedFaces(Dataset):
     ``lm68_path``), transform AlignTransform | None, error str | None). With
     ``resample_on_device``, 'region' and 'plan' (:func:`load_aligned_region`) instead of 'image';
     with ``decode_on_device`` too, 'jpeg' and 'plan' (:func:`load_aligned_jpeg`) for plain JPEGs.
-    An item that failed to load has ``error`` set (the exception's text) and no crop or landmarks.
+    An item that failed to load has ``error`` set (the exception's text); :func:`collate_faces`
+    then moves it to ``failed``.
 
     Args:
         entries: the faces.

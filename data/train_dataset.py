@@ -56,7 +56,8 @@ class TrainEntry:
         image: the photo.
         lm68: its 68 landmarks (``x y`` lines, photo pixels, y down).
         lm5: its 5-point detections (same format), or None when absent.
-        mask: its skin mask (a grey image of the photo's size, 255 = skin), or None when absent.
+        mask: its skin mask (an image of the photo's size, read as grey 0..255 and scaled to 0..1
+            weights), or None when absent.
     """
 
     image: str
@@ -212,7 +213,7 @@ def random_affine(cfg: AugmentConfig, size: int, rng: random.Random) -> tuple[np
     Args:
         cfg: which augmentations and how strong (``cfg.use_aug`` is not read here).
         size: the crop's side in pixels (224).
-        rng: the random source (draws in the original's order: shift, scale, rotation, flip).
+        rng: the random source (drawn in this order: shift, scale, rotation, flip).
 
     Returns:
         ((2, 3) float64 matrix mapping source to destination pixels, y down, pixel centres at
