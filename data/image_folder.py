@@ -40,7 +40,15 @@ from util.preprocess import (AlignTransform, align_params, crop_box, pil_vertica
 
 @dataclass(frozen=True)
 class FaceEntry:
-    """One face to reconstruct: ``name`` names its outputs (``photo`` or ``photo__face02``)."""
+    """One face to reconstruct, as :func:`scan_folder` finds it.
+
+    Attributes:
+        image_path: the photo (``folder/rel_dir/photo.ext``).
+        det_path: its 5-point detection file (photo pixels, y down).
+        name: names its outputs (``photo`` or ``photo__face02``).
+        rel_dir: sub-folder of the photo relative to the image folder ('' at top level, ``/``-separated).
+        lm68_path: its 68-point landmarks (``landmarks/<name>.txt``) when asked for and present, else ''.
+    """
 
     image_path: str
     det_path: str
@@ -51,9 +59,16 @@ class FaceEntry:
 
 @dataclass(frozen=True)
 class FaceMeta:
-    """Who a batch's face is: ``index`` in the dataset, ``name`` (its outputs' stem), ``rel_dir``
-    (its sub-folder of the results), ``image_path`` (the photo), ``transform`` (photo -> crop
-    pixels, :class:`util.preprocess.AlignTransform`)."""
+    """Who a batch's face is.
+
+    Attributes:
+        index: its index in the dataset (0-based).
+        name: its outputs' stem.
+        rel_dir: its sub-folder of the results ('' at top level).
+        image_path: the photo.
+        transform: photo -> crop pixels (:class:`util.preprocess.AlignTransform`); None by default
+            (:func:`collate_faces` always sets it).
+    """
 
     index: int
     name: str
@@ -66,12 +81,17 @@ class FaceMeta:
 class JpegParts:
     """JPEG files of a batch to decode where the batch goes (``--decode_on_device``).
 
-    data: (n_bytes,) uint8, the files one after another (a DataLoader worker hands each tensor
-    over through a file descriptor of its own, so one tensor for all); sizes: each file's bytes;
-    slots: each file's index in the batch; boxes: ((r0, r1), (c0, c1)) each file's crop reads;
-    shapes: (height, width) each must decode to (its header's, which the alignment used);
-    region_shape: (R, C) of the batch's padded regions; cpu_regions: (K, R', C', 3) uint8 regions
-    of the faces the workers decoded (None: none), at ``cpu_slots`` in the batch.
+    Attributes:
+        data: (n_bytes,) uint8, the files one after another (a DataLoader worker hands each tensor
+            over through a file descriptor of its own, so one tensor for all).
+        sizes: each file's bytes.
+        slots: each file's index in the batch (0-based).
+        boxes: ((r0, r1), (c0, c1)) the photo rows and columns (end exclusive, row 0 at the top)
+            each file's crop reads.
+        shapes: (height, width) each must decode to (its header's, which the alignment used).
+        region_shape: (R, C) of the batch's padded regions.
+        cpu_regions: (K, R', C', 3) uint8 regions of the faces the workers decoded (None: none).
+        cpu_slots: the batch indices of ``cpu_regions``' K faces.
     """
 
     data: torch.Tensor
@@ -84,6 +104,7 @@ class JpegParts:
     cpu_slots: tuple[int, ...] = ()
 
     def pin_memory(self) -> "JpegParts":
+        """A copy with ``data`` and ``cpu_regions`` in pinned memory (the DataLoader calls it)."""
         return replace(self, data=self.data.pin_memory(),
                        cpu_regions=None if self.cpu_regions is None else self.cpu_regions.pin_memory())
 
@@ -126,7 +147,11 @@ class FaceBatch:
         return len(self.meta)
 
     def pin_memory(self) -> "FaceBatch":
-        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
+        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types).
+
+        Returns:
+            A new batch whose tensors (and plans, JPEG parts) are in pinned memory.
+        """
         def pin(x):
             return None if x is None else x.pin_memory()
 
@@ -136,17 +161,27 @@ class FaceBatch:
 
 def scan_folder(folder: str, recursive: bool = False, lm68: bool = False, share: tuple[int, int] = (0, 1)
                 ) -> tuple[list[FaceEntry], list[str]]:
-    """Return (faces to reconstruct, photos skipped for lack of a detection file), photos listed
-    by the same :func:`util.image_io.list_images` the detector uses. With ``lm68``, each face
-    also gets the path of its 68-point landmarks (``landmarks/<name>.txt``, as
-    ``process_images.sh --landmarks68`` writes them) where that file exists.
+    """The faces to reconstruct in a folder of photos and their detections.
 
-    ``share`` (rank, world): only every world-th photo from the rank-th (in listing order), as one
-    of ``world`` processes sharing the folder takes them; the others' detection files are not
-    even looked up.
+    Photos are listed by the same :func:`util.image_io.list_images` the detector uses. Photos
+    sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like process_images.py, only
+    the first in listing order uses it; the others are skipped, with why.
 
-    Photos sharing a stem (``a.jpg``, ``a.png``) share ``detections/a.txt``: like
-    process_images.py, only the first in listing order uses it; the others are skipped, with why.
+    Args:
+        folder: the photo folder (detections in ``folder/detections/<rel_dir>/<stem>[__faceNN].txt``).
+        recursive: also photos in sub-folders.
+        lm68: give each face the path of its 68-point landmarks (``landmarks/<name>.txt``, as
+            ``process_images.sh --landmarks68`` writes them) where that file exists.
+        share: (rank, world): only every world-th photo from the rank-th (in listing order), as one
+            of ``world`` processes sharing the folder takes them; the others' detection files are
+            not even looked up.
+
+    Returns:
+        (faces to reconstruct as :class:`FaceEntry`, in listing order; photos skipped, as paths,
+        with the reason in parentheses for a photo whose stem is taken).
+
+    Raises:
+        NotADirectoryError: ``folder`` is not a folder.
     """
     with _gc_paused():  # a run's scan makes ~10 objects a photo: the collector's passes cost a third of it
         return _scan(folder, recursive, lm68, share)
@@ -203,7 +238,21 @@ def _alignment(entry: FaceEntry, size: tuple[int, int], lm3d: np.ndarray) -> tup
 
 
 def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.ndarray, AlignTransform]:
-    """Photo + detection -> ((3,224,224) uint8 crop, (5,2) crop landmarks y up, transform)."""
+    """Align one face on the CPU, as the original does (PIL resize and crop).
+
+    Args:
+        entry: the face.
+        lm3d: (5, 3) standard 3D landmarks (:func:`util.preprocess.load_lm3d`).
+
+    Returns:
+        ((3, 224, 224) uint8 RGB crop, (5, 2) float32 crop landmarks in pixels, y up, the
+        :class:`util.preprocess.AlignTransform` photo -> crop).
+
+    Raises:
+        ImageLoadError: the photo cannot be read (``reason`` says why).
+        DetectionFileError: the detection file is missing, unreadable or malformed.
+        AlignmentError: the points cannot be aligned (:func:`util.preprocess.check_landmarks`).
+    """
     img, transform, lm_crop = _photo_alignment(entry, lm3d)
     crop = resize_crop(img, (transform.w, transform.h), crop_box(transform))
     return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy(), lm_crop, transform
@@ -211,9 +260,23 @@ def load_aligned(entry: FaceEntry, lm3d: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
                         ) -> tuple[np.ndarray, ResizeCropPlan, np.ndarray, AlignTransform]:
-    """Photo + detection -> ((R, C, 3) uint8 part of the photo the crop reads, its plan, (5,2)
-    crop landmarks y up, transform) for :func:`batch_crops`. Where the installed Pillow's pass
-    order is not known, the crop itself ((224, 224, 3), made here) and the identity plan."""
+    """Photo + detection -> the part of the photo the crop reads, for :func:`batch_crops`.
+
+    Args:
+        entry: the face.
+        lm3d: (5, 3) standard 3D landmarks.
+
+    Returns:
+        ((R, C, 3) uint8 RGB region of the photo, its :class:`util.pil_resample.ResizeCropPlan`,
+        (5, 2) float32 crop landmarks in pixels, y up, the AlignTransform). Where the installed
+        Pillow's pass order is not known, the crop itself ((224, 224, 3), made here) and the
+        identity plan.
+
+    Raises:
+        ImageLoadError: the photo cannot be read (``reason`` says why).
+        DetectionFileError: the detection file is missing, unreadable or malformed.
+        AlignmentError: the points cannot be aligned (:func:`util.preprocess.check_landmarks`).
+    """
     img, transform, lm_crop = _photo_alignment(entry, lm3d)
     size, box = (transform.w, transform.h), crop_box(transform)
     order = pil_vertical_first(*img.size, *size)
@@ -228,10 +291,23 @@ def load_aligned_region(entry: FaceEntry, lm3d: np.ndarray
 
 def load_aligned_jpeg(entry: FaceEntry, lm3d: np.ndarray
                       ) -> tuple[np.ndarray, ResizeCropPlan, np.ndarray, AlignTransform] | None:
-    """Photo + detection -> ((n,) uint8 bytes of the JPEG file, the plan of its crop, (5,2) crop
-    landmarks y up, transform) for :func:`batch_crops` to decode and resample on its device,
-    without decoding here; None where :func:`load_aligned_region` must do it (not a plain JPEG,
-    see :func:`util.image_io.read_plain_jpeg`, or Pillow's pass order unknown)."""
+    """Photo + detection -> the JPEG file's bytes, for :func:`batch_crops` to decode and resample
+    on its device, without decoding here.
+
+    Args:
+        entry: the face.
+        lm3d: (5, 3) standard 3D landmarks.
+
+    Returns:
+        ((n,) uint8 bytes of the JPEG file, the plan of its crop, (5, 2) float32 crop landmarks in
+        pixels, y up, the AlignTransform); None where :func:`load_aligned_region` must do it (not a
+        plain JPEG, see :func:`util.image_io.read_plain_jpeg`, or Pillow's pass order unknown).
+
+    Raises:
+        ImageLoadError: the photo cannot be read (``reason`` says why).
+        DetectionFileError: the detection file is missing, unreadable or malformed.
+        AlignmentError: the points cannot be aligned (:func:`util.preprocess.check_landmarks`).
+    """
     found = read_plain_jpeg(entry.image_path)
     if found is None:
         return None
@@ -300,9 +376,16 @@ _image_ops_lock = threading.Lock()  # the warm-up and the prefetch threads may b
 
 
 def torchvision_jpeg_decoder():
-    """``decode(datas, device)``: (n,) uint8 tensors of JPEG files -> (3, H, W) uint8 RGB images on
-    ``device`` (nvJPEG on CUDA), by torchvision's image operators; raises ImportError that says
-    what to install where torchvision is missing."""
+    """The JPEG decoder of ``--decode_on_device``, by torchvision's image operators (loaded once).
+
+    Returns:
+        ``decode(datas, device)``: a list of (n,) uint8 tensors of JPEG files -> a list of (3, H, W)
+        uint8 RGB images on ``device`` (nvJPEG on CUDA; one bad file makes the call raise).
+
+    Raises:
+        ImportError: torchvision is missing or built for another torch; the message says what to
+            install.
+    """
     global _image_ops_loaded
     with _image_ops_lock:
         if not _image_ops_loaded:
@@ -319,7 +402,14 @@ def torchvision_jpeg_decoder():
 
 def warm_up_decoder(device: torch.device) -> None:
     """Decode a small JPEG on ``device``: the first call readies the decoder (nvJPEG's handles
-    and kernels on CUDA), so that the first batch does not wait for it."""
+    and kernels on CUDA), so that the first batch does not wait for it.
+
+    Args:
+        device: where batches will be decoded.
+
+    Raises:
+        ImportError: as :func:`torchvision_jpeg_decoder`.
+    """
     import io
 
     from PIL import Image
@@ -358,10 +448,26 @@ def _load_torchvision_image_ops() -> bool:
 
 def decode_into(regions: torch.Tensor, datas: list[torch.Tensor], slots: list[int], boxes: list[tuple],
                 shapes: list[tuple[int, int]], device) -> dict[int, str]:
-    """Decode JPEG files on ``device`` into ``regions`` (B, R, C, 3) uint8 there: ``datas[k]``'s
-    rows x cols ``boxes[k]`` go to ``regions[slots[k]]``; it must decode to (height, width)
-    ``shapes[k]`` (its header's, which the alignment used). All in one batched call; where that
-    fails, one at a time. Returns {slot: reason} of the files that would not decode."""
+    """Decode JPEG files on ``device`` into ``regions``, in place. All in one batched call; where
+    that fails, one at a time.
+
+    Args:
+        regions: (B, R, C, 3) uint8 on ``device``, written in place.
+        datas: (n_k,) uint8 tensors, the JPEG files.
+        slots: for each file, its index in ``regions``.
+        boxes: for each file, ((r0, r1), (c0, c1)) the decoded image's rows and columns (end
+            exclusive, row 0 at the top) that go to ``regions[slot, :r1-r0, :c1-c0]``.
+        shapes: for each file, the (height, width) it must decode to (its header's, which the
+            alignment used).
+        device: where to decode (nvJPEG on CUDA).
+
+    Returns:
+        {slot: reason} of the files that would not decode or decoded to another size (their
+        regions are left as they were).
+
+    Raises:
+        ImportError: as :func:`torchvision_jpeg_decoder`.
+    """
     decode = torchvision_jpeg_decoder()
     try:
         images = decode(datas, device)
@@ -413,9 +519,16 @@ _FLOAT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 crops -> float32 in 0..1 on their device, with exactly the values of
-    :func:`util.preprocess.image_to_array` (the original's float64 ``/ 255.`` then float32): a
-    256-entry table lookup, so no device arithmetic can round differently."""
+    """Crops as the network's input, with exactly the values of :func:`util.preprocess.image_to_array`
+    (the original's float64 ``/ 255.`` then float32): a 256-entry table lookup, so no device
+    arithmetic can round differently.
+
+    Args:
+        images: (B, 3, H, W) uint8 crops (any shape of uint8 works).
+
+    Returns:
+        The same shape, float32 in 0..1, on ``images``' device.
+    """
     table = _FLOAT_TABLES.get(images.device)
     if table is None:
         table = _FLOAT_TABLES[images.device] = torch.from_numpy(unit_float_table()).to(images.device)
@@ -423,16 +536,38 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_lm68(path: str, transform: AlignTransform) -> np.ndarray:
-    """A 68-landmark file (photo pixels, y down) -> (68, 2) float32 crop pixels, y up."""
+    """Read a face's 68 landmarks and move them into its crop.
+
+    Args:
+        path: a 68-point file (``x y`` lines, photo pixels, y down).
+        transform: the face's alignment (photo -> crop).
+
+    Returns:
+        (68, 2) float32 crop pixels, y up.
+
+    Raises:
+        DetectionFileError: the file is missing, unreadable or not 68 lines of ``x y``.
+    """
     return transform.image_to_crop(flip_y(read_points(path, 68).astype(np.float64), transform.h0)).astype(np.float32)
 
 
 class AlignedFaces(Dataset):
-    """Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
+    """The faces of :func:`scan_folder` as aligned crops; loading never raises.
+
+    Items: dict(index, name, rel_dir, image_path, image (3,224,224) uint8, lm (5,2) float32
     crop pixels y up, lm68 (68,2) float32 crop pixels y up or None (entries without
     ``lm68_path``), transform AlignTransform | None, error str | None). With
     ``resample_on_device``, 'region' and 'plan' (:func:`load_aligned_region`) instead of 'image';
-    with ``decode_on_device`` too, 'jpeg' and 'plan' (:func:`load_aligned_jpeg`) for plain JPEGs."""
+    with ``decode_on_device`` too, 'jpeg' and 'plan' (:func:`load_aligned_jpeg`) for plain JPEGs.
+    An item that failed to load has ``error`` set (the exception's text); :func:`collate_faces`
+    then moves it to ``failed``.
+
+    Args:
+        entries: the faces.
+        lm3d: (5, 3) standard 3D landmarks.
+        resample_on_device: hand over photo regions and plans instead of crops.
+        decode_on_device: hand over plain JPEG files undecoded (implies ``resample_on_device``).
+    """
 
     def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray, resample_on_device: bool = False,
                  decode_on_device: bool = False):
@@ -462,9 +597,18 @@ class AlignedFaces(Dataset):
 
 
 def collate_faces(items: list[dict]) -> FaceBatch:
-    """Batch :class:`AlignedFaces` items: the good ones' crops (``image``), or their regions and
-    plans (``plans``, with ``jpeg`` where some are JPEGs to decode on the device), landmarks and
-    68 landmarks where any has them; the failed ones in ``failed`` as (name, reason)."""
+    """Batch :class:`AlignedFaces` items (the DataLoader's ``collate_fn``).
+
+    Args:
+        items: the dicts of :meth:`AlignedFaces.__getitem__`, of one kind (crops, regions or JPEGs
+            mixed with regions).
+
+    Returns:
+        A :class:`FaceBatch`: the good ones' crops (``image``), or their regions and plans
+        (``plans``, with ``jpeg`` where some are JPEGs to decode on the device), landmarks and 68
+        landmarks where any has them; the failed ones in ``failed`` as (name, reason). With no good
+        item, only ``meta`` (empty) and ``failed``.
+    """
     good = [it for it in items if it["error"] is None]
     failed = tuple((it["name"], it["error"]) for it in items if it["error"] is not None)
     meta = tuple(FaceMeta(it["index"], it["name"], it["rel_dir"], it["image_path"], it["transform"]) for it in good)

@@ -26,7 +26,20 @@ MASK_DIR = "mask"
 
 
 def scan(folder: str, recursive: bool = False, check_images: bool = True) -> tuple[list[TrainEntry], list[tuple[str, str]]]:
-    """(entries, [(photo, reason left out)]) for one folder."""
+    """The training entries of one prepared folder.
+
+    Args:
+        folder: a folder of photos with ``landmarks/`` (and optionally ``detections/``, ``mask/``).
+        recursive: also photos in sub-folders.
+        check_images: decode every photo and leave out those that do not decode.
+
+    Returns:
+        (entries in listing order, [(photo path, reason it was left out)]): a photo is left out
+        without a 68-point landmark file, with a malformed one, or (``check_images``) unreadable.
+
+    Raises:
+        NotADirectoryError: ``folder`` is not a folder.
+    """
     entries, skipped = [], []
     for rel in list_images(folder, recursive):
         if rel.split(os.sep)[0] == MASK_DIR:  # the skin masks themselves
@@ -55,6 +68,18 @@ def scan(folder: str, recursive: bool = False, check_images: bool = True) -> tup
 
 
 def write_list(path: str, entries: list[TrainEntry], root: str) -> None:
+    """Write a training list: a ``#`` header line, then one :meth:`TrainEntry.to_line` per entry.
+
+    Written to ``<path>.part`` and renamed, creating the folder where needed.
+
+    Args:
+        path: the list to write.
+        entries: its faces, in order.
+        root: paths are written relative to it ('' : as they are).
+
+    Raises:
+        OSError: the folder or file cannot be written.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".part"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -65,6 +90,7 @@ def write_list(path: str, entries: list[TrainEntry], root: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m data.prepare_list`` (this module's docstring is its help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default="./", help="folders are relative to it; list paths are written relative to it")
     p.add_argument("--img_folder", nargs="+", required=True, help="folders of prepared photos")
@@ -78,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m data.prepare_list``: scan the folders, write the list(s), print a summary.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 when at least one training face was listed, 1 when none, 2 when a folder
+        is not a folder (said on stderr).
+    """
     a = build_parser().parse_args(argv)
     entries, skipped = [], []
     for name in a.img_folder:

@@ -29,18 +29,21 @@ from models.coeffs import COEFFS
 class SyntheticConfig:
     """Distribution of the synthetic faces (defaults: moderate, frontal-ish portraits).
 
-    id_std, exp_std, tex_std: standard deviations of the identity/expression/albedo coefficients.
-    yaw, pitch, roll: half-ranges in degrees (uniform). trans_xy: half-range of the x/y translation
-    in model units (decimetres; 0.1 ~ 10 px at 224); trans_z: half-range of the z translation.
-    light_dir: standard deviation of the first-order (directional) SH bands, light_ambient the
-    half-range of the ambient band around the model's 0.8, light_high the second-order bands'
-    standard deviation, tint the per-channel deviation (the gamma loss prefers white light).
-    noise: standard deviation of Gaussian pixel noise.
-    in_range: keep every face reproducible by the face model: a face whose lit vertex colours
-    would leave 0..1 (so its render would be clipped, which the photometric loss, comparing
-    unclipped renders, cannot match) has its lighting moved toward the neutral ambient light
-    (x0.75 per round) until they do not. With the default ranges about 3/4 of the faces would
-    need it. Off by default (the documented recovery figures are without it).
+    Attributes:
+        id_std, exp_std, tex_std: standard deviations of the identity/expression/albedo coefficients.
+        yaw, pitch, roll: half-ranges in degrees (uniform) of the rotations about y, x and z.
+        trans_xy: half-range of the x/y translation in model units (decimetres; 0.1 ~ 10 px at 224).
+        trans_z: half-range of the z translation.
+        light_ambient: half-range of the ambient band around the model's 0.8.
+        light_dir: standard deviation of the first-order (directional) SH bands.
+        light_high: the second-order bands' standard deviation.
+        tint: the per-channel deviation (the gamma loss prefers white light).
+        noise: standard deviation of Gaussian pixel noise.
+        in_range: keep every face reproducible by the face model: a face whose lit vertex colours
+            would leave 0..1 (so its render would be clipped, which the photometric loss, comparing
+            unclipped renders, cannot match) has its lighting moved toward the neutral ambient light
+            (x0.75 per round) until they do not. With the default ranges about 3/4 of the faces would
+            need it. Off by default (the documented recovery figures are without it).
     """
 
     id_std: float = 1.0
@@ -61,10 +64,13 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class SyntheticBatch:
-    """B synthetic faces.
+    """B synthetic faces (H = W = the renderer's image size), on the face model's device.
 
-    images: (B, 3, H, W) RGB 0..1. coeffs: (B, 257) the ground truth. lm68: (B, 68, 2) projected
-    landmarks, crop pixels, y up. mask: (B, 1, H, W) face coverage.
+    Attributes:
+        images: (B, 3, H, W) RGB 0..1 (render over a random background, plus noise, clipped).
+        coeffs: (B, 257) the ground truth.
+        lm68: (B, 68, 2) projected landmarks, crop pixels, y up.
+        mask: (B, 1, H, W) face coverage, {0, 1}.
     """
 
     images: torch.Tensor
@@ -78,7 +84,17 @@ def _uniform(n: int, half: float, g: torch.Generator, device) -> torch.Tensor:
 
 
 def random_backgrounds(n: int, size: int, generator: torch.Generator, device=None) -> torch.Tensor:
-    """(n, 3, size, size) smooth random colour fields with some texture, in 0..1."""
+    """Smooth random colour fields with some texture.
+
+    Args:
+        n: number of images.
+        size: their side in pixels.
+        generator: the random source, on ``device``.
+        device: where to make them (None: the default device).
+
+    Returns:
+        (n, 3, size, size) float32 in 0..1.
+    """
     g = generator
     coarse = torch.rand(n, 3, 3, 3, generator=g, device=device)
     base = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -90,17 +106,32 @@ def random_backgrounds(n: int, size: int, generator: torch.Generator, device=Non
 
 
 class SyntheticFaces:
-    """Render random faces of ``face_model`` with ``renderer`` (see module docstring)."""
+    """Render random faces of ``face_model`` with ``renderer`` (see module docstring).
+
+    Args:
+        face_model: the face model; its device is where everything is drawn and rendered.
+        renderer: a :class:`models.renderer.MeshRenderer` able to render on that device.
+        config: the distribution.
+    """
 
     def __init__(self, face_model: ParametricFaceModel, renderer, config: SyntheticConfig = SyntheticConfig()):
         self.face_model, self.renderer, self.config = face_model, renderer, config
 
     @property
     def device(self) -> torch.device:
+        """The face model's device."""
         return self.face_model.mean_shape.device
 
     def sample_coeffs(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, 257) random coefficients on the face model's device."""
+        """Draw random coefficients from :attr:`config`.
+
+        Args:
+            n: number of faces.
+            generator: the random source, on the face model's device.
+
+        Returns:
+            (n, 257) float32 on the face model's device (angles (pitch, yaw, roll) in radians).
+        """
         c, g, dev, lay = self.config, generator, self.device, COEFFS
         deg = math.pi / 180.0
         parts = {
@@ -123,9 +154,18 @@ class SyntheticFaces:
 
     @torch.no_grad()
     def light_in_range(self, parts: dict, shrink: float = 0.75, rounds: int = 16) -> torch.Tensor:
-        """(n, 27) lighting of ``parts`` (split coefficients), each face's moved toward the neutral
-        ambient light (gamma 0: colours of the albedo times a uniform light, well inside 0..1)
-        until its vertex colours lie in 0..1; after ``rounds`` the rest are neutral."""
+        """Lighting moved toward the neutral ambient light (gamma 0: colours of the albedo times a
+        uniform light, well inside 0..1) until each face's vertex colours lie in 0..1.
+
+        Args:
+            parts: split coefficients (:meth:`CoeffLayout.split <models.coeffs.CoeffLayout.split>`)
+                of n faces; not changed.
+            shrink: each round multiplies an out-of-range face's gamma by it.
+            rounds: after that many rounds, faces still out of range get gamma 0.
+
+        Returns:
+            (n, 27) the new gamma (a new tensor, no gradient).
+        """
         fm = self.face_model
         rot = fm.compute_rotation(parts["angle"])
         normal = fm.compute_norm(fm.compute_shape(parts["id"], parts["exp"])) @ rot
@@ -146,7 +186,15 @@ class SyntheticFaces:
 
     @torch.no_grad()
     def render(self, coeffs: torch.Tensor, generator: torch.Generator) -> SyntheticBatch:
-        """Render given coefficients over random backgrounds."""
+        """Render given coefficients over random backgrounds (no gradient).
+
+        Args:
+            coeffs: (B, 257) on the face model's device.
+            generator: the random source of backgrounds and noise, on that device.
+
+        Returns:
+            :class:`SyntheticBatch` whose ``coeffs`` is ``coeffs`` itself.
+        """
         fm = self.face_model
         face = fm(coeffs)
         out = self.renderer(face.vertex, fm.face_buf, feat=face.color)

@@ -50,7 +50,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainEntry:
-    """One training face. ``lm5`` and ``mask`` are None when absent."""
+    """One training face, as a line of the training list names it (paths resolved).
+
+    Attributes:
+        image: the photo.
+        lm68: its 68 landmarks (``x y`` lines, photo pixels, y down).
+        lm5: its 5-point detections (same format), or None when absent.
+        mask: its skin mask (an image of the photo's size, read as grey 0..255 and scaled to 0..1
+            weights), or None when absent.
+    """
 
     image: str
     lm68: str
@@ -58,6 +66,14 @@ class TrainEntry:
     mask: str | None = None
 
     def to_line(self, root: str = "") -> str:
+        """The entry as a line of the training list (without the newline).
+
+        Args:
+            root: write paths relative to it ('' : as they are).
+
+        Returns:
+            ``image<TAB>lm68<TAB>lm5<TAB>mask``, ``-`` for an absent file.
+        """
         def rel(p):
             return NO_FILE if p is None else (os.path.relpath(p, root) if root else p)
 
@@ -66,7 +82,15 @@ class TrainEntry:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The original's augmentation options (``--preprocess`` names which ones are on)."""
+    """The original's augmentation options (``--preprocess`` names which ones are on).
+
+    Attributes:
+        use_aug: augment at all (False for validation).
+        preprocess: the augmentations on, by name contained in it: 'shift', 'scale', 'rot', 'flip'.
+        shift_pixs: largest shift in crop pixels (an integer in -s..s on each axis).
+        scale_delta: scale drawn uniformly in 1 +- scale_delta.
+        rot_angle: rotation drawn uniformly in +- rot_angle degrees.
+    """
 
     use_aug: bool = True
     preprocess: str = "shift_scale_rot_flip"
@@ -77,6 +101,19 @@ class AugmentConfig:
 
 # --------------------------------------------------------------------------- the list
 def parse_list_line(line: str, root: str) -> TrainEntry:
+    """One line of a training list -> its entry.
+
+    Args:
+        line: 2 to 4 tab-separated paths (image, landmarks68, detections, mask; ``-`` or empty for
+            none), a trailing newline allowed.
+        root: relative paths are resolved against it.
+
+    Returns:
+        The entry (files are not checked here: :func:`check_entry`).
+
+    Raises:
+        ValueError: not 2 to 4 columns, or no image or landmarks68 path.
+    """
     cols = line.rstrip("\n").split("\t")
     if len(cols) < 2 or len(cols) > 4:
         raise ValueError(f"expected 2 to 4 tab-separated paths (image, landmarks68, detections, mask), "
@@ -142,7 +179,16 @@ def read_list(flist: str, data_root: str = "./", max_size: float = math.inf, nee
 
 
 def check_entry(e: TrainEntry, need_lm5: bool = False) -> list[str]:
-    """Problems of one entry (missing files, malformed landmark files) as messages."""
+    """Check one entry's files.
+
+    Args:
+        e: the entry.
+        need_lm5: its 5-point detections must be listed and exist.
+
+    Returns:
+        One message per problem (a missing image, landmark file or skin mask; a 68-landmark file
+        that is not 68 lines of ``x y``); empty when all is well. Never raises for bad files.
+    """
     out = []
     for what, path in (("image", e.image), ("landmarks68", e.lm68), ("skin mask", e.mask)):
         if path is not None and not os.path.isfile(path):
@@ -162,8 +208,17 @@ def check_entry(e: TrainEntry, need_lm5: bool = False) -> list[str]:
 
 # --------------------------------------------------------------------------- alignment and augmentation
 def random_affine(cfg: AugmentConfig, size: int, rng: random.Random) -> tuple[np.ndarray, bool]:
-    """The original's random augmentation as a (2, 3) matrix mapping source to destination pixels
-    (y down, pixel centres at integers): flip, shift, rotate, scale about the crop centre."""
+    """The original's random augmentation: flip, shift, rotate, scale about the crop centre.
+
+    Args:
+        cfg: which augmentations and how strong (``cfg.use_aug`` is not read here).
+        size: the crop's side in pixels (224).
+        rng: the random source (drawn in this order: shift, scale, rotation, flip).
+
+    Returns:
+        ((2, 3) float64 matrix mapping source to destination pixels, y down, pixel centres at
+        integers; whether the crop is mirrored).
+    """
     shift_x = shift_y = 0.0
     scale, rot, flip = 1.0, 0.0, False
     p = cfg.preprocess
@@ -188,7 +243,17 @@ def random_affine(cfg: AugmentConfig, size: int, rng: random.Random) -> tuple[np
 
 
 def apply_affine(img: np.ndarray, mat: np.ndarray, size: int, cubic: bool = True) -> np.ndarray:
-    """Warp an (H, W[, C]) uint8 array with a source->destination (2, 3) matrix, zero border."""
+    """Warp an image with OpenCV, zero border.
+
+    Args:
+        img: (H, W) or (H, W, C) uint8.
+        mat: (2, 3) source -> destination pixels, y down (:func:`random_affine`).
+        size: the output's side in pixels.
+        cubic: bicubic, else bilinear interpolation.
+
+    Returns:
+        (size, size[, C]) uint8.
+    """
     import cv2
 
     flags = cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR
@@ -196,7 +261,17 @@ def apply_affine(img: np.ndarray, mat: np.ndarray, size: int, cubic: bool = True
 
 
 def augment_landmarks(lm_yup: np.ndarray, mat: np.ndarray, flip: bool, size: int) -> np.ndarray:
-    """Apply the augmentation matrix to (68, 2) crop landmarks (y up); mirror their order on flips."""
+    """Move landmarks with their augmented crop.
+
+    Args:
+        lm_yup: (K, 2) crop landmarks in pixels, y up.
+        mat: (2, 3) source -> destination pixels, y down (:func:`random_affine`).
+        flip: the crop was mirrored: 68 points are reordered by :data:`LM68_MIRROR` (other K are not).
+        size: the crop's side in pixels.
+
+    Returns:
+        (K, 2) float64 moved landmarks, y up.
+    """
     down = flip_y(lm_yup, size)
     moved = down @ mat[:, :2].T + mat[:, 2]
     out = flip_y(moved, size)
@@ -215,6 +290,9 @@ class FaceTrainDataset(Dataset):
         augment: :class:`AugmentConfig` (``use_aug`` False for validation).
         align_lm: 'lm68' (align with the 68 landmarks' 5 points, the original) or 'lm5'.
         seed: base of the per-item random augmentation (item i of epoch e is reproducible).
+
+    Raises:
+        ValueError: ``align_lm`` is neither 'lm68' nor 'lm5'.
     """
 
     def __init__(self, entries: list[TrainEntry], lm3d: np.ndarray, augment: AugmentConfig = AugmentConfig(),
@@ -225,12 +303,27 @@ class FaceTrainDataset(Dataset):
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the next items' augmentations for ``epoch`` (call before each epoch's loader)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def load(self, i: int, rng: random.Random | None = None) -> dict:
+        """Item ``i``, aligned (and augmented when ``rng`` is given and ``augment.use_aug``).
+
+        Args:
+            i: the entry's index (0-based).
+            rng: the augmentation's random source (None: no augmentation).
+
+        Returns:
+            The item dict of the class docstring (a mask of ones where the entry has none).
+
+        Raises:
+            DataError: a file cannot be loaded (broken since the list was checked) or the skin mask's
+                size differs from the photo's.
+            AlignmentError: the landmarks cannot be aligned.
+        """
         e = self.entries[i]
         try:
             img = load_image(e.image)

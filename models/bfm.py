@@ -82,12 +82,23 @@ def _check_indices(a: np.ndarray, key: str, low: int, high: int, path: str, how:
 
 
 def check_front_model(model: dict, path: str, how: str = FRONT_HELP) -> None:
-    """Raise FaceModelError unless ``model`` (the arrays of a BFM_model_front.mat) has the shapes
-    the face model needs and every index table points inside the mesh: N vertices (``meanshape``
-    of 3N values), bases of 3N rows, ``tri``/``tri_mask2`` (F, 3) vertex indices, ``point_buf``
-    (N, k) triangle indices up to F + 1 (the padding), 68 ``keypoints``, ``skinmask`` of N.
-    Indices are 1-based as stored. Checks shapes and ranges only (not the values' finiteness:
-    a model of NaNs gives NaN faces, which the run reports face by face)."""
+    """Check that a front face model's arrays fit together.
+
+    Needed: N vertices (``meanshape`` of 3N finite values), ``meantex`` of 3N, bases of 3N rows,
+    ``tri``/``tri_mask2`` (F, 3) vertex indices, ``point_buf`` (N, k) triangle indices up to F + 1
+    (the padding), 68 ``keypoints``, ``frontmask2_idx`` vertex indices, ``skinmask`` of N.
+    Indices are 1-based as stored. Checks shapes and ranges only (not the bases' finiteness:
+    a model of NaNs gives NaN faces, which the run reports face by face).
+
+    Args:
+        model: the arrays of a BFM_model_front.mat (as ``scipy.io.loadmat`` or the cache gives them).
+        path: the file they came from, for the message.
+        how: what to do about a bad file, appended to the message.
+
+    Raises:
+        FaceModelError: a key is missing or not numeric, a shape is wrong or an index is out of
+            range; one line naming ``path`` and the key.
+    """
     missing = [k for k in FRONT_MODEL_KEYS if k not in model]
     if missing:
         raise FaceModelError(f"{path} is not a BFM_model_front.mat: keys {missing} are missing; {how}")
@@ -118,9 +129,17 @@ def check_front_model(model: dict, path: str, how: str = FRONT_HELP) -> None:
 def load_exp_basis(bfm_folder: str) -> tuple[np.ndarray, np.ndarray]:
     """Read ``Exp_Pca.bin`` and ``std_exp.txt``.
 
+    Args:
+        bfm_folder: the folder holding both files.
+
     Returns:
         exp_pc: (3*53215, n_exp) float32, columns are components, xyz interleaved per vertex.
         exp_ev: (n_exp,) float64 standard deviations.
+
+    Raises:
+        MissingAssetError: either file is missing.
+        FaceModelError: ``Exp_Pca.bin`` is truncated or has fewer than 64 components, or
+            ``std_exp.txt`` is unreadable or does not hold one finite value per component.
     """
     path = require_file(os.path.join(bfm_folder, "Exp_Pca.bin"), "Expression basis Exp_Pca.bin",
                         BFM_HELP.format(folder=bfm_folder))
@@ -164,7 +183,20 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     """Write ``bfm_folder/out_name`` from the BFM 2009 files, exactly as the original does.
 
     Units: shape bases and mean are divided by 1e5 (micrometres -> decimetres); bases are scaled
-    by their standard deviations; texture stays in 0..255. Returns the written path.
+    by their standard deviations; texture stays in 0..255.
+
+    Args:
+        bfm_folder: holds ``01_MorphableModel.mat``, ``Exp_Pca.bin`` and the auxiliary files of
+            BFM/ (``BFM_front_idx.mat``, ``BFM_exp_idx.mat``, ``facemodel_info.mat``, ``std_exp.txt``).
+        out_name: the file name to write in ``bfm_folder`` (written atomically).
+
+    Returns:
+        The written path, ``bfm_folder/out_name``.
+
+    Raises:
+        MissingAssetError: an input file is missing.
+        FaceModelError: an input file is unreadable or its arrays have the wrong shapes or
+            out-of-range indices, or the result would not pass :func:`check_front_model`.
     """
     from scipy.io import savemat
 
@@ -219,7 +251,14 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
 
 
 def cache_path(path: str) -> str:
-    """The load cache of a face model .mat: ``BFM_model_front.mat`` -> ``BFM_model_front.cache.npz``."""
+    """The load cache of a face model .mat: ``BFM_model_front.mat`` -> ``BFM_model_front.cache.npz``.
+
+    Args:
+        path: the .mat's path (any extension is replaced).
+
+    Returns:
+        The cache's path beside it.
+    """
     return os.path.splitext(path)[0] + ".cache.npz"
 
 
@@ -249,7 +288,7 @@ def _read_cache(path: str) -> dict[str, np.ndarray] | None:
 
 
 def _read_stored_npz(path: str) -> dict[str, np.ndarray]:
-    """np.load of an uncompressed .npz, ~2.5x faster: each member's .npy is read straight from
+    """np.load of an uncompressed .npz, faster (docs/throughput.md): each member's .npy is read straight from
     the file (``np.fromfile``) instead of through zipfile's reader and its checksum."""
     import struct
     import zipfile
@@ -298,7 +337,23 @@ def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: 
     which loads faster than the .mat (and without scipy); the cache holds the same arrays
     (dtype, shape, values, in C order; not the .mat's ``__header__`` entries) and is rebuilt
     whenever the .mat's size or modification time differ from those it was made from, or it
-    was written in an older :data:`CACHE_FORMAT`."""
+    was written in an older :data:`CACHE_FORMAT`. A cache that cannot be written (read-only
+    folder) is skipped quietly.
+
+    Args:
+        bfm_folder: the face model's folder.
+        name: the .mat's file name; a missing file is converted from the BFM 2009 files (for a name
+            other than ``BFM_model_front.mat``, only when ``01_MorphableModel.mat`` is there).
+        cache: read and write the .npz cache.
+
+    Returns:
+        The arrays by key (``meanshape`` of 3N values, ``idBase`` (3N, 80), ``tri`` (F, 3) 1-based, ...;
+        see :func:`check_front_model`), with the dtypes they were stored in.
+
+    Raises:
+        MissingAssetError: the model and the files to convert it from are missing.
+        FaceModelError: a file is unreadable or its arrays do not fit (:func:`check_front_model`).
+    """
     path = os.path.join(bfm_folder, name)
     if not os.path.isfile(path):
         if name != "BFM_model_front.mat" and not os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat")):
@@ -343,12 +398,15 @@ def gather_vertices(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class FaceOutput:
     """Result of :meth:`ParametricFaceModel.forward` for B faces of N vertices.
 
-    vertex:   (B, N, 3) camera space (z = distance in front of the camera), for rendering.
-    texture:  (B, N, 3) albedo in 0..1.
-    color:    (B, N, 3) SH-lit vertex colours (albedo times irradiance), not clipped.
-    landmark: (B, 68, 2) projected landmarks, pixels of the crop, y up.
-    shape:    (B, N, 3) model-space shape before pose (identity + expression).
-    rotation: (B, 3, 3) row-vector rotation: posed = shape @ rotation + trans.
+    All tensors are on the coefficients' device, in their dtype.
+
+    Attributes:
+        vertex: (B, N, 3) camera space (z = distance in front of the camera), for rendering.
+        texture: (B, N, 3) albedo in 0..1.
+        color: (B, N, 3) SH-lit vertex colours (albedo times irradiance), not clipped.
+        landmark: (B, 68, 2) projected landmarks, pixels of the crop, y up.
+        shape: (B, N, 3) model-space shape before pose (identity + expression).
+        rotation: (B, 3, 3) row-vector rotation: posed = shape @ rotation + trans.
     """
 
     vertex: torch.Tensor
@@ -366,6 +424,11 @@ class ParametricFaceModel(nn.Module):
         model: the dict of :func:`load_front_model` (or a small synthetic one with the same keys).
         recenter: subtract the mean shape's centroid (the original always does).
         camera_distance, focal, center: the pinhole camera (defaults: 10 dm, 1015 px, 112 px).
+        layout: the coefficient layout; the bases must have its id/exp/tex sizes.
+
+    Raises:
+        ValueError: a basis has another number of components than ``layout`` says.
+        KeyError: ``model`` lacks a key (``meanshape``, ``idBase``, ``tri``, ...).
     """
 
     def __init__(self, model: dict[str, np.ndarray], recenter: bool = True, camera_distance: float = 10.0,
@@ -412,24 +475,48 @@ class ParametricFaceModel(nn.Module):
 
     @property
     def n_vertex(self) -> int:
+        """N, the number of vertices of the mesh (35709 for the BFM front model)."""
         return self.mean_shape.shape[0] // 3
 
     # -- geometry ------------------------------------------------------------------------
     def compute_shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
-        """(B,80), (B,64) -> (B, N, 3) model-space shape."""
+        """Identity and expression -> model-space shape (mean + bases, before pose).
+
+        Args:
+            id_coeff: (B, 80).
+            exp_coeff: (B, 64).
+
+        Returns:
+            (B, N, 3) model-space points (x right, y up, z towards the camera; decimetres).
+        """
         shape = id_coeff @ self.id_base.T + exp_coeff @ self.exp_base.T + self.mean_shape
         return shape.reshape(id_coeff.shape[0], -1, 3)
 
     def compute_texture(self, tex_coeff: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B,80) -> (B, N, 3) albedo, in 0..1 when ``normalize`` (else 0..255)."""
+        """Texture coefficients -> per-vertex albedo.
+
+        Args:
+            tex_coeff: (B, 80).
+            normalize: divide by 255.
+
+        Returns:
+            (B, N, 3) RGB albedo, in 0..1 when ``normalize`` (else 0..255); not clipped.
+        """
         tex = tex_coeff @ self.tex_base.T + self.mean_tex
         if normalize:
             tex = tex / 255.0
         return tex.reshape(tex_coeff.shape[0], -1, 3)
 
     def compute_norm(self, shape: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) -> (B, N, 3) unit vertex normals: the normalised sum of the unit normals
-        of the (up to 8) triangles around each vertex, triangle normal = (v1-v2) x (v2-v3)."""
+        """Unit vertex normals: the normalised sum of the unit normals of the (up to 8) triangles
+        around each vertex, triangle normal = (v1-v2) x (v2-v3).
+
+        Args:
+            shape: (B, N, 3) vertices (model space, or any space the normals should be in).
+
+        Returns:
+            (B, N, 3) unit normals.
+        """
         v1, v2, v3 = gather_vertices(shape, self.face_buf).unbind(dim=2)
         face_norm = F.normalize(torch.cross(v1 - v2, v2 - v3, dim=-1), dim=-1, p=2)
         face_norm = torch.cat([face_norm, face_norm.new_zeros(face_norm.shape[0], 1, 3)], dim=1)
@@ -437,8 +524,14 @@ class ParametricFaceModel(nn.Module):
 
     @staticmethod
     def compute_rotation(angles: torch.Tensor) -> torch.Tensor:
-        """(B, 3) Euler angles (x, y, z) in radians -> (B, 3, 3) matrix R^T with R = Rz @ Ry @ Rx,
-        to be applied to row vectors (``points @ rot``)."""
+        """Euler angles -> rotation matrices for row vectors.
+
+        Args:
+            angles: (B, 3) rotations about x, y, z in radians.
+
+        Returns:
+            (B, 3, 3) R^T with R = Rz @ Ry @ Rx, to be applied to row vectors (``points @ rot``).
+        """
         x, y, z = angles.unbind(dim=1)
         one, zero = torch.ones_like(x), torch.zeros_like(x)
         rot_x = torch.stack([one, zero, zero, zero, x.cos(), -x.sin(), zero, x.sin(), x.cos()], 1)
@@ -448,9 +541,16 @@ class ParametricFaceModel(nn.Module):
         return rot.transpose(1, 2)
 
     def compute_color(self, texture: torch.Tensor, normal: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """Lambertian SH lighting: (B,N,3) albedo, (B,N,3) posed normals, (B,27) gamma -> (B,N,3).
+        """Lambertian lighting with second-order spherical harmonics.
 
-        gamma is read as 3 colours x 9 SH coefficients, plus ``INIT_LIGHT`` (0.8 ambient)."""
+        Args:
+            texture: (B, N, 3) albedo (0..1).
+            normal: (B, N, 3) posed unit normals.
+            gamma: (B, 27), read as 3 colours x 9 SH coefficients, plus ``INIT_LIGHT`` (0.8 ambient).
+
+        Returns:
+            (B, N, 3) lit colours, albedo times irradiance (not clipped).
+        """
         b = gamma.shape[0]
         gamma = (gamma.reshape(b, 3, 9) + self.init_lit.to(gamma.dtype)).permute(0, 2, 1)  # (B, 9, 3)
         a, c = SH_A, SH_C
@@ -469,13 +569,27 @@ class ParametricFaceModel(nn.Module):
         return (sh @ gamma) * texture
 
     def to_camera(self, points: torch.Tensor) -> torch.Tensor:
-        """Model/world (B,N,3) -> camera space: z' = camera_distance - z (a new tensor)."""
+        """Model/world space -> camera space: z' = camera_distance - z, x and y unchanged.
+
+        Args:
+            points: (..., 3) posed points (usually (B, N, 3)).
+
+        Returns:
+            (..., 3) a new tensor; z' > 0 in front of the camera.
+        """
         return torch.cat([points[..., :2], self.camera_distance - points[..., 2:]], dim=-1)
 
     def project(self, vertex: torch.Tensor) -> torch.Tensor:
-        """Camera space (B,N,3) -> (B,N,2) pixels, y up: (focal*x/z + center, focal*y/z + center).
+        """Pinhole projection: (focal*x/z + center, focal*y/z + center).
 
-        Evaluated as the original does, ((focal*x + center*z) / z), to keep its float32 rounding."""
+        Evaluated as the original does, ((focal*x + center*z) / z), to keep its float32 rounding.
+
+        Args:
+            vertex: (..., 3) camera space (usually (B, N, 3)), z > 0.
+
+        Returns:
+            (..., 2) pixels of the crop, y up (row = 223 - y for the 224 crop); inf/NaN where z = 0.
+        """
         z = vertex[..., 2:]
         return (self.focal * vertex[..., :2] + self.center * z) / z
 

@@ -16,11 +16,15 @@ from util import precision
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """For a batch of B aligned 224x224 faces.
+    """For a batch of B aligned 224x224 faces (H = W = the renderer's image size, 224).
 
-    coeffs: (B, 257) float32.  face: :class:`FaceOutput` (vertices (B,N,3) camera space, colours,
-    landmarks (B,68,2) crop pixels y up).  mask: (B,1,H,W) {0,1}.  render: (B,3,H,W) lit face
-    colours where covered, 0 elsewhere.
+    Attributes:
+        coeffs: (B, 257) float32 (from :meth:`FaceReconModel.forward`; :meth:`~FaceReconModel.reconstruct`
+            keeps the given tensor).
+        face: :class:`FaceOutput` (vertices (B,N,3) camera space, colours, landmarks (B,68,2) crop
+            pixels y up).
+        mask: (B,1,H,W) {0,1}, 1 where the face covers the pixel, row 0 at the top.
+        render: (B,3,H,W) lit face colours where covered (not clipped to 0..1), 0 elsewhere.
     """
 
     coeffs: torch.Tensor
@@ -53,8 +57,15 @@ class FaceReconModel(nn.Module):
         self.ieee_fp32 = ieee_fp32
 
     def network_precision(self, device: torch.device):
-        """The context the network runs in on ``device``: autocast with ``amp``, else full float32
-        where ``ieee_fp32``, else PyTorch's settings."""
+        """The context the network runs in on ``device``.
+
+        Args:
+            device: the images' device (its type picks the autocast device type).
+
+        Returns:
+            A context manager: autocast to bf16/fp16 with ``amp``, else full float32 where
+            ``ieee_fp32`` (:func:`util.precision.ieee_fp32`), else a null context (PyTorch's settings).
+        """
         if self.amp is not None:
             dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
             return torch.autocast(device_type=device.type, dtype=dtype)
@@ -91,6 +102,16 @@ class FaceReconModel(nn.Module):
         return Reconstruction(coeffs=coeffs, face=face, mask=out.mask, render=out.image)
 
     def forward(self, images: torch.Tensor) -> Reconstruction:
-        """(B, 3, 224, 224) RGB 0..1 -> :class:`Reconstruction` (:meth:`predict_coeffs`, then
-        :meth:`reconstruct`)."""
+        """:meth:`predict_coeffs`, then :meth:`reconstruct`.
+
+        Args:
+            images: (B, 3, 224, 224) aligned crops, RGB in 0..1, on the model's device.
+
+        Returns:
+            :class:`Reconstruction` of the predicted coefficients.
+
+        Raises:
+            ValueError: as :meth:`MeshRenderer.forward <models.renderer.MeshRenderer.forward>` for
+                tensors it cannot take.
+        """
         return self.reconstruct(self.predict_coeffs(images))

@@ -38,12 +38,17 @@ FIT_GROUPS = COEFFS.names  # id, exp, tex, angle, gamma, trans
 class FitConfig:
     """Fitting settings (see module docstring).
 
-    weights: the loss weights (training defaults; ``w_feat`` is not used).
-    groups: coefficient groups that are optimised; the others stay as predicted.
-    lr: base learning rate; lr_scale: per-group multipliers.
-    landmark_steps: leading steps without the photometric term (None: steps // 3).
-    sparse_landmark_groups: the groups the landmark stage moves when only 5 points are given
-        (5 points cannot pin down 144 shape coefficients: they would bend the face to fit them).
+    Attributes:
+        steps: number of Adam steps (:func:`fit_coeffs` overrides it with its ``steps``).
+        lr: base learning rate.
+        weights: the loss weights (training defaults; ``w_feat`` is not used).
+        groups: coefficient groups that are optimised (names of :data:`FIT_GROUPS`); the others stay
+            as predicted.
+        lr_scale: per-group multipliers of ``lr``, as (name, factor) pairs (1 for a group not listed).
+        landmark_steps: leading steps without the photometric term (None: steps // 3).
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        sparse_landmark_groups: the groups the landmark stage moves when only 5 points are given
+            (5 points cannot pin down 144 shape coefficients: they would bend the face to fit them).
     """
 
     steps: int = 100
@@ -93,9 +98,17 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
         steps: number of Adam steps (overrides ``config.steps``); 0 returns ``coeffs`` unchanged.
         lm68: optional (B, 68, 2) landmarks, crop pixels, y up (weighted 68-point loss).
         atten_mask: optional (B, 1, H, W) skin attention for the photometric term.
-        callback: optional ``f(step, coeffs)`` called before each step (for figures).
+        config: the settings (None: :class:`FitConfig` defaults); its ``steps`` is replaced by ``steps``.
+        callback: optional ``f(step, coeffs)`` called before each step (for figures), with the
+            (B, 257) detached coefficients of that step.
+
     Returns:
-        (B, 257) refined coefficients, detached, same device and dtype as ``coeffs``.
+        (B, 257) refined coefficients, detached, same device and dtype as ``coeffs`` (a detached
+        copy of ``coeffs`` when ``steps`` <= 0).
+
+    Raises:
+        ValueError: neither ``lm`` nor ``lm68`` is given; ``coeffs`` is not (B, 257); the batch sizes
+            of coefficients, images and landmarks differ; ``config.groups`` names an unknown group.
     """
     cfg = dataclasses.replace(config or FitConfig(), steps=int(steps))
     target = lm68 if lm68 is not None else lm
@@ -154,9 +167,24 @@ def fit_batch(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tenso
               config: FitConfig | None = None) -> torch.Tensor:
     """:func:`fit_coeffs` for a batch in which only some faces may have 68 landmarks.
 
-    lm: (B, 5, 2) detected points; lm68: (B, 68, 2) with has_lm68: (B,) bool marking the rows
-    that hold real landmarks (the others are ignored). Faces with 68 landmarks are fitted to
-    them, the rest to their 5 points (two fits, each batched). Returns (B, 257), detached.
+    Faces with 68 landmarks are fitted to them, the rest to their 5 points (two fits, each batched).
+
+    Args:
+        model: a :class:`models.facerecon.FaceReconModel`.
+        coeffs: (B, 257) starting coefficients.
+        images: (B, 3, H, W) aligned crops, RGB 0..1.
+        lm: (B, 5, 2) detected points, crop pixels, y up.
+        steps: number of Adam steps.
+        lm68: optional (B, 68, 2) landmarks, crop pixels, y up.
+        has_lm68: optional (B,) bool (any device) marking the rows of ``lm68`` that hold real
+            landmarks (the others are ignored).
+        config: as :func:`fit_coeffs`.
+
+    Returns:
+        (B, 257) refined coefficients, detached, on ``coeffs``' device and dtype.
+
+    Raises:
+        ValueError: as :func:`fit_coeffs`.
     """
     if lm68 is None or has_lm68 is None or not bool(has_lm68.any()):
         return fit_coeffs(model, coeffs, images, lm, steps=steps, config=config)

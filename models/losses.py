@@ -183,8 +183,17 @@ TERMS = ("feat", "color", "lm", "reg", "gamma", "reflc")
 
 @dataclass(frozen=True)
 class LossTerms:
-    """Weighted loss terms (scalars; ``feat`` is 0 without a recogniser). ``total`` is their sum,
-    the original's ``loss_all``."""
+    """Weighted loss terms of a batch. ``total`` is their sum, the original's ``loss_all``.
+
+    Attributes:
+        feat: () identity term (0 without a recogniser).
+        color: () photometric term.
+        lm: () landmark term.
+        reg: () coefficient regularisation.
+        gamma: () lighting prior.
+        reflc: () albedo variance over the skin.
+        All are 0-dimensional tensors on the inputs' device, each already times its weight.
+    """
 
     feat: torch.Tensor
     color: torch.Tensor
@@ -195,10 +204,15 @@ class LossTerms:
 
     @property
     def total(self) -> torch.Tensor:
+        """() the sum of the six terms (differentiable)."""
         return self.feat + self.color + self.lm + self.reg + self.gamma + self.reflc
 
     def as_floats(self) -> dict[str, float]:
-        """{'all': ..., 'feat': ..., ...} as Python floats (one device sync)."""
+        """The terms as Python floats, for logging (one device sync).
+
+        Returns:
+            ``{'all': total, 'feat': ..., 'color': ..., 'lm': ..., 'reg': ..., 'gamma': ..., 'reflc': ...}``.
+        """
         vals = torch.stack([self.total.detach()] + [getattr(self, k).detach() for k in TERMS]).float().cpu()
         return dict(zip(("all",) + TERMS, vals.tolist()))
 
@@ -207,9 +221,12 @@ class LossTerms:
 class HybridOutput:
     """What :class:`HybridLoss` computed for a batch of B faces.
 
-    terms: :class:`LossTerms`. face: :class:`FaceOutput`. render: (B,3,H,W) lit face where
-    covered, 0 elsewhere. mask: (B,1,H,W) coverage of ``render``. face_mask: (B,1,H,W) the
-    photometric loss's region (front triangles), detached.
+    Attributes:
+        terms: :class:`LossTerms`.
+        face: :class:`FaceOutput` of the coefficients.
+        render: (B,3,H,W) lit face where covered, 0 elsewhere.
+        mask: (B,1,H,W) coverage of ``render``, {0, 1}.
+        face_mask: (B,1,H,W) the photometric loss's region (front triangles), detached.
     """
 
     terms: LossTerms
@@ -238,6 +255,9 @@ class HybridLoss(nn.Module):
         use_predef_M: warp the render to the recogniser's crop with the input's transform (from the
             target landmarks) instead of one estimated from the predicted landmarks (the original's
             ``--use_predef_M``, default False).
+
+    Raises:
+        ValueError: ``front_only`` with a recogniser and ``weights.w_feat`` > 0.
     """
 
     def __init__(self, face_model: ParametricFaceModel, renderer: nn.Module, weights: LossWeights = LossWeights(),

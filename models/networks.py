@@ -20,14 +20,27 @@ from models.coeffs import COEFFS, CoeffLayout
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    """A 3x3 convolution without bias, padding 1: (B, cin, H, W) -> (B, cout, ceil(H/stride), ceil(W/stride))."""
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """A 1x1 convolution, no padding: (B, cin, H, W) -> (B, cout, ceil(H/stride), ceil(W/stride))."""
     return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=bias)
 
 
 class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 convolutions with batch norm, plus the (downsampled) input.
+
+    forward: (B, cin, H, W) -> (B, planes, H/stride, W/stride) (rounded up).
+
+    Args:
+        cin: input channels.
+        planes: output channels (``expansion`` = 1).
+        stride: the first convolution's stride.
+        downsample: maps the input to the output's shape when they differ (None: identity).
+    """
+
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
@@ -38,6 +51,7 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, H, W) -> (B, planes, H', W'), H' = ceil(H / stride)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
@@ -45,7 +59,16 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution.
+
+    forward: (B, cin, H, W) -> (B, 4 * planes, H/stride, W/stride) (rounded up).
+
+    Args:
+        cin: input channels.
+        planes: channels of the inner 3x3 convolution (output: 4 * planes, ``expansion``).
+        stride: the 3x3 convolution's stride.
+        downsample: maps the input to the output's shape when they differ (None: identity).
+    """
 
     expansion = 4
 
@@ -58,6 +81,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, H, W) -> (B, 4 * planes, H', W'), H' = ceil(H / stride)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -68,10 +92,17 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ImageNet ResNet without the classifier unless ``use_last_fc``.
 
-    forward: (B, 3, H, W) -> (B, C, 1, 1) pooled features, or (B, num_classes) with ``use_last_fc``.
+    forward: (B, 3, H, W) -> (B, C, 1, 1) pooled features (C = :attr:`out_dim`, 512 * expansion),
+    or (B, num_classes) with ``use_last_fc``.
     Built on the meta device (``with torch.device("meta")``), it skips the weight initialisation:
     there are no values to set, a state dict will provide them (and initialising meta tensors
     would import torch._dynamo, which is slow to load).
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: the number of blocks of each of the 4 stages.
+        num_classes: outputs of the fc layer (only with ``use_last_fc``).
+        use_last_fc: keep the fc layer after pooling.
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000,
@@ -110,6 +141,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, out_dim, 1, 1), or (B, num_classes) with ``use_last_fc``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
         if self.use_last_fc:
@@ -132,6 +164,11 @@ class ReconNet(nn.Module):
     Args:
         net_recon: 'resnet18' | 'resnet34' | 'resnet50'.
         use_last_fc: the original's alternative head (the backbone's fc predicts all 257).
+        layout: the coefficient groups; one zero-initialised 1x1-conv head per entry of its
+            ``head_sizes``.
+
+    Raises:
+        ValueError: ``net_recon`` is not one of :data:`ARCHITECTURES`.
     """
 
     def __init__(self, net_recon: str = "resnet50", use_last_fc: bool = False, layout: CoeffLayout = COEFFS):
@@ -150,6 +187,14 @@ class ReconNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict coefficients.
+
+        Args:
+            x: (B, 3, 224, 224) RGB in 0..1, on the network's device and dtype.
+
+        Returns:
+            (B, 257) coefficients in :data:`models.coeffs.COEFFS` order (heads concatenated).
+        """
         x = self.backbone(x)
         if self.use_last_fc:
             return x
@@ -166,7 +211,20 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
     With ``mmap``, the tensors of a zip-format checkpoint (every ``torch.save`` since torch 1.6)
     are memory-mapped from the file (copy-on-write) instead of read into memory: no copy until
     a page is used. Only for read-only use of a file that is replaced, not rewritten in place,
-    while mapped (this project's writers save to a temporary name and rename it)."""
+    while mapped (this project's writers save to a temporary name and rename it).
+
+    Args:
+        path: the checkpoint, an ``epoch_N.pth``.
+        mmap: memory-map the tensors (zip format only; ignored for older files).
+
+    Returns:
+        The checkpoint dict, tensors on the CPU; it holds at least ``'net_recon'``.
+
+    Raises:
+        CheckpointError: the path is missing, a folder or not a regular file; the file cannot be
+            read or holds objects other than tensors (refused, never executed); or it is not a
+            dict with ``'net_recon'``. One line naming ``path``.
+    """
     expected = ("Expected the original's checkpoints/<name>/epoch_<N>.pth (e.g. the authors' epoch_20.pth) "
                 "or run `python -m tools.standin` for the stand-in model.")
     if os.path.isdir(path):
@@ -207,7 +265,22 @@ def load_recon_net(path: str, net_recon: str = "resnet50", use_last_fc: bool = F
     checkpoint sets every parameter and buffer, ``strict`` checks that) and takes the
     checkpoint's tensors themselves (``assign=True``), memory-mapped from the file: the weights
     are never copied on the host. Floating-point tensors are float32 as with a copy into a
-    freshly built network (``Tensor.float()`` is a no-op for float32)."""
+    freshly built network (``Tensor.float()`` is a no-op for float32). A ``module.`` prefix
+    (a DataParallel save) is dropped from the names.
+
+    Args:
+        path: the checkpoint (``checkpoints/<name>/epoch_<N>.pth``).
+        net_recon: 'resnet18' | 'resnet34' | 'resnet50', as the checkpoint was trained.
+        use_last_fc: as the checkpoint was trained.
+
+    Returns:
+        The network on the CPU, in eval mode.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`; ``'net_recon'`` is not a state dict; or its
+            names or shapes do not fit ``net_recon`` and ``use_last_fc`` (``strict``).
+        ValueError: ``net_recon`` is unknown.
+    """
     with torch.device("meta"):
         net = ReconNet(net_recon, use_last_fc=use_last_fc)
     state = load_checkpoint(path, mmap=True)["net_recon"]

@@ -41,9 +41,16 @@ class RecogError(RuntimeError):
 def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity (rotation, uniform scale, translation) from src to dst points.
 
-    src: (B, K, 2); dst: (K, 2) or (B, K, 2). Returns (B, 2, 3) ``M`` with ``dst ~ M @ [src; 1]``
-    (Umeyama 1991, reflections excluded). Degenerate inputs (all points equal) give the identity.
+    Umeyama 1991, reflections excluded. Degenerate inputs (all points equal) give the identity.
     Computed in float64 without gradient.
+
+    Args:
+        src: (B, K, 2) points, any coordinate convention (the same as ``dst``'s).
+        dst: (K, 2) or (B, K, 2) points (moved to ``src``'s device).
+
+    Returns:
+        (B, 2, 3) ``M`` with ``dst ~ M @ [src; 1]``, in ``src``'s dtype (float32 for integer ``src``),
+        on its device.
     """
     with torch.no_grad():
         s = src.detach().to(torch.float64)
@@ -106,7 +113,16 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class IBasicBlock(nn.Module):
-    """InsightFace's pre-activation block: BN, conv3x3, BN, PReLU, conv3x3 (stride), BN, + shortcut."""
+    """InsightFace's pre-activation block: BN, conv3x3, BN, PReLU, conv3x3 (stride), BN, + shortcut.
+
+    forward: (B, cin, H, W) -> (B, planes, H', W'), H' = ceil(H / stride).
+
+    Args:
+        cin: input channels.
+        planes: output channels.
+        stride: the second convolution's stride.
+        downsample: maps the input to the output's shape when they differ (None: identity).
+    """
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -119,6 +135,7 @@ class IBasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, H, W) -> (B, planes, H', W'), H' = ceil(H / stride)."""
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
         return out + (x if self.downsample is None else self.downsample(x))
 
@@ -127,6 +144,11 @@ class IResNet(nn.Module):
     """ArcFace backbone: (B, 3, 112, 112) in -1..1 -> (B, num_features) embedding (not normalised).
 
     Parameter names match InsightFace ``recognition/arcface_torch/backbones/iresnet.py``.
+
+    Args:
+        layers: the number of blocks of each of the 4 stages (each stage halves the size:
+            112 -> 7, hence the fc's 512 * 7 * 7 inputs; other input sizes do not fit the fc).
+        num_features: the embedding's size.
     """
 
     fc_scale = 7 * 7
@@ -155,12 +177,24 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 112, 112) RGB in -1..1 -> (B, num_features) embedding, not normalised."""
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.bn2(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
         return self.features(self.fc(self.dropout(torch.flatten(x, 1))))
 
 
 def iresnet(name: str) -> IResNet:
+    """A freshly initialised :class:`IResNet` of 512 features.
+
+    Args:
+        name: 'r18', 'r34', 'r50' or 'r100' (:data:`IRESNET_LAYERS`).
+
+    Returns:
+        The network (random weights, train mode).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`IRESNET_LAYERS`.
+    """
     if name not in IRESNET_LAYERS:
         raise ValueError(f"unknown --net_recog {name!r}; choose one of {RECOG_CHOICES}")
     return IResNet(IRESNET_LAYERS[name])
@@ -172,6 +206,11 @@ class RecogNet(nn.Module):
 
     forward(image (B,3,H,W) RGB 0..1, trans_m (B,2,3)) -> (B, D) L2-normalised features.
     Always in eval mode (batch norm frozen); gradients flow to the image only.
+
+    Args:
+        net: the backbone, (B, 3, input_size, input_size) in -1..1 -> (B, D); its parameters are
+            frozen here (``requires_grad`` False).
+        input_size: the side of the backbone's input in pixels (112).
     """
 
     def __init__(self, net: nn.Module, input_size: int = RECOG_INPUT):
@@ -187,7 +226,14 @@ class RecogNet(nn.Module):
         self.training = False
 
     def train(self, mode: bool = True) -> "RecogNet":
-        """Stays in eval mode (the recogniser's batch norm is frozen, as in the original)."""
+        """Stays in eval mode (the recogniser's batch norm is frozen, as in the original).
+
+        Args:
+            mode: ignored.
+
+        Returns:
+            ``self``, unchanged.
+        """
         return self
 
     def crop_transform(self, lm68: torch.Tensor, height: int) -> torch.Tensor:
@@ -203,7 +249,9 @@ class RecogNet(nn.Module):
         return estimate_norm(lm68, height)
 
     def forward(self, image: torch.Tensor, trans_m: torch.Tensor) -> torch.Tensor:
-        """Args:
+        """Identity features of images.
+
+        Args:
             image: (B, 3, H, W) RGB in 0..1.
             trans_m: (B, 2, 3) warp of ``image`` onto the 112x112 input (:meth:`crop_transform`).
 
@@ -236,6 +284,7 @@ def load_recog_net(name: str, path: str) -> RecogNet:
 
     Raises:
         RecogError: the file is missing, unreadable or does not fit ``name`` (one line).
+        ValueError: ``name`` is none of the above (for a state-dict file).
     """
     if not os.path.isfile(path):
         raise RecogError(f"face recognition network not found: {path}. Give an InsightFace ArcFace "

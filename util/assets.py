@@ -23,14 +23,35 @@ class MissingAssetError(FileNotFoundError):
 
 
 def require_file(path: str, what: str, how: str) -> str:
-    """Return ``path`` if it is a file, else raise :class:`MissingAssetError` naming it and ``how``."""
+    """Check that a file the user must provide is there.
+
+    Args:
+        path: the file.
+        what: what it is, for the message (e.g. ``"Face model"``).
+        how: what to do to get it, appended to the message.
+
+    Returns:
+        ``path`` itself.
+
+    Raises:
+        MissingAssetError: ``path`` is not a file; ``"<what> not found: <path>. <how>"``.
+    """
     if not os.path.isfile(path):
         raise MissingAssetError(f"{what} not found: {path}. {how}")
     return path
 
 
 def checkpoint_file(checkpoints_dir: str, name: str, epoch: str) -> str:
-    """Where a model's checkpoint lies: ``<checkpoints_dir>/<name>/epoch_<epoch>.pth`` (the original's layout)."""
+    """Where a model's checkpoint lies (the original's layout); not checked here.
+
+    Args:
+        checkpoints_dir: e.g. ``./checkpoints``.
+        name: the model's name (``--name``).
+        epoch: its epoch as given on the command line (e.g. ``'20'``).
+
+    Returns:
+        ``<checkpoints_dir>/<name>/epoch_<epoch>.pth``.
+    """
     return os.path.join(checkpoints_dir, name, f"epoch_{epoch}.pth")
 
 
@@ -38,7 +59,17 @@ def inputs_error(img_folder: str, checkpoint: str, bfm_folder: str, bfm_model: s
     """The first missing input of a test.py run, as one line saying what to do (None: all there).
 
     Only looks at paths (no import beyond ``os``), so test.py reports a mistyped path before it
-    loads torch; the model loaders check the files' contents later."""
+    loads torch; the model loaders check the files' contents later.
+
+    Args:
+        img_folder: the photo folder (must be a folder).
+        checkpoint: the checkpoint file (:func:`checkpoint_file`).
+        bfm_folder: the face model's folder.
+        bfm_model: the face model's file name in it (or ``01_MorphableModel.mat`` there to convert).
+
+    Returns:
+        The message for the first missing input, in that order, or None when all are there.
+    """
     if not os.path.isdir(img_folder):
         return f"--img_folder {img_folder} is not a folder; give the folder of photos that ./process_images.sh prepared"
     if os.path.isdir(checkpoint):
@@ -55,6 +86,13 @@ def inputs_error(img_folder: str, checkpoint: str, bfm_folder: str, bfm_model: s
 
 
 def error_line(e: BaseException) -> str:
-    """``e`` as one line for a message: its type and the first non-empty line of its text."""
+    """An exception as one line for a message.
+
+    Args:
+        e: any exception.
+
+    Returns:
+        ``"<TypeName>: <first non-empty line of str(e)>"``, or the type's name alone for an empty text.
+    """
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

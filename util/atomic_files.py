@@ -25,7 +25,14 @@ _TEMP_RE = re.compile(r"^\.d3dfr-(\d+)-[0-9a-f]{8}\..*\.part$", re.DOTALL)
 
 
 def temp_path(path: str) -> str:
-    """A temporary name beside ``path``, unique to this process and call."""
+    """A temporary name beside ``path``, unique to this process and call (nothing is created).
+
+    Args:
+        path: the file to be written.
+
+    Returns:
+        ``<folder of path>/.d3dfr-<pid>-<8 hex digits>.<name>.part``.
+    """
     d, name = os.path.split(path)
     return os.path.join(d, f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{name}{SUFFIX}")
 
@@ -44,6 +51,14 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None], mode: int = 0o66
     follow the user's umask. On any failure (disk full, permissions, an exception in ``write``,
     Ctrl-C) the temporary file is removed and the exception propagates; ``path`` is then
     untouched (absent or its old content).
+
+    Args:
+        path: the file to write (its folder must exist).
+        write: called once with the temporary file, opened for binary writing.
+        mode: permission bits before the umask.
+
+    Raises:
+        OSError: the temporary file cannot be created, written or renamed; and whatever ``write`` raises.
     """
     tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -60,7 +75,15 @@ def write_files_atomic(files: list[tuple[str, list]]) -> None:
     """Write each (path, bytes-like chunks) to a temporary name of this process beside it, then
     rename them all into place: the renames are the only visible steps. On any failure (disk full,
     Ctrl-C, ...) the temporary files and the files already renamed are removed and the exception
-    propagates: all of them are there, or none. Files follow the umask, as with :func:`write_atomic`."""
+    propagates: all of them are there, or none. Files follow the umask, as with :func:`write_atomic`.
+
+    Args:
+        files: (path, chunks) pairs; chunks is an iterable of bytes-like objects (bytes, bytearray,
+            memoryview, contiguous numpy arrays), written one after another. Folders must exist.
+
+    Raises:
+        OSError: a file cannot be created, written or renamed (nothing of the set is left).
+    """
     temps: list[str] = []
     placed: list[str] = []
     try:
@@ -79,18 +102,40 @@ def write_files_atomic(files: list[tuple[str, list]]) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes | list[bytes]) -> None:
-    """One file of bytes or a list of byte chunks, complete or absent (:func:`write_files_atomic`)."""
+    """Write one file of bytes, complete or absent (:func:`write_files_atomic`).
+
+    Args:
+        path: the file (its folder must exist).
+        data: bytes-like, or a list of bytes-like chunks.
+
+    Raises:
+        OSError: as :func:`write_files_atomic`.
+    """
     write_files_atomic([(path, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)])
 
 
 def temp_owner(name: str) -> int | None:
-    """The pid in one of our temporary names, or None when ``name`` is not one of ours."""
+    """Who wrote one of our temporary files.
+
+    Args:
+        name: a file name without folders.
+
+    Returns:
+        The pid in a name of :func:`temp_path`'s form, or None when ``name`` is not one of ours.
+    """
     m = _TEMP_RE.match(name)
     return int(m.group(1)) if m else None
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
+    """Whether a process with this id exists (on this machine).
+
+    Args:
+        pid: a process id; <= 0 is never alive.
+
+    Returns:
+        True when it exists, also when owned by another user (``kill(pid, 0)`` gives EPERM).
+    """
     if pid <= 0:
         return False
     try:
@@ -101,7 +146,15 @@ def pid_alive(pid: int) -> bool:
 
 
 def stale_temp_files(folder: str, recursive: bool = False) -> list[str]:
-    """Our temporary files in ``folder`` whose writing process is gone (safe to delete)."""
+    """Our temporary files in ``folder`` whose writing process is gone (safe to delete).
+
+    Args:
+        folder: where to look; a missing folder has none.
+        recursive: also in its sub-folders.
+
+    Returns:
+        Their paths (never this process's own).
+    """
     out = []
     if not os.path.isdir(folder):
         return out
@@ -115,7 +168,15 @@ def stale_temp_files(folder: str, recursive: bool = False) -> list[str]:
 
 
 def remove_stale_temp_files(folder: str, recursive: bool = False) -> int:
-    """Delete :func:`stale_temp_files`; returns how many were removed."""
+    """Delete :func:`stale_temp_files` (those that cannot be removed are left, quietly).
+
+    Args:
+        folder: where to look.
+        recursive: also in its sub-folders.
+
+    Returns:
+        How many were removed.
+    """
     n = 0
     for p in stale_temp_files(folder, recursive):
         try:

@@ -14,7 +14,14 @@ Dim = int | str | None
 
 
 def shape_of(x: Any) -> str:
-    """``x``'s shape as text, ``(2, 3)``, or its type's name when it has no shape."""
+    """A value's shape for a message.
+
+    Args:
+        x: anything.
+
+    Returns:
+        ``x``'s shape as text, ``(2, 3)``, or its type's name when it has no ``shape``.
+    """
     shape = getattr(x, "shape", None)
     return str(tuple(shape)) if shape is not None else type(x).__name__
 

@@ -24,13 +24,22 @@ MAX_POINTS_BYTES = 64 * 1024  # 68 lines of "x y" take ~1.3 KB; a larger file is
 
 
 class DetectionFileError(ValueError):
-    """A detection file exists but does not hold 5 points of 2 finite numbers."""
+    """A detection (or landmark) file is not usable: not a regular readable file, too large, or not
+    the expected number of lines of 2 finite numbers; the message names the file and what to re-run."""
 
 
 def ensure_folder(path: str) -> None:
     """``os.makedirs(path, exist_ok=True)``, with a message that says which part of ``path`` is
     in the way when a file (not a folder) has one of its names (instead of ``[Errno 17] File
-    exists`` / ``[Errno 20] Not a directory``)."""
+    exists`` / ``[Errno 20] Not a directory``).
+
+    Args:
+        path: the folder to create (with its parents) if it is not there.
+
+    Raises:
+        NotADirectoryError: a file (not a folder) has ``path``'s name or one of its parents'.
+        OSError: another failure (permissions, read-only file system).
+    """
     try:
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -51,14 +60,32 @@ def _blocking_part(path: str) -> str:
 
 
 def file_stem(name: str) -> str:
-    """``os.path.splitext(name)[0]`` for a file name without folders, in a quarter of the time
-    (a folder of 60000 photos computes it for each)."""
+    """``os.path.splitext(name)[0]`` for a file name without folders, computed more cheaply (a
+    folder of 60000 photos computes it for each; docs/throughput.md).
+
+    Args:
+        name: a file name without folders.
+
+    Returns:
+        The name without its last extension; a name of leading dots only (``.bashrc``, ``..x``) is
+        kept whole, as ``splitext`` does.
+    """
     i = name.rfind(".")
     return name[:i] if i > 0 and name[:i].strip(".") else name
 
 
 def detection_path(folder: str, rel_image: str, face: int = 1, subdir: str = DETECTIONS_DIR) -> str:
-    """Where the detection of face ``face`` (1-based) of ``folder/rel_image`` lives."""
+    """Where the detection of one face of a photo lives (not checked).
+
+    Args:
+        folder: the photo folder.
+        rel_image: the photo's path relative to ``folder``.
+        face: the face's number, 1-based: face 1 is ``<stem>.txt``, face k > 1 ``<stem>__faceKK.txt``.
+        subdir: :data:`DETECTIONS_DIR` (5 points) or :data:`LANDMARKS_DIR` (68 points).
+
+    Returns:
+        ``folder/subdir/<folder of rel_image>/<stem>[__faceKK].txt``.
+    """
     rel_dir, name = os.path.split(rel_image)
     stem = file_stem(name)
     if face > 1:
@@ -94,6 +121,16 @@ def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_D
     ``subdir=LANDMARKS_DIR`` lists the 68-point landmark files instead. Pass the same dict as
     ``index`` for every photo of a folder to list each detections folder only once (a folder of
     N photos then costs O(N), not O(N^2), and no file system call per photo).
+
+    Args:
+        folder: the photo folder.
+        rel_image: the photo's path relative to ``folder``.
+        subdir: :data:`DETECTIONS_DIR` or :data:`LANDMARKS_DIR`.
+        index: a cache of folder listings shared between calls (None: a fresh one).
+
+    Returns:
+        ``[(output name, path)]``: face 1 (``<stem>.txt``) first when present, then the extra faces
+        by number; empty when the photo has none (or the folder is missing).
     """
     rel_dir, name = os.path.split(rel_image)
     return stem_detection_files(folder, rel_dir, file_stem(name), subdir, {} if index is None else index)
@@ -101,7 +138,18 @@ def face_detection_files(folder: str, rel_image: str, subdir: str = DETECTIONS_D
 
 def stem_detection_files(folder: str, rel_dir: str, stem: str, subdir: str, index: dict) -> list[tuple[str, str]]:
     """:func:`face_detection_files` of the photo ``stem.*`` in ``folder/rel_dir`` (for callers
-    that have split the photo's path already)."""
+    that have split the photo's path already).
+
+    Args:
+        folder: the photo folder.
+        rel_dir: the photo's folder relative to ``folder`` ('' at top level).
+        stem: the photo's name without extension.
+        subdir: :data:`DETECTIONS_DIR` or :data:`LANDMARKS_DIR`.
+        index: the shared cache of folder listings (filled here).
+
+    Returns:
+        As :func:`face_detection_files`.
+    """
     listing = index.get((subdir, rel_dir))  # the paths of detection_path, one join per folder
     if listing is None:
         listing = index[(subdir, rel_dir)] = _DirIndex(os.path.join(folder, subdir, rel_dir))
@@ -121,7 +169,19 @@ def read_points(path: str, n: int = 5) -> np.ndarray:
     Refused, each with its reason: not a regular file (a folder, a FIFO, a device), larger than
     :data:`MAX_POINTS_BYTES` (never read whole), not UTF-8 text (binary), a wrong number of
     lines or of numbers on a line, commas, non-numeric or non-finite values. Whether the points
-    fit the photo is the alignment's check (:func:`util.preprocess.check_landmarks`)."""
+    fit the photo is the alignment's check (:func:`util.preprocess.check_landmarks`).
+
+    Args:
+        path: the file (photo pixels, y down, as the detector writes them).
+        n: the number of points expected (5 or 68).
+
+    Returns:
+        (n, 2) float32 points, as written (x, y).
+
+    Raises:
+        DetectionFileError: the file is missing or unusable, as above; the message says to re-run
+            ./process_images.sh (with ``--landmarks68`` for 68 points).
+    """
     redo = "; re-run ./process_images.sh" + (" --landmarks68" if n == 68 else "") + " on the folder"
     data = _read_small_file(path, redo)
     if b"\0" in data:
@@ -183,8 +243,16 @@ def _read_small_file(path: str, redo: str) -> bytes:
 
 
 def write_points(path: str, points: np.ndarray) -> None:
-    """Write (n, 2) points as ``x y`` lines atomically (:func:`util.atomic_files.write_atomic`:
-    a temporary name in the same folder, then a rename; the file follows the umask)."""
+    """Write points as ``x y`` lines atomically (:func:`util.atomic_files.write_atomic`: a
+    temporary name in the same folder, then a rename; the file follows the umask).
+
+    Args:
+        path: the file; its folder is created when missing.
+        points: (n, 2) (or anything reshaping to it) coordinates, written with 4 decimals.
+
+    Raises:
+        NotADirectoryError, OSError: as :func:`ensure_folder` and :func:`util.atomic_files.write_atomic`.
+    """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     data = "".join(f"{x:.4f} {y:.4f}\n" for x, y in points).encode("utf-8")
     ensure_folder(os.path.dirname(path) or ".")

@@ -37,7 +37,14 @@ def is_plain(name: str) -> bool:
 def printable(text: str) -> str:
     """``text`` (a name, or a message holding names) as one printable line: undecodable bytes
     as ``\\xNN``, control characters as ``\\n``, ``\\r``, ``\\t``, ``\\xNN``; other lone surrogates
-    as ``\\udNNN``. Encodes as UTF-8 whatever the name."""
+    as ``\\udNNN``. Encodes as UTF-8 whatever the name.
+
+    Args:
+        text: any str (``os`` names carry undecodable bytes as lone surrogates).
+
+    Returns:
+        The escaped text, encodable as UTF-8; ``text`` itself where nothing needs escaping.
+    """
     out = text.translate(_PRINT_TABLE)
     return out if is_plain(out) else out.encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -57,5 +64,15 @@ def raw_hex(name: str) -> str:
 
 
 def from_hex(digits: str) -> str:
-    """The inverse of :func:`raw_hex`: the ``os`` name of those bytes. Raises ValueError."""
+    """The inverse of :func:`raw_hex`.
+
+    Args:
+        digits: hexadecimal digits, two per byte.
+
+    Returns:
+        The ``os`` name of those bytes (``os.fsdecode``).
+
+    Raises:
+        ValueError: ``digits`` is not an even number of hexadecimal digits.
+    """
     return os.fsdecode(bytes.fromhex(digits))

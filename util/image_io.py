@@ -52,7 +52,15 @@ LOAD_REASONS = {
 
 
 class ImageLoadError(ValueError):
-    """An input file could not be read as an image; ``reason`` is a short machine-friendly tag."""
+    """An input file could not be read as an image.
+
+    Args:
+        path: the file (attribute ``path``).
+        reason: a short machine-friendly tag, a key of :data:`LOAD_REASONS` (attribute ``reason``).
+        detail: the underlying error's text, may be '' (attribute ``detail``).
+
+    ``str(err)`` is ``"<path>: <reason>"`` plus ``" (<detail>)"`` when there is one.
+    """
 
     def __init__(self, path: str, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = path, reason, detail
@@ -60,7 +68,14 @@ class ImageLoadError(ValueError):
 
 
 def is_image_file(name: str) -> bool:
-    """True when ``name`` ends with one of :data:`IMAGE_EXTENSIONS`, in any letter case."""
+    """Whether a file name has a photo's extension.
+
+    Args:
+        name: a file name or path.
+
+    Returns:
+        True when ``name`` ends with one of :data:`IMAGE_EXTENSIONS`, in any letter case.
+    """
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -75,7 +90,17 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
     broken link, and without ``recursive`` a folder named ``x.jpg``), so that the caller reports
     them (:func:`load_image` says ``not_a_file`` or ``missing``) rather than leaving them out in
     silence; with ``recursive`` such a folder is searched like any other.
-    Raises ``NotADirectoryError`` when ``folder`` is not a folder.
+
+    Args:
+        folder: the folder to list.
+        recursive: also list sub-folders (except :data:`OUTPUT_DIRS`).
+
+    Returns:
+        Sorted paths relative to ``folder``, ``/``-separated.
+
+    Raises:
+        NotADirectoryError: ``folder`` is not a folder.
+        OSError: a folder cannot be listed (permissions).
     """
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"not a folder: {folder}")
@@ -106,10 +131,19 @@ def list_images(folder: str, recursive: bool = False) -> list[str]:
 
 
 def load_image(path: str) -> Image.Image:
-    """Read ``path`` and return an RGB uint8 PIL image with EXIF orientation applied.
+    """Read a photo as the run uses it; never modifies the file.
 
-    Raises :class:`ImageLoadError` (reason in :data:`LOAD_REASONS`) for any file that is not
-    a decodable image; never modifies the file.
+    Args:
+        path: the photo (formats of :data:`PIL_FORMATS`).
+
+    Returns:
+        An RGB 8-bit PIL image (mode 'RGB', (width, height) = ``.size``) with the EXIF orientation
+        applied (a broken EXIF block is ignored), other modes converted as the module docstring says.
+
+    Raises:
+        ImageLoadError: (reason in :data:`LOAD_REASONS`) for any file that is not a decodable image:
+            missing, not a regular file, empty, permission denied, not an image, truncated, corrupt,
+            too large.
     """
     _check_regular_file(path)
     with _load_errors(path):
@@ -132,9 +166,18 @@ def read_plain_jpeg(path: str) -> tuple[np.ndarray, tuple[int, int]] | None:
 
     A file cut short (a copy that stopped early) has no end marker: nvJPEG decodes such a file
     without a word, filling what is missing, where PIL reports it truncated; so it goes to PIL.
-    So do files with bytes after the marker (PIL reads those as usual). Raises
-    :class:`ImageLoadError` as :func:`load_image` does for files that are not images; other
-    corrupt data is only found out by the decoder."""
+    So do files with bytes after the marker (PIL reads those as usual).
+
+    Args:
+        path: the photo.
+
+    Returns:
+        ((n,) uint8 array of the file's bytes, (width, height) from its header), or None.
+
+    Raises:
+        ImageLoadError: as :func:`load_image` does for files that are not images; other corrupt
+            data is only found out by the decoder.
+    """
     _check_regular_file(path)
     with _load_errors(path):
         with warnings.catch_warnings():
@@ -178,13 +221,31 @@ def _load_errors(path: str):
 
 
 def decode_error_reason(e: BaseException) -> str:
-    """'truncated' or 'corrupt' (:data:`LOAD_REASONS`) for a decoder's exception."""
+    """Classify a decoder's exception.
+
+    Args:
+        e: what a decoder (PIL, torchvision) raised.
+
+    Returns:
+        'truncated' (its text says truncated or ended prematurely, or an EOFError), else 'corrupt'
+        (both keys of :data:`LOAD_REASONS`).
+    """
     msg = str(e)
     return "truncated" if ("truncated" in msg or "ended prematurely" in msg or isinstance(e, EOFError)) else "corrupt"
 
 
 def load_image_array(path: str) -> np.ndarray:
-    """:func:`load_image` as a contiguous ``(H, W, 3)`` uint8 RGB array (row 0 = top)."""
+    """:func:`load_image` as an array.
+
+    Args:
+        path: the photo.
+
+    Returns:
+        A contiguous ``(H, W, 3)`` uint8 RGB array (row 0 = top).
+
+    Raises:
+        ImageLoadError: as :func:`load_image`.
+    """
     return np.ascontiguousarray(np.asarray(load_image(path), dtype=np.uint8))
 
 

@@ -41,9 +41,13 @@ TEXTURE_SUFFIX = "_texture.png"
 class MeshSettings:
     """How a run writes its meshes (shared by every face; sent once to each writer process).
 
-    fmt: 'obj' | 'ply' | 'glb'. faces: (F, 3) int64 0-based. uv: (N, 2) float32 layout or None
-    (no texture). face_block: the format's triangle bytes, made once. uv_block: the .obj's
-    ``vt`` lines or the .glb's TEXCOORD_0 bytes.
+    Attributes:
+        fmt: 'obj' | 'ply' | 'glb'.
+        faces: (F, 3) int64 vertex indices, 0-based.
+        uv: (N, 2) float32 texture layout in 0..1 (v up, as .obj and .ply store it) or None (no texture).
+        face_block: the format's triangle bytes, made once.
+        uv_block: the .obj's ``vt`` lines or the .glb's TEXCOORD_0 bytes (v flipped to glTF's down),
+            b'' without ``uv``.
     """
 
     fmt: str
@@ -54,7 +58,19 @@ class MeshSettings:
 
 
 def mesh_settings(fmt: str, faces: np.ndarray, uv: np.ndarray | None = None) -> MeshSettings:
-    """:class:`MeshSettings` with the per-run blocks made."""
+    """:class:`MeshSettings` with the per-run blocks made.
+
+    Args:
+        fmt: 'obj', 'ply' or 'glb'.
+        faces: (F, 3) integer vertex indices, 0-based (anything reshaping to it).
+        uv: (N, 2) texture layout in 0..1, v up, or None for meshes with vertex colours only.
+
+    Returns:
+        The settings.
+
+    Raises:
+        ValueError: ``fmt`` is none of the three.
+    """
     from util.mesh_io import _FixedColumn, _lines, face_lines
 
     faces = np.asarray(faces, np.int64).reshape(-1, 3)
@@ -91,7 +107,14 @@ def _obj_chunks(s: MeshSettings, name: str, vertices: np.ndarray, colors: np.nda
 
 
 def mtl_text(texture_file: str) -> bytes:
-    """The .mtl of a textured .obj: one material ``face``, unlit white times the texture."""
+    """The .mtl of a textured .obj: one material ``face``, unlit white times the texture.
+
+    Args:
+        texture_file: the texture's file name, relative to the .mtl (``map_Kd``).
+
+    Returns:
+        The file's bytes (UTF-8 text).
+    """
     return (f"# {HEADER_COMMENT}\nnewmtl face\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nd 1\nillum 1\n"
             f"map_Kd {texture_file}\n").encode()
 
@@ -118,7 +141,17 @@ def _pad4(b: bytes, fill: bytes = b"\0") -> bytes:
 
 
 def glb_chunks(s: MeshSettings, vertices: np.ndarray, colors: np.ndarray | None, png: bytes | None = None) -> list:
-    """A binary glTF 2.0 file (see the module's docstring) as byte chunks."""
+    """A binary glTF 2.0 file (see the module's docstring) as byte chunks.
+
+    Args:
+        s: the settings (``fmt`` 'glb'; ``face_block`` and ``uv_block`` from :func:`mesh_settings`).
+        vertices: (N, 3) world-space positions, stored as float32.
+        colors: (N, 3) uint8 vertex colours (used when ``png`` is None).
+        png: the texture's PNG bytes, or None for vertex colours.
+
+    Returns:
+        A list of bytes-like chunks whose concatenation is the .glb file.
+    """
     v = np.ascontiguousarray(vertices, "<f4")
     columns = np.ascontiguousarray(v.T)  # min/max along rows of (N, 3) is ~20x slower than along columns
     n, n_idx = len(v), 3 * len(s.faces)
@@ -174,10 +207,22 @@ def _pad_rgb(c: np.ndarray) -> bytes:
 
 def mesh_files(s: MeshSettings, name: str, vertices: np.ndarray, colors: np.ndarray,
                texture_png: list[bytes] | None = None) -> list[tuple[str, list]]:
-    """The files of a face's mesh as (suffix of the face's name, bytes-like chunks): ``.<fmt>``
-    (world-space (N, 3) float ``vertices``, (N, 3) uint8 ``colors``) and, when the settings carry a
-    UV layout, the texture ``_texture.png`` (``texture_png``: its PNG chunks) and for .obj its
-    ``.mtl``. ``name``: the face's file name without suffix (what an .obj's ``mtllib`` names)."""
+    """The files of a face's mesh, made in memory.
+
+    Args:
+        s: the run's :class:`MeshSettings`.
+        name: the face's file name without suffix or folder (what an .obj's ``mtllib`` names).
+        vertices: (N, 3) world-space float positions.
+        colors: (N, 3) uint8 vertex colours.
+        texture_png: the texture's PNG chunks; needed when the settings carry a UV layout.
+
+    Returns:
+        [(suffix of the face's name, bytes-like chunks)]: ``.<fmt>`` first, then, when the settings
+        carry a UV layout, the texture ``_texture.png`` and for .obj its ``.mtl``.
+
+    Raises:
+        ValueError: a textured mesh without ``texture_png``.
+    """
     files: list[tuple[str, list]] = []
     if s.uv is not None:
         if texture_png is None:
@@ -196,7 +241,20 @@ def mesh_files(s: MeshSettings, name: str, vertices: np.ndarray, colors: np.ndar
 
 def write_mesh(s: MeshSettings, base: str, vertices: np.ndarray, colors: np.ndarray,
                texture_png: list[bytes] | None = None) -> list[str]:
-    """Write :func:`mesh_files` beside ``base`` (each complete or absent); returns the paths written."""
+    """Write :func:`mesh_files` beside ``base`` (each complete or absent).
+
+    Args:
+        s: the run's :class:`MeshSettings`.
+        base: the face's path without suffix (its folder must exist).
+        vertices, colors, texture_png: as :func:`mesh_files`.
+
+    Returns:
+        The paths written, ``base + suffix``, in :func:`mesh_files`' order.
+
+    Raises:
+        ValueError: as :func:`mesh_files`.
+        OSError: a file cannot be written (:func:`util.atomic_files.write_bytes_atomic`).
+    """
     written = []
     for suffix, chunks in mesh_files(s, os.path.basename(base), vertices, colors, texture_png):
         write_bytes_atomic(base + suffix, chunks)
@@ -205,7 +263,15 @@ def write_mesh(s: MeshSettings, base: str, vertices: np.ndarray, colors: np.ndar
 
 
 def mesh_suffixes(fmt: str, textured: bool) -> list[str]:
-    """The files :func:`write_mesh` writes per face, as suffixes of the face's name."""
+    """The files :func:`write_mesh` writes per face, as suffixes of the face's name.
+
+    Args:
+        fmt: 'obj', 'ply' or 'glb'.
+        textured: whether the meshes carry a texture.
+
+    Returns:
+        E.g. ``['.obj', '_texture.png', '.mtl']``, in :func:`mesh_files`' order.
+    """
     out = ["." + fmt]
     if textured:
         out.append(TEXTURE_SUFFIX)

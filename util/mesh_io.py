@@ -29,7 +29,14 @@ OBJ_HEADER = b"# written by Deep3DFaceRecon (modern reproduction)\n"
 
 
 def colors_to_uint8(color: np.ndarray) -> np.ndarray:
-    """(N, 3) float colours in 0..1 -> uint8 as the original: clip(255*c, 0, 255) truncated."""
+    """Float colours -> bytes as the original: clip(255*c, 0, 255) truncated.
+
+    Args:
+        color: floats in 0..1 (any shape; usually (N, 3)); values outside are clipped.
+
+    Returns:
+        uint8 of the same shape.
+    """
     return np.clip(255.0 * color, 0, 255).astype(np.uint8)
 
 
@@ -207,7 +214,18 @@ def _lines(prefix: bytes, columns: list) -> bytes:
 
 
 def format_fixed(x: np.ndarray, decimals: int = 8) -> np.ndarray:
-    """(N,) floats -> (N, W) ASCII bytes of ``'%.{decimals}f'``, right-aligned with spaces."""
+    """Format numbers as ``'%.{decimals}f'`` would, right-aligned with spaces.
+
+    Args:
+        x: (N,) finite floats.
+        decimals: digits after the point.
+
+    Returns:
+        (N, W) uint8 ASCII bytes, one row per number, W the widest number's width.
+
+    Raises:
+        ValueError: a value is not finite.
+    """
     col = _FixedColumn(x, decimals)
     out = np.empty((col.n, col.width), np.uint8)
     col.fill(out)
@@ -215,7 +233,14 @@ def format_fixed(x: np.ndarray, decimals: int = 8) -> np.ndarray:
 
 
 def face_lines(faces: np.ndarray) -> bytes:
-    """The ``f a b c`` lines (1-based) of faces (F, 3) 0-based: the same for every mesh of a run."""
+    """The ``f a b c`` lines of an .obj: the same for every mesh of a run.
+
+    Args:
+        faces: (F, 3) integer vertex indices, 0-based (anything reshaping to it).
+
+    Returns:
+        The lines as ASCII bytes, indices 1-based as .obj counts them.
+    """
     f = np.asarray(faces, dtype=np.int64).reshape(-1, 3) + 1
     return _lines(b"f", [_IntColumn(f[:, k]) for k in range(3)])
 
@@ -233,14 +258,36 @@ def _vertex_columns(vertices: np.ndarray, colors_u8: np.ndarray | None) -> list:
 
 
 def vertex_lines(vertices: np.ndarray, colors_u8: np.ndarray | None = None) -> bytes:
-    """The ``v x y z [r g b]`` lines of vertices (N, 3) with colours (N, 3) uint8 or None."""
+    """The ``v x y z [r g b]`` lines of an .obj.
+
+    Args:
+        vertices: (N, 3) finite floats, written with 8 decimals.
+        colors_u8: (N, 3) uint8 colours (written as c / 255 with 8 decimals) or None.
+
+    Returns:
+        The lines as ASCII bytes.
+
+    Raises:
+        ValueError: a coordinate is not finite.
+    """
     return _lines(b"v", _vertex_columns(vertices, colors_u8))
 
 
 def obj_chunks(vertices: np.ndarray, faces: np.ndarray | bytes, colors_u8: np.ndarray | None = None) -> list:
-    """The .obj file content (header, vertex lines, face lines) for vertices (N,3), faces (F,3)
-    0-based (or their :func:`face_lines`) and colours (N,3) uint8 or None, as bytes-like chunks
-    to write in order (the vertex lines are a view of their buffer, not copied into a bytes object)."""
+    """The .obj file content (header, vertex lines, face lines) as bytes-like chunks to write in
+    order (the vertex lines are a view of their buffer, not copied into a bytes object).
+
+    Args:
+        vertices: (N, 3) finite floats.
+        faces: (F, 3) integer vertex indices, 0-based, or their :func:`face_lines`.
+        colors_u8: (N, 3) uint8 colours or None.
+
+    Returns:
+        [header bytes, memoryview of the vertex lines, face lines bytes].
+
+    Raises:
+        ValueError: a coordinate is not finite.
+    """
     f = faces if isinstance(faces, bytes) else face_lines(faces)
     v = _lines_array(b"v", _vertex_columns(vertices, colors_u8))
     return [OBJ_HEADER, memoryview(v).cast("B"), f]
@@ -250,7 +297,17 @@ def write_obj(path: str, vertices: np.ndarray, faces: np.ndarray | bytes,
               colors_u8: np.ndarray | None = None) -> None:
     """Write an .obj (see :func:`obj_chunks`) to a temporary name of this process, then rename
     (:func:`util.atomic_files.write_bytes_atomic`): no half files, and two runs writing into one
-    folder never share a temporary name. ``faces`` may be the run's precomputed :func:`face_lines`."""
+    folder never share a temporary name.
+
+    Args:
+        path: the .obj to write (its folder must exist).
+        vertices, faces, colors_u8: as :func:`obj_chunks` (``faces`` may be the run's precomputed
+            :func:`face_lines`).
+
+    Raises:
+        ValueError: a coordinate is not finite (nothing is written).
+        OSError: the file cannot be written.
+    """
     from util.atomic_files import write_bytes_atomic
 
     write_bytes_atomic(path, obj_chunks(vertices, faces, colors_u8))

@@ -34,7 +34,14 @@ _A = -0.5  # Pillow's bicubic parameter
 
 
 def bicubic_filter(x: np.ndarray) -> np.ndarray:
-    """Pillow's ``bicubic_filter`` (a = -0.5), elementwise, same operation order."""
+    """Pillow's ``bicubic_filter`` (a = -0.5), elementwise, same operation order.
+
+    Args:
+        x: float distances in input pixels, any shape.
+
+    Returns:
+        float64 weights of the same shape (0 for ``|x| >= 2``).
+    """
     x = np.abs(x)
     near = ((_A + 2.0) * x - (_A + 3.0)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * _A
@@ -45,9 +52,16 @@ def axis_coeffs(in_size: int, out_size: int, first: int, last: int) -> tuple[np.
     """The fixed-point coefficients of output pixels ``first..last-1`` when PIL resizes an axis of
     ``in_size`` pixels to ``out_size`` (the whole axis: box 0..in_size).
 
-    Returns (start (n,) int64: each output pixel's first input pixel, length (n,) int64: the
-    number of input pixels it reads, coeffs (n, K) int64: their weights in units of 2**-22, zero
-    past ``length``)."""
+    Args:
+        in_size: the axis's input length in pixels.
+        out_size: its output length.
+        first, last: the output pixels wanted, 0-based, ``last`` excluded (n = last - first).
+
+    Returns:
+        (start (n,) int64: each output pixel's first input pixel, length (n,) int64: the number of
+        input pixels it reads, coeffs (n, K) int64: their weights in units of 2**-22, zero past
+        ``length``).
+    """
     scale = float(in_size) / out_size
     filterscale = max(scale, 1.0)
     support = BICUBIC_SUPPORT * filterscale
@@ -79,7 +93,14 @@ class ResizeCropPlan:
     Each output column j of the crop (resized column ``box[0] + j``) reads region columns
     ``h_index[j]`` with fixed-point weights ``h_weight[j]`` (all zero where the column lies
     outside the resized photo: black, as PIL's ``crop`` pads); ``v_index``/``v_weight`` the same
-    for rows. vertical_first: the pass order Pillow uses for these sizes.
+    for rows.
+
+    Attributes:
+        rows: (start, stop) of the photo rows the crop reads (row 0 at the top).
+        cols: (start, stop) of the photo columns it reads.
+        vertical_first: the pass order Pillow uses for these sizes.
+        h_index, h_weight: (W, Kh) int64 region columns and their weights (units of 2**-22).
+        v_index, v_weight: (H, Kv) int64 region rows and their weights.
     """
 
     rows: tuple[int, int]
@@ -92,6 +113,7 @@ class ResizeCropPlan:
 
     @property
     def out_size(self) -> tuple[int, int]:
+        """(W, H) of the crop, as PIL sizes go."""
         return self.h_index.shape[0], self.v_index.shape[0]
 
 
@@ -114,8 +136,18 @@ def _axis_plan(in_size: int, out_size: int, first: int, n: int) -> tuple[tuple[i
 
 def plan_resize_crop(in_size: tuple[int, int], size: tuple[int, int], box: tuple[int, int, int, int],
                      vertical_first: bool) -> ResizeCropPlan:
-    """Plan ``resize(size, BICUBIC).crop(box)`` of a photo of ``in_size`` (w0, h0), with the
-    given pass order (:func:`util.preprocess.pil_vertical_first`)."""
+    """Plan ``resize(size, BICUBIC).crop(box)`` of a photo, with the given pass order.
+
+    Args:
+        in_size: the photo's (w0, h0).
+        size: the resized (w, h).
+        box: (left, up, right, low) of the crop in the resized photo, pixels, y down, right and
+            low excluded; may reach outside it (black there).
+        vertical_first: the pass order (:func:`util.preprocess.pil_vertical_first`).
+
+    Returns:
+        The plan of a (low - up, right - left) crop.
+    """
     (w0, h0), (w, h) = in_size, size
     left, up, right, low = box
     cols, h_index, h_weight = _axis_plan(w0, w, left, right - left)
@@ -124,7 +156,14 @@ def plan_resize_crop(in_size: tuple[int, int], size: tuple[int, int], box: tuple
 
 
 def identity_plan(width: int, height: int) -> ResizeCropPlan:
-    """The plan that returns a (height, width) region unchanged (weights of exactly 1.0)."""
+    """The plan that returns a region unchanged (weights of exactly 1.0).
+
+    Args:
+        width, height: the region's size in pixels.
+
+    Returns:
+        A plan whose rows and columns are the whole region and whose crop is the region itself.
+    """
     def axis(n):
         return np.arange(n, dtype=np.int64)[:, None], np.full((n, 1), 1 << PRECISION_BITS, np.int64)
 
@@ -136,8 +175,11 @@ def identity_plan(width: int, height: int) -> ResizeCropPlan:
 class PlanBatch:
     """B plans and their regions as padded tensors (what a DataLoader worker collates).
 
-    regions (B, R, C, 3) uint8, padded (with whatever: no weight reads it); h_index/h_weight (B, W, Kh), v_index/v_weight
-    (B, H, Kv) int64, zero-padded (a zero weight reads nothing); vertical_first (B,) bool.
+    Attributes:
+        regions: (B, R, C, 3) uint8, padded (with whatever: no weight reads it).
+        h_index, h_weight: (B, W, Kh) int64, zero-padded (a zero weight reads nothing).
+        v_index, v_weight: (B, H, Kv) int64, zero-padded.
+        vertical_first: (B,) bool, kept on the CPU by :meth:`to`.
     """
 
     regions: torch.Tensor
@@ -149,8 +191,17 @@ class PlanBatch:
 
     @classmethod
     def collate(cls, regions: list[np.ndarray] | None, plans: list[ResizeCropPlan]) -> "PlanBatch":
-        """With ``regions`` None, the regions are a (B, 0, 0, 3) placeholder for the caller to
-        replace (their shape: :func:`region_shape`)."""
+        """Batch plans and their regions.
+
+        Args:
+            regions: B (R_i, C_i, 3) uint8 regions (:func:`pad_regions`), or None: the regions are
+                then a (B, 0, 0, 3) placeholder for the caller to replace (their shape:
+                :func:`region_shape`).
+            plans: B plans, all of one crop size.
+
+        Returns:
+            The batch, on the CPU.
+        """
         b = len(plans)
         reg = np.empty((b, 0, 0, 3), np.uint8) if regions is None else pad_regions(regions)
 
@@ -170,19 +221,32 @@ class PlanBatch:
                          vertical_first=self.vertical_first)
 
     def with_regions(self, regions: torch.Tensor) -> "PlanBatch":
+        """A copy with ``regions`` ((B, R, C, 3) uint8) in place of the current ones."""
         return dataclasses.replace(self, regions=regions)
 
     def select(self, keep: torch.Tensor) -> "PlanBatch":
-        """The plans (and regions) at ``keep``, a (B,) bool mask on any device (vertical_first
-        stays on the CPU, where :meth:`to` leaves it)."""
+        """The plans (and regions) at ``keep``.
+
+        Args:
+            keep: (B,) bool mask on any device.
+
+        Returns:
+            A new batch of the kept faces, each tensor on its own device (vertical_first stays on
+            the CPU, where :meth:`to` leaves it).
+        """
         return PlanBatch(*(getattr(self, f.name)[keep.to(getattr(self, f.name).device)]
                            for f in dataclasses.fields(self)))
 
     def pin_memory(self) -> "PlanBatch":
-        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types)."""
+        """For the DataLoader's ``pin_memory`` (it calls this on custom batch types).
+
+        Returns:
+            A copy whose tensors (but ``vertical_first``) are in pinned memory.
+        """
         return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = False) -> "PlanBatch":
+        """A copy on ``device`` (``vertical_first`` stays on the CPU), as ``Tensor.to``."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
@@ -203,19 +267,27 @@ def _clip8(acc: np.ndarray) -> np.ndarray:
 
 
 def _transposed(pixels: np.ndarray) -> np.ndarray:
-    """(n, m, 3) uint8 -> (m, n, 3) uint8, by PIL (4x faster than numpy's copy of 3-byte pixels)."""
+    """(n, m, 3) uint8 -> (m, n, 3) uint8, by PIL (faster than numpy's copy of 3-byte pixels: docs/throughput.md)."""
     return np.asarray(Image.fromarray(pixels).transpose(Image.Transpose.TRANSPOSE))
 
 
 def resize_crop_array(img: Image.Image, plan: ResizeCropPlan) -> np.ndarray:
-    """``plan`` on an RGB photo, on the CPU: the (H, W, 3) uint8 crop, Pillow's pixels, computing
-    only the crop's own pixels (PIL's resize computes every pixel of the resized photo, 5x the
-    work for a face a quarter of the photo's width).
+    """``plan`` on an RGB photo (PIL image, mode 'RGB'), on the CPU: the (H, W, 3) uint8 crop,
+    Pillow's pixels, computing only the crop's own pixels (PIL's resize computes every pixel of
+    the resized photo, 5x the work for a face a quarter of the photo's width).
 
     Each pass is the plan's sparse band matrix (scipy CSR, int32 weights) times the pixels in
     int32 - the arithmetic of Pillow's C loops: integer sums, so exact in any order, that cannot
     overflow (at most 255 x the weights' absolute sum, below 2**31), then ``clip8``. The photo is
-    transposed for the pass that runs along its rows; the region is all that is read."""
+    transposed for the pass that runs along its rows; the region is all that is read.
+
+    Args:
+        img: the photo, a PIL image of mode 'RGB'.
+        plan: the crop's plan (:func:`plan_resize_crop`).
+
+    Returns:
+        (H, W, 3) uint8 RGB crop, row 0 at the top.
+    """
     (r0, r1), (c0, c1) = plan.rows, plan.cols
     region = img.crop((c0, r0, c1, r1))
     cols, rows = region.size
@@ -231,13 +303,27 @@ def resize_crop_array(img: Image.Image, plan: ResizeCropPlan) -> np.ndarray:
 
 
 def region_shape(plans: list[ResizeCropPlan]) -> tuple[int, int]:
-    """(rows, cols) of the padded regions of ``plans``."""
+    """The padded regions' size for a batch.
+
+    Args:
+        plans: one or more plans.
+
+    Returns:
+        (rows, cols), the largest region's rows and columns.
+    """
     return max(p.rows[1] - p.rows[0] for p in plans), max(p.cols[1] - p.cols[0] for p in plans)
 
 
 def pad_regions(regions: list[np.ndarray]) -> np.ndarray:
-    """(R_i, C_i, 3) uint8 regions -> one (n, max R_i, max C_i, 3) array; the padding holds
-    whatever was in memory (it is only ever multiplied by zero weights)."""
+    """Stack regions of different sizes.
+
+    Args:
+        regions: n >= 1 (R_i, C_i, 3) uint8 arrays.
+
+    Returns:
+        One (n, max R_i, max C_i, 3) uint8 array; the padding holds whatever was in memory (it is
+        only ever multiplied by zero weights).
+    """
     rmax, cmax = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
     out = np.empty((len(regions), rmax, cmax, 3), np.uint8)
     for i, r in enumerate(regions):
@@ -259,9 +345,16 @@ def _round8(acc: torch.Tensor) -> torch.Tensor:
 
 
 def apply_plans(batch: PlanBatch, max_bytes: int = 1 << 28) -> torch.Tensor:
-    """:class:`PlanBatch` (on any device) -> (B, 3, H, W) uint8 crops there, equal to PIL's
-    ``resize(BICUBIC).crop(box)``: a fixed number of kernels per batch (per chunk of at most
-    ``max_bytes`` of float64 region), whatever B."""
+    """Make a batch's crops, equal to PIL's ``resize(BICUBIC).crop(box)``: a fixed number of
+    kernels per batch (per chunk of at most ``max_bytes`` of float64 region), whatever B.
+
+    Args:
+        batch: the plans and their regions, on any device.
+        max_bytes: bound on the float64 working memory of one chunk of faces.
+
+    Returns:
+        (B, 3, H, W) uint8 RGB crops on the regions' device.
+    """
     regions = batch.regions
     b, r, c, _ = regions.shape
     out_w, out_h = batch.h_index.shape[1], batch.v_index.shape[1]
@@ -286,7 +379,14 @@ def apply_plans(batch: PlanBatch, max_bytes: int = 1 << 28) -> torch.Tensor:
 
 
 def apply_plan(region: torch.Tensor, plan: ResizeCropPlan) -> torch.Tensor:
-    """One (R, C, 3) uint8 region (``plan.rows`` x ``plan.cols`` of the photo) -> its (3, H, W)
-    uint8 crop, on the region's device."""
+    """One face's crop (:func:`apply_plans` of a batch of one).
+
+    Args:
+        region: (R, C, 3) uint8, ``plan.rows`` x ``plan.cols`` of the photo, on any device.
+        plan: its plan.
+
+    Returns:
+        (3, H, W) uint8 RGB crop, on the region's device.
+    """
     batch = PlanBatch.collate([region.cpu().numpy()], [plan]).to(region.device)
     return apply_plans(batch)[0]

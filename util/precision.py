@@ -16,7 +16,14 @@ import torch
 @contextmanager
 def ieee_fp32(device: torch.device) -> Iterator[None]:
     """Full float32 convolutions and matmuls on CUDA (cuDNN uses TF32 by default), restored after.
-    Nothing changes for other devices. The settings are the process's, not the thread's."""
+    Nothing changes for other devices. The settings are the process's, not the thread's.
+
+    Args:
+        device: the device the work inside runs on; only its type is read.
+
+    Yields:
+        None, with the IEEE float32 settings on (for a CUDA device).
+    """
     if device.type != "cuda":
         yield
         return

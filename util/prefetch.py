@@ -55,8 +55,18 @@ class Prefetcher:
 
     An exception in ``items`` or ``prepare`` is raised to the consumer at the item where it
     happened, after the items before it. :meth:`close` (also on leaving a ``with`` block) stops the
-    thread: it takes no more items, and whatever it had ready is dropped. ``on_thread_start`` runs
-    first in the thread (e.g. to select the CUDA device the consumer uses)."""
+    thread: it takes no more items, and whatever it had ready is dropped.
+
+    Args:
+        items: any iterable, consumed in the thread.
+        prepare: called in the thread on each item; its results are what iterating yields, in order.
+        depth: how many prepared items may wait (>= 1).
+        on_thread_start: runs first in the thread (e.g. to select the CUDA device the consumer uses).
+        name: the thread's name.
+
+    Raises:
+        ValueError: ``depth`` < 1.
+    """
 
     def __init__(self, items: Iterable, prepare: Callable, depth: int = 2, on_thread_start: Callable | None = None,
                  name: str = "prefetch"):

@@ -33,7 +33,18 @@ class AlignmentError(ValueError):
 
 
 def load_lm3d(bfm_folder: str) -> np.ndarray:
-    """The 5 standard 3D landmarks (5, 3) float32 from ``bfm_folder/similarity_Lm3D_all.mat``."""
+    """The 5 standard 3D landmarks the alignment fits detections to.
+
+    Args:
+        bfm_folder: the folder holding ``similarity_Lm3D_all.mat`` (68 3D points, key ``lm``).
+
+    Returns:
+        (5, 3) float32: the 68 points reduced to 5 (:func:`util.landmarks.lm68_to_5`).
+
+    Raises:
+        MissingAssetError: the file is missing.
+        ValueError: it cannot be read, or ``lm`` is not 68 finite 3D float points.
+    """
     from scipy.io import loadmat
 
     how = "It ships with this project in BFM/; point --bfm_folder at a folder holding it."
@@ -73,6 +84,13 @@ class AlignTransform:
 
     ``s`` is the original's scale and (tx, ty) its translation (``trans_params`` of the original
     are ``[w0, h0, s, tx, ty]``).
+
+    Attributes:
+        w0, h0: the photo's size in pixels.
+        s: the scale, resized pixels per photo pixel.
+        tx, ty: the fitted translation (:func:`pos`) in photo pixels, y up.
+        w, h: the resized photo's size (``int(w0 * s)``, ``int(h0 * s)``).
+        left, up: the crop's top-left corner in the resized photo, pixels, y down (may be negative).
     """
 
     w0: int
@@ -87,17 +105,33 @@ class AlignTransform:
 
     @property
     def trans_params(self) -> np.ndarray:
+        """(5,) float64 ``[w0, h0, s, tx, ty]``, the original's ``trans_params``."""
         return np.array([self.w0, self.h0, self.s, self.tx, self.ty])
 
     def image_to_crop(self, pts_yup: np.ndarray, size: float = 224) -> np.ndarray:
-        """(K, 2) photo points, y up -> crop points, y up: the mapping :func:`align_img` applies to
-        the landmarks it is given (``size`` is its ``target_size``)."""
+        """Photo points -> crop points: the mapping :func:`align_img` applies to the landmarks it is
+        given.
+
+        Args:
+            pts_yup: (K, 2) photo pixels, y up.
+            size: the crop's side (:func:`align_img`'s ``target_size``).
+
+        Returns:
+            (K, 2) float64 crop pixels, y up.
+        """
         pts = np.asarray(pts_yup, dtype=np.float64)
         p = np.stack([pts[:, 0] - self.tx + self.w0 / 2, pts[:, 1] - self.ty + self.h0 / 2], axis=1) * self.s
         return p - np.array([[self.w / 2 - size / 2, self.h / 2 - size / 2]])
 
     def crop_to_image(self, pts: np.ndarray) -> np.ndarray:
-        """(..., 2) crop pixels, y down -> photo pixels, y down (inverse of PIL's resize + crop)."""
+        """Crop pixels -> photo pixels (inverse of PIL's resize + crop, pixel centres at integers).
+
+        Args:
+            pts: (..., 2) crop pixels, y down.
+
+        Returns:
+            (..., 2) float64 photo pixels, y down.
+        """
         pts = np.asarray(pts, dtype=np.float64)
         x = (pts[..., 0] + self.left + 0.5) * (self.w0 / self.w) - 0.5
         y = (pts[..., 1] + self.up + 0.5) * (self.h0 / self.h) - 0.5
@@ -108,7 +142,15 @@ def check_landmarks(lm: np.ndarray, img_size: tuple[int, int]) -> None:
     """Raise :class:`AlignmentError` unless ``lm`` (K, 2) can be a face's landmarks in a photo of
     ``img_size`` (W0, H0): finite, spread over at least :data:`MIN_POINT_SPREAD` pixels, their
     centre inside the photo and every point within one photo size of it (a face may reach out of
-    the frame a little; coordinates like 1e30 or all negative are no face of this photo)."""
+    the frame a little; coordinates like 1e30 or all negative are no face of this photo).
+
+    Args:
+        lm: (5, 2) or (68, 2) photo pixels (y up, as :func:`align_params` passes them).
+        img_size: the photo's (W0, H0).
+
+    Raises:
+        AlignmentError: a check fails; the message says which and to re-run the detection.
+    """
     w0, h0 = img_size
     lm = np.asarray(lm, dtype=np.float64)
     if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] not in (5, 68):
@@ -134,9 +176,23 @@ def _int32(v) -> int:
 
 def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, target_size: float = TARGET_SIZE,
                  rescale_factor: float = RESCALE_FACTOR) -> tuple[AlignTransform, np.ndarray]:
-    """The alignment of a (W0, H0) photo with landmarks ``lm`` (as :func:`align_img`) without
-    making the crop: (transform, ``lm`` in crop pixels, y up). The crop is the photo resized to
-    (transform.w, transform.h), PIL bicubic, then cropped at (left, up) to target_size."""
+    """The alignment of a photo (as :func:`align_img`) without making the crop. The crop is the
+    photo resized to (transform.w, transform.h), PIL bicubic, then cropped at (left, up) to target_size.
+
+    Args:
+        img_size: the photo's (W0, H0).
+        lm: (5, 2) or (68, 2) landmarks in photo pixels, **y up**.
+        lm3d: (5, 3) standard landmarks (:func:`load_lm3d`).
+        target_size: the crop's side in pixels (224).
+        rescale_factor: the original's scale constant (102).
+
+    Returns:
+        (the :class:`AlignTransform`, ``lm`` as (K, 2) float64 crop pixels, y up).
+
+    Raises:
+        AlignmentError: the landmarks fail :func:`check_landmarks`, or the scale would make the
+            resized photo larger than :data:`MAX_ALIGNED_SIDE` or smaller than a pixel.
+    """
     w0, h0 = img_size
     check_landmarks(lm, img_size)
     lm5 = lm if lm.shape[0] == 5 else lm68_to_5(lm)
@@ -157,7 +213,15 @@ def align_params(img_size: tuple[int, int], lm: np.ndarray, lm3d: np.ndarray, ta
 
 
 def crop_box(transform: AlignTransform, target_size: float = TARGET_SIZE) -> tuple[int, int, int, int]:
-    """The crop's box in the resized photo: (left, up, right, low)."""
+    """The crop's box in the resized photo.
+
+    Args:
+        transform: the alignment.
+        target_size: the crop's side in pixels.
+
+    Returns:
+        (left, up, right, low) in resized-photo pixels, y down, right and low excluded (PIL's box).
+    """
     size = int(target_size)
     return transform.left, transform.up, transform.left + size, transform.up + size
 
@@ -170,8 +234,15 @@ def align_img(img: Image.Image, lm: np.ndarray, lm3d: np.ndarray, target_size: f
         img: RGB PIL image (W0 x H0).
         lm: (5, 2) or (68, 2) landmarks in photo pixels, **y up** (``H0 - 1 - y_down``).
         lm3d: (5, 3) standard landmarks from :func:`load_lm3d`.
+        target_size: the crop's side in pixels (224).
+        rescale_factor: the original's scale constant (102).
+
     Returns:
-        transform, the (target_size x target_size) RGB crop, and ``lm`` in crop pixels, y up.
+        transform, the (target_size x target_size) RGB crop (black where it leaves the photo), and
+        ``lm`` as (K, 2) float64 crop pixels, y up.
+
+    Raises:
+        AlignmentError: as :func:`align_params`.
     """
     transform, lm_new = align_params(img.size, lm, lm3d, target_size, rescale_factor)
     crop = resize_crop(img, (transform.w, transform.h), crop_box(transform, target_size))
@@ -186,7 +257,15 @@ def pil_vertical_first(w0: int, h0: int, w: int, h: int) -> bool | None:
     width is" (pull request 9549). 12.2-12.x kept the C order and added a Python-level vertical
     first step only for photos more than 100 times taller than wide (pull request 9524): those
     return None here, every other photo False. Versions whose rule is not known here return None
-    (the caller then resizes the whole photo, which is exact whatever the order, but slower)."""
+    (the caller then resizes the whole photo, which is exact whatever the order, but slower).
+
+    Args:
+        w0, h0: the photo's size.
+        w, h: the resized size.
+
+    Returns:
+        True (vertical first), False (horizontal first) or None (not known for this Pillow).
+    """
     import PIL
 
     major, minor = (int(p) for p in PIL.__version__.split(".")[:2])
@@ -208,13 +287,21 @@ def resize_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, in
     takes the box as float32 and its filter positions move, so 0.01-10% of the pixels change by
     1-4 levels (checked on the test photos). Instead :func:`util.pil_resample.resize_crop_array`
     computes the crop's pixels from the full-size coefficients with Pillow's integer arithmetic,
-    exact by construction (integer sums): 2x faster than resizing through PIL the rows and
-    columns the crop needs on the example photos, 3.5x on a wide group photo
-    (benchmarks/bench_alignment.py). tests/test_throughput.py and tests/test_pil_resample.py
-    check it against Pillow on every test photo and hundreds of synthetic cases of both orders.
-    An RGB photo whose pass order is not known for the installed Pillow
-    (:func:`pil_vertical_first`), or another mode, is resized whole by PIL (exact whatever the
-    order, but slower).
+    exact by construction (integer sums), with less work than resizing through PIL the rows and
+    columns the crop needs (figures: docs/throughput.md). tests/test_throughput.py and
+    tests/test_pil_resample.py check it against Pillow on every test photo and hundreds of
+    synthetic cases of both orders. An RGB photo whose pass order is not known for the installed
+    Pillow (:func:`pil_vertical_first`), or another mode, is resized whole by PIL (exact whatever
+    the order, but slower).
+
+    Args:
+        img: the photo (PIL image).
+        size: the resized (w, h).
+        box: (left, up, right, low) of the crop in the resized photo, pixels, y down, right and low
+            excluded; may reach outside (black there).
+
+    Returns:
+        The crop as a PIL image of ``img``'s mode, (right - left) x (low - up).
     """
     from util.pil_resample import plan_resize_crop, resize_crop_array
 
@@ -225,7 +312,14 @@ def resize_crop(img: Image.Image, size: tuple[int, int], box: tuple[int, int, in
 
 
 def image_to_array(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> (3, H, W) float32 in 0..1, computed as the original (float64 / 255, then float32)."""
+    """An image as the network's input, computed as the original (float64 / 255, then float32).
+
+    Args:
+        img: RGB PIL image (or anything ``np.asarray`` makes (H, W, 3) uint8).
+
+    Returns:
+        (3, H, W) float32 in 0..1, a contiguous copy.
+    """
     return (np.asarray(img, dtype=np.uint8) / 255.0).astype(np.float32).transpose(2, 0, 1).copy()
 
 

@@ -54,14 +54,17 @@ log = logging.getLogger(__name__)
 class OutputConfig:
     """What to write and where; shared by every face of a run (sent once to each writer process).
 
-    files: the writers of the run's outputs, in order (the enabled entries of the registry,
-    :mod:`pipeline.outputs`): each ``files(cfg, res, base) -> [(path, bytes-like chunks)]`` for the
-    face ``res`` whose files start with ``base`` (``<out_dir>/<rel_dir>/<name>``); module-level
-    functions that import no torch (writer processes import them by name).
-    coeff_slices: name -> (start, stop) of the 257 coefficients (``COEFFS.slices()``), the .mat keys.
-    face_lines: the .obj triangle lines (:func:`util.mesh_io.face_lines`), formatted once per run.
-    crop_size: side of the aligned crop in pixels (2 * center), to flip landmarks to y down.
-    camera_d: camera distance; world z = camera_d - camera z.
+    Attributes:
+        out_dir: the results folder.
+        files: the writers of the run's outputs, in order (the enabled entries of the registry,
+            :mod:`pipeline.outputs`): each ``files(cfg, res, base) -> [(path, bytes-like chunks)]`` for
+            the face ``res`` whose files start with ``base`` (``<out_dir>/<rel_dir>/<name>``);
+            module-level functions that import no torch (writer processes import them by name).
+        coeff_slices: (name, start, stop) of the 257 coefficients (``COEFFS.slices()``), the .mat keys.
+        face_lines: the .obj triangle lines (:func:`util.mesh_io.face_lines`), formatted once per run.
+        crop_size: side of the aligned crop in pixels (2 * center), to flip landmarks to y down.
+        camera_d: camera distance; world z = camera_d - camera z.
+        extras: mesh formats, UV texture, report files (:mod:`util.output_extras`), or None.
     """
 
     out_dir: str
@@ -75,17 +78,22 @@ class OutputConfig:
 
 @dataclass
 class FaceResult:
-    """One face's results, as numpy arrays (only those the output switches need).
+    """One face's results, as numpy arrays (only those the output switches need; None otherwise).
 
-    name, rel_dir: output file stem and sub-folder of the results folder.
-    coeffs: (257,) float32.  lm68: (68, 2) float32 predicted landmarks, crop pixels, **y up**.
-    vertex: (N, 3) float32 camera space.  color: (N, 3) uint8 vertex colours (``colors_to_uint8``).
-    image: (3, H, W) uint8 aligned crop.  overlay: (H, W, 3) uint8, the picture's middle panel
-    (:func:`util.visualize.overlay_uint8`: the render's bytes where it covers the crop).
-    lm_gt: (K, 2) detected landmarks in the crop, y up.
-    arrays: further per-face arrays that outputs made on the device (the registry's ``make``:
-    ``visibility`` (N,) uint8 and ``albedo`` (N, 3) uint8 for the UV texture, ``photo_error``
-    float32 for the report).
+    Attributes:
+        name: output file stem.
+        rel_dir: sub-folder of the results folder ('' at top level).
+        coeffs: (257,) float32.
+        lm68: (68, 2) float32 predicted landmarks, crop pixels, **y up**.
+        vertex: (N, 3) float32 camera space.
+        color: (N, 3) uint8 vertex colours (``colors_to_uint8``).
+        image: (3, H, W) uint8 aligned crop.
+        overlay: (H, W, 3) uint8, the picture's middle panel (:func:`util.visualize.overlay_uint8`:
+            the render's bytes where it covers the crop).
+        lm_gt: (K, 2) detected landmarks in the crop, y up.
+        arrays: further per-face arrays that outputs made on the device (the registry's ``make``:
+            ``visibility`` (N,) uint8 and ``albedo`` (N, 3) uint8 for the UV texture, ``photo_error``
+            float32 for the report).
     """
 
     name: str
@@ -102,7 +110,16 @@ class FaceResult:
 
 # --------------------------------------------------------------------------- one face
 def mat_dict(cfg: OutputConfig, res: FaceResult) -> dict[str, np.ndarray]:
-    """The .mat content: each coefficient group (1, n) and ``lm68`` (1, 68, 2) in crop pixels, y down."""
+    """The .mat content, as the original writes it.
+
+    Args:
+        cfg: the run's settings (``coeff_slices``, ``crop_size``).
+        res: the face (``coeffs`` and ``lm68`` needed).
+
+    Returns:
+        Each coefficient group as (1, n) float32 (``id``, ``exp``, ``tex``, ``angle``, ``gamma``,
+        ``trans``) and ``lm68`` (1, 68, 2) in crop pixels, y down (``crop_size - 1 - y``).
+    """
     out = {name: res.coeffs[None, start:stop] for name, start, stop in cfg.coeff_slices}
     lm = res.lm68[None]
     out["lm68"] = np.stack([lm[:, :, 0], cfg.crop_size - 1 - lm[:, :, 1]], axis=2)
@@ -110,7 +127,14 @@ def mat_dict(cfg: OutputConfig, res: FaceResult) -> dict[str, np.ndarray]:
 
 
 def result_picture(res: FaceResult) -> np.ndarray:
-    """(H, 3W, 3) uint8: input | render overlay | overlay with landmarks (see util.visualize)."""
+    """The result picture of one face (see :mod:`util.visualize`).
+
+    Args:
+        res: the face (``image``, ``overlay``, ``lm68``; ``lm_gt`` drawn too when given).
+
+    Returns:
+        (H, 3W, 3) uint8 RGB: input | render overlay | overlay with landmarks.
+    """
     from util.visualize import compose_picture
 
     return compose_picture(res.image.transpose(1, 2, 0)[None], res.overlay[None], res.lm68[None],
@@ -120,7 +144,12 @@ def result_picture(res: FaceResult) -> np.ndarray:
 class RunStop(str):
     """A failed write that ends the run: the reason (this string) and ``face_bytes``, what the
     face's files needed. Every later face would fail alike (the results' filesystem is full or
-    read-only, the results folder not writable), so the run stops instead of failing each face."""
+    read-only, the results folder not writable), so the run stops instead of failing each face.
+
+    Args:
+        reason: the one-line message (the string's value).
+        face_bytes: about how many bytes the face's files needed (0: unknown).
+    """
 
     face_bytes: int = 0
 
@@ -139,6 +168,7 @@ _FOLDER_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
 def human_bytes(n: float) -> str:
+    """A byte count for a message, in powers of 1000: ``'512 bytes'``, ``'1.5 MB'``, at most GB."""
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -147,6 +177,7 @@ def human_bytes(n: float) -> str:
 
 
 def free_bytes(folder: str) -> int | None:
+    """Bytes available to this user on ``folder``'s filesystem, or None where ``statvfs`` fails."""
     try:
         st = os.statvfs(folder)
     except (OSError, AttributeError):
@@ -159,7 +190,14 @@ class NotFiniteError(ValueError):
 
 
 def check_finite(res: FaceResult) -> None:
-    """Raise :class:`NotFiniteError` where the face's coefficients, landmarks or vertices hold NaN or inf."""
+    """Check a face's numbers before any file of it is made.
+
+    Args:
+        res: the face (``coeffs``, ``lm68``, ``vertex`` are checked where present).
+
+    Raises:
+        NotFiniteError: one of them holds NaN or inf.
+    """
     for key in ("coeffs", "lm68", "vertex"):
         a = getattr(res, key)
         if a is not None and not np.isfinite(a).all():
@@ -168,26 +206,64 @@ def check_finite(res: FaceResult) -> None:
 
 
 def world_vertices(cfg: OutputConfig, res: FaceResult) -> np.ndarray:
-    """(N, 3) float32 world-space vertices of the face (world z = camera_d - camera z)."""
+    """The face's vertices in world (model) space, for meshes on disk.
+
+    Args:
+        cfg: the run's settings (``camera_d``).
+        res: the face (``vertex`` (N, 3) camera space needed).
+
+    Returns:
+        (N, 3) float32 copy: x, y unchanged, world z = camera_d - camera z.
+    """
     world = res.vertex.copy()
     world[:, 2] = cfg.camera_d - world[:, 2]  # camera space -> world space
     return world
 
 
 def png_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
-    """``<base>.png``: the result picture (input | render overlay | overlay with landmarks)."""
+    """``<base>.png``: the result picture (input | render overlay | overlay with landmarks).
+
+    Args:
+        cfg: the run's settings (unused; every writer of :attr:`OutputConfig.files` takes it).
+        res: the face (as :func:`result_picture`).
+        base: the face's path without suffix.
+
+    Returns:
+        [(``<base>.png``, PNG byte chunks)].
+    """
     return [(base + ".png", png_chunks(result_picture(res)))]
 
 
 def obj_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
-    """``<base>.obj``: the world-space mesh with vertex colours (the original's format)."""
+    """``<base>.obj``: the world-space mesh with vertex colours (the original's format).
+
+    Args:
+        cfg: the run's settings (``camera_d``, ``face_lines``).
+        res: the face (``vertex``, ``color``).
+        base: the face's path without suffix.
+
+    Returns:
+        [(``<base>.obj``, byte chunks)].
+
+    Raises:
+        ValueError: a vertex coordinate is not finite.
+    """
     from util.mesh_io import obj_chunks
 
     return [(base + ".obj", obj_chunks(world_vertices(cfg, res), cfg.face_lines, res.color))]
 
 
 def mat_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
-    """``<base>.mat``: the coefficient groups and the 68 landmarks (:func:`mat_dict`)."""
+    """``<base>.mat``: the coefficient groups and the 68 landmarks (:func:`mat_dict`), MATLAB 5 format.
+
+    Args:
+        cfg: the run's settings.
+        res: the face (``coeffs``, ``lm68``).
+        base: the face's path without suffix.
+
+    Returns:
+        [(``<base>.mat``, [the file's bytes])].
+    """
     import io
 
     from scipy.io import savemat
@@ -199,6 +275,14 @@ def mat_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, 
 
 def face_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
     """(path, bytes-like chunks) of every file of the face that ``cfg.files`` makes.
+
+    Args:
+        cfg: the run's settings.
+        res: the face.
+        base: the face's path without suffix (``<out_dir>/<rel_dir>/<name>``).
+
+    Returns:
+        The files, in ``cfg.files``' order.
 
     Raises:
         NotFiniteError: the face holds non-finite numbers (no file of it would be right).
@@ -224,10 +308,15 @@ def _stop_reason(cfg: OutputConfig, d: str, res: FaceResult, err: OSError, size:
 
 def write_face_result(cfg: OutputConfig, res: FaceResult) -> None:
     """Write one face's files (:func:`face_files`), all or none of them
-    (:func:`util.atomic_files.write_files_atomic`).
+    (:func:`util.atomic_files.write_files_atomic`), creating its sub-folder where needed.
+
+    Args:
+        cfg: the run's settings.
+        res: the face.
 
     Raises:
-        NotFiniteError: the face holds non-finite numbers. OSError: a file could not be written.
+        NotFiniteError: the face holds non-finite numbers.
+        OSError: a file could not be written.
     """
     d = os.path.join(cfg.out_dir, res.rel_dir)
     files = face_files(cfg, res, os.path.join(d, res.name))
@@ -245,9 +334,17 @@ def _face_bytes(cfg: OutputConfig, res: FaceResult) -> int:
 
 
 def write_results(cfg: OutputConfig, results: list[FaceResult]) -> list[tuple[str, str | None]]:
-    """Write several faces; returns (name, None) per success and (name, reason) per failure. A
-    failure that every later face would share (disk full, read-only) ends the list with
-    (name, :class:`RunStop`) and leaves the remaining faces unwritten and out of the list."""
+    """Write several faces; never raises for a face's failure.
+
+    Args:
+        cfg: the run's settings.
+        results: the faces, written in order.
+
+    Returns:
+        (name, None) per success and (name, reason) per failure, in order. A failure that every
+        later face would share (disk full, read-only) ends the list with (name, :class:`RunStop`)
+        and leaves the remaining faces unwritten and out of the list.
+    """
     out: list[tuple[str, str | None]] = []
     for res in results:
         try:
@@ -301,7 +398,11 @@ def _ready() -> int:
 
 
 def process_context():
-    """``forkserver`` where available (Linux, macOS), else ``spawn``; never ``fork`` (CUDA)."""
+    """The multiprocessing context for worker processes.
+
+    Returns:
+        ``forkserver``'s where available (Linux, macOS), else ``spawn``'s; never ``fork`` (CUDA).
+    """
     import multiprocessing as mp
 
     methods = mp.get_all_start_methods()
@@ -311,7 +412,11 @@ def process_context():
 def writer_context():
     """:func:`process_context` for writer processes: a forkserver is told to import
     :data:`WRITER_MODULES` once, so that each writer is a cheap fork of it, and
-    :mod:`util.forkserver_cleanup`, so that a killed run leaves no socket folder behind."""
+    :mod:`util.forkserver_cleanup`, so that a killed run leaves no socket folder behind.
+
+    Returns:
+        The multiprocessing context (preloads set on a forkserver context).
+    """
     ctx = process_context()
     if ctx.get_start_method() == "forkserver":  # and the clean-up of its socket folder when it exits
         ctx.set_forkserver_preload([*WRITER_MODULES, "util.forkserver_cleanup"])
@@ -336,6 +441,12 @@ class ResultWriter:
     order as ``(name, None)`` or ``(name, reason)``. At most ``max_pending`` faces are in flight:
     beyond that, ``submit`` waits for the oldest. If a writer process dies (killed, out of
     memory), its faces and all later ones are written in the calling thread instead.
+
+    Args:
+        cfg: the run's settings, sent once to each writer process.
+        workers: the number of writer processes (0: write in the calling thread).
+        max_pending: faces in flight at most (>= 1).
+        chunk: faces per task at most (>= 1).
     """
 
     def __init__(self, cfg: OutputConfig, workers: int = 0, max_pending: int = 64, chunk: int = 4):
@@ -365,6 +476,15 @@ class ResultWriter:
                 self._give_up_pool(e)
 
     def submit(self, results: list[FaceResult]) -> list[tuple[str, str | None]]:
+        """Queue faces for writing (may wait for the oldest when ``max_pending`` would be exceeded).
+
+        Args:
+            results: the faces.
+
+        Returns:
+            The outcomes already known, in submission order: (name, None) or (name, reason), a
+            :class:`RunStop` reason for a failure that ends the run.
+        """
         done: list[tuple[str, str | None]] = []
         if self._pool is None:  # in-thread (from the start, or since a writer process died)
             return self._drain(0) + write_results(self.cfg, results)
@@ -377,7 +497,11 @@ class ResultWriter:
         return done + self._drain(self.max_pending, block=False)
 
     def finish(self) -> list[tuple[str, str | None]]:
-        """Wait for every queued face; shut the writer processes down."""
+        """Wait for every queued face; shut the writer processes down.
+
+        Returns:
+            The outcomes not returned yet, in submission order.
+        """
         try:
             return self._drain(0)
         finally:
@@ -396,6 +520,7 @@ class ResultWriter:
         return done
 
     def close(self, cancel: bool = False) -> None:
+        """Shut the writer processes down, waiting for running tasks; ``cancel`` drops queued ones."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None

@@ -19,8 +19,8 @@ def main_module_hidden():
     """Hide the caller's ``__main__`` module while worker processes start (wrap the calls that
     start them: ``ProcessPoolExecutor.submit`` with a forkserver/spawn context starts them lazily).
 
-    Without this, a script that imports torch at its top costs every child seconds - 16 writer
-    processes on a host with slow imports cost a run about 45 s. (The forkserver's own preloading
+    Without this, a script that imports torch at its top costs every child seconds (figures:
+    docs/throughput.md). (The forkserver's own preloading
     of ``__main__`` never happens: ``multiprocessing.forkserver`` asks for a ``main_path`` key that
     ``spawn.get_preparation_data`` does not produce, so each child imports the script itself.)
     """
@@ -44,10 +44,12 @@ def keep_freed_memory() -> bool:
     is kept instead of handed back. A face's arrays (for a writer: a 2.6 MB .obj text, 0.3 MB
     number columns, ~0.5 MB pictures; for a DataLoader worker: the alignment's ~1 MB int32
     passes) then land in pages already mapped, rather than in fresh pages whose first touch costs
-    a page fault each (measured: about half of a mesh's formatting time on a VM; the alignment's
-    resize took 2.5 instead of 1.2 ms a face for its first few hundred faces). The process keeps
-    its peak heap (some tens of MB). Meant for worker processes; returns False where there is no
-    glibc (nothing changed)."""
+    a page fault each (measurements: docs/throughput.md). The process keeps its peak heap (some
+    tens of MB). Meant for worker processes.
+
+    Returns:
+        True when both settings were made; False where there is no glibc (nothing changed).
+    """
     import ctypes
     import ctypes.util
 
@@ -66,7 +68,15 @@ def die_with_parent(sig: int | None = None) -> bool:
     """Ask the kernel to send this process ``sig`` (default SIGKILL) when its parent dies, so a
     worker never outlives a run that was killed with ``kill -9`` (Linux ``prctl``). Call it first
     thing in a child process. If the parent is already gone (re-parented to init), the child exits
-    at once. Returns False where ``prctl`` is not available (nothing changed)."""
+    at once.
+
+    Args:
+        sig: the signal (None: SIGKILL).
+
+    Returns:
+        True when the request took effect; False where ``prctl`` is not available or refused it
+        (nothing changed).
+    """
     import ctypes
     import ctypes.util
     import os
@@ -91,7 +101,11 @@ def exit_with(pid: int) -> None:
     help. A forkserver's children (writer processes) are such workers: the forkserver outlives the
     run while they live (each holds its 'alive' pipe), and they would wait forever on a task
     queue whose other end they hold themselves. A daemon thread waits on a pidfd (Linux >= 5.3),
-    else checks every half second. Call it first thing in the worker."""
+    else checks every half second. Call it first thing in the worker.
+
+    Args:
+        pid: the process whose end ends this one (exits at once when it is already gone).
+    """
     import os
     import threading
 

@@ -72,9 +72,14 @@ def mean_value_layout(vertices: np.ndarray, faces: np.ndarray, margin: float = 0
     sparse linear solve. The weights are positive and the outline convex, so by Tutte's and
     Floater's theorems no triangle folds over.
 
-    Args: vertices (N, 3) float, the face looking along +z, y up; faces (F, 3) int, 0-based,
-    consistently oriented. Returns (N, 2) float64 UV in [margin, 1 - margin], u growing with x
-    and v with y (OBJ / OpenGL convention: v = 0 at the texture image's bottom), aspect kept.
+    Args:
+        vertices: (N, 3) float, the face looking along +z, y up.
+        faces: (F, 3) int, 0-based, consistently oriented.
+        margin: the empty border of the unit square on each side.
+
+    Returns:
+        (N, 2) float64 UV in [margin, 1 - margin], u growing with x and v with y (OBJ / OpenGL
+        convention: v = 0 at the texture image's bottom), aspect kept.
     """
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
@@ -102,8 +107,16 @@ def mean_value_layout(vertices: np.ndarray, faces: np.ndarray, margin: float = 0
 
 
 def boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
-    """The mesh's boundary loops, each as (K, 2) directed edges (a, b) in the order the triangles
-    hold them, longest loop first. A boundary edge belongs to exactly one triangle."""
+    """The mesh's boundary loops. A boundary edge belongs to exactly one triangle.
+
+    Args:
+        faces: (F, 3) integer vertex indices, 0-based, of a manifold mesh (one successor per
+            boundary vertex).
+
+    Returns:
+        The loops, each as (K, 2) int64 directed edges (a, b) in the order the triangles hold them,
+        longest loop first; empty for a closed mesh.
+    """
     e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     _, inv, cnt = np.unique(np.sort(e, axis=1), axis=0, return_inverse=True, return_counts=True)
     edges = e[cnt[inv.ravel()] == 1]
@@ -124,8 +137,16 @@ def boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
 def fill_holes(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Close every boundary loop but the longest (the outline) with a fan of triangles around
     a new vertex at the loop's centroid, wound like the mesh: the BFM front mesh's open mouth
-    would otherwise be a free boundary that the conformal map shrinks to a point. The new
-    vertices come after the old ones (drop them from the layout)."""
+    would otherwise be a free boundary that the conformal map shrinks to a point.
+
+    Args:
+        vertices: (N, 3) float positions.
+        faces: (F, 3) integer vertex indices, 0-based.
+
+    Returns:
+        ((N + H, 3) vertices, (F + added, 3) faces): one new vertex per closed hole, after the old
+        ones (drop them from the layout), and the fans' triangles after the old ones.
+    """
     loops = boundary_loops(faces)[1:]
     new_v, new_f = [vertices], [faces]
     n = len(vertices)
@@ -137,7 +158,15 @@ def fill_holes(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def signed_areas(uv: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(F,) signed UV areas of the triangles (positive: counter-clockwise in UV)."""
+    """Signed areas of the triangles in the layout.
+
+    Args:
+        uv: (N, 2) layout (u right, v up).
+        faces: (F, 3) integer vertex indices, 0-based.
+
+    Returns:
+        (F,) signed areas in UV units (positive: counter-clockwise in UV).
+    """
     a, b, c = (uv[faces[:, k]] for k in range(3))
     return 0.5 * ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
 
@@ -147,13 +176,16 @@ def signed_areas(uv: np.ndarray, faces: np.ndarray) -> np.ndarray:
 class UvRaster:
     """Where each texel of a ``size`` x ``size`` texture lies on the mesh (made once per run).
 
-    texel: (T,) int32 flat indices (row-major, row 0 = the image's top = v near 1) of the texels
-    whose centre lies in a triangle of the layout; weights: (T, N) sparse CSR float32, each row
-    the texel centre's barycentric coordinates on its triangle's three vertices (so that
-    ``weights @ per_vertex`` interpolates any per-vertex values, one sparse product for all);
-    nearest: (size * size,) int32 for every texel the index (into ``texel``) of the nearest chart
-    texel within :data:`PAD_TEXELS` (itself inside the chart), ``T`` (one past the end: the
-    chart's mean colour) farther away.
+    Attributes:
+        size: the texture's side in texels.
+        texel: (T,) int32 flat indices (row-major, row 0 = the image's top = v near 1) of the texels
+            whose centre lies in a triangle of the layout.
+        weights: (T, N) sparse CSR float32, each row the texel centre's barycentric coordinates on
+            its triangle's three vertices (so that ``weights @ per_vertex`` interpolates any
+            per-vertex values, one sparse product for all).
+        nearest: (size * size,) int32 for every texel the index (into ``texel``) of the nearest chart
+            texel within :data:`PAD_TEXELS` (itself inside the chart), ``T`` (one past the end: the
+            chart's mean colour) farther away.
     """
 
     size: int
@@ -163,8 +195,17 @@ class UvRaster:
 
 
 def uv_raster(uv: np.ndarray, faces: np.ndarray, size: int = 512) -> UvRaster:
-    """Rasterise the layout ``uv`` (N, 2) of ``faces`` (F, 3) into a ``size``-texel square:
-    texel centres tested against every triangle's bounding box, vectorised over triangles."""
+    """Rasterise a layout into a ``size``-texel square: texel centres tested against every
+    triangle's bounding box, vectorised over triangles.
+
+    Args:
+        uv: (N, 2) layout in 0..1, v up (texel row 0 is v = 1).
+        faces: (F, 3) integer vertex indices, 0-based.
+        size: the texture's side in texels.
+
+    Returns:
+        The :class:`UvRaster` (its ``weights`` have max(faces) + 1 columns).
+    """
     import scipy.sparse as sp
     from scipy.ndimage import distance_transform_edt
 
@@ -206,8 +247,20 @@ REPO_BFM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def load_uv_layout(bfm_folder: str, n_vertex: int) -> np.ndarray:
-    """(N, 2) float32 UV of the front mesh: ``<bfm_folder>/bfm_front_uv.npy``, else the copy that
-    ships in the repository's BFM/ folder; raises FileNotFoundError / ValueError saying what to do."""
+    """The UV layout of the front mesh: ``<bfm_folder>/bfm_front_uv.npy``, else the copy that
+    ships in the repository's BFM/ folder.
+
+    Args:
+        bfm_folder: the face model's folder, looked in first.
+        n_vertex: the face model's number of vertices N.
+
+    Returns:
+        (N, 2) float32 UV in 0..1, v up.
+
+    Raises:
+        FileNotFoundError: neither file exists; the message says how to restore or make it.
+        ValueError: the layout is not (N, 2); the message says how to make one for this model.
+    """
     paths = [os.path.join(bfm_folder, UV_FILE), os.path.join(REPO_BFM, UV_FILE)]
     path = next((p for p in paths if os.path.isfile(p)), None)
     if path is None:
@@ -237,13 +290,22 @@ def _bilinear(image: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray
 
 def face_texture(raster: UvRaster, vertex: np.ndarray, albedo: np.ndarray, visibility: np.ndarray,
                  image: np.ndarray, focal: float, center: float) -> np.ndarray:
-    """One face's (size, size, 3) uint8 texture.
+    """One face's texture: the photo where the camera saw the surface, the albedo elsewhere,
+    blended by visibility.
 
-    Args: vertex (N, 3) camera space (x right, y up, z > 0 in front); albedo (N, 3) uint8;
-    visibility (N,) uint8, 255 = seen by the camera, 0 = hidden (:func:`pipeline.extra_arrays.
-    vertex_visibility`: the render's depth and the normal's angle); image (H, W, 3) uint8, the
-    aligned crop that the vertices project into (``col = focal x / z + center - 0.5``,
-    ``row = center - focal y / z - 0.5``, the renderer's pixel centres).
+    Args:
+        raster: the run's :class:`UvRaster`.
+        vertex: (N, 3) camera space (x right, y up, z > 0 in front).
+        albedo: (N, 3) uint8.
+        visibility: (N,) uint8, 255 = seen by the camera, 0 = hidden
+            (:func:`pipeline.extra_arrays.vertex_visibility`: the render's depth and the normal's angle).
+        image: (H, W, 3) uint8, the aligned crop that the vertices project into
+            (``col = focal x / z + center - 0.5``, ``row = center - focal y / z - 0.5``, the renderer's
+            pixel centres; row 0 at the top).
+        focal, center: the camera in pixels.
+
+    Returns:
+        (size, size, 3) uint8 RGB texture, row 0 at the top (v = 1).
     """
     per_vertex = np.concatenate([vertex, visibility[:, None], albedo], axis=1, dtype=np.float32)
     x, y, z, w, r, g, b = (raster.weights @ per_vertex).T  # (T,) each, interpolated at the texel centres

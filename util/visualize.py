@@ -34,7 +34,14 @@ def unit_to_uint8(x: np.ndarray) -> np.ndarray:
     """Floats in 0..1 (any shape, any float32 value) -> uint8, exactly as the original's tensor2im
     round trip ``trunc(clip(255 * x / 255, 0, 1) * 255)`` in float32: the n with
     ``steps[n] <= x < steps[n + 1]`` (:func:`uint8_steps`). ``trunc(255 * x)`` is within one of
-    it, so two comparisons correct it (no arithmetic whose rounding matters). NaN gives 0."""
+    it, so two comparisons correct it (no arithmetic whose rounding matters). NaN gives 0.
+
+    Args:
+        x: floats, any shape (cast to float32; values outside 0..1 clip to 0 or 255).
+
+    Returns:
+        uint8 of ``x``'s shape.
+    """
     x = np.asarray(x, dtype=np.float32)
     flat, steps = x.reshape(-1), uint8_steps()
     with np.errstate(invalid="ignore"):  # NaN
@@ -46,17 +53,34 @@ def unit_to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def overlay_uint8(image: np.ndarray, render: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The middle panel as bytes: (B, H, W, 3) uint8 crops, (B, H, W, 3) float render in 0..1 and
-    (B, H, W, 1) mask in {0, 1} -> (B, H, W, 3) uint8: the render's bytes where the mask is set,
-    the crop elsewhere (what :func:`compose_result` draws for those inputs)."""
+    """The middle panel as bytes (what :func:`compose_result` draws for those inputs).
+
+    Args:
+        image: (B, H, W, 3) uint8 crops.
+        render: (B, H, W, 3) float render in 0..1.
+        mask: (B, H, W, 1) in {0, 1}.
+
+    Returns:
+        (B, H, W, 3) uint8: the render's bytes (:func:`unit_to_uint8`) where the mask is set, the
+        crop elsewhere.
+    """
     return np.where(np.asarray(mask) != 0, unit_to_uint8(render), image)
 
 
 def draw_landmarks(img: np.ndarray, landmark: np.ndarray, color: np.ndarray, step: int = 2) -> np.ndarray:
     """Draw (B, K, 2) landmarks (pixels, **y up**) as 2*step-wide squares on (B, H, W, 3) images.
 
-    Same squares as the original: rows/cols ``round(p) + [-step, step)``, clipped to the image.
-    Returns a new array.
+    Same squares as the original: rows/cols ``round(p) + [-step, step)``, clipped to the image
+    (row = H - 1 - y).
+
+    Args:
+        img: (B, H, W, 3) images (not changed).
+        landmark: (B, K, 2) landmarks, pixels, **y up**.
+        color: (3,) the squares' colour, in ``img``'s value range.
+        step: half the squares' side in pixels.
+
+    Returns:
+        A new array, ``img`` with the squares drawn.
     """
     img = img.copy()
     _draw_landmarks_into(img, landmark, color, step)

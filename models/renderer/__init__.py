@@ -29,8 +29,20 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
     """Turn a backend request into 'cpu', 'cuda' or 'opengl', checking that it can run.
 
     'auto' gives 'cuda' when ``device`` (default: torch's default device) is a CUDA device,
-    else 'cpu'. 'cuda' and 'opengl' need a CUDA device and the nvdiffrast package; without
-    them a RuntimeError says what to install or to use ``--device cpu``.
+    else 'cpu'. 'cuda' and 'opengl' need a CUDA device and the nvdiffrast package (found, not
+    imported).
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        device: where the inputs will live (None: torch's default device).
+
+    Returns:
+        'cpu', 'cuda' or 'opengl'.
+
+    Raises:
+        ValueError: ``backend`` is not one of :data:`BACKENDS`.
+        RuntimeError: 'cuda' or 'opengl' without a CUDA ``device``, without CUDA in this PyTorch,
+            or without nvdiffrast; the message says what to install or to use ``--device cpu``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown renderer backend {backend!r}; expected one of {BACKENDS}")
@@ -61,6 +73,13 @@ def create_renderer(backend: str = "auto", *, focal: float = 1015.0, center: flo
         focal, center: pinhole camera in pixels (the original's defaults 1015 and 112).
         z_near, z_far: clipping distances in camera units (the original's 5 and 15).
         device: where inputs will live; only used to resolve and check ``backend``.
+
+    Returns:
+        The renderer (no parameters or buffers; nvdiffrast is imported at its first render).
+
+    Raises:
+        ValueError, RuntimeError: as :func:`resolve_backend`; ValueError also for a camera that
+            :class:`ClipProjection` refuses (focal or center <= 0, not 0 < z_near < z_far).
     """
     name = resolve_backend(backend, device)
     projection = ClipProjection(focal=float(focal), center=float(center), z_near=float(z_near), z_far=float(z_far))

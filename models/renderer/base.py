@@ -46,11 +46,14 @@ from util.checks import check_shape
 class RenderOutput:
     """What :class:`MeshRenderer` returns for a batch of B meshes (H = W = image size).
 
-    mask:  (B, 1, H, W) float {0, 1}: 1 where some triangle covers the pixel centre.
-    depth: (B, 1, H, W) camera-space z of the visible surface where covered, 0 elsewhere.
-    image: (B, C, H, W) perspective-correct interpolation of the per-vertex features where
-           covered, 0 elsewhere; None when no features were given.
     All three have the dtype and device of the input vertices (the mask carries no gradient).
+    Row 0 is the top of the image (camera y up maps to small rows).
+
+    Attributes:
+        mask: (B, 1, H, W) float {0, 1}: 1 where some triangle covers the pixel centre.
+        depth: (B, 1, H, W) camera-space z of the visible surface where covered, 0 elsewhere.
+        image: (B, C, H, W) perspective-correct interpolation of the per-vertex features where
+            covered, 0 elsewhere; None when no features were given.
     """
 
     mask: torch.Tensor
@@ -62,8 +65,15 @@ class RenderOutput:
 class ClipProjection:
     """The original's pinhole camera as an OpenGL projection to clip space.
 
-    focal: focal length in pixels; center: principal point in pixels (the image is
-    ``int(2 * center)`` pixels square); z_near / z_far: clipping distances (camera units).
+    Attributes:
+        focal: focal length in pixels.
+        center: principal point in pixels, the same for x and y (the image is ``int(2 * center)``
+            pixels square).
+        z_near, z_far: clipping distances (camera units).
+
+    Raises:
+        ValueError: (on construction) focal or center <= 0, not 0 < z_near < z_far, or an image
+            size below 1.
     """
 
     focal: float = 1015.0
@@ -167,6 +177,11 @@ class MeshRenderer(nn.Module):
 
     Build one with :func:`models.renderer.create_renderer`. The module has no parameters or
     buffers; outputs follow the device and dtype of ``vertex``.
+
+    Args:
+        rasterizer: the backend (:class:`CpuRasterizer <models.renderer.cpu.CpuRasterizer>` or
+            :class:`NvdiffrastRasterizer <models.renderer.nvdiffrast_backend.NvdiffrastRasterizer>`).
+        projection: the camera (the original's by default).
     """
 
     def __init__(self, rasterizer: Rasterizer, projection: ClipProjection = ClipProjection()):
@@ -181,6 +196,7 @@ class MeshRenderer(nn.Module):
 
     @property
     def image_size(self) -> int:
+        """Height = width of the rendered images in pixels (:attr:`ClipProjection.image_size`)."""
         return self.projection.image_size
 
     def extra_repr(self) -> str:
@@ -197,7 +213,14 @@ class MeshRenderer(nn.Module):
             feat: optional (B, N, C) per-vertex features (or (1, N, C), broadcast), e.g. colours.
 
         Returns:
-            :class:`RenderOutput` with mask (B,1,H,W), depth (B,1,H,W), image (B,C,H,W) or None.
+            :class:`RenderOutput` with mask (B,1,H,W), depth (B,1,H,W), image (B,C,H,W) or None,
+            H = W = :attr:`image_size`; dtype and device of ``vertex``.
+
+        Raises:
+            ValueError: a shape, dtype or device does not fit (the message names the argument), or
+                an nvdiffrast backend gets tensors that are not on a CUDA device.
+            IndexError: (CPU backend) ``tri`` holds an index outside 0..N-1.
+            NvdiffrastUnavailableError: nvdiffrast cannot be imported, built or its context created.
         """
         _check_inputs(vertex, tri, feat)
         b, n, _ = vertex.shape

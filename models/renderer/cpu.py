@@ -105,6 +105,14 @@ class CpuRasterizer(Rasterizer):
         self.max_triangles = int(max_triangles)
 
     def rasterize_interpolate(self, clip, tri, attr, size):
+        """See :meth:`Rasterizer.rasterize_interpolate` (shapes and outputs).
+
+        ``clip`` of another dtype than float32/float64 is computed in float32; the attribute image
+        keeps ``attr``'s dtype.
+
+        Raises:
+            IndexError: ``tri`` holds a vertex index outside 0..N-1.
+        """
         h, w = size
         b, n, _ = clip.shape
         if tri.numel() and (int(tri.min()) < 0 or int(tri.max()) >= n):

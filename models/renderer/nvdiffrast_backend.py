@@ -45,7 +45,11 @@ class NvdiffrastUnavailableError(RuntimeError):
 
 
 def nvdiffrast_available() -> bool:
-    """True if the nvdiffrast package can be found (it is not imported)."""
+    """Whether the nvdiffrast package can be found.
+
+    Returns:
+        True if ``importlib`` finds it (it is not imported: a broken install still says True).
+    """
     return importlib.util.find_spec("nvdiffrast") is not None
 
 
@@ -66,6 +70,12 @@ def plugin_build_dirs(module_name: str) -> list[str]:
     That is ``<root>/<module_name>`` and ``<root>/<pyXY_cuZZZ>/<module_name>`` for root =
     ``$TORCH_EXTENSIONS_DIR`` and torch's default build root (``~/.cache/torch_extensions``);
     torch's own answer (``_get_build_directory``) comes first. Only existing folders are returned.
+
+    Args:
+        module_name: the extension's module name (:func:`plugin_module_name`).
+
+    Returns:
+        Existing folders, without duplicates, torch's own answer first.
     """
     from torch.utils import cpp_extension
 
@@ -118,7 +128,16 @@ _FAST_PATH_VERSIONS = ("0.3.3.1",)  # nvdiffrast versions whose plugin naming an
 
 def plugin_module_name(nvdiffrast_version: str, torch_version: str, gl: bool) -> str:
     """The name nvdiffrast 0.3.3.1 gives its plugin: ``nvdiffrast_plugin_<ver>_torch<ver>[_gl]``,
-    non-word characters replaced by '_' (its ``sanitize_name``)."""
+    non-word characters replaced by '_' (its ``sanitize_name``).
+
+    Args:
+        nvdiffrast_version: e.g. ``'0.3.3.1'``.
+        torch_version: ``torch.__version__``.
+        gl: the OpenGL plugin (suffix ``_gl``) rather than the CUDA one.
+
+    Returns:
+        The module name, e.g. ``'nvdiffrast_plugin_0_3_3_1_torch2_5_1_cu124'``.
+    """
     import re
 
     name = f"nvdiffrast_plugin_{nvdiffrast_version}_torch{torch_version}" + ("_gl" if gl else "")
@@ -140,8 +159,17 @@ def _plugin_file(name: str) -> str | None:
 
 def preload_plugins(context: str = "cuda") -> bool:
     """Put the already-built plugin(s) that ``context`` needs ('cuda': the CUDA one; 'opengl':
-    also the '_gl' one) into nvdiffrast's plugin cache. Returns True when nvdiffrast will not
-    need to build, check or import anything; False leaves everything to nvdiffrast's own path."""
+    also the '_gl' one) into nvdiffrast's plugin cache. Thread-safe; never raises (only for
+    nvdiffrast versions in ``_FAST_PATH_VERSIONS``; others are left to nvdiffrast).
+
+    Args:
+        context: 'cuda' or 'opengl'.
+
+    Returns:
+        True when nvdiffrast will not need to build, check or import anything; False leaves
+        everything to nvdiffrast's own path (not installed, another version, a plugin not built
+        yet or not loadable).
+    """
     try:
         import nvdiffrast
         import nvdiffrast.torch.ops as ops
@@ -176,7 +204,14 @@ def preload_plugins(context: str = "cuda") -> bool:
 
 
 def warm_up(context: str = "cuda") -> bool:
-    """Import nvdiffrast and preload its plugin(s) (see :func:`preload_plugins`); never raises."""
+    """Import nvdiffrast and preload its plugin(s) (see :func:`preload_plugins`); never raises.
+
+    Args:
+        context: 'cuda' or 'opengl'.
+
+    Returns:
+        :func:`preload_plugins`' answer; False also when nvdiffrast cannot be imported.
+    """
     try:
         _import_nvdiffrast()
         return preload_plugins(context)
@@ -190,6 +225,9 @@ class NvdiffrastRasterizer(Rasterizer):
     Args:
         context: 'cuda' (``RasterizeCudaContext``, needs no display or EGL) or 'opengl'
             (``RasterizeGLContext``, needs EGL). Contexts are created on first use, one per device.
+
+    Raises:
+        ValueError: ``context`` is not one of :data:`CONTEXTS`.
     """
 
     def __init__(self, context: str = "cuda"):
@@ -230,6 +268,14 @@ class NvdiffrastRasterizer(Rasterizer):
         return rast[..., 3] > 0, attr_image.to(attr.dtype)
 
     def rasterize_interpolate(self, clip, tri, attr, size):
+        """See :meth:`Rasterizer.rasterize_interpolate` (shapes and outputs); computed in float32,
+        the attribute image cast back to ``attr``'s dtype.
+
+        Raises:
+            ValueError: ``clip`` is not on a CUDA device.
+            NvdiffrastUnavailableError: nvdiffrast cannot be imported, its plugin not imported or
+                its context not created.
+        """
         if clip.device.type != "cuda":
             raise ValueError(f"the {self.name!r} renderer needs CUDA tensors, got vertices on {clip.device}; "
                              f"move the inputs to the GPU or use the 'cpu' renderer (`--device cpu`)")
