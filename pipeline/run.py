@@ -139,12 +139,14 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     """
     from util.prefetch import prefetched
     from util.results_io import ResultWriter, launch_writer_server
+    from util.subprocesses import remove_dead_socket_folders
 
     t0 = time.perf_counter()
     entries, summary = scan(spec, rank, world, only)
     tally = Tally(summary, t0)
     tally.mark("scanned")
     check_results_dir(summary.out_dir, spec.recursive)
+    remove_dead_socket_folders()  # a killed run's forkserver socket folder, where its exit hook did not run
     loader = face_loader(spec.loader, spec.model.bfm_folder, entries, device, world)
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
     # that thread starts before the fork only when there are none (a fork beside a thread that

@@ -9,6 +9,12 @@ exits normally: this module's exit hook, registered when the forkserver imports 
 thing this module does on import, on purpose: a forkserver runs nothing else of ours), removes
 the socket and the folder if nothing else is in it. After a normal run the folder is already
 gone and the hook does nothing.
+
+In about one killed run in ten a ``pymp-*`` folder still stayed with one ``listener-*`` socket
+file that no process had bound (this forkserver's or a DataLoader worker's; the cause was not
+found). :func:`util.subprocesses.remove_dead_socket_folders`, run by the next test.py run,
+removes such folders: ``pymp-*`` folders of this user in the temporary folder that hold nothing
+but ``listener-*`` sockets that no process has bound (Linux's ``/proc/net/unix``).
 """
 from __future__ import annotations
 

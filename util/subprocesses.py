@@ -10,7 +10,9 @@ DataLoader's decoding and aligning workers) reuse their pages instead of faultin
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import tempfile
 import types
 
 
@@ -131,3 +133,49 @@ def exit_with(pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _bound_socket_paths() -> set[str] | None:
+    """The paths of the Unix sockets that some process has bound (Linux), or None where unknown."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    return {parts[7] for parts in (row.split() for row in rows) if len(parts) >= 8}
+
+
+def remove_dead_socket_folders(tmp: str | None = None) -> list[str]:
+    """Remove the ``pymp-*`` folders that killed runs' forkservers left behind.
+
+    Args:
+        tmp: the temporary folder to look in (default :func:`tempfile.gettempdir`).
+
+    Returns:
+        the folders removed: those of this user that hold only ``listener-*`` socket files which
+        no process has bound. Nothing is removed where bound sockets cannot be listed (not Linux),
+        nor any folder with anything else in it, nor another user's.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith("pymp-")]
+    except OSError:
+        return []
+    bound = _bound_socket_paths() if names else None
+    removed = []
+    for name in names if bound is not None else []:
+        folder = os.path.join(tmp, name)
+        try:
+            entries = os.listdir(folder)
+            if os.lstat(folder).st_uid != os.getuid() or not entries:
+                continue
+            paths = [os.path.join(folder, e) for e in entries]
+            if not all(e.startswith("listener-") for e in entries) or any(p in bound for p in paths):
+                continue
+            for p in paths:
+                os.remove(p)
+            os.rmdir(folder)
+            removed.append(folder)
+        except OSError:
+            continue
+    return removed
