@@ -207,6 +207,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
         prepared.close()
         if bar is not None:
             bar.close()
+        remove_dead_socket_folders()  # any that this run's own ended workers left
     summary.seconds = time.perf_counter() - t0
     return summary
 
