@@ -56,18 +56,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_folder(dst: str, n: int) -> str:
-    """N copies of the example photos (hard links where possible) with their detection files."""
+def make_folder(dst: str, n: int, photos: str = os.path.join(ROOT, "examples")) -> str:
+    """N copies of the photos of ``photos`` (examples/ or tests/data/faces; hard links where
+    possible) with their golden detection files (tests/data/faces_lm5.json)."""
     from util.detections_io import detection_path, write_points
 
     lm = json.load(open(os.path.join(ROOT, "tests", "data", "faces_lm5.json")))
-    names = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f in lm)
+    names = sorted(f for f in os.listdir(photos) if f in lm)
     os.makedirs(dst, exist_ok=True)
     for i in range(n):
         name = names[i % len(names)]
         stem, ext = os.path.splitext(name)
         out = f"{i:05d}_{stem}{ext}"
-        src = os.path.join(ROOT, "examples", name)
+        src = os.path.join(photos, name)
         try:
             os.link(src, os.path.join(dst, out))
         except OSError:

@@ -11,7 +11,6 @@ run of each version also writes its bytecode cache; it is left out of the median
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,27 +19,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FACES = os.path.join(ROOT, "tests", "data", "faces")
-GOLDEN = os.path.join(ROOT, "tests", "data", "faces_lm5.json")
-
-
-def photo_folder(dst: str, copies: int, limit: int | None = None) -> str:
-    """``copies`` copies (``<i>_<name>``) of the test photos with their golden detections."""
-    from util.detections_io import detection_path, write_points
-
-    with open(GOLDEN) as f:
-        lm = json.load(f)
-    os.makedirs(dst)
-    for i in range(copies):
-        for name in sorted(lm)[:limit]:
-            shutil.copyfile(os.path.join(FACES, name), os.path.join(dst, f"{i}_{name}"))
-            write_points(detection_path(dst, f"{i}_{name}"), np.array(lm[name]))
-    return dst
 
 
 def timed_run(tree: str, photos: str, out: str, device: str) -> float:
@@ -60,6 +42,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    from benchmarks.bench_inference import make_folder
+
     if not os.path.isfile(os.path.join(ROOT, "checkpoints", "standin", "epoch_20.pth")):
         subprocess.run([sys.executable, "-m", "tools.standin"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="bench_versions_")
@@ -68,8 +52,9 @@ def main() -> None:
         os.makedirs(ref)
         archive = subprocess.run(["git", "-C", ROOT, "archive", args.ref], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", ref], input=archive, check=True)
-        folders = {"folder": photo_folder(os.path.join(work, "many"), args.copies),
-                   "one photo": photo_folder(os.path.join(work, "one"), 1, limit=1)}
+        n_faces = len([f for f in os.listdir(FACES) if not f.endswith(".md")])
+        folders = {"folder": make_folder(os.path.join(work, "many"), args.copies * n_faces, FACES),
+                   "one photo": make_folder(os.path.join(work, "one"), 1, FACES)}
         trees = {args.ref: ref, "this checkout": ROOT}
         for what, photos in folders.items():
             n = len([f for f in os.listdir(photos) if f != "detections"])
