@@ -73,7 +73,7 @@ def timed(cmd: list[str], timeout: float = 600, env: dict | None = None) -> tupl
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])}... exit {r.returncode}: {r.stderr[-1500:]} {r.stdout[-500:]}")
-    return wall, (r.stdout + r.stderr)[-3000:]
+    return wall, (r.stdout + r.stderr)[-20000:]
 
 
 def process_images(folder: str, *args: str) -> list[str]:
@@ -158,10 +158,11 @@ def step_chain(a, tmp: str, res: dict) -> None:
     folder = make_copies(a.faces, os.path.join(tmp, "chain_stream"), a.n)
     r_out = os.path.join(tmp, "r_stream")
     wall, tail = timed([os.path.join(ROOT, "run_pipeline.sh"), folder, *standin_args(folder, r_out, a.device)[:-1],
-                        f"--device={a.device}", f"--detect_device={a.device}"])
+                        f"--device={a.device}", f"--detect_device={a.device}", "--verbose"])
     files = len(os.listdir(r_out)) if os.path.isdir(r_out) else 0
+    timeline = [line for line in tail.splitlines() if "round" in line or "detect." in line]
     out["run_pipeline"] = {"n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
-                           "files_written": files, "tail": tail[-300:]}
+                           "files_written": files, "timeline": timeline, "tail": tail[-300:]}
     print(f"chain, run_pipeline.sh: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s ({files} files)", flush=True)
     res["chain"] = out
 
