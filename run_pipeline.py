@@ -138,6 +138,7 @@ def run(spec, options, fallback=None) -> int:
         device = resolve_device(spec.device, spec.gpu_ids)
         model = build_model(spec.model, device)  # while the first photos are detected
         warm_up_network(model, spec.loader.batch_size_on(device), device)
+        log.info("model ready %.2f s after the start", time.perf_counter() - t0)
         rounds = 0
         while True:
             if final is None:
@@ -147,10 +148,12 @@ def run(spec, options, fallback=None) -> int:
                 return 130 if final[1] == "interrupted" else 2
             if ready and (len(ready) >= MIN_ROUND or final is not None):
                 photos, ready = set(ready), []
+                started = time.perf_counter() - t0
                 summary = run_folder(spec, device, model=model, progress=False, only=photos)
                 rounds += 1
-                log.info("round %d: %d photo(s), %d face(s) in %.2f s", rounds, len(photos), summary.faces_ok,
-                         summary.seconds)
+                log.info("round %d: %d photo(s), %d face(s) in %.2f s (from %.2f s after the start; detection %s)",
+                         rounds, len(photos), summary.faces_ok, summary.seconds, started,
+                         "done" if final is not None else "going on")
                 total.merge(summary)
                 total.out_dir = summary.out_dir
                 if summary.stopped:  # disk full, results read-only: every later round would stop alike
@@ -164,6 +167,7 @@ def run(spec, options, fallback=None) -> int:
         if final is None and detector.is_alive():
             detector.terminate()
         detector.join()
+        log.info("detection process ended %.2f s after the start", time.perf_counter() - t0)
     if total.stopped:  # one line says what, where, what is left and how to finish (as test.py does)
         print(f"error: {total.stopped}", file=sys.stderr)
         return total.exit_code
