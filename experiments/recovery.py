@@ -3,6 +3,8 @@
     python -m experiments.recovery --bfm_folder standin/BFM --device cuda --minutes 9.5 \
         --net_recon resnet18 --amp none --lr 1e-3 --out docs/recovery      # the documented run
     python -m experiments.recovery --oracle_only true --device cpu --eval_size 128   # bounds only
+    python -m experiments.recovery --train_only true --device cuda --out run          # the same in two calls:
+    python -m experiments.recovery --from_run run --device cuda --fit_steps 300,2000 --out eval   # (train, evaluate)
 
 Random faces of the (stand-in) face model are rendered on the fly on the device (random identity,
 expression, albedo, pose, lighting and background; :mod:`data.synthetic`). The regressor is
@@ -34,6 +36,8 @@ about 45 % of their identity variance is a translation, rotation or scaling of t
     mean face to the shape (so a rotation carried by the shape bases counts as head pose).
 Writes ``<out>/recovery.json`` (figures, hardware, settings, curve), ``<out>/learning_curve.png`` and
 ``<out>/samples.png`` (held-out renders | prediction overlaid, true landmarks blue, predicted red).
+``--train_only`` writes the checkpoint and a partial recovery.json (no optimum, no final figures);
+``--from_run`` evaluates such a run's folder (the same figures as one call from the same weights).
 """
 from __future__ import annotations
 
@@ -795,7 +799,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         frac = (now - train_start) / train_budget
         if frac >= 1.0 or (o.max_steps and step >= o.max_steps):
             break
-        lr_frac = frac / o.warmup if frac < o.warmup else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup)))
+        lr_frac = (frac / o.warmup if frac < o.warmup
+                   else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup))))
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * max(lr_frac, 0.01)
         terms = None
@@ -1110,7 +1115,8 @@ def main(argv: list[str] | None = None) -> int:
             on_opt = vs["fitted_by_steps"][n]
             verdict = "ok" if on_opt["vertex_vs_optimum"] <= FITTED_VERTEX_VS_OPTIMUM else "MISSED"
             print(f"    on the optimum's faces: vertex ratio {on_opt['vertex_error_ratio']:.3f} = "
-                  f"{on_opt['vertex_vs_optimum']:.2f}x the optimum   target <= {FITTED_VERTEX_VS_OPTIMUM:g}x   {verdict}")
+                  f"{on_opt['vertex_vs_optimum']:.2f}x the optimum   target <= {FITTED_VERTEX_VS_OPTIMUM:g}x   "
+                  f"{verdict}")
     print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
 
