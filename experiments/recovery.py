@@ -119,6 +119,9 @@ class RecoveryOptions:
     optimum_lr: float = opt(0.005, "peak learning rate of those rounds (cosine-decayed in each)")
     fit_lr: float = opt(0.02, "base learning rate of that fitting (test.py's FitConfig.lr is 0.05: tuned for an "
                               "untrained network's start on real photos; 0.02 fits these better from a trained one)")
+    fit_min_lr: float = opt(0.1, "that fitting's rate decays (cosine) to this fraction of --fit_lr (test.py's 0.1)")
+    fit_landmark_share: float = opt(-1.0, "share of that fitting's steps on the landmark terms alone (-1: test.py's "
+                                          "third)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format); with "
@@ -445,7 +448,7 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
 
 
 def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None, faces: int = 0,
-                   optimum_faces: int = 0) -> dict:
+                   optimum_faces: int = 0, min_lr: float = 0.1, landmark_share: float = -1.0) -> dict:
     """Figures of the held-out faces after per-image fitting as ``test.py --fit_steps`` does it
     (:func:`models.fitting.fit_coeffs`, each face's true 68 landmarks as its ``landmarks/`` file).
 
@@ -459,6 +462,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         faces: fit only the first ``faces`` faces for the figures (0 = all).
         optimum_faces: also fit the first ``optimum_faces`` faces if ``faces`` stops short of them,
             and report their figures (``CURVE_KEYS``) as ``on_optimum_faces``.
+        min_lr, landmark_share: the schedule's end rate (a fraction of ``lr``) and share of
+            landmark-only steps (negative: FitConfig's default, a third).
 
     Returns:
         The figures (:meth:`ErrorSums.figures`) of the first ``faces`` faces fitted, with ``steps``,
@@ -470,6 +475,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
     total = sum(b.coeffs.shape[0] for b in test_set)
     n_fig = min(faces, total) if faces > 0 else total
     n_fit = max(n_fig, min(optimum_faces, total))
+    config = FitConfig(lr=lr, min_lr_ratio=min_lr,
+                       landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
     fitted, starts, seconds, done = [], [], 0.0, 0
     for b in test_set:
         if done >= n_fit:
@@ -483,7 +490,7 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                 c0 = start(b)
         sync(dev)
         t = time.perf_counter()
-        fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=FitConfig(lr=lr)))
+        fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=config))
         sync(dev)
         seconds += time.perf_counter() - t
         starts.append(c0)
@@ -495,7 +502,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         sums.add(model.face_model, coeffs[:n], truth.coeffs[:n], truth.lm68[:n], lm_scale)
         return sums.figures()
 
-    out = {"steps": steps, "lr": lr, "seconds": round(seconds, 2), **figures(fitted, n_fig),
+    out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3 if config.landmark_steps is None
+           else config.landmark_steps, "seconds": round(seconds, 2), **figures(fitted, n_fig),
            "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}}
     if optimum_faces > 0:
         out["on_optimum_faces"] = {k: v for k, v in figures(fitted, optimum_faces).items() if k in CURVE_KEYS}
@@ -866,7 +874,8 @@ def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_b
     fitted_by_steps = {}
     for n in counts:
         f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
-                           optimum_faces=o.optimum_faces if optimum is not None else 0)
+                           optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
+                           landmark_share=o.fit_landmark_share)
         fitted_by_steps[str(n)] = f
         if o.verbose:
             log.info("fitting %d steps (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, f["seconds"],
@@ -913,6 +922,7 @@ CHECKPOINT_NAME = "regressor.pth"  # a --train_only run's checkpoint in its --ou
 # options a --from_run call takes from its own command line; every other one comes from the run
 EVAL_OPTIONS = ("bfm_folder", "bfm_model", "device", "renderer", "minutes", "eval_reserve_s", "eval_size",
                 "eval_batch", "oracle_only", "oracle_steps", "loss_oracle_steps", "fit_steps", "fit_faces", "fit_lr",
+                "fit_min_lr", "fit_landmark_share",
                 "optimum_faces", "optimum_refine_steps", "optimum_steps", "optimum_rounds", "optimum_lr", "out",
                 "checkpoint", "train_only", "from_run", "verbose")
 

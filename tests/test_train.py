@@ -261,7 +261,7 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     # the evaluation takes its own evaluation options and the run's training options (size, seed, network)
     assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
                  "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
-                 *EVAL_ARGS]) == 0
+                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", *EVAL_ARGS]) == 0
     res = json.load(open(eval_dir / "recovery.json"))
     assert res["stage"] == "evaluated" and res["from_run"] == str(run_dir)
     assert res["steps"] == 2 and res["curve"] == part["curve"] and res["step_ms"] == part["step_ms"]
@@ -269,7 +269,8 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     assert res["optimum"]["faces"] == 2 and res["optimum"]["steps"] == [2, 2]
     by_steps, vs = res["fitted_by_steps"], res["vs_optimum"]
     assert set(by_steps) == {"2", "3"} and [by_steps[n]["steps"] for n in ("2", "3")] == [2, 3]
-    assert all(f["faces"] == 3 for f in by_steps.values())  # --fit_faces
+    assert all(f["faces"] == 3 and f["min_lr"] == 0.0 for f in by_steps.values())  # --fit_faces, --fit_min_lr
+    assert [by_steps[n]["landmark_steps"] for n in ("2", "3")] == [1, 1]  # round(0.34 x steps)
     assert res["fitted"] == by_steps["3"]  # the largest count gives the verdict
     opt_v = res["optimum"]["vertex_error_ratio"]
     for n in ("2", "3"):
