@@ -3,6 +3,8 @@
     python -m experiments.recovery --bfm_folder standin/BFM --device cuda --minutes 9.5 \
         --net_recon resnet18 --amp none --lr 1e-3 --out docs/recovery      # the documented run
     python -m experiments.recovery --oracle_only true --device cpu --eval_size 128   # bounds only
+    python -m experiments.recovery --train_only true --device cuda --out run          # the same in two calls:
+    python -m experiments.recovery --from_run run --device cuda --fit_steps 300,2000 --out eval   # (train, evaluate)
 
 Random faces of the (stand-in) face model are rendered on the fly on the device (random identity,
 expression, albedo, pose, lighting and background; :mod:`data.synthetic`). The regressor is
@@ -34,6 +36,8 @@ about 45 % of their identity variance is a translation, rotation or scaling of t
     mean face to the shape (so a rotation carried by the shape bases counts as head pose).
 Writes ``<out>/recovery.json`` (figures, hardware, settings, curve), ``<out>/learning_curve.png`` and
 ``<out>/samples.png`` (held-out renders | prediction overlaid, true landmarks blue, predicted red).
+``--train_only`` writes the checkpoint and a partial recovery.json (no optimum, no final figures);
+``--from_run`` evaluates such a run's folder (the same figures as one call from the same weights).
 """
 from __future__ import annotations
 
@@ -101,9 +105,12 @@ class RecoveryOptions:
     oracle_steps: int = opt(1500, "steps of the landmark oracle on the held-out faces (0 = off; see landmark_oracle)")
     loss_oracle_steps: int = opt(0, "with --oracle_only: also refine the held-out faces' TRUE coefficients this many "
                                     "steps on the training loss (0 = off; see training_loss_oracle)")
-    fit_steps: int = opt(0, "also report the held-out figures after per-image fitting (test.py --fit_steps: "
-                            "fit_coeffs with the true 68 landmarks) of this many steps, from the regressor's "
-                            "prediction; with --oracle_only from the mean face (0 = off; raise --eval_reserve_s)")
+    fit_steps: str = opt("0", "also report the held-out figures after per-image fitting (test.py --fit_steps: "
+                              "fit_coeffs with the true 68 landmarks) of this many steps, from the regressor's "
+                              "prediction; a comma list (300,1000,2000) reports each count, the verdict uses the "
+                              "largest; with --oracle_only from the mean face (0 = off; raise --eval_reserve_s)")
+    fit_faces: int = opt(0, "fit only the first M held-out faces for those figures (0 = all --eval_size); the "
+                            "optimum's faces, the first of them, are always fitted")
     optimum_faces: int = opt(32, "held-out faces (the first of the test set) whose per-face optimum of the training "
                                  "loss is measured before training, the yardstick of the vertex target (0 = off)")
     optimum_refine_steps: int = opt(400, "Adam steps at 3e-3 that start that minimisation (see loss_optimum)")
@@ -112,9 +119,21 @@ class RecoveryOptions:
     optimum_lr: float = opt(0.005, "peak learning rate of those rounds (cosine-decayed in each)")
     fit_lr: float = opt(0.02, "base learning rate of that fitting (test.py's FitConfig.lr is 0.05: tuned for an "
                               "untrained network's start on real photos; 0.02 fits these better from a trained one)")
+    fit_min_lr: float = opt(0.1, "that fitting's rate decays (cosine) to this fraction of --fit_lr (test.py's 0.1)")
+    fit_landmark_share: float = opt(-1.0, "share of that fitting's steps on the landmark terms alone (-1: test.py's "
+                                          "third)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
-    checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format)")
+    checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format); with "
+                              "--train_only the default is <out>/regressor.pth, with --from_run the file read")
+    train_only: bool = opt(False, "train and save only: the checkpoint and a partial <out>/recovery.json (curve, "
+                                  "steps, timings, options; no optimum, no final figures, no fitting), for a later "
+                                  "--from_run call")
+    from_run: str = opt("", "evaluate a --train_only run's folder without training: its recovery.json and "
+                            "regressor.pth (or --checkpoint) are read, the optimum, final and fitted figures computed "
+                            "and written with its curve to --out; the training options come from the run")
+    ema: float = opt(0.0, "exponential moving average of the network's weights with this decay (e.g. 0.999), "
+                          "updated every step; evaluation, the curve, fitting and the checkpoint use it (0 = off)")
     id_std: float = opt(SYNTHETIC.id_std, "synthetic identity coefficient std")
     exp_std: float = opt(SYNTHETIC.exp_std, "synthetic expression coefficient std")
     tex_std: float = opt(SYNTHETIC.tex_std, "synthetic albedo coefficient std")
@@ -135,8 +154,35 @@ class RecoveryOptions:
 
 
 def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
+    """Parse and check the options (a bad combination exits with a one-line message)."""
     p = build_parser(RecoveryOptions, description=__doc__.splitlines()[0])
-    return RecoveryOptions(**vars(p.parse_args(argv)))
+    o = RecoveryOptions(**vars(p.parse_args(argv)))
+    try:
+        fit_counts(o.fit_steps)
+    except ValueError as e:
+        p.error(str(e))
+    if not 0.0 <= o.ema < 1.0:
+        p.error(f"--ema must be in [0, 1) (a decay such as 0.999; 0 = off), got {o.ema}")
+    if o.train_only and o.from_run:
+        p.error("--train_only and --from_run are the two calls of one run: give one of them")
+    if o.oracle_only and (o.train_only or o.from_run):
+        p.error("--oracle_only trains nothing and reads no run: drop --train_only / --from_run")
+    return o
+
+
+def fit_counts(spec: str) -> list[int]:
+    """``--fit_steps`` as a sorted list of distinct step counts: "300,1000" -> [300, 1000]; "0" -> [].
+
+    Raises:
+        ValueError: an entry is not a whole number >= 0.
+    """
+    counts = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise ValueError(f"--fit_steps takes step counts separated by commas (e.g. 300,1000,2000), got {spec!r}")
+        counts.add(int(part))
+    return sorted(c for c in counts if c > 0)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -381,29 +427,61 @@ def optimum_figures(o: "RecoveryOptions", loss_fn, test_set: list, lm_scale: flo
 
 def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict:
     """Vertex errors on the optimum's faces as multiples of the optimum's, with the targets'
-    verdicts (regressor <= 1.25x, with fitting <= 1.05x)."""
+    verdicts (regressor <= 1.25x, with fitting <= 1.05x).
+
+    Args:
+        optimum: :func:`optimum_figures`' figures.
+        regressor: the regressor's figures on the optimum's faces.
+        fitted: None, or per fitting step count (str) the figures on the optimum's faces after
+            that fitting; the largest count gives ``fitted`` and ``fitted_vertex_vs_optimum``.
+    """
     v = max(optimum["vertex_error_ratio"], 1e-12)
     out = {"regressor": {k: regressor[k] for k in CURVE_KEYS}, "regressor_vertex_vs_optimum":
            regressor["vertex_error_ratio"] / v, "target": TARGETS["vertex_vs_optimum"]}
-    if fitted is not None:
-        out.update({"fitted": {k: fitted[k] for k in CURVE_KEYS}, "fitted_vertex_vs_optimum":
-                    fitted["vertex_error_ratio"] / v, "fitted_target": FITTED_VERTEX_VS_OPTIMUM})
+    if fitted:
+        by_steps = {n: {**{k: f[k] for k in CURVE_KEYS}, "vertex_vs_optimum": f["vertex_error_ratio"] / v}
+                    for n, f in fitted.items()}
+        last = by_steps[max(by_steps, key=int)]
+        out.update({"fitted": {k: last[k] for k in CURVE_KEYS}, "fitted_vertex_vs_optimum": last["vertex_vs_optimum"],
+                    "fitted_target": FITTED_VERTEX_VS_OPTIMUM, "fitted_by_steps": by_steps})
     return out
 
 
-def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None) -> dict:
+def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None, faces: int = 0,
+                   optimum_faces: int = 0, min_lr: float = 0.1, landmark_share: float = -1.0) -> dict:
     """Figures of the held-out faces after per-image fitting as ``test.py --fit_steps`` does it
     (:func:`models.fitting.fit_coeffs`, each face's true 68 landmarks as its ``landmarks/`` file).
 
-    model: a FaceReconModel (its face model and renderer fit; its network gives the start) or,
-    with ``start``, anything with ``face_model`` and ``renderer``. start: optional function
-    batch -> (B, 257) starting coefficients (default: the network's prediction). The seconds of
-    fitting, device synchronised, are in the result."""
+    Args:
+        model: a FaceReconModel (its face model and renderer fit; its network gives the start) or,
+            with ``start``, anything with ``face_model`` and ``renderer``.
+        test_set: held-out batches (SyntheticBatch), fitted batch by batch.
+        steps, lr: fitting steps and base learning rate (:class:`models.fitting.FitConfig`).
+        start: optional function batch -> (B, 257) starting coefficients (default: the network's
+            prediction).
+        faces: fit only the first ``faces`` faces for the figures (0 = all).
+        optimum_faces: also fit the first ``optimum_faces`` faces if ``faces`` stops short of them,
+            and report their figures (``CURVE_KEYS``) as ``on_optimum_faces``.
+        min_lr, landmark_share: the schedule's end rate (a fraction of ``lr``) and share of
+            landmark-only steps (negative: FitConfig's default, a third).
+
+    Returns:
+        The figures (:meth:`ErrorSums.figures`) of the first ``faces`` faces fitted, with ``steps``,
+        ``lr``, ``seconds`` (of fitting, device synchronised) and ``start`` (the start's figures).
+    """
     from models.fitting import FitConfig, fit_coeffs
 
     dev = test_set[0].images.device
-    sums, sums_start, seconds = ErrorSums(), ErrorSums(), 0.0
+    total = sum(b.coeffs.shape[0] for b in test_set)
+    n_fig = min(faces, total) if faces > 0 else total
+    n_fit = max(n_fig, min(optimum_faces, total))
+    config = FitConfig(lr=lr, min_lr_ratio=min_lr,
+                       landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
+    fitted, starts, seconds, done = [], [], 0.0, 0
     for b in test_set:
+        if done >= n_fit:
+            break
+        b = first_faces([b], n_fit - done)
         with torch.no_grad():
             if start is None:
                 model.net.eval()
@@ -412,13 +490,24 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                 c0 = start(b)
         sync(dev)
         t = time.perf_counter()
-        fitted = fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=FitConfig(lr=lr))
+        fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=config))
         sync(dev)
         seconds += time.perf_counter() - t
-        sums.add(model.face_model, fitted, b.coeffs, b.lm68, lm_scale)
-        sums_start.add(model.face_model, c0, b.coeffs, b.lm68, lm_scale)
-    return {"steps": steps, "lr": lr, "seconds": round(seconds, 2), **sums.figures(),
-            "start": {k: v for k, v in sums_start.figures().items() if k in CURVE_KEYS}}
+        starts.append(c0)
+        done += b.coeffs.shape[0]
+    fitted, starts, truth = torch.cat(fitted), torch.cat(starts), first_faces(test_set, n_fit)
+
+    def figures(coeffs: torch.Tensor, n: int) -> dict:
+        sums = ErrorSums()
+        sums.add(model.face_model, coeffs[:n], truth.coeffs[:n], truth.lm68[:n], lm_scale)
+        return sums.figures()
+
+    out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3 if config.landmark_steps is None
+           else config.landmark_steps, "seconds": round(seconds, 2), **figures(fitted, n_fig),
+           "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}}
+    if optimum_faces > 0:
+        out["on_optimum_faces"] = {k: v for k, v in figures(fitted, optimum_faces).items() if k in CURVE_KEYS}
+    return out
 
 
 def sync(device: torch.device) -> None:
@@ -615,18 +704,68 @@ def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, 
     return loss.detach()
 
 
-def run(o: RecoveryOptions) -> dict:
+class WeightEma:
+    """Exponential moving average of a network's weights: after each :meth:`update`,
+    ``avg = decay * avg + (1 - decay) * current`` for every parameter and floating-point buffer
+    (batch-norm statistics; integer buffers are copied), starting from a copy of the network.
+
+    Written on ``torch._foreach_lerp_`` rather than ``torch.optim.swa_utils.AveragedModel``, whose
+    update reads a device counter on the host each call (a CUDA sync per step).
+
+    Args:
+        net: the network averaged; :attr:`module` is its copy holding the average (eval mode,
+            no gradients).
+        decay: in [0, 1).
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        import copy
+
+        self.decay = float(decay)
+        self.module = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @staticmethod
+    def _tensors(net: torch.nn.Module) -> tuple[list, list]:
+        ts = [t.detach() for t in (*net.parameters(), *net.buffers())]
+        return [t for t in ts if t.is_floating_point()], [t for t in ts if not t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        """Move the average toward ``net``'s current weights (same architecture as at creation)."""
+        (avg_f, avg_i), (cur_f, cur_i) = self._tensors(self.module), self._tensors(net)
+        torch._foreach_lerp_(avg_f, cur_f, 1.0 - self.decay)
+        for a, c in zip(avg_i, cur_i):
+            a.copy_(c)
+
+
+@dataclass
+class Session:
+    """What the phases of a run share: the synthetic data, the model and the loss on the device."""
+
+    device: torch.device
+    face_model: object
+    renderer: object
+    syn: SyntheticConfig
+    gen: object  # data.synthetic.SyntheticFaces
+    net: torch.nn.Module  # the trained network
+    model: object  # FaceReconModel around ``net``
+    loss_fn: object  # HybridLoss (the training's terms and weights)
+    amp: str | None
+    channels_last: bool
+    lm_scale: float
+    curve_set: list
+    test_set: list
+
+
+def make_session(o: RecoveryOptions) -> Session:
+    """Build the face model, renderer, regressor, loss and held-out sets of ``o`` on its device."""
     from models.facerecon import FaceReconModel
-    from pipeline.runtime import resolve_device
     from models.losses import HybridLoss
     from models.networks import ReconNet
-    from train import train_step
+    from pipeline.runtime import resolve_device
 
-    t0 = time.perf_counter()
-    budget = 60.0 * o.minutes
     device = resolve_device(o.device)
     torch.manual_seed(o.seed)
-    lm_scale = 224.0 / o.size
     face_model, renderer, syn, gen = synthetic_setup(o, device)
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
     channels_last = device.type == "cuda" if o.channels_last == "auto" else o.channels_last == "true"
@@ -638,25 +777,25 @@ def run(o: RecoveryOptions) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    weights = training_weights(o)
-    loss_fn = HybridLoss(face_model, renderer, weights, use_crop_face=True)
-    peak_lr = lr_for_batch(o)
-    optimizer = torch.optim.Adam(net.parameters(), lr=peak_lr)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    g = torch.Generator(device=device).manual_seed(o.seed)
+    loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
     curve_set = list(heldout(gen, o.curve_size, o.eval_batch, o.seed + 2000))
-    test_set = held_out_test_set(o, gen)
-    log.info("device %s (%s), renderer %s, amp %s, set-up %.1f s", device, hardware(device), renderer.backend, amp,
-             time.perf_counter() - t0)
-    optimum = opt_batch = None
-    if o.optimum_faces > 0:
-        opt_batch, optimum = optimum_figures(o, loss_fn, test_set, lm_scale)
-        log.info("per-face optimum of the loss on %d faces (%.0f s): vertex %.3f pose %.2f deg lm %.2f px, loss %.4f",
-                 optimum["faces"], optimum["seconds"], optimum["vertex_error_ratio"], optimum["pose_error_deg"],
-                 optimum["lm_error_px"], optimum["loss"])
+    return Session(device, face_model, renderer, syn, gen, net, model, loss_fn, amp, channels_last, 224.0 / o.size,
+                   curve_set, held_out_test_set(o, gen))
 
+
+def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
+    """Train ``s.net`` until ``deadline`` (perf_counter seconds) or ``--max_steps``; with ``--ema``
+    ``s.net`` ends holding the average. Returns the training's record (curve, steps, timings)."""
+    from train import train_step
+
+    weights, model, gen = training_weights(o), s.model, s.gen
+    peak_lr = lr_for_batch(o)
+    optimizer = torch.optim.Adam(s.net.parameters(), lr=peak_lr)
+    scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
+    ema = WeightEma(s.net, o.ema) if o.ema > 0 else None
+    watched = model if ema is None else _with_net(model, ema.module)  # the curve follows the average
+    g = torch.Generator(device=s.device).manual_seed(o.seed)
     train_start = time.perf_counter()
-    deadline = t0 + budget - o.eval_reserve_s
     train_budget = max(1.0, deadline - train_start)
     curve, step, loss_acc, loss_n = [], 0, 0.0, 0
     last_curve = -math.inf
@@ -668,7 +807,8 @@ def run(o: RecoveryOptions) -> dict:
         frac = (now - train_start) / train_budget
         if frac >= 1.0 or (o.max_steps and step >= o.max_steps):
             break
-        lr_frac = frac / o.warmup if frac < o.warmup else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup)))
+        lr_frac = (frac / o.warmup if frac < o.warmup
+                   else 0.5 * (1 + math.cos(math.pi * (frac - o.warmup) / (1 - o.warmup))))
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * max(lr_frac, 0.01)
         terms = None
@@ -677,14 +817,16 @@ def run(o: RecoveryOptions) -> dict:
             loss = landmark_step(model, weights, optimizer, batch.images, batch.lm68, scaler)
             landmark_steps += 1
         elif o.profile_start <= step - landmark_steps < o.profile_start + o.profile_steps:
-            out, times = profiled_step(model, loss_fn, optimizer, gen, g, o.batch_size, scaler)
+            out, times = profiled_step(model, s.loss_fn, optimizer, gen, g, o.batch_size, scaler)
             for k, v in times.items():
                 profile[k] = profile.get(k, 0.0) + v / o.profile_steps
             loss, terms = out.terms.total.detach(), out.terms
         else:
             batch = gen.sample(o.batch_size, g)
-            out = train_step(model, loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
+            out = train_step(model, s.loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
             loss, terms = out.terms.total.detach(), out.terms
+        if ema is not None:
+            ema.update(s.net)
         loss_acc = loss_acc + loss  # summed on the device: no sync per step
         loss_n += 1
         step += 1
@@ -692,7 +834,7 @@ def run(o: RecoveryOptions) -> dict:
             point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
                      "lr": optimizer.param_groups[0]["lr"], "stage": "landmarks" if terms is None else "all",
                      **(terms.as_floats() if terms is not None else {})}
-            point.update({k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in CURVE_KEYS})
+            point.update({k: v for k, v in evaluate(watched, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS})
             curve.append(point)
             if not math.isfinite(point["loss"]):
                 log.error("the training loss is not finite at step %d: stopping early", step)
@@ -703,71 +845,177 @@ def run(o: RecoveryOptions) -> dict:
                 log.info("step %d (%.0f s): loss %.4f vertex %.3f pose %.2f deg lm %.2f px", step, point["seconds"],
                          point["loss"], point["vertex_error_ratio"], point["pose_error_deg"], point["lm_error_px"])
     train_seconds = time.perf_counter() - train_start
-    sync(device)
-    final = evaluate(model, test_set, lm_scale)
-    oracle = oracle_figures(face_model, test_set, o.oracle_steps, lm_scale) if o.oracle_steps > 0 else None
-    fitted = fitted_figures(model, test_set, o.fit_steps, lm_scale, o.fit_lr) if o.fit_steps > 0 else None
-    vs_optimum = None
-    if optimum is not None:
-        fitted_opt = fitted_figures(model, [opt_batch], o.fit_steps, lm_scale, o.fit_lr) if fitted else None
-        vs_optimum = against_optimum(optimum, evaluate(model, [opt_batch], lm_scale), fitted_opt)
+    sync(s.device)
+    if ema is not None:  # from here on the network is the average
+        s.net.load_state_dict(ema.module.state_dict())
     curve.append({"step": step, "seconds": round(train_seconds, 1), "loss": float(loss_acc) / loss_n if loss_n else
                   (curve[-1]["loss"] if curve else math.nan),
-                  **{k: v for k, v in evaluate(model, curve_set, lm_scale).items() if k in CURVE_KEYS}})
+                  **{k: v for k, v in evaluate(model, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS}})
+    return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
+            "channels_last": s.channels_last, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
+            "steps": step, "landmark_steps": landmark_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
+            "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
+            "synthetic": dataclasses.asdict(s.syn), "curve": curve}
+
+
+def _with_net(model, net: torch.nn.Module):
+    """A FaceReconModel like ``model`` around another network (same face model and renderer)."""
+    from models.facerecon import FaceReconModel
+
+    return FaceReconModel(net, model.face_model, model.renderer, amp=model.amp, channels_last=model.channels_last)
+
+
+def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_batch) -> dict:
+    """The final figures of the trained ``s.model`` on the held-out faces: figures, landmark
+    oracles, fitted figures for each ``--fit_steps`` count, ratios against ``optimum`` and verdicts."""
+    counts = fit_counts(o.fit_steps)
+    final = evaluate(s.model, s.test_set, s.lm_scale)
+    oracle = oracle_figures(s.face_model, s.test_set, o.oracle_steps, s.lm_scale) if o.oracle_steps > 0 else None
+    fitted_by_steps = {}
+    for n in counts:
+        f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
+                           optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
+                           landmark_share=o.fit_landmark_share)
+        fitted_by_steps[str(n)] = f
+        if o.verbose:
+            log.info("fitting %d steps (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, f["seconds"],
+                     f["vertex_error_ratio"], f["pose_error_deg"], f["lm_error_px"])
+    fitted = fitted_by_steps[str(counts[-1])] if counts else None
+    vs_optimum = None
+    if optimum is not None:
+        on_opt = {n: f.pop("on_optimum_faces") for n, f in fitted_by_steps.items()}
+        vs_optimum = against_optimum(optimum, evaluate(s.model, [opt_batch], s.lm_scale), on_opt)
 
     def verdict(figures: dict, vertex_ratio: float | None, vertex_target: float) -> dict:
         return {"vertex_vs_optimum": None if vertex_ratio is None else bool(vertex_ratio <= vertex_target),
                 "pose_error_deg": bool(figures["pose_error_deg"] <= TARGETS["pose_error_deg"]),
                 "lm_error_px": bool(figures["lm_error_px"] <= TARGETS["lm_error_px"])}
 
-    result = {
+    return {
         "figures": final,
         "targets": {**TARGETS, "fitted_vertex_vs_optimum": FITTED_VERTEX_VS_OPTIMUM},
         "optimum": optimum,
         "vs_optimum": vs_optimum,
         "pass": verdict(final, vs_optimum and vs_optimum["regressor_vertex_vs_optimum"], TARGETS["vertex_vs_optimum"]),
         "pass_geometric": {"orientation_error_deg": bool(final["orientation_error_deg"] <= TARGETS["pose_error_deg"])},
-        "hardware": hardware(device),
-        "renderer": renderer.backend,
-        "amp": amp or "none",
-        "channels_last": channels_last,
-        "peak_lr": peak_lr,
-        "torch": torch.__version__,
-        "steps": step,
-        "landmark_steps": landmark_steps,
-        "diverged": diverged,
-        "faces_seen": step * o.batch_size,
-        "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()},
-        "rigid_fraction": rigid_fraction(face_model),
+        "rigid_fraction": rigid_fraction(s.face_model),
         "landmark_oracle": oracle,
         "fitted": fitted,
+        "fitted_by_steps": fitted_by_steps or None,
         "pass_fitted": (verdict(fitted, vs_optimum and vs_optimum.get("fitted_vertex_vs_optimum"),
                                 FITTED_VERTEX_VS_OPTIMUM) if fitted else None),
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "options": dataclasses.asdict(o),
-        "synthetic": dataclasses.asdict(syn),
-        "curve": curve,
     }
-    if o.checkpoint:
-        os.makedirs(os.path.dirname(os.path.abspath(o.checkpoint)), exist_ok=True)
-        torch.save({"net_recon": net.state_dict(), "epoch": 1}, o.checkpoint)
+
+
+def measure_optimum(o: RecoveryOptions, s: Session) -> tuple:
+    """(the optimum's faces as one batch, :func:`optimum_figures`), or (None, None) without ``--optimum_faces``."""
+    if o.optimum_faces <= 0:
+        return None, None
+    opt_batch, optimum = optimum_figures(o, s.loss_fn, s.test_set, s.lm_scale)
+    log.info("per-face optimum of the loss on %d faces (%.0f s): vertex %.3f pose %.2f deg lm %.2f px, loss %.4f",
+             optimum["faces"], optimum["seconds"], optimum["vertex_error_ratio"], optimum["pose_error_deg"],
+             optimum["lm_error_px"], optimum["loss"])
+    return opt_batch, optimum
+
+
+CHECKPOINT_NAME = "regressor.pth"  # a --train_only run's checkpoint in its --out, unless --checkpoint
+# options a --from_run call takes from its own command line; every other one comes from the run
+EVAL_OPTIONS = ("bfm_folder", "bfm_model", "device", "renderer", "minutes", "eval_reserve_s", "eval_size",
+                "eval_batch", "oracle_only", "oracle_steps", "loss_oracle_steps", "fit_steps", "fit_faces", "fit_lr",
+                "fit_min_lr", "fit_landmark_share",
+                "optimum_faces", "optimum_refine_steps", "optimum_steps", "optimum_rounds", "optimum_lr", "out",
+                "checkpoint", "train_only", "from_run", "verbose")
+
+
+def read_trained_run(o: RecoveryOptions) -> tuple[RecoveryOptions, dict, str]:
+    """The ``--from_run`` folder: (the options of the evaluation - the run's, with this call's
+    ``EVAL_OPTIONS`` -, the run's recorded results, the checkpoint path).
+
+    Raises:
+        FileNotFoundError: the folder lacks recovery.json or the checkpoint.
+        ValueError: its recovery.json holds no options or curve.
+    """
+    run_json = os.path.join(o.from_run, "recovery.json")
+    ckpt = o.checkpoint or os.path.join(o.from_run, CHECKPOINT_NAME)
+    for path, what in ((run_json, "the training call's results"), (ckpt, "the trained regressor")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--from_run: {path} ({what}) not found; run python -m experiments.recovery "
+                                    f"--train_only true --out {o.from_run} first")
+    with open(run_json, encoding="utf-8") as f:
+        record = json.load(f)
+    if not isinstance(record.get("options"), dict) or "curve" not in record:
+        raise ValueError(f"--from_run: {run_json} holds no options or curve (not a recovery run's results)")
+    known = {f.name for f in dataclasses.fields(RecoveryOptions)}
+    trained = {k: v for k, v in record["options"].items() if k in known and k not in EVAL_OPTIONS}
+    return dataclasses.replace(o, **trained), record, ckpt
+
+
+def save_checkpoint(path: str, net: torch.nn.Module) -> None:
+    """The regressor in the original's checkpoint format (``{"net_recon": state_dict, "epoch"}``), atomically."""
+    from util.atomic_files import temp_path
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
+    torch.save({"net_recon": net.state_dict(), "epoch": 1}, tmp)
+    os.replace(tmp, path)
+
+
+def run(o: RecoveryOptions) -> dict:
+    """The experiment: one call (train, then evaluate), or one of its two calls (``--train_only``,
+    ``--from_run``). Writes ``<out>/recovery.json``, ``learning_curve.png`` and (when evaluated)
+    ``samples.png``; returns what recovery.json holds."""
+    t0 = time.perf_counter()
+    record = None
+    if o.from_run:
+        o, record, ckpt = read_trained_run(o)
+    s = make_session(o)
+    log.info("device %s (%s), renderer %s, amp %s, set-up %.1f s", s.device, hardware(s.device), s.renderer.backend,
+             s.amp, time.perf_counter() - t0)
+    if record is not None:
+        state = torch.load(ckpt, map_location=s.device, weights_only=True)
+        s.net.load_state_dict(state["net_recon"], strict=True)
+    opt_batch, optimum = (None, None) if o.train_only else measure_optimum(o, s)
+    if record is None:
+        record = train(o, s, deadline=t0 + 60.0 * o.minutes - o.eval_reserve_s)
+        if o.checkpoint or o.train_only:
+            save_checkpoint(o.checkpoint or os.path.join(o.out, CHECKPOINT_NAME), s.net)
+        train_total = round(time.perf_counter() - t0, 1)
+    else:
+        train_total = record.get("train_total_seconds", record.get("total_seconds"))
+    if o.train_only:
+        result = {"stage": "trained", **record, "options": dataclasses.asdict(o), "train_total_seconds": train_total}
+    else:
+        evaluated = evaluate_trained(o, s, optimum, opt_batch)
+        result = {**evaluated, **{k: v for k, v in record.items() if k not in evaluated and k not in (
+                  "options", "curve", "stage", "total_seconds", "train_total_seconds")}}
+        if o.from_run:
+            result.update({"stage": "evaluated", "from_run": o.from_run, "eval_hardware": hardware(s.device),
+                           "train_total_seconds": train_total})
+        result["options"], result["curve"] = dataclasses.asdict(o), record["curve"]
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
     os.makedirs(o.out, exist_ok=True)
+    write_figures_picture(o, result)
+    if not o.train_only:
+        samples_picture(os.path.join(o.out, "samples.png"), s.model, s.curve_set[0])
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(o.out, "recovery.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    title = (f"{o.net_recon}, {step} steps x {o.batch_size} in {train_seconds / 60:.1f} min on {result['hardware']}; "
-             f"final: vertex {final['vertex_error_ratio']:.3f}, pose {final['pose_error_deg']:.2f} deg, "
-             f"lm {final['lm_error_px']:.2f} px")
+    return result
+
+
+def write_figures_picture(o: RecoveryOptions, result: dict) -> None:
+    """``<out>/learning_curve.png``: the curve with the targets and, when measured, the optimum and 1.25x it."""
+    final = result.get("figures") or result["curve"][-1]
+    title = (f"{o.net_recon}, {result['steps']} steps x {o.batch_size} in {result['train_seconds'] / 60:.1f} min on "
+             f"{result['hardware']}; final: vertex {final['vertex_error_ratio']:.3f}, pose "
+             f"{final['pose_error_deg']:.2f} deg, lm {final['lm_error_px']:.2f} px")
     lines = {"pose_error_deg": [(TARGETS["pose_error_deg"], "target", (200, 0, 0))],
              "lm_error_px": [(TARGETS["lm_error_px"], "target", (200, 0, 0))]}
-    if optimum is not None:
-        v = optimum["vertex_error_ratio"]
+    if result.get("optimum") is not None:
+        v = result["optimum"]["vertex_error_ratio"]
         lines["vertex_error_ratio"] = [(v, "loss optimum", (0, 140, 0)),
                                        (TARGETS["vertex_vs_optimum"] * v, "target 1.25x", (200, 0, 0))]
-    plot_curves(os.path.join(o.out, "learning_curve.png"), curve, lines, title)
-    samples_picture(os.path.join(o.out, "samples.png"), model, curve_set[0])
-    result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    plot_curves(os.path.join(o.out, "learning_curve.png"), result["curve"], lines, title)
 
 
 def print_oracles(oracles: dict | None) -> None:
@@ -778,7 +1026,7 @@ def print_oracles(oracles: dict | None) -> None:
 
 
 def print_fitted(label: str, f: dict) -> None:
-    print(f"  {label} ({f['steps']} steps, true 68 landmarks, {f['seconds']:.1f} s): vertex ratio "
+    print(f"  {label} ({f['steps']} steps, true 68 landmarks, {f['faces']} faces, {f['seconds']:.1f} s): vertex ratio "
           f"{f['vertex_error_ratio']:.3f} (aligned {f['vertex_error_ratio_aligned']:.3f}), pose "
           f"{f['pose_error_deg']:.2f} deg (orientation {f['orientation_error_deg']:.2f}), lm {f['lm_error_px']:.2f} px")
 
@@ -806,12 +1054,12 @@ def oracles_only(o: RecoveryOptions) -> dict:
                 for key, c in (("loss_at_truth", b.coeffs), ("loss_refined", refined)):
                     losses[key] += float(loss_fn(c, b.images, b.lm68).terms.total) * len(c) / o.eval_size
         result["training_loss_oracle"] = {"steps": o.loss_oracle_steps, **losses, **sums.figures()}
-    if o.fit_steps > 0:
+    if fit_counts(o.fit_steps):
         from types import SimpleNamespace
 
         result["fitting_from_mean_face"] = fitted_figures(
-            SimpleNamespace(face_model=face_model, renderer=renderer), test_set, o.fit_steps, lm_scale, o.fit_lr,
-            start=lambda b: torch.zeros_like(b.coeffs, dtype=torch.float32))
+            SimpleNamespace(face_model=face_model, renderer=renderer), test_set, fit_counts(o.fit_steps)[-1], lm_scale,
+            o.fit_lr, start=lambda b: torch.zeros_like(b.coeffs, dtype=torch.float32), faces=o.fit_faces)
     os.makedirs(o.out, exist_ok=True)
     with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
@@ -837,7 +1085,21 @@ def main(argv: list[str] | None = None) -> int:
             print_fitted("fitting from the mean face", res["fitting_from_mean_face"])
         print(f"results in {o.out}/oracles.json")
         return 0
-    result = run(o)
+    try:
+        result = run(o)
+    except (FileNotFoundError, ValueError) as e:
+        if not o.from_run:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if o.train_only:
+        last = result["curve"][-1]
+        print(f"trained {result['steps']} steps ({result['train_seconds']:.0f} s) on {result['hardware']}: curve set "
+              f"vertex ratio {last['vertex_error_ratio']:.3f}, pose {last['pose_error_deg']:.2f} deg, lm "
+              f"{last['lm_error_px']:.2f} px; evaluate with --from_run {o.out}")
+        print(f"results in {o.out}/recovery.json (partial), {o.out}/learning_curve.png and "
+              f"{o.checkpoint or os.path.join(o.out, CHECKPOINT_NAME)}")
+        return 0
     f = result["figures"]
     print(f"recovery after {result['steps']} steps ({result['train_seconds']:.0f} s training, "
           f"{result['total_seconds']:.0f} s total) on {result['hardware']}:")
@@ -857,12 +1119,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{f['orientation_error_deg']:.2f} deg "
           f"(rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
     print_oracles(result["landmark_oracle"])
-    if result["fitted"]:
-        print_fitted("regressor + per-image fitting", result["fitted"])
+    for n, fitted in (result["fitted_by_steps"] or {}).items():
+        print_fitted("regressor + per-image fitting", fitted)
         if vs is not None:
-            print(f"  with fitting on the optimum's faces: vertex ratio {vs['fitted']['vertex_error_ratio']:.3f} = "
-                  f"{vs['fitted_vertex_vs_optimum']:.2f}x the optimum   target <= {FITTED_VERTEX_VS_OPTIMUM:g}x   "
-                  f"{'ok' if result['pass_fitted']['vertex_vs_optimum'] else 'MISSED'}")
+            on_opt = vs["fitted_by_steps"][n]
+            verdict = "ok" if on_opt["vertex_vs_optimum"] <= FITTED_VERTEX_VS_OPTIMUM else "MISSED"
+            print(f"    on the optimum's faces: vertex ratio {on_opt['vertex_error_ratio']:.3f} = "
+                  f"{on_opt['vertex_vs_optimum']:.2f}x the optimum   target <= {FITTED_VERTEX_VS_OPTIMUM:g}x   "
+                  f"{verdict}")
     print(f"results in {o.out}/recovery.json, {o.out}/learning_curve.png and {o.out}/samples.png")
     return 0
 

@@ -231,6 +231,155 @@ def test_recovery_against_the_loss_optimum_with_the_speed_levers(workspace, tmp_
     assert all(np.isfinite(p["loss"]) for p in res["curve"])
 
 
+def tiny_recovery_args(ws, out, *extra) -> list[str]:
+    """A recovery run at 64 px on the tiny face model, a few faces, no landmark oracle."""
+    return ["--bfm_folder", ws["bfm"], "--device", "cpu", "--size", "64", "--net_recon", "resnet18",
+            "--batch_size", "2", "--eval_size", "4", "--curve_size", "2", "--eval_batch", "2", "--minutes", "2",
+            "--eval_reserve_s", "5", "--out", str(out), "--verbose", "false", "--oracle_steps", "0",
+            "--profile_start", "1", "--profile_steps", "1", *extra]
+
+
+EVAL_ARGS = ("--optimum_faces", "2", "--optimum_refine_steps", "2", "--optimum_steps", "2", "--fit_steps", "3,2",
+             "--fit_faces", "3")
+
+
+def test_recovery_in_two_calls(workspace, tmp_path):
+    """--train_only writes the checkpoint and a partial recovery.json (no optimum, no figures);
+    --from_run evaluates it: the optimum, the final figures and the fitted figures for each
+    --fit_steps count (the verdict on the largest), with the training call's curve and steps."""
+    from experiments.recovery import main
+
+    run_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    assert main(tiny_recovery_args(workspace, run_dir, "--train_only", "true", "--max_steps", "2", *EVAL_ARGS)) == 0
+    part = json.load(open(run_dir / "recovery.json"))
+    assert part["stage"] == "trained" and part["steps"] == 2 and part["curve"][-1]["step"] == 2
+    assert "figures" not in part and "optimum" not in part and "fitted" not in part
+    assert set(part["step_ms"]) == {"render_data", "network_forward", "face_model_render_loss", "backward_step"}
+    assert os.path.isfile(run_dir / "regressor.pth") and os.path.isfile(run_dir / "learning_curve.png")
+    assert sorted(os.listdir(run_dir)) == ["learning_curve.png", "recovery.json", "regressor.pth"]
+
+    # the evaluation takes its own evaluation options and the run's training options (size, seed, network)
+    assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
+                 "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
+                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", *EVAL_ARGS]) == 0
+    res = json.load(open(eval_dir / "recovery.json"))
+    assert res["stage"] == "evaluated" and res["from_run"] == str(run_dir)
+    assert res["steps"] == 2 and res["curve"] == part["curve"] and res["step_ms"] == part["step_ms"]
+    assert res["options"]["size"] == 64 and res["options"]["batch_size"] == 2 and res["figures"]["faces"] == 4
+    assert res["optimum"]["faces"] == 2 and res["optimum"]["steps"] == [2, 2]
+    by_steps, vs = res["fitted_by_steps"], res["vs_optimum"]
+    assert set(by_steps) == {"2", "3"} and [by_steps[n]["steps"] for n in ("2", "3")] == [2, 3]
+    assert all(f["faces"] == 3 and f["min_lr"] == 0.0 for f in by_steps.values())  # --fit_faces, --fit_min_lr
+    assert [by_steps[n]["landmark_steps"] for n in ("2", "3")] == [1, 1]  # round(0.34 x steps)
+    assert res["fitted"] == by_steps["3"]  # the largest count gives the verdict
+    opt_v = res["optimum"]["vertex_error_ratio"]
+    for n in ("2", "3"):
+        assert vs["fitted_by_steps"][n]["vertex_vs_optimum"] == pytest.approx(
+            vs["fitted_by_steps"][n]["vertex_error_ratio"] / opt_v)
+    assert vs["fitted_vertex_vs_optimum"] == vs["fitted_by_steps"]["3"]["vertex_vs_optimum"]
+    assert res["pass_fitted"]["vertex_vs_optimum"] == (vs["fitted_vertex_vs_optimum"] <= 1.05)
+    assert sorted(os.listdir(eval_dir)) == ["learning_curve.png", "recovery.json", "samples.png"]
+
+
+def test_recovery_second_call_equals_one_call(workspace, tmp_path):
+    """Evaluating a run's saved weights with --from_run gives exactly the figures that the
+    one-call run computed from the same weights (same held-out faces, optimum and fitting)."""
+    from experiments.recovery import main
+
+    one, again, ckpt = tmp_path / "one", tmp_path / "again", tmp_path / "net.pth"
+    assert main(tiny_recovery_args(workspace, one, "--max_steps", "1", "--checkpoint", str(ckpt), *EVAL_ARGS)) == 0
+    assert main(["--from_run", str(one), "--checkpoint", str(ckpt), "--bfm_folder", workspace["bfm"], "--device",
+                 "cpu", "--eval_size", "4", "--eval_batch", "2", "--oracle_steps", "0", "--out", str(again),
+                 "--verbose", "false", *EVAL_ARGS]) == 0
+    a, b = json.load(open(one / "recovery.json")), json.load(open(again / "recovery.json"))
+
+    def timeless(x):
+        if isinstance(x, dict):
+            return {k: timeless(v) for k, v in x.items() if k != "seconds"}
+        return x
+
+    for key in ("figures", "vs_optimum", "pass", "pass_fitted"):
+        assert a[key] == b[key], key
+    assert timeless(a["optimum"]) == timeless(b["optimum"]) and timeless(a["fitted_by_steps"]) == timeless(
+        b["fitted_by_steps"])
+    assert b["steps"] == a["steps"] == 1 and b["curve"] == a["curve"]
+
+
+def test_recovery_from_run_fails_early_on_a_missing_file(workspace, tmp_path, capsys):
+    from experiments.recovery import main, parse_recovery_options
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "recovery.json").write_text(json.dumps({"options": {}, "curve": []}))
+    assert main(["--from_run", str(empty), "--bfm_folder", workspace["bfm"], "--device", "cpu",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(empty / "regressor.pth") in err and "--train_only" in err
+    assert main(["--from_run", str(tmp_path / "nothing"), "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert "recovery.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    for bad in (["--fit_steps", "300,x"], ["--ema", "1"], ["--train_only", "true", "--from_run", "d"]):
+        with pytest.raises(SystemExit):
+            parse_recovery_options(bad)
+    assert parse_recovery_options(["--fit_steps", "2000, 300,300"]).fit_steps == "2000, 300,300"
+    from experiments.recovery import fit_counts
+
+    assert fit_counts("2000, 300,300") == [300, 2000] and fit_counts("0") == []
+
+
+def test_weight_ema_equals_an_independent_average(workspace, tmp_path, monkeypatch):
+    """WeightEma after a few Adam steps equals avg_k = d avg_(k-1) + (1 - d) w_k computed from the
+    recorded weights (parameters and batch-norm statistics); in a --train_only run with --ema the
+    checkpoint holds that average of the network's weights after each training step."""
+    import train as train_module
+    from experiments.recovery import WeightEma
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    d = 0.7
+    ema = WeightEma(net, d)
+    expect = {k: v.clone() for k, v in net.state_dict().items()}
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+        ema.update(net)
+        for k, v in net.state_dict().items():
+            expect[k] = d * expect[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    got = ema.module.state_dict()
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], rtol=1e-6, atol=1e-7)
+    assert int(got["1.num_batches_tracked"]) == 3 and not torch.equal(got["0.weight"], net[0].weight)
+
+    # in a run: record the network's weights before training and after each step, average them here
+    seen = []
+    original = train_module.train_step
+
+    def recording_step(model, *args, **kwargs):
+        if not seen:
+            seen.append({k: v.detach().clone() for k, v in model.net.state_dict().items()})
+        out = original(model, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in model.net.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    from experiments.recovery import main
+
+    out = tmp_path / "ema"
+    assert main(tiny_recovery_args(workspace, out, "--train_only", "true", "--max_steps", "3", "--ema", "0.6",
+                                   "--profile_steps", "0")) == 0
+    assert len(seen) == 4 and json.load(open(out / "recovery.json"))["ema"] == 0.6
+    avg = dict(seen[0])
+    for w in seen[1:]:
+        avg = {k: 0.6 * avg[k] + 0.4 * w[k] if w[k].is_floating_point() else w[k] for k in w}
+    saved = torch.load(out / "regressor.pth", weights_only=True)["net_recon"]
+    assert set(saved) == set(avg)
+    for k in avg:
+        torch.testing.assert_close(saved[k], avg[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(saved[k], seen[-1][k]) for k in saved if saved[k].is_floating_point())
+
+
 def test_loss_optimum_keeps_the_lower_end_per_face(workspace):
     """loss_optimum with no refinement: each face keeps whichever of its truth and its fitted
     mean-face start has the lower per-face loss."""
