@@ -203,15 +203,8 @@ class StartedWorkers:
         logger.info("all %d tasks done %.2f s after the start", len(self.futures), time.perf_counter() - self.started)
 
     def stop(self) -> None:
-        """Cancel the tasks not begun and wait for the processes to end. Once every task's result
-        is in, the processes have nothing left to give or write and are killed instead of ended:
-        15 CUDA engines took 1.1 s to end on their own (docs/detection_speed.md)."""
+        """Cancel the tasks not begun and wait for the processes to end."""
         t0 = time.perf_counter()
-        if self.futures and all(f.done() and not f.cancelled() for f in self.futures):
-            processes = getattr(self.pool, "_processes", None) or {}  # CPython's executor keeps them there
-            for proc in list(processes.values()):
-                with contextlib.suppress(OSError, ValueError):
-                    proc.kill()
         self.pool.shutdown(wait=True, cancel_futures=True)
         logger.info("%d worker(s) ended in %.2f s", self.workers, time.perf_counter() - t0)
 
