@@ -122,6 +122,10 @@ class RecoveryOptions:
     fit_min_lr: float = opt(0.1, "that fitting's rate decays (cosine) to this fraction of --fit_lr (test.py's 0.1)")
     fit_landmark_share: float = opt(-1.0, "share of that fitting's steps on the landmark terms alone (-1: test.py's "
                                           "third)")
+    fit_loss: str = opt("front", "the loss that fitting minimises: 'front' (test.py's: only the front-face triangles "
+                                 "rendered) or 'train' (the training loss exactly, whose optimum is the yardstick)")
+    fit_uniform_rates: bool = opt(False, "one rate for every coefficient group in that fitting (test.py's fitting "
+                                         "doubles it for identity, expression and albedo)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
     out: str = opt("docs/recovery", "folder for recovery.json and learning_curve.png")
     checkpoint: str = opt("", "also save the trained regressor here (original checkpoint format); with "
@@ -163,6 +167,8 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
         p.error(str(e))
     if not 0.0 <= o.ema < 1.0:
         p.error(f"--ema must be in [0, 1) (a decay such as 0.999; 0 = off), got {o.ema}")
+    if o.fit_loss not in ("front", "train"):
+        p.error(f"--fit_loss must be 'front' (test.py's fitting) or 'train' (the training loss), got {o.fit_loss!r}")
     if o.train_only and o.from_run:
         p.error("--train_only and --from_run are the two calls of one run: give one of them")
     if o.oracle_only and (o.train_only or o.from_run):
@@ -448,7 +454,8 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
 
 
 def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None, faces: int = 0,
-                   optimum_faces: int = 0, min_lr: float = 0.1, landmark_share: float = -1.0) -> dict:
+                   optimum_faces: int = 0, min_lr: float = 0.1, landmark_share: float = -1.0,
+                   front_only: bool = True, uniform_rates: bool = False) -> dict:
     """Figures of the held-out faces after per-image fitting as ``test.py --fit_steps`` does it
     (:func:`models.fitting.fit_coeffs`, each face's true 68 landmarks as its ``landmarks/`` file).
 
@@ -464,6 +471,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
             and report their figures (``CURVE_KEYS``) as ``on_optimum_faces``.
         min_lr, landmark_share: the schedule's end rate (a fraction of ``lr``) and share of
             landmark-only steps (negative: FitConfig's default, a third).
+        front_only, uniform_rates: :class:`models.fitting.FitConfig`'s ``front_only``, and one
+            rate for all groups instead of its ``lr_scale``.
 
     Returns:
         The figures (:meth:`ErrorSums.figures`) of the first ``faces`` faces fitted, with ``steps``,
@@ -475,8 +484,10 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
     total = sum(b.coeffs.shape[0] for b in test_set)
     n_fig = min(faces, total) if faces > 0 else total
     n_fit = max(n_fig, min(optimum_faces, total))
-    config = FitConfig(lr=lr, min_lr_ratio=min_lr,
+    config = FitConfig(lr=lr, min_lr_ratio=min_lr, front_only=front_only,
                        landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
+    if uniform_rates:
+        config = dataclasses.replace(config, lr_scale=tuple((k, 1.0) for k, _ in config.lr_scale))
     fitted, starts, seconds, done = [], [], 0.0, 0
     for b in test_set:
         if done >= n_fit:
@@ -503,7 +514,7 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         return sums.figures()
 
     out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3 if config.landmark_steps is None
-           else config.landmark_steps, "seconds": round(seconds, 2), **figures(fitted, n_fig),
+           else config.landmark_steps, "front_only": front_only, "uniform_rates": uniform_rates, "seconds": round(seconds, 2), **figures(fitted, n_fig),
            "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}}
     if optimum_faces > 0:
         out["on_optimum_faces"] = {k: v for k, v in figures(fitted, optimum_faces).items() if k in CURVE_KEYS}
@@ -875,7 +886,8 @@ def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_b
     for n in counts:
         f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
                            optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
-                           landmark_share=o.fit_landmark_share)
+                           landmark_share=o.fit_landmark_share, front_only=o.fit_loss == "front",
+                           uniform_rates=o.fit_uniform_rates)
         fitted_by_steps[str(n)] = f
         if o.verbose:
             log.info("fitting %d steps (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, f["seconds"],
@@ -922,7 +934,7 @@ CHECKPOINT_NAME = "regressor.pth"  # a --train_only run's checkpoint in its --ou
 # options a --from_run call takes from its own command line; every other one comes from the run
 EVAL_OPTIONS = ("bfm_folder", "bfm_model", "device", "renderer", "minutes", "eval_reserve_s", "eval_size",
                 "eval_batch", "oracle_only", "oracle_steps", "loss_oracle_steps", "fit_steps", "fit_faces", "fit_lr",
-                "fit_min_lr", "fit_landmark_share",
+                "fit_min_lr", "fit_landmark_share", "fit_loss", "fit_uniform_rates",
                 "optimum_faces", "optimum_refine_steps", "optimum_steps", "optimum_rounds", "optimum_lr", "out",
                 "checkpoint", "train_only", "from_run", "verbose")
 

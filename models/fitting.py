@@ -49,6 +49,11 @@ class FitConfig:
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         sparse_landmark_groups: the groups the landmark stage moves when only 5 points are given
             (5 points cannot pin down 144 shape coefficients: they would bend the face to fit them).
+        front_only: the photometric term renders only the front-face triangles, once (test.py's
+            fitting: half the rendering, and stable at the default rates); False: the training
+            loss exactly (the whole face rendered, the front-face triangles' coverage as the mask),
+            whose minimum is what ``experiments.recovery`` measures fitting against; it needs
+            lower rates (docs/training.md).
     """
 
     steps: int = 100
@@ -60,6 +65,7 @@ class FitConfig:
     landmark_steps: int | None = None
     min_lr_ratio: float = 0.1
     sparse_landmark_groups: tuple[str, ...] = ("angle", "trans")
+    front_only: bool = True
 
 
 def landmark_stage_loss(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: LossWeights) -> torch.Tensor:
@@ -131,7 +137,7 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
     opt = torch.optim.Adam([{"params": [params[k]], "lr": cfg.lr * scale.get(k, 1.0), "base": scale.get(k, 1.0)}
                             for k in cfg.groups])
     loss_fn = HybridLoss(model.face_model, model.renderer, dataclasses.replace(cfg.weights, w_feat=0.0),
-                         front_only=True)
+                         front_only=cfg.front_only)
     images = images.to(dtype)
     target = target.to(dtype)
     n_lm = cfg.steps // 3 if cfg.landmark_steps is None else min(cfg.landmark_steps, cfg.steps)

@@ -261,7 +261,8 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     # the evaluation takes its own evaluation options and the run's training options (size, seed, network)
     assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
                  "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
-                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", *EVAL_ARGS]) == 0
+                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", "--fit_loss", "train", "--fit_uniform_rates",
+                 "true", *EVAL_ARGS]) == 0
     res = json.load(open(eval_dir / "recovery.json"))
     assert res["stage"] == "evaluated" and res["from_run"] == str(run_dir)
     assert res["steps"] == 2 and res["curve"] == part["curve"] and res["step_ms"] == part["step_ms"]
@@ -271,6 +272,7 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     assert set(by_steps) == {"2", "3"} and [by_steps[n]["steps"] for n in ("2", "3")] == [2, 3]
     assert all(f["faces"] == 3 and f["min_lr"] == 0.0 for f in by_steps.values())  # --fit_faces, --fit_min_lr
     assert [by_steps[n]["landmark_steps"] for n in ("2", "3")] == [1, 1]  # round(0.34 x steps)
+    assert all(f["front_only"] is False and f["uniform_rates"] is True for f in by_steps.values())  # --fit_loss train
     assert res["fitted"] == by_steps["3"]  # the largest count gives the verdict
     opt_v = res["optimum"]["vertex_error_ratio"]
     for n in ("2", "3"):
@@ -318,7 +320,8 @@ def test_recovery_from_run_fails_early_on_a_missing_file(workspace, tmp_path, ca
     assert main(["--from_run", str(tmp_path / "nothing"), "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
     assert "recovery.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    for bad in (["--fit_steps", "300,x"], ["--ema", "1"], ["--train_only", "true", "--from_run", "d"]):
+    for bad in (["--fit_steps", "300,x"], ["--ema", "1"], ["--train_only", "true", "--from_run", "d"],
+                ["--fit_loss", "exact"]):
         with pytest.raises(SystemExit):
             parse_recovery_options(bad)
     assert parse_recovery_options(["--fit_steps", "2000, 300,300"]).fit_steps == "2000, 300,300"
