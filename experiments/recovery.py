@@ -514,7 +514,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         return sums.figures()
 
     out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3 if config.landmark_steps is None
-           else config.landmark_steps, "front_only": front_only, "uniform_rates": uniform_rates, "seconds": round(seconds, 2), **figures(fitted, n_fig),
+           else config.landmark_steps, "front_only": front_only, "uniform_rates": uniform_rates,
+           "seconds": round(seconds, 2), **figures(fitted, n_fig),
            "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}}
     if optimum_faces > 0:
         out["on_optimum_faces"] = {k: v for k, v in figures(fitted, optimum_faces).items() if k in CURVE_KEYS}
@@ -964,12 +965,10 @@ def read_trained_run(o: RecoveryOptions) -> tuple[RecoveryOptions, dict, str]:
 
 def save_checkpoint(path: str, net: torch.nn.Module) -> None:
     """The regressor in the original's checkpoint format (``{"net_recon": state_dict, "epoch"}``), atomically."""
-    from util.atomic_files import temp_path
+    from util.atomic_files import write_atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_path(path)
-    torch.save({"net_recon": net.state_dict(), "epoch": 1}, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save({"net_recon": net.state_dict(), "epoch": 1}, f))
 
 
 def run(o: RecoveryOptions) -> dict:
@@ -1004,7 +1003,6 @@ def run(o: RecoveryOptions) -> dict:
             result.update({"stage": "evaluated", "from_run": o.from_run, "eval_hardware": hardware(s.device),
                            "train_total_seconds": train_total})
         result["options"], result["curve"] = dataclasses.asdict(o), record["curve"]
-    result["total_seconds"] = round(time.perf_counter() - t0, 1)
     os.makedirs(o.out, exist_ok=True)
     write_figures_picture(o, result)
     if not o.train_only:
@@ -1066,11 +1064,12 @@ def oracles_only(o: RecoveryOptions) -> dict:
                 for key, c in (("loss_at_truth", b.coeffs), ("loss_refined", refined)):
                     losses[key] += float(loss_fn(c, b.images, b.lm68).terms.total) * len(c) / o.eval_size
         result["training_loss_oracle"] = {"steps": o.loss_oracle_steps, **losses, **sums.figures()}
-    if fit_counts(o.fit_steps):
+    counts = fit_counts(o.fit_steps)
+    if counts:
         from types import SimpleNamespace
 
         result["fitting_from_mean_face"] = fitted_figures(
-            SimpleNamespace(face_model=face_model, renderer=renderer), test_set, fit_counts(o.fit_steps)[-1], lm_scale,
+            SimpleNamespace(face_model=face_model, renderer=renderer), test_set, counts[-1], lm_scale,
             o.fit_lr, start=lambda b: torch.zeros_like(b.coeffs, dtype=torch.float32), faces=o.fit_faces)
     os.makedirs(o.out, exist_ok=True)
     with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
