@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from util.interrupts import sigterm_as_interrupt
@@ -77,6 +78,25 @@ def _workers(value: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit status (its worker processes have ended)."""
+    return _main(argv, wait_for_workers=True)[0]
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The command as a program: :func:`main`, then the exit - at once, without waiting for
+    worker processes that are still going away once every photo is done (15 CUDA engines take
+    about 1.1 s to release their contexts; docs/detection_speed.md). ``D3DFR_WAIT_FOR_WORKERS=1``
+    waits for them (benchmarks/bench_detect_pipeline.py compares the two)."""
+    code, workers_left = _main(argv, wait_for_workers=os.environ.get("D3DFR_WAIT_FOR_WORKERS") == "1")
+    if workers_left:
+        from util.subprocesses import exit_now
+
+        exit_now(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None, wait_for_workers: bool) -> tuple[int, bool]:
+    """:func:`main`; returns (exit status, whether worker processes were left ending on their own)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     folder = args.folder or args.img_folder
@@ -117,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         plan, started = start_run_checking_cuda(plan_folder(folder, options, report_path=args.report), fallback)
     except (ValueError, NotADirectoryError, FileNotFoundError, DetectorUnavailableError) as e:
         print(f"process_images: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, False
     if not plan.rows and not plan.todo:
         if started is not None:
             started.stop()
         print(f"process_images: no photos found in {folder} "
               "(.jpg .jpeg .png .bmp .webp .tif .tiff; --recursive for sub-folders)", file=sys.stderr)
-        return EXIT_NOTHING
+        return EXIT_NOTHING, False
 
     bar = None
     if args.progress and plan.todo:
@@ -140,18 +160,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with sigterm_as_interrupt():
-            report = run_plan(plan, on_result=on_result, started=started)
+            report = run_plan(plan, on_result=on_result, started=started, wait_for_workers=wait_for_workers)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         print(f"\nprocess_images: interrupted; report of the photos done so far: {plan.report_path} "
               "(run again to resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, False
     except (DetectorUnavailableError, OSError) as e:  # missing package/predictor, unwritable folder
         if bar is not None:
             bar.close()
         print(f"process_images: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, False
     if bar is not None:
         bar.close()
 
@@ -162,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"process_images: report: {printable(report.path)}")
     if s["loaded"] == 0 and s["reused"] == 0:
         print("process_images: error: no photo could be read", file=sys.stderr)
-        return EXIT_NOTHING
+        return EXIT_NOTHING, report.workers_left
     if args.strict and s["skipped"]:
         print("process_images: --strict: some photos were skipped (see the report)", file=sys.stderr)
-        return EXIT_NOTHING
-    return EXIT_OK
+        return EXIT_NOTHING, report.workers_left
+    return EXIT_OK, report.workers_left
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

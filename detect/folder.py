@@ -226,7 +226,8 @@ def start_run_checking_cuda(plan: Plan, fallback: PrepareOptions | None = None
     return plan, started
 
 
-def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0, started: StartedWorkers | None = None) -> Report:
+def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0, started: StartedWorkers | None = None,
+             wait_for_workers: bool = True) -> Report:
     """Process ``plan.todo``: detect, write each photo's outputs as its result comes, then the report.
 
     Args:
@@ -236,6 +237,9 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0, started: S
             interrupted), and when interrupted.
         started: the workers :func:`start_run` started for this plan (default: started here);
             they are stopped before this returns.
+        wait_for_workers: wait for the worker processes to end. False: after a run in which
+            every task finished, they are left ending on their own (``report.workers_left``
+            True), and the caller must leave with :func:`util.subprocesses.exit_now`.
 
     Returns:
         the report written (rows sorted by path, summary).
@@ -285,11 +289,13 @@ def run_plan(plan: Plan, on_result=None, flush_every_s: float = 10.0, started: S
         interrupted = True
         raise
     finally:
+        left = False
         try:
             if started is not None:
-                started.stop()
+                left = not started.stop(wait=wait_for_workers or interrupted)
         finally:
             report = write_report(plan, rows, time.perf_counter() - t0, interrupted=interrupted)
+    report.workers_left = left
     return report
 
 

@@ -34,12 +34,15 @@ SKIP_REASONS = {
 
 @dataclass
 class Report:
-    """Result of :func:`run_plan`: the rows (sorted by path), the summary, whether interrupted."""
+    """Result of :func:`run_plan`: the rows (sorted by path), the summary, whether interrupted,
+    and whether its worker processes were left ending on their own (``run_plan(...,
+    wait_for_workers=False)``)."""
 
     path: str
     rows: list[dict]
     summary: dict
     interrupted: bool = False
+    workers_left: bool = False
 
 
 def file_stat(path: str) -> os.stat_result | None:

@@ -83,6 +83,28 @@ def test_batched_equals_one_at_a_time(tmp_path):
     assert one["noise.png"]["reason"] == "no_face" and one["broken.jpg"]["status"] == "skipped"
 
 
+@needs_port
+def test_the_command_leaves_without_waiting_for_its_engines(tmp_path):
+    """``process_images.py`` as a program: once every photo is done it leaves without waiting for
+    its engine processes to end (on CUDA their exit takes about a second), with every file
+    written, its exit status (also --strict's 1) and no warning from multiprocessing's resource
+    tracker; ``D3DFR_WAIT_FOR_WORKERS=1`` waits for them."""
+    folder = _folder(tmp_path / "photos")
+    argv = [sys.executable, os.path.join(ROOT, "process_images.py"), folder, "--no-progress", "--verbose",
+            "--detector", "torch", "--device", "cpu", "--batch_size", "2", "--workers", "2", "--force"]
+    env = {**os.environ, "D3DFR_WAIT_FOR_WORKERS": "0"}
+    r = subprocess.run(argv + ["--strict"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]  # --strict: noise.png and broken.jpg were skipped
+    assert "2 worker(s) asked to end; not waited for" in r.stderr and "leaked" not in r.stderr
+    assert "process_images: report:" in r.stdout
+    rows = _rows(folder, "process_report.json")
+    assert sorted(rows) == sorted(PHOTOS + ["noise.png", "broken.jpg"])
+    for name in PHOTOS:
+        assert read_points(detection_path(folder, name)).shape == (5, 2)
+    r = subprocess.run(argv, capture_output=True, text=True, env={**env, "D3DFR_WAIT_FOR_WORKERS": "1"}, timeout=300)
+    assert r.returncode == 0 and "2 worker(s) ended in" in r.stderr and "not waited for" not in r.stderr
+
+
 def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -111,7 +133,7 @@ def test_cuda_taken_on_trust_is_checked_while_the_engines_start(tmp_path, capsys
         started = real_start(plan)
         if started is not None:
             real_stop = started.stop
-            started.stop = lambda: stopped.append(1) or real_stop()
+            started.stop = lambda *a, **k: stopped.append(1) or real_stop(*a, **k)
         return started
 
     monkeypatch.setattr(engine, "start_run", start_run)

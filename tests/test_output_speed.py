@@ -3,16 +3,21 @@ the original's float composition, the PNG encoder against decoders, the .obj wor
 the general formatter, and what a face costs to send to a writer."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_photo_folder
+from conftest import ROOT, make_photo_folder
 from util.preprocess import unit_float_table
 from util.visualize import BLUE, RED, compose_picture, compose_result, draw_landmarks, overlay_uint8, unit_to_uint8
 
@@ -195,3 +200,31 @@ def test_batch_results_picture_and_payload(standin, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(cfg.out_dir, r.name + ".png"))), ref[i])
         size = len(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL))
         assert size < 850_000, size  # vertices 429 kB, colours 107 kB, crop and overlay 151 kB each
+
+
+def test_exit_now_does_not_wait_for_child_processes(tmp_path):
+    """util.subprocesses.exit_now: the exit status, the streams flushed, a child process that is
+    still running not waited for, and no warning from multiprocessing's resource tracker (the
+    finalizers of its semaphores ran)."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import multiprocessing as mp, sys, time\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from util.subprocesses import exit_now\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = mp.get_context('spawn')\n"
+        "    q = ctx.Queue()\n"
+        "    p = ctx.Process(target=time.sleep, args=(20,))\n"
+        "    p.start()\n"
+        "    print(p.pid, end='')\n"
+        "    sys.stderr.write('last words')\n"
+        "    exit_now(3)\n")
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"  # files: the child holds pipes open
+    t0 = time.perf_counter()
+    with open(out, "w") as fo, open(err, "w") as fe:
+        code = subprocess.run([sys.executable, str(script)], stdout=fo, stderr=fe, timeout=60).returncode
+    assert time.perf_counter() - t0 < 15  # the child sleeps 20 s
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        os.kill(int(out.read_text()), signal.SIGKILL)
+    time.sleep(1.5)  # the resource tracker warns once every process that shares it is gone
+    assert code == 3 and err.read_text().startswith("last words") and "leaked" not in err.read_text()

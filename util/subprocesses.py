@@ -66,6 +66,28 @@ def keep_freed_memory() -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
+def exit_now(code: int) -> None:
+    """End this process with ``code`` without waiting for its child processes: what a CLI does
+    once its files are written and its last line printed, when worker processes are still going
+    away (their exit, e.g. a CUDA context's release, is then not part of the command's time).
+    Flushes the logs and the standard streams and runs multiprocessing's finalizers (its named
+    semaphores are released, so its resource tracker has nothing to warn about); no other
+    ``atexit`` handler runs. Workers that asked :func:`die_with_parent` get their signal.
+    """
+    import logging
+    import os
+    from multiprocessing import util as mp_util
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    mp_util._run_finalizers(0)  # the finalizers of priority >= 0 (semaphores, queues): what exit runs first
+    os._exit(code)
+
+
 def die_with_parent(sig: int | None = None) -> bool:
     """Ask the kernel to send this process ``sig`` (default SIGKILL) when its parent dies, so a
     worker never outlives a run that was killed with ``kill -9`` (Linux ``prctl``). Call it first
