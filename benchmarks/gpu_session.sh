@@ -63,6 +63,7 @@ step_sets_video() { python3 benchmarks/bench_sets_video.py --device cuda --photo
 
 if [ -z "${DRY_RUN:-}" ]; then
   [ -f standin/BFM/01_MorphableModel.mat ] && [ -f checkpoints/standin/epoch_20.pth ] || python3 -m tools.standin
+  python3 -m tools.build_nvdiffrast || true  # once per machine (~25 s), so that no timed step builds it
 fi
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(gpu examples agreement bench detect sets_video)
 for s in "${steps[@]}"; do

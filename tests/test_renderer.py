@@ -7,7 +7,9 @@ Run them on a GPU machine with ``python -m pytest -q -m gpu tests/test_renderer.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
+import os
 import sys
 
 import numpy as np
@@ -409,6 +411,53 @@ def test_plugin_import_failure_adds_build_folder_and_retries(monkeypatch, tmp_pa
 
     with pytest.raises(ModuleNotFoundError, match="ninja"):
         nvdiffrast_backend._with_plugin_path_retry(other_module, "test")
+
+
+def test_first_render_announces_the_plugin_build(monkeypatch, tmp_path, caplog):
+    """A plugin not built yet for this torch is announced (a warning, shown by default: the first
+    render then pauses about 25 s), and its expected failed import after the build is logged
+    quietly; a built plugin, or an nvdiffrast version whose naming is unknown, is not announced."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setitem(sys.modules, "nvdiffrast", types.SimpleNamespace(__version__="0.3.3.1"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(nvdiffrast_backend, "_BUILT_HERE", set())
+    name = nvdiffrast_backend.plugin_module_name("0.3.3.1", torch.__version__, gl=False)
+    assert nvdiffrast_backend.plugins_to_build("cuda") == [name]
+    assert nvdiffrast_backend.plugins_to_build("opengl") == [name, name + "_gl"]
+    with caplog.at_level(logging.INFO, logger=nvdiffrast_backend.logger.name):
+        assert nvdiffrast_backend.announce_build("cuda") == [name]
+        warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings_) == 1 and "building its cuda plugin" in warnings_[0].getMessage()
+        assert "tools.build_nvdiffrast" in warnings_[0].getMessage() and str(tmp_path) in warnings_[0].getMessage()
+        caplog.clear()
+        tries = []
+
+        def built_then_imported():
+            tries.append(1)
+            if len(tries) == 1:
+                raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+            return "rendered"
+
+        assert nvdiffrast_backend._with_plugin_path_retry(built_then_imported, "test") == "rendered"
+        assert [r.levelno for r in caplog.records] == [logging.INFO]  # expected after our own build
+    build = os.path.join(cpp_extension._get_build_directory(name, False), name + cpp_extension.LIB_EXT)
+    open(build, "wb").close()
+    assert nvdiffrast_backend.plugins_to_build("cuda") == []
+    monkeypatch.setitem(sys.modules, "nvdiffrast", types.SimpleNamespace(__version__="0.4.0"))
+    assert nvdiffrast_backend.plugins_to_build("cuda") == []
+
+
+def test_build_tool_without_cuda_is_a_one_line_error(capsys):
+    if HAS_CUDA:
+        pytest.skip("this machine has CUDA")
+    from tools.build_nvdiffrast import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sees no CUDA device" in err
 
 
 def test_nvdiffrast_backend_rejects_cpu_tensors():

@@ -97,6 +97,36 @@ def plugin_build_dirs(module_name: str) -> list[str]:
     return found
 
 
+def plugins_to_build(context: str = "cuda") -> list[str]:
+    """The plugins that ``context`` needs and that nvdiffrast has not built yet for this torch
+    (it builds them at the first render: about 25 s with nvcc, once per machine and torch
+    version). Empty where that cannot be told (nvdiffrast missing, or a version whose plugin
+    naming is not known here).
+
+    Args:
+        context: 'cuda' or 'opengl' (also the '_gl' plugin).
+
+    Returns:
+        The plugins' module names, e.g. ``['nvdiffrast_plugin_0_3_3_1_torch2_11_0_cu130']``.
+    """
+    try:
+        import nvdiffrast
+    except ImportError:
+        return []
+    version = getattr(nvdiffrast, "__version__", None)
+    if version not in _FAST_PATH_VERSIONS:
+        return []
+    names = [plugin_module_name(version, torch.__version__, gl) for gl in ((False, True) if context == "opengl"
+                                                                            else (False,))]
+    try:
+        return [n for n in names if n not in sys.modules and _plugin_file(n) is None]
+    except Exception:  # noqa: BLE001 - only a notice depends on it
+        return []
+
+
+_BUILT_HERE: set[str] = set()  # plugins this process announced it builds (their failed import is expected)
+
+
 def _with_plugin_path_retry(call, what: str):
     """Run ``call()``; when it fails to import a built nvdiffrast plugin, put the plugin's build
     folder on sys.path and run it again (once per plugin: the CUDA one and the OpenGL one)."""
@@ -117,8 +147,9 @@ def _with_plugin_path_retry(call, what: str):
             handled.append(name)
             added = [d for d in dirs if d not in sys.path]
             sys.path.extend(added)
-            logger.warning("nvdiffrast plugin %r was built but is not importable; added %s to sys.path and "
-                           "retrying", name, added or "nothing")
+            logger.log(logging.INFO if name in _BUILT_HERE else logging.WARNING,
+                       "nvdiffrast plugin %r was built but is not importable; added %s to sys.path and retrying",
+                       name, added or "nothing")
 
 
 # --------------------------------------------------------------------------- start-up fast path
@@ -219,6 +250,41 @@ def warm_up(context: str = "cuda") -> bool:
         return False
 
 
+def announce_build(context: str = "cuda") -> list[str]:
+    """Tell the user (a warning: shown by default) that the first render builds nvdiffrast's
+    plugin(s) for ``context``, so that a pause of about 25 s is not taken for a hang.
+
+    Returns:
+        :func:`plugins_to_build`'s names (empty: nothing announced).
+    """
+    names = plugins_to_build(context)
+    if names:
+        from torch.utils import cpp_extension
+
+        _BUILT_HERE.update(names)
+        logger.warning("nvdiffrast: building its %s plugin for torch %s (once per machine and torch version, about "
+                       "25 s; kept in %s; `python -m tools.build_nvdiffrast` builds it ahead)", context,
+                       torch.__version__, os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return names
+
+
+def build_plugins(context: str = "cuda", device: str = "cuda") -> list[str]:
+    """Build (if needed) and load nvdiffrast's plugin(s) for ``context`` by rendering one
+    triangle on ``device``: what the first render of a run would otherwise do.
+
+    Returns:
+        The plugins that were built now (empty: already built).
+
+    Raises:
+        NvdiffrastUnavailableError, ValueError: as :meth:`NvdiffrastRasterizer.rasterize_interpolate`.
+    """
+    todo = plugins_to_build(context)
+    clip = torch.tensor([[[-0.5, -0.5, 0.0, 1.0], [0.5, -0.5, 0.0, 1.0], [0.0, 0.5, 0.0, 1.0]]], device=device)
+    tri = torch.tensor([[0, 1, 2]], device=device)
+    NvdiffrastRasterizer(context).rasterize_interpolate(clip, tri, torch.ones(1, 3, 1, device=device), (8, 8))
+    return todo
+
+
 class NvdiffrastRasterizer(Rasterizer):
     """Rasterize with nvdiffrast, exactly as the original renderer does (instance mode, no AA).
 
@@ -282,7 +348,8 @@ class NvdiffrastRasterizer(Rasterizer):
         dr = _import_nvdiffrast()
         if not self._preloaded:
             self._preloaded = True
-            preload_plugins(self.name)
+            if not preload_plugins(self.name):
+                announce_build(self.name)
         # The plugins load lazily: the context loads its own (the OpenGL one '..._gl'), and
         # interpolate() the CUDA one, so the whole call is retried, and at most once.
         return _with_plugin_path_retry(lambda: self._render(dr, clip, tri, attr, size), f"{self.name} renderer")
