@@ -88,27 +88,38 @@ def standin_args(folder: str, out: str, device: str) -> list[str]:
 
 def step_detect(a, tmp: str, res: dict) -> None:
     runs = []
-    combos = [(int(b), w) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")]
-    for i, (bs, workers) in enumerate(combos):
-        folder = make_copies(a.faces, os.path.join(tmp, f"detect_{i}_bs{bs}_w{workers}"), a.n)
-        wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--workers", workers,
-                                          "--verbose"))
-        report = json.load(open(os.path.join(folder, "process_report.json")))
-        timeline = [line for line in tail.splitlines() if "detect." in line and " s" in line]
-        runs.append({"batch_size": bs, "workers": workers, "n": a.n, "wall_s": round(wall, 2),
-                     "photos_per_s": round(a.n / wall, 1), "ok": report["summary"]["ok"], "summary": report["summary"],
-                     "timeline": timeline})
-        print(f"detect --device {a.device} --batch_size {bs} --workers {workers}: {a.n} photos in {wall:.2f} s = "
-              f"{a.n / wall:.1f} photos/s ({report['summary']['ok']} with a face)", *timeline, sep="\n  ", flush=True)
-        res["detect_folder"] = folder
+    combos = [(int(b), w, wait) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")
+              for wait in a.detect_wait.split(",")]
+    for r in range(a.detect_repeats):  # repeats alternate the configurations (the host's load drifts)
+        for i, (bs, workers, wait) in enumerate(combos):
+            folder = make_copies(a.faces, os.path.join(tmp, f"detect_{r}_{i}_bs{bs}_w{workers}_{wait}"), a.n)
+            env = {**os.environ, "D3DFR_WAIT_FOR_WORKERS": "1" if wait == "yes" else "0"}
+            wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--workers",
+                                              workers, "--verbose"), env=env)
+            report = json.load(open(os.path.join(folder, "process_report.json")))
+            timeline = [line for line in tail.splitlines() if "detect." in line and " s" in line]
+            runs.append({"batch_size": bs, "workers": workers, "wait_for_workers": wait, "n": a.n,
+                         "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1), "ok": report["summary"]["ok"],
+                         "summary": report["summary"], "timeline": timeline})
+            print(f"detect --device {a.device} --batch_size {bs} --workers {workers} (waiting for the workers: "
+                  f"{wait}): {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
+                  f"({report['summary']['ok']} with a face)", *timeline, sep="\n  ", flush=True)
+            res["detect_folder"] = folder
+            if r + 1 < a.detect_repeats or i + 1 < len(combos):
+                shutil.rmtree(folder, ignore_errors=True)
     res["detect"] = runs
 
 
 def step_warm(a, tmp: str, res: dict) -> None:
-    """One untimed detection run (fills a bytecode cache where there is one)."""
+    """One untimed detection run (fills a bytecode cache where there is one) and, on CUDA, the
+    nvdiffrast plugin built (a fresh machine's first test.py otherwise spends ~25 s building it
+    inside the timed chain: docs/detection_speed.md)."""
     folder = make_copies(a.faces, os.path.join(tmp, "warm"), len(photo_names(a.faces)))
     wall, _ = timed(process_images(folder, "--device", a.device))
     res["warm_run_s"] = round(wall, 2)
+    if a.device.startswith("cuda"):
+        wall, out = timed([sys.executable, "-m", "tools.build_nvdiffrast"])
+        res["nvdiffrast_build"] = {"wall_s": round(wall, 2), "said": out.strip().splitlines()[-1:]}
 
 
 def step_agreement(a, tmp: str, res: dict) -> None:
@@ -212,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="detect,agreement,chain,scaling,startup")
     p.add_argument("--batch-sizes", default="32")
     p.add_argument("--detect-workers", default="auto", help="--workers of the detect step, a comma list")
+    p.add_argument("--detect-wait", default="no", help="detect step: 'no' (process_images leaves without waiting "
+                   "for its engines' exit, its default), 'yes' (D3DFR_WAIT_FOR_WORKERS=1), or 'no,yes'")
+    p.add_argument("--detect-repeats", type=int, default=1, help="detect step: runs of each configuration")
     p.add_argument("--workers-list", default="1,2,4,8,15")
     p.add_argument("--scaling-n", type=int, default=112)
     p.add_argument("--scaling-detector", default="torch")

@@ -123,7 +123,9 @@ class RecoveryOptions:
     fit_landmark_share: float = opt(-1.0, "share of that fitting's steps on the landmark terms alone (-1: test.py's "
                                           "third)")
     fit_loss: str = opt("front", "the loss that fitting minimises: 'front' (test.py's: only the front-face triangles "
-                                 "rendered) or 'train' (the training loss exactly, whose optimum is the yardstick)")
+                                 "rendered) or 'train' (the training loss exactly, whose optimum is the yardstick); "
+                                 "'train,front' fits with both from the same regressor (the first gives the verdict, "
+                                 "the second's counts are reported as 'front:N')")
     fit_uniform_rates: bool = opt(False, "one rate for every coefficient group in that fitting (test.py's fitting "
                                          "doubles it for identity, expression and albedo)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
@@ -167,13 +169,20 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
         p.error(str(e))
     if not 0.0 <= o.ema < 1.0:
         p.error(f"--ema must be in [0, 1) (a decay such as 0.999; 0 = off), got {o.ema}")
-    if o.fit_loss not in ("front", "train"):
-        p.error(f"--fit_loss must be 'front' (test.py's fitting) or 'train' (the training loss), got {o.fit_loss!r}")
+    losses = fit_losses(o.fit_loss)
+    if not losses or any(v not in ("front", "train") for v in losses) or len(set(losses)) != len(losses):
+        p.error(f"--fit_loss must be 'front' (test.py's fitting), 'train' (the training loss) or both separated by a "
+                f"comma, got {o.fit_loss!r}")
     if o.train_only and o.from_run:
         p.error("--train_only and --from_run are the two calls of one run: give one of them")
     if o.oracle_only and (o.train_only or o.from_run):
         p.error("--oracle_only trains nothing and reads no run: drop --train_only / --from_run")
     return o
+
+
+def fit_losses(spec: str) -> list[str]:
+    """``--fit_loss`` as a list: "train, front" -> ["train", "front"] (the first gives the verdict)."""
+    return [v.strip() for v in str(spec).split(",") if v.strip()]
 
 
 def fit_counts(spec: str) -> list[int]:
@@ -447,7 +456,7 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
     if fitted:
         by_steps = {n: {**{k: f[k] for k in CURVE_KEYS}, "vertex_vs_optimum": f["vertex_error_ratio"] / v}
                     for n, f in fitted.items()}
-        last = by_steps[max(by_steps, key=int)]
+        last = by_steps[max((n for n in by_steps if n.isdigit()), key=int)]  # the first --fit_loss's largest count
         out.update({"fitted": {k: last[k] for k in CURVE_KEYS}, "fitted_vertex_vs_optimum": last["vertex_vs_optimum"],
                     "fitted_target": FITTED_VERTEX_VS_OPTIMUM, "fitted_by_steps": by_steps})
     return out
@@ -884,15 +893,17 @@ def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_b
     final = evaluate(s.model, s.test_set, s.lm_scale)
     oracle = oracle_figures(s.face_model, s.test_set, o.oracle_steps, s.lm_scale) if o.oracle_steps > 0 else None
     fitted_by_steps = {}
-    for n in counts:
-        f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
-                           optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
-                           landmark_share=o.fit_landmark_share, front_only=o.fit_loss == "front",
-                           uniform_rates=o.fit_uniform_rates)
-        fitted_by_steps[str(n)] = f
-        if o.verbose:
-            log.info("fitting %d steps (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, f["seconds"],
-                     f["vertex_error_ratio"], f["pose_error_deg"], f["lm_error_px"])
+    losses = fit_losses(o.fit_loss)
+    for loss in losses:
+        for n in counts:
+            f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
+                               optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
+                               landmark_share=o.fit_landmark_share, front_only=loss == "front",
+                               uniform_rates=o.fit_uniform_rates)
+            fitted_by_steps[str(n) if loss == losses[0] else f"{loss}:{n}"] = f
+            if o.verbose:
+                log.info("fitting %d steps, %s loss (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, loss,
+                         f["seconds"], f["vertex_error_ratio"], f["pose_error_deg"], f["lm_error_px"])
     fitted = fitted_by_steps[str(counts[-1])] if counts else None
     vs_optimum = None
     if optimum is not None:

@@ -261,7 +261,7 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     # the evaluation takes its own evaluation options and the run's training options (size, seed, network)
     assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
                  "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
-                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", "--fit_loss", "train", "--fit_uniform_rates",
+                 "--fit_min_lr", "0", "--fit_landmark_share", "0.34", "--fit_loss", "train,front", "--fit_uniform_rates",
                  "true", *EVAL_ARGS]) == 0
     res = json.load(open(eval_dir / "recovery.json"))
     assert res["stage"] == "evaluated" and res["from_run"] == str(run_dir)
@@ -269,10 +269,15 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     assert res["options"]["size"] == 64 and res["options"]["batch_size"] == 2 and res["figures"]["faces"] == 4
     assert res["optimum"]["faces"] == 2 and res["optimum"]["steps"] == [2, 2]
     by_steps, vs = res["fitted_by_steps"], res["vs_optimum"]
-    assert set(by_steps) == {"2", "3"} and [by_steps[n]["steps"] for n in ("2", "3")] == [2, 3]
+    # --fit_loss train,front: the first loss's counts by number, the second's as "front:N"
+    assert set(by_steps) == {"2", "3", "front:2", "front:3"}
+    assert [by_steps[n]["steps"] for n in ("2", "3", "front:2", "front:3")] == [2, 3, 2, 3]
     assert all(f["faces"] == 3 and f["min_lr"] == 0.0 for f in by_steps.values())  # --fit_faces, --fit_min_lr
     assert [by_steps[n]["landmark_steps"] for n in ("2", "3")] == [1, 1]  # round(0.34 x steps)
-    assert all(f["front_only"] is False and f["uniform_rates"] is True for f in by_steps.values())  # --fit_loss train
+    assert all(by_steps[n]["front_only"] is False for n in ("2", "3"))
+    assert all(by_steps[n]["front_only"] is True for n in ("front:2", "front:3"))
+    assert all(f["uniform_rates"] is True for f in by_steps.values())
+    assert set(vs["fitted_by_steps"]) == set(by_steps)
     assert res["fitted"] == by_steps["3"]  # the largest count gives the verdict
     opt_v = res["optimum"]["vertex_error_ratio"]
     for n in ("2", "3"):
@@ -321,7 +326,7 @@ def test_recovery_from_run_fails_early_on_a_missing_file(workspace, tmp_path, ca
     assert "recovery.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     for bad in (["--fit_steps", "300,x"], ["--ema", "1"], ["--train_only", "true", "--from_run", "d"],
-                ["--fit_loss", "exact"]):
+                ["--fit_loss", "exact"], ["--fit_loss", "train,train"], ["--fit_loss", ","]):
         with pytest.raises(SystemExit):
             parse_recovery_options(bad)
     assert parse_recovery_options(["--fit_steps", "2000, 300,300"]).fit_steps == "2000, 300,300"
