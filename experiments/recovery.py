@@ -447,8 +447,9 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
     Args:
         optimum: :func:`optimum_figures`' figures.
         regressor: the regressor's figures on the optimum's faces.
-        fitted: None, or per fitting step count (str) the figures on the optimum's faces after
-            that fitting; the largest count gives ``fitted`` and ``fitted_vertex_vs_optimum``.
+        fitted: None, or the figures on the optimum's faces after each fitting, keyed as
+            :func:`evaluate_trained` keys them (the step count, or ``loss:count`` for a second
+            ``--fit_loss``); the largest plain count gives ``fitted`` and ``fitted_vertex_vs_optimum``.
     """
     v = max(optimum["vertex_error_ratio"], 1e-12)
     out = {"regressor": {k: regressor[k] for k in CURVE_KEYS}, "regressor_vertex_vs_optimum":
@@ -1142,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
     print_oracles(result["landmark_oracle"])
     for n, fitted in (result["fitted_by_steps"] or {}).items():
-        print_fitted("regressor + per-image fitting", fitted)
+        print_fitted(f"regressor + per-image fitting, {'front-only' if fitted['front_only'] else 'training'} loss",
+                     fitted)
         if vs is not None:
             on_opt = vs["fitted_by_steps"][n]
             verdict = "ok" if on_opt["vertex_vs_optimum"] <= FITTED_VERTEX_VS_OPTIMUM else "MISSED"

@@ -116,10 +116,8 @@ def plugins_to_build(context: str = "cuda") -> list[str]:
     version = getattr(nvdiffrast, "__version__", None)
     if version not in _FAST_PATH_VERSIONS:
         return []
-    names = [plugin_module_name(version, torch.__version__, gl) for gl in ((False, True) if context == "opengl"
-                                                                            else (False,))]
     try:
-        return [n for n in names if n not in sys.modules and _plugin_file(n) is None]
+        return [n for _, n in context_plugins(version, context) if n not in sys.modules and _plugin_file(n) is None]
     except Exception:  # noqa: BLE001 - only a notice depends on it
         return []
 
@@ -155,6 +153,13 @@ def _with_plugin_path_retry(call, what: str):
 # --------------------------------------------------------------------------- start-up fast path
 _PRELOAD_LOCK = threading.Lock()
 _FAST_PATH_VERSIONS = ("0.3.3.1",)  # nvdiffrast versions whose plugin naming and cache are known here
+
+
+def context_plugins(nvdiffrast_version: str, context: str) -> list[tuple[bool, str]]:
+    """The plugins ``context`` needs, as (gl, :func:`plugin_module_name`) pairs for this torch:
+    'cuda' the CUDA one; 'opengl' also the '_gl' one."""
+    return [(gl, plugin_module_name(nvdiffrast_version, torch.__version__, gl))
+            for gl in ((False, True) if context == "opengl" else (False,))]
 
 
 def plugin_module_name(nvdiffrast_version: str, torch_version: str, gl: bool) -> str:
@@ -211,10 +216,9 @@ def preload_plugins(context: str = "cuda") -> bool:
         return False
     ok = True
     with _PRELOAD_LOCK:
-        for gl in ((False, True) if context == "opengl" else (False,)):
+        for gl, name in context_plugins(nvdiffrast.__version__, context):
             if cache.get(gl) is not None:
                 continue
-            name = plugin_module_name(nvdiffrast.__version__, torch.__version__, gl)
             try:
                 module = sys.modules.get(name)
                 if module is None:
