@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_side", "--max-side", dest="max_side", type=int, default=1600,
                    help="detect on a copy downscaled to this longer side; coordinates stay in original pixels")
     p.add_argument("--workers", type=_workers, default=None,
-                   help="CPU: detector processes, each with cores/workers threads; CUDA: photo-reading "
-                        "processes (default auto: from the cores and the number of photos)")
+                   help="CPU: detector processes, each with cores/workers threads; CUDA: engine processes "
+                        "sharing the GPU, each reading photos with cores/workers threads (default auto: from "
+                        "the cores and the number of photos; on CUDA half the cores less one, at most 6)")
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=0,
-                   help="photos per detection batch on CUDA (default 64)")
+                   help="photos per detection batch on CUDA (default 32); on the CPU, > 1 runs the torch port in batches")
     p.add_argument("--force", action="store_true", help="recompute photos whose outputs are up to date")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any photo was skipped")
     p.add_argument("--debug-vis", "--debug_vis", dest="debug_vis", action="store_true",

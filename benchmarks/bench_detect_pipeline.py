@@ -88,21 +88,24 @@ def standin_args(folder: str, out: str, device: str) -> list[str]:
 
 def step_detect(a, tmp: str, res: dict) -> None:
     runs = []
-    combos = [(int(b), w, wait) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")
-              for wait in a.detect_wait.split(",")]
+    combos = [(int(b), w, wait, extra) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")
+              for wait in a.detect_wait.split(",") for extra in a.detect_env.split(",")]
     for r in range(a.detect_repeats):  # repeats alternate the configurations (the host's load drifts)
-        for i, (bs, workers, wait) in enumerate(combos):
+        for i, (bs, workers, wait, extra) in enumerate(combos):
             folder = make_copies(a.faces, os.path.join(tmp, f"detect_{r}_{i}_bs{bs}_w{workers}_{wait}"), a.n)
             env = {**os.environ, "D3DFR_WAIT_FOR_WORKERS": "1" if wait == "yes" else "0"}
+            if extra:
+                name, _, value = extra.partition("=")
+                env[name] = value
             wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--workers",
                                               workers, "--verbose"), env=env)
             report = json.load(open(os.path.join(folder, "process_report.json")))
             timeline = [line for line in tail.splitlines() if "detect." in line and " s" in line]
-            runs.append({"batch_size": bs, "workers": workers, "wait_for_workers": wait, "n": a.n,
+            runs.append({"batch_size": bs, "workers": workers, "wait_for_workers": wait, "env": extra, "n": a.n,
                          "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1), "ok": report["summary"]["ok"],
                          "summary": report["summary"], "timeline": timeline})
             print(f"detect --device {a.device} --batch_size {bs} --workers {workers} (waiting for the workers: "
-                  f"{wait}): {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
+                  f"{wait}{'; ' + extra if extra else ''}): {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
                   f"({report['summary']['ok']} with a face)", *timeline, sep="\n  ", flush=True)
             res["detect_folder"] = folder
             if r + 1 < a.detect_repeats or i + 1 < len(combos):
@@ -225,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--detect-workers", default="auto", help="--workers of the detect step, a comma list")
     p.add_argument("--detect-wait", default="no", help="detect step: 'no' (process_images leaves without waiting "
                    "for its engines' exit, its default), 'yes' (D3DFR_WAIT_FOR_WORKERS=1), or 'no,yes'")
+    p.add_argument("--detect-env", default="", help="detect step: environment variants to alternate, a comma "
+                   "list of NAME=VALUE (an empty item: none), e.g. an experiment switch's two settings")
     p.add_argument("--detect-repeats", type=int, default=1, help="detect step: runs of each configuration")
     p.add_argument("--workers-list", default="1,2,4,8,15")
     p.add_argument("--scaling-n", type=int, default=112)

@@ -30,8 +30,7 @@ from detect.dlib68 import resolve_predictor_path
 from detect.registry import DETECTORS
 from detect.report import REPORT_NAME, Report, file_stat, make_row, read_report, write_report
 from detect.settings import Plan, PrepareOptions
-from detect.workers import (StartedWorkers, _worker_analyse, _worker_analyse_batch, analyse_chunk, start_workers,
-                            worker_count)
+from detect.workers import StartedWorkers, _worker_analyse, analyse_chunk, start_engines, start_workers, worker_count
 from util.atomic_files import SUFFIX, remove_stale_temp_files, stale_temp_files
 from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR
 from util.image_io import DEBUG_VIS_DIR, list_images
@@ -162,9 +161,10 @@ def start_run(plan: Plan) -> StartedWorkers | None:
     written only when it runs).
 
     The batched engine (:func:`batched`: the torch port on CUDA, or on the CPU with a batch size)
-    runs ``workers`` engine processes (auto: the cores less one, at most 16, at most one per
-    batch) that share the GPU, each reading, checking and shrinking its own batches and
-    detecting each in one ``detect_batch`` call; one photo at a time, ``workers`` detector
+    runs ``workers`` engine processes (auto: half the cores less one, at most 6, at most one per
+    batch) that share the GPU and take batches from one list, each reading, checking and
+    shrinking its next batch in threads (cores / workers of them) while it detects the current
+    one in one ``detect_batch`` call; one photo at a time, ``workers`` detector
     processes (auto: one per core, at most one per 4 photos), each with cores / workers threads.
 
     Args:
@@ -185,7 +185,7 @@ def start_run(plan: Plan) -> StartedWorkers | None:
             return None
         logger.info("batched detection on %s: %d batches of up to %d, %d engine process(es)", options.device,
                     len(chunks), len(chunks[0]), workers)
-        return start_workers(plan, chunks, _worker_analyse_batch, workers)
+        return start_engines(plan, chunks, workers)
     workers = worker_count(options.workers, len(plan.todo))
     return None if workers == 1 else start_workers(plan, plan.todo, _worker_analyse, workers)
 

@@ -165,7 +165,7 @@ def test_worker_counts_and_threads():
     assert wk.worker_count(0, 6, cores=16) == 2  # a process per 4 photos at most
     assert wk.worker_count(0, 1, cores=16) == 1
     assert wk.worker_count(3, 100, cores=16) == 3
-    assert wk.worker_count(0, 126, batched=True, cores=16) == 15  # batches; the main process keeps a core
+    assert wk.worker_count(0, 126, batched=True, cores=16) == wk.MAX_ENGINES == 6  # a few engines, 2 readers each
     assert wk.worker_count(0, 2, batched=True, cores=16) == 2
     for workers, cores in [(1, 16), (2, 16), (15, 16), (4, 2), (2, 2), (1, 2)]:
         threads = wk.threads_per_worker(workers, cores)
@@ -188,6 +188,69 @@ def test_workers_cap_their_threads_and_die_with_their_parent(tmp_path):
         assert all(limits[k] == str(threads) for k in wk.THREAD_VARIABLES)
         assert limits["pdeathsig"] == 9  # SIGKILL when the parent dies
     assert {k: os.environ.get(k) for k in wk.THREAD_VARIABLES} == env_before  # the parent's are back
+
+
+@needs_port
+def test_engines_share_the_batches_and_take_no_more_once_stopped(tmp_path):
+    """Batched engines take batches from one shared list: every photo's result comes exactly
+    once; stopped after the first result (an error or Ctrl-C in the run), they finish at most
+    the batch in hand and take no other, where they would have done 120; an engine whose
+    detector cannot start raises its error in the run."""
+    folder = _folder(tmp_path / "photos")
+    plan = engine.plan_folder(folder, run_settings.PrepareOptions(detector="torch", device="cpu", batch_size=1))
+    batches = [[rel] for rel in plan.todo]
+    started = wk.start_engines(plan, batches, 2)
+    seen = []
+    try:
+        started.collect(seen.append)
+    finally:
+        assert started.stop() is True
+    assert sorted(r["row"]["path"] for r in seen) == sorted(plan.todo)
+
+    many = batches * 20
+
+    class Stop(Exception):
+        pass
+
+    def accept(result):
+        raise Stop
+
+    started = wk.start_engines(plan, many, 2)
+    with pytest.raises(Stop):
+        started.collect(accept)
+    assert started.stop() is True
+    assert started.got + started.dropped < len(many) // 4, (started.got, started.dropped)
+
+    cuda = engine.plan_folder(folder, run_settings.PrepareOptions(detector="torch", device="cuda", batch_size=1))
+    if torch.cuda.is_available():
+        return
+    started = wk.start_engines(cuda, batches, 2)
+    with pytest.raises(Exception, match="CUDA"):
+        started.collect(seen.append)
+    started.stop()
+
+
+def test_reading_threads_give_the_same_batch(tmp_path):
+    """An engine's reading threads (several where it has several cores) load a batch as one
+    thread does: same photos, same order, same pixels, same report fields."""
+    import concurrent.futures as cf
+
+    folder = _folder(tmp_path / "photos")
+    options = run_settings.PrepareOptions(detector="torch", device="cpu", debug_vis=True)
+    settings = options.settings(0.9)
+    rels = sorted(os.listdir(folder))
+    alone = wk.load_batch(folder, options, settings, rels)
+    with cf.ThreadPoolExecutor(3) as readers:
+        threaded = wk.load_batch(folder, options, settings, rels, readers)
+    assert [p.get("rel", p.get("result", {}).get("row", {}).get("path")) for p in threaded] == rels
+    for a, b in zip(alone, threaded):
+        assert a.keys() == b.keys()
+        if "result" in a:
+            assert a["result"]["row"]["reason"] == b["result"]["row"]["reason"]
+            continue
+        assert a["row_kw"]["width"] == b["row_kw"]["width"] and a["row_kw"]["height"] == b["row_kw"]["height"]
+        np.testing.assert_array_equal(a["prepared"][0], b["prepared"][0])
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_torch_port_shows_no_sparse_tensor_warning():

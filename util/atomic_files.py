@@ -60,9 +60,9 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None], mode: int = 0o66
     Raises:
         OSError: the temporary file cannot be created, written or renamed; and whatever ``write`` raises.
     """
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
+    tmp = temp_path(path)  # this process's own name (pid and a random token): safe to remove
+    try:  # the open inside: a Ctrl-C right after it must not leave the temporary file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
