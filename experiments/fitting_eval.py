@@ -45,6 +45,8 @@ class FittingEvalOptions:
     steps: int = opt(150, "fitting steps")
     landmark_steps: int = opt(100, "leading steps with landmark and regularisation terms only (no rendering)")
     lr: float = opt(0.05, "base learning rate of the fit")
+    loss: str = opt("", "'' = fit with --lr and --landmark_steps; front or train = test.py's --fit_loss settings "
+                        "(models.fitting.fit_config)", choices=["", "front", "train"])
     batch_size: int = opt(8, "faces fitted at once")
     out: str = opt("docs/fitting", "folder for fitting_eval.json")
     image: str = opt("docs/images/fitting_before_after.png", "before/after picture ('' = none)")
@@ -133,7 +135,7 @@ def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel:
 
 
 def run(o: FittingEvalOptions) -> dict:
-    from models.fitting import FitConfig, fit_coeffs
+    from models.fitting import FitConfig, fit_coeffs, fit_config
     from options.run_specs import model_spec
     from options.test_options import TestOptions
     from pipeline.model import build_model
@@ -148,7 +150,7 @@ def run(o: FittingEvalOptions) -> dict:
     faces = load_faces(prepared_folder(o), load_lm3d(o.bfm_folder))
     if not faces:
         raise RuntimeError(f"no photo of {o.img_folder} has both a detection and 68 landmarks")
-    cfg = FitConfig(lr=o.lr, landmark_steps=o.landmark_steps)
+    cfg = fit_config(o.loss) if o.loss else FitConfig(lr=o.lr, landmark_steps=o.landmark_steps)
     kinds = [k.strip() for k in o.targets.split(",") if k.strip()]
     stages: dict[str, list] = {"before": []}
     stages.update({f"fit{k}": [] for k in kinds})
@@ -186,7 +188,8 @@ def run(o: FittingEvalOptions) -> dict:
         "device": str(device), "renderer": model.renderer.backend, "torch": torch.__version__,
         "options": dataclasses.asdict(o), "fit_config": {"lr": cfg.lr, "steps": o.steps,
                                                          "landmark_steps": cfg.landmark_steps,
-                                                         "lr_scale": dict(cfg.lr_scale)},
+                                                         "lr_scale": dict(cfg.lr_scale),
+                                                         "min_lr_ratio": cfg.min_lr_ratio, "front_only": cfg.front_only},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     os.makedirs(o.out, exist_ok=True)

@@ -68,6 +68,31 @@ class FitConfig:
     front_only: bool = True
 
 
+FIT_LOSSES = ("front", "train")  # test.py --fit_loss
+
+
+def fit_config(loss: str = "front") -> FitConfig:
+    """test.py's fitting settings for ``--fit_loss``.
+
+    Args:
+        loss: ``front``: :class:`FitConfig`'s defaults (front-face triangles only; x2 rates for
+            identity, expression and albedo; a landmark-only third; cosine to a tenth): good in a few
+            hundred steps. ``train``: the training loss exactly, one rate of 0.005 for every group,
+            cosine to 0, no landmark-only stage: slower at first, but on the synthetic recovery
+            experiment it came within 1.12x of the loss's per-face optimum after 1500 steps and 1.06x
+            after 3000, where ``front`` levels off at 1.3-1.5x (one H200; docs/training.md).
+
+    Raises:
+        ValueError: an unknown ``loss``.
+    """
+    if loss == "front":
+        return FitConfig()
+    if loss == "train":
+        return FitConfig(lr=0.005, lr_scale=tuple((k, 1.0) for k in FIT_GROUPS), landmark_steps=0, min_lr_ratio=0.0,
+                         front_only=False)
+    raise ValueError(f"unknown fitting loss {loss!r}; choose from {FIT_LOSSES}")
+
+
 def landmark_stage_loss(face_model, coeffs: torch.Tensor, target: torch.Tensor, w: LossWeights) -> torch.Tensor:
     """The hybrid loss without its image terms: landmark, regularisation, gamma and reflectance
     (no rendering: a cheaper face model pass). Fitting's first stage and a training curriculum's.

@@ -44,5 +44,5 @@ def run_spec(o) -> RunSpec:
     """The :class:`RunSpec` of test.py's parsed options ``o``."""
     return RunSpec(img_folder=o.img_folder, out_dir=results_dir(o), model=model_spec(o), loader=loader_spec(o),
                    outputs=output_spec(o), recursive=o.recursive, skip_existing=o.skip_existing,
-                   fit_steps=o.fit_steps, write_workers=o.write_workers, device=o.device, gpu_ids=o.gpu_ids,
-                   ddp_port=o.ddp_port, verbose=o.verbose)
+                   fit_steps=o.fit_steps, fit_loss=o.fit_loss, write_workers=o.write_workers, device=o.device,
+                   gpu_ids=o.gpu_ids, ddp_port=o.ddp_port, verbose=o.verbose)

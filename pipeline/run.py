@@ -88,16 +88,18 @@ def predict(model, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images, model.predict_coeffs(images)
 
 
-def fit(model, steps: int, coeffs: torch.Tensor, images: torch.Tensor, batch: FaceBatch) -> torch.Tensor:
-    """``steps`` of per-face fitting (:func:`models.fitting.fit_batch`) to the batch's 68 landmarks
-    where it has them, else its 5; returns the (B, 257) coefficients (``coeffs`` when steps is 0)."""
+def fit(model, steps: int, coeffs: torch.Tensor, images: torch.Tensor, batch: FaceBatch,
+        loss: str = "front") -> torch.Tensor:
+    """``steps`` of per-face fitting (:func:`models.fitting.fit_batch`, ``loss`` as
+    :func:`models.fitting.fit_config`'s) to the batch's 68 landmarks where it has them, else its 5;
+    returns the (B, 257) coefficients (``coeffs`` when steps is 0)."""
     if steps <= 0:
         return coeffs
-    from models.fitting import fit_batch
+    from models.fitting import fit_batch, fit_config
 
     lm68 = batch.lm68
     return fit_batch(model, coeffs, images, batch.lm.to(images.device), steps,
-                     None if lm68 is None else lm68.to(images.device), batch.has_lm68)
+                     None if lm68 is None else lm68.to(images.device), batch.has_lm68, config=fit_config(loss))
 
 
 def _cuda_thread_setup(device: torch.device, decode_on_device: bool):
@@ -187,7 +189,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
             tally.failed(batch.failed)
             if batch.meta:
                 images, coeffs = predict(model, crops)
-                coeffs = fit(model, spec.fit_steps, coeffs, images, batch).detach()
+                coeffs = fit(model, spec.fit_steps, coeffs, images, batch, spec.fit_loss).detach()
                 if on_batch is not None:
                     on_batch(model, images, coeffs, batch)
                 if tally.record(writer.submit(batch_results(model, coeffs, batch, spec.outputs))):

@@ -105,6 +105,7 @@ class RunSpec:
         recursive: photos in sub-folders too.
         skip_existing: leave out faces whose requested files are all there.
         fit_steps: per-face fitting steps after the network (0: none).
+        fit_loss: what that fitting minimises (:func:`models.fitting.fit_config`: ``front`` or ``train``).
         write_workers: writer processes; -1: auto (:func:`pipeline.workers.writer_workers`).
         device, gpu_ids, ddp_port: the device choice (:func:`pipeline.runtime.resolve_device`) and the
             rendezvous port of spawned ranks.
@@ -119,6 +120,7 @@ class RunSpec:
     recursive: bool = False
     skip_existing: bool = False
     fit_steps: int = 0
+    fit_loss: str = "front"
     write_workers: int = -1
     device: str = "auto"
     gpu_ids: str = "0"

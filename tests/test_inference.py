@@ -443,6 +443,33 @@ def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):
     assert os.path.isfile(tmp_path / "fit" / "vd006.mat")  # fitted to its 5 points beside it
 
 
+def test_fit_loss_train_fits_the_training_loss(standin, tmp_path, monkeypatch, capsys):
+    """test.py --fit_loss train hands fitting the training loss's settings (models.fitting.fit_config):
+    the whole face rendered, one rate for every group, no landmark-only stage; the default stays
+    test.py's front-only fitting; an unknown loss is a usage error."""
+    import models.fitting as fitting
+
+    seen = []
+    real = fitting.fit_batch
+    monkeypatch.setattr(fitting, "fit_batch", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"])
+    flags = ("--save_mesh=false", "--save_png=false", "--fit_steps=2")
+    assert run(standin, folder, str(tmp_path / "train"), *flags, "--fit_loss=train") == 0
+    assert run(standin, folder, str(tmp_path / "front"), *flags) == 0
+    train, front = seen
+    assert train == fitting.fit_config("train") and front == fitting.fit_config("front") == fitting.FitConfig()
+    assert not train.front_only and train.landmark_steps == 0 and train.min_lr_ratio == 0
+    assert {f for _, f in train.lr_scale} == {1.0} and front.front_only
+    a = loadmat(str(tmp_path / "train" / "000002.mat"))["id"]
+    b = loadmat(str(tmp_path / "front" / "000002.mat"))["id"]
+    assert np.isfinite(a).all() and not np.array_equal(a, b)
+    with pytest.raises(SystemExit) as e:
+        run(standin, folder, str(tmp_path / "bad"), *flags, "--fit_loss=back")
+    assert e.value.code == 2 and "--fit_loss" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="front"):
+        fitting.fit_config("back")
+
+
 def test_a_malformed_landmarks_file_fails_only_its_face(standin, tmp_path, capsys):
     from util.detections_io import detection_path
 
