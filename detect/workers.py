@@ -22,7 +22,7 @@ from typing import Any
 from detect.analyze import Analyzer, load_photo
 from detect.settings import Plan, PrepareOptions
 from util.prefetch import prefetched
-from util.subprocesses import main_module_hidden
+from util.subprocesses import flush_std_streams, main_module_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,10 @@ def _worker_init(folder: str, options: PrepareOptions, min_score: float, threads
 
 def _leave_at_once() -> None:
     """A worker's exit without the interpreter's teardown: its results are all sent (the pool's
-    result queue writes synchronously) and it writes no file, while tearing down TensorFlow's or
-    torch's and CUDA's state took 1.5-2.5 s during which the run waited for it
-    (docs/detection_speed.md)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    result queue writes synchronously; an engine's task waits for its results queue to be
+    flushed) and it writes no file, while tearing down TensorFlow's or torch's and CUDA's state
+    took 1.5-2.5 s during which the run waited for it (docs/detection_speed.md)."""
+    flush_std_streams()
     os._exit(0)
 
 
@@ -201,6 +197,13 @@ def _engine_init(folder: str, options: PrepareOptions, min_score: float, threads
     atexit.register(_leave_at_once)
 
 
+def _stopping(claimed, batches: int) -> bool:
+    """Whether :meth:`StartedEngines.stop` has set the shared count of a run of ``batches``
+    batches past the end (a run that simply ran out of batches leaves it at ``batches``): the run
+    wants no more results."""
+    return claimed.value > batches
+
+
 def _claim_batch() -> list[str] | None:
     """The next batch no engine has taken yet (a counter shared by the engines), None when none is
     left or the run is stopping (:meth:`StartedEngines.stop` sets the counter past the end)."""
@@ -230,7 +233,7 @@ def _engine_task(_=None) -> int:
         analyzer = Analyzer(folder, options, min_score, threads=threads)
         limit_threads(threads)
         for batch in photos:
-            if claimed.value > len(batches):  # stopping: the run wants no more results
+            if _stopping(claimed, len(batches)):
                 break
             results.put(analyzer.analyse_batch(batch))
             done += 1
@@ -238,7 +241,7 @@ def _engine_task(_=None) -> int:
         photos.close()
         if readers is not None:
             readers.shutdown(wait=False, cancel_futures=True)
-    if claimed.value > len(batches):
+    if _stopping(claimed, len(batches)):
         results.cancel_join_thread()
     else:
         results.close()
@@ -359,7 +362,7 @@ class StartedEngines(StartedWorkers):
             return super().stop(wait=False)
         if not self.finished():
             with self.claimed.get_lock():
-                self.claimed.value = self.batches + 1
+                self.claimed.value = self.batches + 1  # past the end: see _stopping
         ended = threading.Event()
 
         def drain() -> None:  # an engine's last put must not wait on a full pipe nobody reads

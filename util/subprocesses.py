@@ -66,6 +66,15 @@ def keep_freed_memory() -> bool:
 _PR_SET_PDEATHSIG = 1
 
 
+def flush_std_streams() -> None:
+    """Flush stdout and stderr, ignoring streams that are gone or closed (before an ``os._exit``)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def exit_now(code: int) -> None:
     """End this process with ``code`` without waiting for its child processes: what a CLI does
     once its files are written and its last line printed, when worker processes are still going
@@ -79,11 +88,7 @@ def exit_now(code: int) -> None:
     from multiprocessing import util as mp_util
 
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    flush_std_streams()
     mp_util._run_finalizers(0)  # the finalizers of priority >= 0 (semaphores, queues): what exit runs first
     os._exit(code)
 
