@@ -6,10 +6,10 @@ detections are done are reconstructed while the rest are still being detected.
 The same as ``./process_images.sh <folder> && python test.py --img_folder <folder> ...`` (same
 files, same report, same exit codes), in less time: detection runs in a process of its own
 (:func:`detect.folder.run_plan`, batched on CUDA) and reports each photo it finishes; this process
-loads the reconstruction model meanwhile and reconstructs the finished photos in rounds
-(:func:`pipeline.run.run_folder` on those photos, the model loaded once), each round taking
-every photo finished since the last one: a round reads only those photos' detection folders
-(:func:`pipeline.scan.entries_of`), never lists the whole folder again.
+loads the reconstruction model meanwhile, then reconstructs the photos as they are reported
+(:func:`pipeline.run.run_folder` fed by :class:`DetectedPhotos`: one DataLoader and one set of
+writers for the whole run, each batch of faces loaded as soon as its photos are detected; only
+the reported photos' detection folders are read, the folder is never listed again).
 
 Detection options (the rest go to test.py): --detector, --detect_device (default auto), --workers
 (detection), --detect_batch_size, --max_side, --min_score, --all-faces, --force_detect; see
@@ -30,7 +30,7 @@ import sys
 import time
 
 log = logging.getLogger("run_pipeline")
-MIN_ROUND = 64  # photos a reconstruction round waits for while detection goes on
+IDLE_S = 0.5  # DetectedPhotos yields an empty list after this long without a message
 
 
 def detection_parser() -> argparse.ArgumentParser:
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(spec, options, fallback=None) -> int:
     """Detection (``options``, a :class:`detect.settings.PrepareOptions`; ``fallback``, the same on
-    the CPU should torch see no CUDA after all) in a process of its own, reconstruction rounds of
-    ``spec`` (a :class:`pipeline.settings.RunSpec`) here; prints both summaries and returns the
-    exit code."""
+    the CPU should torch see no CUDA after all) in a process of its own, reconstruction of ``spec``
+    (a :class:`pipeline.settings.RunSpec`) here, fed the photos as they are detected; prints both
+    summaries and returns the exit code."""
     import multiprocessing
 
     from detect.folder import DETECTION_FAILED, detect_to_queue
@@ -129,45 +129,27 @@ def run(spec, options, fallback=None) -> int:
     from pipeline.model import build_model, warm_up_network
     from pipeline.run import run_folder
     from pipeline.runtime import SetupError, resolve_device
-    from pipeline.summary import RunSummary
 
-    total = RunSummary()
-    ready: list[str] = []
-    final = None
+    detected = DetectedPhotos(queue, detector.is_alive)
     try:
         device = resolve_device(spec.device, spec.gpu_ids)
         model = build_model(spec.model, device)  # while the first photos are detected
         warm_up_network(model, spec.loader.batch_size_on(device), device)
         log.info("model ready %.2f s after the start", time.perf_counter() - t0)
-        rounds = 0
-        while True:
-            if final is None:
-                final = _drain(queue, ready, block=len(ready) < MIN_ROUND, alive=detector.is_alive)
-            if final is not None and final[0] == DETECTION_FAILED:
-                print(f"run_pipeline: detection failed: {final[1]}", file=sys.stderr)
-                return 130 if final[1] == "interrupted" else 2
-            if ready and (len(ready) >= MIN_ROUND or final is not None):
-                photos, ready = set(ready), []
-                started = time.perf_counter() - t0
-                summary = run_folder(spec, device, model=model, progress=False, only=photos)
-                rounds += 1
-                log.info("round %d: %d photo(s), %d face(s) in %.2f s (from %.2f s after the start; detection %s)",
-                         rounds, len(photos), summary.faces_ok, summary.seconds, started,
-                         "done" if final is not None else "going on")
-                total.merge(summary)
-                total.out_dir = summary.out_dir
-                if summary.stopped:  # disk full, results read-only: every later round would stop alike
-                    break
-            elif final is not None:
-                break
+        total = run_folder(spec, device, model=model, progress=False, source=detected)
+        log.info("reconstruction ended %.2f s after the start", time.perf_counter() - t0)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if final is None and detector.is_alive():
+        if detected.final is None and detector.is_alive():  # stopped early: detection too
             detector.terminate()
         detector.join()
         log.info("detection process ended %.2f s after the start", time.perf_counter() - t0)
+    final = detected.final
+    if final is not None and final[0] == DETECTION_FAILED:
+        print(f"run_pipeline: detection failed: {final[1]}", file=sys.stderr)
+        return 130 if final[1] == "interrupted" else 2
     if total.stopped:  # one line says what, where, what is left and how to finish (as test.py does)
         print(f"error: {total.stopped}", file=sys.stderr)
         return total.exit_code
@@ -184,27 +166,60 @@ def run(spec, options, fallback=None) -> int:
     return total.exit_code
 
 
-def _drain(queue, ready: list[str], block: bool, alive) -> tuple | None:
-    """Move the detection process's waiting messages (lists of photos done) into ``ready``;
-    ``block``: wait for one first. Returns its final message when it came (a dead process that
-    sent none counts as failed), else None."""
-    import queue as queue_mod
+class DetectedPhotos:
+    """The detection process's messages (:func:`detect.folder.detect_to_queue`) as a
+    :class:`pipeline.stream.PhotoSource`: lists of photos as they are detected (an empty one after
+    :data:`IDLE_S` without any), ending at its last message, kept in :attr:`final` (a process that
+    died without one counts as failed)."""
 
-    while True:
+    def __init__(self, queue, alive):
+        self._queue, self._alive = queue, alive
+        self.final: tuple | None = None
+        self._early: list[str] = []
+        self._expected: int | None = None
+
+    @property
+    def expected(self) -> int:
+        """The photos the detection planned (0 if it failed first); waits for its first message."""
+        while self._expected is None and self.final is None:
+            msg = self._get()
+            if isinstance(msg, int):
+                self._expected = msg
+            elif isinstance(msg, list):
+                self._early += msg
+        return self._expected or 0
+
+    def __iter__(self):
+        if self._early:
+            yield self._early
+            self._early = []
+        while self.final is None:
+            photos = []
+            msg = self._get()
+            while isinstance(msg, (list, int)):  # every message waiting, in one list
+                if isinstance(msg, list):
+                    photos += msg
+                msg = self._get(block=False)
+            yield photos
+
+    def _get(self, block: bool = True):
+        """The next message: blocking, for at most :data:`IDLE_S` (None after that); else None
+        if there is none. The last message goes to :attr:`final`."""
+        import queue as queue_mod
+
         try:
-            msg = queue.get(timeout=0.5) if block else queue.get_nowait()
+            msg = self._queue.get(timeout=IDLE_S) if block else self._queue.get_nowait()
         except queue_mod.Empty:
-            if not block:
-                return None
-            if not alive():
+            if block and not self._alive():
                 from detect.folder import DETECTION_FAILED
 
-                return (DETECTION_FAILED, "the detection process ended without a word (killed?)")
-            continue
+                msg = (DETECTION_FAILED, "the detection process ended without a word (killed?)")
+            else:
+                return None
         if isinstance(msg, tuple):
-            return msg
-        ready.extend(msg)
-        block = False
+            self.final = msg
+            return None
+        return msg
 
 
 if __name__ == "__main__":

@@ -158,26 +158,36 @@ def step_agreement(a, tmp: str, res: dict) -> None:
 
 
 def step_chain(a, tmp: str, res: dict) -> None:
-    out = {}
-    folder = make_copies(a.faces, os.path.join(tmp, "chain_two"), a.n)
-    t0 = time.perf_counter()
-    w1, _ = timed(process_images(folder, "--device", a.device))
-    w2, _ = timed([sys.executable, os.path.join(ROOT, "test.py"), *standin_args(folder, os.path.join(tmp, "r_two"),
-                                                                                  a.device)])
-    wall = time.perf_counter() - t0
-    out["two_commands"] = {"n": a.n, "detect_s": round(w1, 2), "test_py_s": round(w2, 2), "wall_s": round(wall, 2),
-                           "photos_per_s": round(a.n / wall, 1)}
-    print(f"chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = {a.n / wall:.1f} photos/s",
-          flush=True)
-    folder = make_copies(a.faces, os.path.join(tmp, "chain_stream"), a.n)
-    r_out = os.path.join(tmp, "r_stream")
-    wall, tail = timed([os.path.join(ROOT, "run_pipeline.sh"), folder, *standin_args(folder, r_out, a.device)[:-1],
-                        f"--device={a.device}", f"--detect_device={a.device}", "--verbose"])
-    files = len(os.listdir(r_out)) if os.path.isdir(r_out) else 0
-    timeline = [line for line in tail.splitlines() if "round" in line or "detect." in line]
-    out["run_pipeline"] = {"n": a.n, "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1),
-                           "files_written": files, "timeline": timeline, "tail": tail[-300:]}
-    print(f"chain, run_pipeline.sh: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s ({files} files)", flush=True)
+    """The two commands, then ``run_pipeline.sh`` once per --chain-variants item, --chain-repeats
+    times, alternated (the host's load drifts), each on fresh copies."""
+    out: dict = {"two_commands": [], "run_pipeline": []}
+    for r in range(a.chain_repeats):
+        folder = make_copies(a.faces, os.path.join(tmp, f"chain_two_{r}"), a.n)
+        t0 = time.perf_counter()
+        w1, _ = timed(process_images(folder, "--device", a.device))
+        w2, _ = timed([sys.executable, os.path.join(ROOT, "test.py"),
+                       *standin_args(folder, os.path.join(tmp, f"r_two_{r}"), a.device)])
+        wall = time.perf_counter() - t0
+        out["two_commands"].append({"n": a.n, "detect_s": round(w1, 2), "test_py_s": round(w2, 2),
+                                    "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1)})
+        print(f"chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = {a.n / wall:.1f} "
+              "photos/s", flush=True)
+        for i, extra in enumerate(a.chain_variants.split(";")):
+            folder = make_copies(a.faces, os.path.join(tmp, f"chain_stream_{r}_{i}"), a.n)
+            r_out = os.path.join(tmp, f"r_stream_{r}_{i}")
+            wall, tail = timed([os.path.join(ROOT, "run_pipeline.sh"), folder,
+                                *standin_args(folder, r_out, a.device)[:-1], f"--device={a.device}",
+                                f"--detect_device={a.device}", "--verbose", *extra.split()])
+            files = len(os.listdir(r_out)) if os.path.isdir(r_out) else 0
+            timeline = [line for line in tail.splitlines()
+                        if any(k in line for k in ("reconstruction ended", "detect.", "model ready", "detection process"))]
+            out["run_pipeline"].append({"args": extra, "n": a.n, "wall_s": round(wall, 2),
+                                        "photos_per_s": round(a.n / wall, 1), "files_written": files,
+                                        "timeline": timeline, "tail": tail[-300:]})
+            print(f"chain, run_pipeline.sh {extra}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
+                  f"({files} files)", *timeline, sep="\n  ", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(r_out, ignore_errors=True)
     res["chain"] = out
 
 
@@ -231,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--detect-env", default="", help="detect step: environment variants to alternate, a comma "
                    "list of NAME=VALUE (an empty item: none), e.g. an experiment switch's two settings")
     p.add_argument("--detect-repeats", type=int, default=1, help="detect step: runs of each configuration")
+    p.add_argument("--chain-repeats", type=int, default=1, help="chain step: runs of each way")
+    p.add_argument("--chain-variants", default="", help="chain step: run_pipeline.sh's extra arguments to "
+                   "alternate, a ';' list (an empty item: none), e.g. ';--num_threads 8'")
     p.add_argument("--workers-list", default="1,2,4,8,15")
     p.add_argument("--scaling-n", type=int, default=112)
     p.add_argument("--scaling-detector", default="torch")

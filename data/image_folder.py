@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from util.checks import check_shape
 from util.detections_io import DETECTIONS_DIR, LANDMARKS_DIR, file_stem, read_points, stem_detection_files
@@ -578,22 +578,53 @@ class AlignedFaces(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        e = self.entries[i]
-        item = dict(index=i, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
-                    lm68=None)
-        try:
-            jpeg = load_aligned_jpeg(e, self.lm3d) if self.decode_on_device else None
-            if jpeg is not None:
-                item["jpeg"], item["plan"], item["lm"], item["transform"] = jpeg
-            elif self.resample_on_device:
-                item["region"], item["plan"], item["lm"], item["transform"] = load_aligned_region(e, self.lm3d)
-            else:
-                item["image"], item["lm"], item["transform"] = load_aligned(e, self.lm3d)
-            if e.lm68_path:
-                item["lm68"] = load_lm68(e.lm68_path, item["transform"])
-        except Exception as err:  # reported per face by the caller; never stops the run
-            item["error"] = str(err)
-        return item
+        return load_face(i, self.entries[i], self.lm3d, self.resample_on_device, self.decode_on_device)
+
+
+def load_face(index: int, e: FaceEntry, lm3d: np.ndarray, resample_on_device: bool = False,
+              decode_on_device: bool = False) -> dict:
+    """The :class:`AlignedFaces` item of face ``e`` (``index``: its place in the run); never raises."""
+    item = dict(index=index, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
+                lm68=None)
+    try:
+        jpeg = load_aligned_jpeg(e, lm3d) if decode_on_device else None
+        if jpeg is not None:
+            item["jpeg"], item["plan"], item["lm"], item["transform"] = jpeg
+        elif resample_on_device or decode_on_device:
+            item["region"], item["plan"], item["lm"], item["transform"] = load_aligned_region(e, lm3d)
+        else:
+            item["image"], item["lm"], item["transform"] = load_aligned(e, lm3d)
+        if e.lm68_path:
+            item["lm68"] = load_lm68(e.lm68_path, item["transform"])
+    except Exception as err:  # reported per face by the caller; never stops the run
+        item["error"] = str(err)
+    return item
+
+
+class StreamedFaces(IterableDataset):
+    """Faces that arrive while the run goes on (run_pipeline: detection still running), as
+    :func:`collate_faces` batches.
+
+    Each iterator (one per DataLoader worker, or the main process's) takes lists of (index,
+    :class:`FaceEntry`) from ``queue`` (a multiprocessing queue shared by all of them), until it
+    takes None; each list becomes one batch, of :class:`AlignedFaces` items.
+
+    Args:
+        queue: where the batches of faces come from (:class:`pipeline.stream.FaceFeed`).
+        lm3d, resample_on_device, decode_on_device: as :class:`AlignedFaces`'.
+    """
+
+    def __init__(self, queue, lm3d: np.ndarray, resample_on_device: bool = False, decode_on_device: bool = False):
+        self.queue, self.lm3d = queue, lm3d
+        self.resample_on_device, self.decode_on_device = resample_on_device or decode_on_device, decode_on_device
+
+    def __iter__(self):
+        while True:
+            faces = self.queue.get()
+            if faces is None:
+                return
+            yield collate_faces([load_face(i, e, self.lm3d, self.resample_on_device, self.decode_on_device)
+                                 for i, e in faces])
 
 
 def collate_faces(items: list[dict]) -> FaceBatch:

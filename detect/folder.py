@@ -305,15 +305,17 @@ DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last me
 def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None,
                     fallback: PrepareOptions | None = None) -> None:
     """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
-    lists of the photos (report paths) that have a detection, as they get it (those kept from an
-    earlier run first), then ``(DETECTION_DONE, summary, report path)`` or ``(DETECTION_FAILED,
-    one-line reason)``. CUDA taken on trust is checked as :func:`start_run_checking_cuda` does
+    the number of photos planned, then lists of the photos (report paths) that have a detection,
+    as they get it (those kept from an earlier run first), then ``(DETECTION_DONE, summary, report
+    path)`` or ``(DETECTION_FAILED, one-line reason)``. CUDA taken on trust is checked as :func:`start_run_checking_cuda` does
     (``fallback``: the options without CUDA). Dies with its parent."""
     from util.subprocesses import die_with_parent
 
     die_with_parent()
     try:
-        plan, started = start_run_checking_cuda(plan_folder(folder, options, report_path=report_path), fallback)
+        plan = plan_folder(folder, options, report_path=report_path)
+        queue.put(len(plan.rows))
+        plan, started = start_run_checking_cuda(plan, fallback)
         ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
         if ready:
             queue.put(ready)

@@ -32,9 +32,56 @@ def face_loader(spec: LoaderSpec, bfm_folder: str, entries: list, device: torch.
     from torch.utils.data import DataLoader
 
     from data.image_folder import AlignedFaces, collate_faces
-    from util.preprocess import load_lm3d
 
     bs = batch_size or spec.batch_size_on(device)
+    dataset = AlignedFaces(entries, _lm3d(spec, bfm_folder), resample_on_device=spec.resample_on_device,
+                           decode_on_device=spec.decode_on_device)
+    workers = loader_workers(spec.num_threads, len(entries), bs, world)
+    return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_faces,
+                      pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init if workers else None)
+
+
+def streamed_face_loader(spec: LoaderSpec, bfm_folder: str, queue, device: torch.device,
+                         expected: int) -> torch.utils.data.DataLoader:
+    """The DataLoader of a run whose faces arrive as it goes (run_pipeline): batches of
+    :class:`data.image_folder.StreamedFaces`, each as ``queue`` gives it (:class:`pipeline.stream.FaceFeed`),
+    in the order they are ready, not the order fed.
+
+    Args:
+        spec, bfm_folder, device: as :func:`face_loader`'s.
+        queue: the multiprocessing queue of batches of faces (None at the end, once per reader).
+        expected: faces expected (sizes the workers: :func:`pipeline.workers.loader_workers`).
+
+    Returns:
+        the DataLoader; its ``num_workers`` readers (at least one) each need a None to end.
+
+    Raises:
+        SetupError: as :func:`face_loader`.
+    """
+    import inspect
+
+    from torch.utils.data import DataLoader
+
+    from data.image_folder import StreamedFaces
+
+    dataset = StreamedFaces(queue, _lm3d(spec, bfm_folder), resample_on_device=spec.resample_on_device,
+                            decode_on_device=spec.decode_on_device)
+    workers = loader_workers(spec.num_threads, expected, spec.batch_size_on(device))
+    # a worker waiting for faces must not hold back the batches the others have ready (torch >= 2.6)
+    unordered = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=loader_worker_init if workers else None, **unordered)
+
+
+def _lm3d(spec: LoaderSpec, bfm_folder: str):
+    """The (5, 3) standard 3D landmarks the photos align to, once ``spec``'s decoding is checked.
+
+    Raises:
+        SetupError: the 3D landmarks file is missing or damaged, or ``decode_on_device`` without
+        a usable torchvision.
+    """
+    from util.preprocess import load_lm3d
+
     try:
         lm3d = load_lm3d(bfm_folder)
     except (MissingAssetError, ValueError) as e:  # missing or damaged
@@ -46,8 +93,4 @@ def face_loader(spec: LoaderSpec, bfm_folder: str, entries: list, device: torch.
             torchvision_jpeg_decoder()
         except ImportError as e:
             raise SetupError(str(e)) from None
-    dataset = AlignedFaces(entries, lm3d, resample_on_device=spec.resample_on_device,
-                           decode_on_device=spec.decode_on_device)
-    workers = loader_workers(spec.num_threads, len(entries), bs, world)
-    return DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_faces,
-                      pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init if workers else None)
+    return lm3d

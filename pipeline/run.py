@@ -112,7 +112,7 @@ def _cuda_thread_setup(device: torch.device, decode_on_device: bool):
 
 
 def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
-               model=None, only: set[str] | None = None, on_batch=None) -> RunSummary:
+               model=None, only: set[str] | None = None, on_batch=None, source=None) -> RunSummary:
     """Reconstruct every detected face of ``spec.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then the
@@ -131,6 +131,10 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
         on_batch: ``on_batch(model, images, coeffs, batch)`` sees each batch's (B, 3, 224, 224)
             float crops and final (B, 257) coefficients with the collated batch
             (:class:`pipeline.image_sets.SetCollector`).
+        source: the photos to reconstruct as they come (a :class:`pipeline.stream.PhotoSource`:
+            run_pipeline's detection) instead of the folder's detected photos: the faces of each
+            are loaded once it comes (:class:`pipeline.stream.FaceFeed`), batches in the order
+            they are ready.
 
     Returns:
         the run's summary; writing stopped by a full or read-only disk is its ``stopped`` line.
@@ -144,17 +148,27 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     from util.subprocesses import remove_dead_socket_folders
 
     t0 = time.perf_counter()
-    entries, summary = scan(spec, rank, world, only)
+    if source is None:
+        entries, summary = scan(spec, rank, world, only)
+        n_faces = len(entries)
+    else:
+        summary, n_faces = RunSummary(out_dir=spec.out_dir, img_folder=spec.img_folder), source.expected
     tally = Tally(summary, t0)
     tally.mark("scanned")
+    batch_size = spec.loader.batch_size_on(device)
     check_results_dir(summary.out_dir, spec.recursive)
     remove_dead_socket_folders()  # a killed run's forkserver socket folder, where its exit hook did not run
-    loader = face_loader(spec.loader, spec.model.bfm_folder, entries, device, world)
+    if source is None:
+        feed, loader = None, face_loader(spec.loader, spec.model.bfm_folder, entries, device, world)
+    else:
+        feed, loader = _streamed_loader(spec, device, source)
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
     # that thread starts before the fork only when there are none (a fork beside a thread that
     # holds a lock can hang the child)
     warm = start_warm_up(device, spec.model.use_opengl) if model is None and loader.num_workers == 0 else None
     batches = iter(loader)  # workers start decoding now, while the model loads
+    if feed is not None:
+        feed.start(readers=max(1, loader.num_workers))  # its thread once the workers are forked
     select, decoder_warm = _cuda_thread_setup(device, spec.loader.decode_on_device)
 
     def prepare(batch: FaceBatch) -> tuple[FaceBatch, torch.Tensor | None]:
@@ -168,22 +182,22 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
                           on_thread_start=select, name=f"crops[{rank}]")
     writer = bar = None
     try:
-        n_writers = writer_workers(spec.write_workers, len(entries), world)
+        n_writers = writer_workers(spec.write_workers, n_faces, world)
         if n_writers > 0:
             launch_writer_server()  # it imports the writers' modules while the model loads
         if model is None:
             model = build_model(spec.model, device, warm)
-            warm_up_network(model, loader.batch_size, device)
+            warm_up_network(model, batch_size, device)
         tally.mark("model_ready")
         summary.created_dirs = make_results_dir(summary.out_dir)
         writer = ResultWriter(output_config(spec.outputs, spec.model, model.face_model.face_buf.cpu().numpy(),
                                             summary.out_dir),
-                              workers=n_writers, max_pending=max(2 * loader.batch_size, 8 * n_writers))
+                              workers=n_writers, max_pending=max(2 * batch_size, 8 * n_writers))
         writer.start()
         tally.mark("writers_started")
-        log.info("%d face(s): %d DataLoader worker(s), %d writer process(es)", len(entries), loader.num_workers,
-                 n_writers)
-        bar = _progress_bar(len(entries), rank, world) if progress else None
+        log.info("%d face(s)%s: %d DataLoader worker(s), %d writer process(es)", n_faces,
+                 "" if feed is None else " expected", loader.num_workers, n_writers)
+        bar = _progress_bar(n_faces if feed is None else None, rank, world) if progress else None
         for batch, crops in prepared:  # crops made in the thread, with faces that failed there in batch.failed
             tally.mark("first_batch", once=True)
             tally.failed(batch.failed)
@@ -197,9 +211,15 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
             if bar is not None:
                 bar.update(len(batch.meta) + len(batch.failed))
         tally.mark("last_batch")
-        _finish_writes(writer, tally, len(entries), spec.recursive)
+        if feed is not None:
+            n_faces, summary.faces_done_before = feed.faces, feed.done_before
+        _finish_writes(writer, tally, n_faces, spec.recursive)
         tally.mark("written")
+        if feed is not None and feed.error is not None:
+            raise feed.error
     finally:
+        if feed is not None:
+            feed.stop()  # the readers end, so that the workers stop at once
         prepared.stop()
         if writer is not None:
             writer.close(cancel=True)
@@ -214,7 +234,20 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     return summary
 
 
-def _progress_bar(total: int, rank: int, world: int):
+def _streamed_loader(spec: RunSpec, device: torch.device, source):
+    """(the :class:`pipeline.stream.FaceFeed` of ``source``'s photos, the DataLoader reading it)."""
+    from pipeline.loader import streamed_face_loader
+    from pipeline.stream import FaceFeed
+
+    def scan_photos(photos: list[str]) -> tuple[list, int]:
+        entries, part = scan(spec, only=set(photos))
+        return entries, part.faces_done_before
+
+    feed = FaceFeed(source, scan_photos, spec.loader.batch_size_on(device))
+    return feed, streamed_face_loader(spec.loader, spec.model.bfm_folder, feed.queue, device, source.expected)
+
+
+def _progress_bar(total: int | None, rank: int, world: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")

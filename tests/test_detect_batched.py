@@ -282,13 +282,15 @@ def test_default_run_prints_only_our_lines(tmp_path):
 @pytest.mark.slow
 @needs_port
 def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, capsys):
-    """run_pipeline (detection process + reconstruction rounds, here one round per photo) writes
-    the detections, report rows and results of process_images followed by test.py."""
+    """run_pipeline (detection process + reconstruction fed as photos are detected, here each
+    photo its own batch at once) writes the detections, report rows and results of
+    process_images followed by test.py."""
     import run_pipeline
     import test as test_py
+    from pipeline import stream
     from scipy.io import loadmat
 
-    monkeypatch.setattr(run_pipeline, "MIN_ROUND", 1)
+    monkeypatch.setattr(stream, "FLUSH_S", 0.0)
     common = ["--name", standin["name"], "--epoch", "20", "--checkpoints_dir", standin["checkpoints_dir"],
               "--bfm_folder", standin["bfm_folder"], "--device", "cpu", "--save_mesh", "False", "--save_png", "False",
               "--num_threads", "0"]
@@ -329,7 +331,6 @@ def test_run_pipeline_stops_with_one_line_when_the_results_disk_is_full(tmp_path
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(results_io, "write_together", full)
-    monkeypatch.setattr(run_pipeline, "MIN_ROUND", 1)
     folder = make_photo_folder(str(tmp_path / "photos"), PHOTOS[:2], with_detections=False)
     code = run_pipeline.main([folder, "--name", standin["name"], "--epoch", "20", "--checkpoints_dir",
                               standin["checkpoints_dir"], "--bfm_folder", standin["bfm_folder"], "--device", "cpu",

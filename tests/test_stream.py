@@ -1,0 +1,140 @@
+"""Reconstruction fed as photos are detected (run_pipeline): pipeline.stream.FaceFeed's batches and
+run_folder(source=...) with DataLoader workers reading them."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import stream
+from tests.conftest import make_photo_folder
+
+
+def _taken(feed: stream.FaceFeed, readers: int) -> list:
+    """Everything on the feed's queue up to its ``readers`` Nones."""
+    got, ends = [], 0
+    while ends < readers:
+        item = feed.queue.get(timeout=10)
+        if item is None:
+            ends += 1
+        else:
+            got.append(item)
+    return got
+
+
+def _scan(photos):
+    """Each photo one face (its name), 'done_*' photos done before."""
+    return [p for p in photos if not p.startswith("done")], sum(p.startswith("done") for p in photos)
+
+
+def test_the_feed_makes_full_batches_numbers_the_faces_and_ends_each_reader():
+    chunks = [["a", "b"], ["c"], ["done1", "d", "e", "f"], ["g"]]
+    feed = stream.FaceFeed(chunks, _scan, batch_size=3)
+    feed.start(readers=2)
+    got = _taken(feed, 2)
+    assert [[e for _, e in b] for b in got] == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
+    assert [i for b in got for i, _ in b] == list(range(7))
+    assert (feed.faces, feed.done_before, feed.error) == (7, 1, None)
+
+
+def test_a_part_batch_goes_when_the_source_is_idle(monkeypatch):
+    """While the source yields empty lists (nothing detected for a while), faces waiting
+    FLUSH_S go as a part batch instead of waiting for a full one."""
+    monkeypatch.setattr(stream, "FLUSH_S", 0.2)
+    seen = []
+
+    def source():
+        yield ["a", "b"]
+        for _ in range(100):  # idle until the part batch is out
+            time.sleep(0.02)
+            yield []
+            if seen:
+                break
+        yield ["c"]
+
+    feed = stream.FaceFeed(source(), _scan, batch_size=64)
+    feed.start(readers=1)
+    first = feed.queue.get(timeout=10)
+    seen.append(first)
+    assert [e for _, e in first] == ["a", "b"]
+    assert [[e for _, e in b] for b in _taken(feed, 1)] == [["c"]]
+
+
+def test_an_error_of_the_source_ends_the_readers_and_is_kept():
+    def source():
+        yield ["a"]
+        raise RuntimeError("detection went away")
+
+    feed = stream.FaceFeed(source(), _scan, batch_size=8)
+    feed.start(readers=3)
+    assert [[e for _, e in b] for b in _taken(feed, 3)] == [["a"]]  # the faces before it still go
+    feed._thread.join(5)
+    assert isinstance(feed.error, RuntimeError)
+
+
+def test_stop_drops_the_waiting_batches_and_ends_the_readers():
+    def source():
+        yield [str(i) for i in range(10)]
+        time.sleep(60)  # detection still running when the run stops
+
+    feed = stream.FaceFeed(source(), _scan, batch_size=2)
+    feed.start(readers=2)
+    deadline = time.monotonic() + 10
+    while feed.faces < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the queue's own thread has passed them on
+    feed.stop()
+    left = []
+    with pytest.raises(queue.Empty):
+        while True:
+            left.append(feed.queue.get(timeout=1))
+    assert left == [None, None]
+
+
+class _Source:
+    """Photos in chunks with idle gaps, as run_pipeline's DetectedPhotos gives them."""
+
+    def __init__(self, chunks, expected):
+        self.chunks, self.expected = chunks, expected
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            yield []
+            yield chunk
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_workers_writes_what_a_folder_run_writes(standin, tmp_path):
+    """run_folder fed photo by photo (two DataLoader workers taking batches from the feed, in the
+    order they are ready) writes the same coefficients as a run over the listed folder, leaves
+    out a photo never reported, and counts faces done before with --skip_existing."""
+    from scipy.io import loadmat
+
+    from options.run_specs import run_spec
+    from options.test_options import parse_test_options
+    from pipeline.run import run_folder
+
+    names = ["000002.jpg", "000006.jpg", "000007.jpg", "000031.jpg", "vd006.png"]
+    folder = make_photo_folder(str(tmp_path / "photos"), names)
+    common = [f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+              f"--bfm_folder={standin['bfm_folder']}", f"--checkpoints_dir={standin['checkpoints_dir']}",
+              "--device=cpu", "--batch_size=2", "--write_workers=0", "--save_mesh=False", "--save_png=False"]
+    listed = run_spec(parse_test_options(common + [f"--results_dir={tmp_path / 'listed'}", "--num_threads=0"]))
+    assert run_folder(listed, torch.device("cpu"), progress=False).faces_ok == 5
+    streamed = run_spec(parse_test_options(common + [f"--results_dir={tmp_path / 'streamed'}", "--num_threads=2"]))
+    chunks = [["000006.jpg"], ["vd006.png", "000002.jpg", "000031.jpg"]]  # 000007.jpg never reported
+    summary = run_folder(streamed, torch.device("cpu"), progress=False, source=_Source(chunks, expected=64))
+    assert (summary.faces_ok, summary.faces_failed) == (4, 0)
+    assert sorted(os.listdir(tmp_path / "streamed")) == ["000002.mat", "000006.mat", "000031.mat", "vd006.mat"]
+    for stem in ("000002", "000006", "000031", "vd006"):
+        a, b = (loadmat(str(tmp_path / r / f"{stem}.mat")) for r in ("listed", "streamed"))
+        for key in ("id", "exp", "tex", "angle", "gamma", "trans"):
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+    again = run_folder(dataclasses.replace(streamed, skip_existing=True), torch.device("cpu"), progress=False,
+                       source=_Source(chunks + [["000007.jpg"]], expected=64))
+    assert (again.faces_ok, again.faces_done_before) == (1, 4)
