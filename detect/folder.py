@@ -314,7 +314,7 @@ def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: st
     die_with_parent()
     try:
         plan = plan_folder(folder, options, report_path=report_path)
-        queue.put(len(plan.rows))
+        queue.put(len(plan.rows) + len(plan.todo))
         plan, started = start_run_checking_cuda(plan, fallback)
         ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
         if ready:

@@ -281,7 +281,7 @@ def test_default_run_prints_only_our_lines(tmp_path):
 
 @pytest.mark.slow
 @needs_port
-def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, capsys):
+def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, capsys, caplog):
     """run_pipeline (detection process + reconstruction fed as photos are detected, here each
     photo its own batch at once) writes the detections, report rows and results of
     process_images followed by test.py."""
@@ -291,6 +291,7 @@ def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, ca
     from scipy.io import loadmat
 
     monkeypatch.setattr(stream, "FLUSH_S", 0.0)
+    caplog.set_level("INFO", logger="pipeline.run")
     common = ["--name", standin["name"], "--epoch", "20", "--checkpoints_dir", standin["checkpoints_dir"],
               "--bfm_folder", standin["bfm_folder"], "--device", "cpu", "--save_mesh", "False", "--save_png", "False",
               "--num_threads", "0"]
@@ -306,6 +307,7 @@ def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, ca
                               "--detect_device", "cpu", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "detection: 3 photos, 2 with a face" in out and "done: 2 face(s) reconstructed, 0 failed" in out
+    assert "3 face(s) expected" in caplog.text  # the photos detection planned size the run's processes
     for name in PHOTOS[:2]:
         np.testing.assert_array_equal(read_points(detection_path(stream, name)), read_points(detection_path(two, name)))
         stem = os.path.splitext(name)[0]

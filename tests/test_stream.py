@@ -138,3 +138,25 @@ def test_a_streamed_run_with_workers_writes_what_a_folder_run_writes(standin, tm
     again = run_folder(dataclasses.replace(streamed, skip_existing=True), torch.device("cpu"), progress=False,
                        source=_Source(chunks + [["000007.jpg"]], expected=64))
     assert (again.faces_ok, again.faces_done_before) == (1, 4)
+
+
+def test_run_pipelines_source_reads_the_detection_messages():
+    """run_pipeline.DetectedPhotos: the planned count first (photos reported before it are kept),
+    then the photos waiting at each step in one list, an empty list while none comes, and the
+    last message kept as ``final``; a dead process without one counts as failed."""
+    import run_pipeline
+    from detect.folder import DETECTION_DONE, DETECTION_FAILED
+
+    q = queue.Queue()
+    for msg in (["kept.jpg"], 3, ["a.jpg"], ["b.jpg"]):
+        q.put(msg)
+    photos = run_pipeline.DetectedPhotos(q, alive=lambda: True)
+    assert photos.expected == 3
+    it = iter(photos)
+    assert next(it) == ["kept.jpg"]
+    assert next(it) == ["a.jpg", "b.jpg"]
+    assert next(it) == []  # nothing for IDLE_S
+    q.put((DETECTION_DONE, {"images": 3}, "report.json"))
+    assert list(it) == [[]] and photos.final[0] == DETECTION_DONE
+    dead = run_pipeline.DetectedPhotos(queue.Queue(), alive=lambda: False)
+    assert dead.expected == 0 and list(dead) == [] and dead.final[0] == DETECTION_FAILED
