@@ -142,9 +142,12 @@ def run(spec, options, fallback=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if detected.final is None and detector.is_alive():  # stopped early: detection too
+        if detected.final is None and detector.is_alive():  # stopped early: detection too (its Ctrl-C path)
             detector.terminate()
-        detector.join()
+        detector.join(timeout=10)
+        if detector.is_alive():
+            detector.kill()
+            detector.join()
         log.info("detection process ended %.2f s after the start", time.perf_counter() - t0)
     final = detected.final
     if final is not None and final[0] == DETECTION_FAILED:

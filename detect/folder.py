@@ -307,25 +307,40 @@ def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: st
     """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
     the number of photos planned, then lists of the photos (report paths) that have a detection,
     as they get it (those kept from an earlier run first), then ``(DETECTION_DONE, summary, report
-    path)`` or ``(DETECTION_FAILED, one-line reason)``. CUDA taken on trust is checked as :func:`start_run_checking_cuda` does
-    (``fallback``: the options without CUDA). Dies with its parent."""
-    from util.subprocesses import die_with_parent
+    path)`` or ``(DETECTION_FAILED, one-line reason)``. CUDA taken on trust is checked as
+    :func:`start_run_checking_cuda` does (``fallback``: the options without CUDA). SIGTERM (the
+    parent stopping it) is taken as Ctrl-C. Dies with its parent, and leaves once its last
+    message is sent, without waiting for its engines' exit (:func:`util.subprocesses.exit_now`;
+    they end with it)."""
+    from util.interrupts import sigterm_as_interrupt
+    from util.subprocesses import die_with_parent, exit_now
 
     die_with_parent()
     try:
-        plan = plan_folder(folder, options, report_path=report_path)
-        queue.put(len(plan.rows) + len(plan.todo))
-        plan, started = start_run_checking_cuda(plan, fallback)
-        ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
-        if ready:
-            queue.put(ready)
-        report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None,
-                          started=started)
-        queue.put((DETECTION_DONE, report.summary, report.path))
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():  # the parent's terminate(): the engines stopped, the queues' files freed
+            _detect_to_queue(folder, options, queue, report_path, fallback)
+    except KeyboardInterrupt:  # the parent may have stopped reading: what the queue holds must not keep us
+        queue.cancel_join_thread()
         queue.put((DETECTION_FAILED, "interrupted"))
+        exit_now(130)
     except Exception as e:  # noqa: BLE001 - the parent reports it in one line
         queue.put((DETECTION_FAILED, f"{type(e).__name__}: {e}"))
+    queue.close()
+    queue.join_thread()  # the last message is in the pipe
+    exit_now(0)
+
+
+def _detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None,
+                     fallback: PrepareOptions | None) -> None:
+    plan = plan_folder(folder, options, report_path=report_path)
+    queue.put(len(plan.rows) + len(plan.todo))
+    plan, started = start_run_checking_cuda(plan, fallback)
+    ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
+    if ready:
+        queue.put(ready)
+    report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None,
+                      started=started)
+    queue.put((DETECTION_DONE, report.summary, report.path))
 
 
 def _remove_stale_temp_files(folder: str, report_path: str) -> None:
