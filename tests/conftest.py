@@ -118,3 +118,16 @@ def make_photo_folder(dst: str, names: list[str], with_detections: bool = True) 
         if with_detections:
             write_points(detection_path(dst, name), np.array(lm[name]))
     return dst
+
+
+def wait_for_first_result(proc, out, timeout: float = 120) -> None:
+    """Wait until the command ``proc`` (a Popen) has written a .mat into ``out`` (a pathlib
+    folder); it must still be running then (a test interrupts it next)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.is_dir() and any(n.endswith(".mat") for n in os.listdir(out)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()

@@ -14,7 +14,7 @@ import trimesh
 from PIL import Image
 from scipy.io import loadmat
 
-from conftest import ROOT, make_photo_folder
+from conftest import ROOT, make_photo_folder, wait_for_first_result
 
 import test as test_cli
 
@@ -505,12 +505,7 @@ def test_ctrl_c_stops_the_run_at_once_and_leaves_whole_files(standin, tmp_path, 
            "--batch_size=2", "--num_threads=2", "--write_workers=2", "--save_png=false",
            f"--prefetch_batches={prefetch}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.is_dir() and any(n.endswith(".mat") for n in os.listdir(out)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    wait_for_first_result(proc, out)
     proc.send_signal(getattr(signal, sig))
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)

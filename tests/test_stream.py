@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import stream
-from tests.conftest import make_photo_folder
+from tests.conftest import make_photo_folder, wait_for_first_result
 
 
 def _taken(feed: stream.FaceFeed, readers: int) -> list:
@@ -188,12 +188,7 @@ def test_run_pipeline_stops_at_once_on_ctrl_c_and_sigterm(standin, tmp_path, how
            "--save_png=false", "--detector=torch", "--detect_device=cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.is_dir() and any(n.endswith(".mat") for n in os.listdir(out)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    wait_for_first_result(proc, out)
     if how == "ctrl_c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
