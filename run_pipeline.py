@@ -226,4 +226,6 @@ class DetectedPhotos:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from util.subprocesses import exit_now
+
+    exit_now(main())  # as test.py: the files are written, the processes ended; no interpreter teardown
