@@ -136,7 +136,7 @@ def run(spec, options, fallback=None) -> int:
         model = build_model(spec.model, device)  # while the first photos are detected
         warm_up_network(model, spec.loader.batch_size_on(device), device)
         log.info("model ready %.2f s after the start", time.perf_counter() - t0)
-        total = run_folder(spec, device, model=model, progress=False, source=detected)
+        total = run_folder(spec, device, model=model, source=detected)
         log.info("reconstruction ended %.2f s after the start", time.perf_counter() - t0)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -175,53 +175,63 @@ class DetectedPhotos:
     :data:`IDLE_S` without any), ending at its last message, kept in :attr:`final` (a process that
     died without one counts as failed)."""
 
+    _NOTHING = object()  # no message came
+
     def __init__(self, queue, alive):
         self._queue, self._alive = queue, alive
         self.final: tuple | None = None
-        self._early: list[str] = []
-        self._expected: int | None = None
+        self._early: list[str] = []  # photos that came before the run asked for them
+        self._kept = 0  # photos with a detection from an earlier run
+        self._to_detect: int | None = None
+        self._detected = 0
 
     @property
     def expected(self) -> int:
-        """The photos the detection planned (0 if it failed first); waits for its first message."""
-        while self._expected is None and self.final is None:
+        """The photos kept with a face plus those to detect (0 if detection failed first); waits
+        for the count."""
+        while self._to_detect is None and self.final is None:
             msg = self._get()
-            if isinstance(msg, int):
-                self._expected = msg
-            elif isinstance(msg, list):
+            if msg is not self._NOTHING:
                 self._early += msg
-        return self._expected or 0
+        return self._kept + (self._to_detect or 0)
+
+    def status(self) -> str:
+        return f"{self._detected} of {self._to_detect or 0} photos detected"
 
     def __iter__(self):
         if self._early:
             yield self._early
             self._early = []
         while self.final is None:
-            photos = []
-            msg = self._get()
-            while isinstance(msg, (list, int)):  # every message waiting, in one list
-                if isinstance(msg, list):
-                    photos += msg
+            photos, msg = [], self._get()
+            while msg is not self._NOTHING:  # every message waiting, in one list
+                photos += msg
                 msg = self._get(block=False)
             yield photos
 
     def _get(self, block: bool = True):
-        """The next message: blocking, for at most :data:`IDLE_S` (None after that); else None
-        if there is none. The last message goes to :attr:`final`."""
+        """The photos of the next message (blocking for at most :data:`IDLE_S`): a list, or
+        ``_NOTHING`` if none came. The counts are kept; the last message goes to :attr:`final`."""
         import queue as queue_mod
 
         try:
             msg = self._queue.get(timeout=IDLE_S) if block else self._queue.get_nowait()
         except queue_mod.Empty:
-            if block and not self._alive():
-                from detect.folder import DETECTION_FAILED
+            if not (block and not self._alive()):
+                return self._NOTHING
+            from detect.folder import DETECTION_FAILED
 
-                msg = (DETECTION_FAILED, "the detection process ended without a word (killed?)")
-            else:
-                return None
+            msg = (DETECTION_FAILED, "the detection process ended without a word (killed?)")
         if isinstance(msg, tuple):
             self.final = msg
-            return None
+            return self._NOTHING
+        if isinstance(msg, int):
+            self._to_detect = msg
+            return []
+        if self._to_detect is None:  # before the count: the photos kept from an earlier run
+            self._kept += len(msg)
+        else:  # one photo done (an empty list: without a face)
+            self._detected += 1
         return msg
 
 

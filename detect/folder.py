@@ -305,9 +305,10 @@ DETECTION_DONE, DETECTION_FAILED = "done", "failed"  # detect_to_queue's last me
 def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None = None,
                     fallback: PrepareOptions | None = None) -> None:
     """Entry of a detection process (run_pipeline): plan and run ``folder``, putting on ``queue``
-    the number of photos planned, then lists of the photos (report paths) that have a detection,
-    as they get it (those kept from an earlier run first), then ``(DETECTION_DONE, summary, report
-    path)`` or ``(DETECTION_FAILED, one-line reason)``. CUDA taken on trust is checked as
+    the list of photos (report paths) with a detection kept from an earlier run, the number of
+    photos to detect, then for each photo as it is done a list of it alone (or an empty list: no
+    face, or skipped), then ``(DETECTION_DONE, summary, report path)`` or ``(DETECTION_FAILED,
+    one-line reason)``. CUDA taken on trust is checked as
     :func:`start_run_checking_cuda` does (``fallback``: the options without CUDA). SIGTERM (the
     parent stopping it) is taken as Ctrl-C. Dies with its parent, and leaves once its last
     message is sent, without waiting for its engines' exit (:func:`util.subprocesses.exit_now`;
@@ -332,13 +333,10 @@ def detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: st
 
 def _detect_to_queue(folder: str, options: PrepareOptions, queue, report_path: str | None,
                      fallback: PrepareOptions | None) -> None:
-    plan = plan_folder(folder, options, report_path=report_path)
-    queue.put(len(plan.rows) + len(plan.todo))
-    plan, started = start_run_checking_cuda(plan, fallback)
-    ready = [rel for rel, row in plan.rows.items() if row["status"] == "ok"]
-    if ready:
-        queue.put(ready)
-    report = run_plan(plan, on_result=lambda row: queue.put([row["path"]]) if row["status"] == "ok" else None,
+    plan, started = start_run_checking_cuda(plan_folder(folder, options, report_path=report_path), fallback)
+    queue.put([rel for rel, row in plan.rows.items() if row["status"] == "ok"])
+    queue.put(len(plan.todo))
+    report = run_plan(plan, on_result=lambda row: queue.put([row["path"]] if row["status"] == "ok" else []),
                       started=started)
     queue.put((DETECTION_DONE, report.summary, report.path))
 

@@ -209,6 +209,8 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
                 if tally.record(writer.submit(batch_results(model, coeffs, batch, spec.outputs))):
                     break
             if bar is not None:
+                if feed is not None:
+                    bar.set_postfix_str(source.status(), refresh=False)
                 bar.update(len(batch.meta) + len(batch.failed))
         tally.mark("last_batch")
         if feed is not None:
@@ -250,7 +252,8 @@ def _streamed_loader(spec: RunSpec, device: torch.device, source):
 def _progress_bar(total: int | None, rank: int, world: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
+    return tqdm(total=total, unit="face" if total is not None else " faces",  # no total: "12 faces [...]"
+                desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
 
 
 def _finish_writes(writer, tally: Tally, n_faces: int, recursive: bool) -> None:

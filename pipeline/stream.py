@@ -18,11 +18,14 @@ FLUSH_S = 1.0  # a part batch waits at most this long for more faces while the s
 class PhotoSource(Protocol):
     """What a streamed run reads: lists of photos (paths relative to the folder, '/'-separated)
     as they are detected, an empty list when none came for a while, ending when no more will
-    come; ``expected``: about how many photos there are (sizes the run's processes)."""
+    come; ``expected``: about how many photos there are (sizes the run's processes);
+    ``status()``: a few words on its progress (the progress bar shows them)."""
 
     expected: int
 
     def __iter__(self): ...
+
+    def status(self) -> str: ...
 
 
 class FaceFeed:

@@ -305,9 +305,11 @@ def test_run_pipeline_equals_the_two_commands(tmp_path, standin, monkeypatch, ca
     assert test_py.main(common + ["--img_folder", two, "--results_dir", str(tmp_path / "r_two")]) == 0
     assert run_pipeline.main([stream, *common, "--results_dir", str(tmp_path / "r_stream"), "--detector", "torch",
                               "--detect_device", "cpu", "--workers", "1"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "detection: 3 photos, 2 with a face" in out and "done: 2 face(s) reconstructed, 0 failed" in out
-    assert "3 face(s) expected" in caplog.text  # the photos detection planned size the run's processes
+    assert "reconstruct: 2 faces [" in captured.err and "3 of 3 photos detected]" in captured.err  # progress
+    assert "3 face(s) expected" in caplog.text  # the 3 photos to detect size the run's processes
     for name in PHOTOS[:2]:
         np.testing.assert_array_equal(read_points(detection_path(stream, name)), read_points(detection_path(two, name)))
         stem = os.path.splitext(name)[0]
@@ -341,7 +343,8 @@ def test_run_pipeline_stops_with_one_line_when_the_results_disk_is_full(tmp_path
                               "cpu", "--workers", "1"])
     captured = capsys.readouterr()
     assert code == 1 and len(calls) == 1
-    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    lines = [ln for ln in captured.err.replace("\r", "\n").splitlines() if ln.strip()
+             and not ln.startswith("reconstruct: ")]  # the progress bar aside
     assert len(lines) == 1 and lines[0].startswith("error: the results' disk is full: "), captured.err
     assert "--skip_existing true" in lines[0] and "done:" not in captured.out
 

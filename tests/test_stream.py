@@ -102,6 +102,9 @@ class _Source:
     def __init__(self, chunks, expected):
         self.chunks, self.expected = chunks, expected
 
+    def status(self) -> str:
+        return ""
+
     def __iter__(self):
         for chunk in self.chunks:
             yield []
@@ -141,20 +144,21 @@ def test_a_streamed_run_with_workers_writes_what_a_folder_run_writes(standin, tm
 
 
 def test_run_pipelines_source_reads_the_detection_messages():
-    """run_pipeline.DetectedPhotos: the planned count first (photos reported before it are kept),
-    then the photos waiting at each step in one list, an empty list while none comes, and the
-    last message kept as ``final``; a dead process without one counts as failed."""
+    """run_pipeline.DetectedPhotos: the photos kept from an earlier run and the count to detect
+    first (``expected``: both), then the photos waiting at each step in one list (an empty list
+    from detection: a photo without a face), an empty list while none comes, and the last message
+    kept as ``final``; a dead process without one counts as failed."""
     import run_pipeline
     from detect.folder import DETECTION_DONE, DETECTION_FAILED
 
     q = queue.Queue()
-    for msg in (["kept.jpg"], 3, ["a.jpg"], ["b.jpg"]):
+    for msg in (["kept.jpg", "kept2.jpg"], 3, ["a.jpg"], [], ["b.jpg"]):
         q.put(msg)
     photos = run_pipeline.DetectedPhotos(q, alive=lambda: True)
-    assert photos.expected == 3
+    assert photos.expected == 5 and photos.status() == "0 of 3 photos detected"
     it = iter(photos)
-    assert next(it) == ["kept.jpg"]
-    assert next(it) == ["a.jpg", "b.jpg"]
+    assert next(it) == ["kept.jpg", "kept2.jpg"]
+    assert next(it) == ["a.jpg", "b.jpg"] and photos.status() == "3 of 3 photos detected"
     assert next(it) == []  # nothing for IDLE_S
     q.put((DETECTION_DONE, {"images": 3}, "report.json"))
     assert list(it) == [[]] and photos.final[0] == DETECTION_DONE
