@@ -252,8 +252,8 @@ def _streamed_loader(spec: RunSpec, device: torch.device, source):
 def _progress_bar(total: int | None, rank: int, world: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="face" if total is not None else " faces",  # no total: "12 faces [...]"
-                desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct")
+    count = {} if total is not None else {"bar_format": "{desc}: {n_fmt} faces [{elapsed}, {rate_fmt}{postfix}]"}
+    return tqdm(total=total, unit="face", desc=f"reconstruct[{rank}]" if world > 1 else "reconstruct", **count)
 
 
 def _finish_writes(writer, tally: Tally, n_faces: int, recursive: bool) -> None:
