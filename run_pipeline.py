@@ -108,20 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(spec, options, fallback=None) -> int:
+def run(spec, options, fallback=None, detection=None) -> int:
     """Detection (``options``, a :class:`detect.settings.PrepareOptions`; ``fallback``, the same on
     the CPU should torch see no CUDA after all) in a process of its own, reconstruction of ``spec``
     (a :class:`pipeline.settings.RunSpec`) here, fed the photos as they are detected; prints both
-    summaries and returns the exit code."""
+    summaries and returns the exit code. ``detection``: the detection process's function (None:
+    :func:`detect.folder.detect_to_queue`; tests give stand-ins with its messages)."""
     import multiprocessing
 
-    from detect.folder import DETECTION_FAILED, detect_to_queue
     from util.subprocesses import main_module_hidden
 
+    if detection is None:
+        from detect.folder import detect_to_queue as detection
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # CUDA and TensorFlow do not survive fork
     queue = ctx.Queue()
-    detector = ctx.Process(target=detect_to_queue, args=(spec.img_folder, options, queue, None, fallback),
+    detector = ctx.Process(target=detection, args=(spec.img_folder, options, queue, None, fallback),
                            name="detection")
     with main_module_hidden():
         detector.start()
@@ -136,8 +138,10 @@ def run(spec, options, fallback=None) -> int:
         model = build_model(spec.model, device)  # while the first photos are detected
         warm_up_network(model, spec.loader.batch_size_on(device), device)
         log.info("model ready %.2f s after the start", time.perf_counter() - t0)
-        total = run_folder(spec, device, model=model, source=detected)
-        log.info("reconstruction ended %.2f s after the start", time.perf_counter() - t0)
+        total = None
+        if detected.expected or not detected.failed:  # a detection set-up error: nothing written
+            total = run_folder(spec, device, model=model, source=detected)
+            log.info("reconstruction ended %.2f s after the start", time.perf_counter() - t0)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -150,8 +154,10 @@ def run(spec, options, fallback=None) -> int:
             detector.join()
         log.info("detection process ended %.2f s after the start", time.perf_counter() - t0)
     final = detected.final
-    if final is not None and final[0] == DETECTION_FAILED:
-        print(f"run_pipeline: detection failed: {final[1]}", file=sys.stderr)
+    if detected.failed:
+        done = f"; the {total.faces_ok} face(s) of the photos detected before it are written in {total.out_dir}" \
+            if total is not None and total.faces_ok else ""
+        print(f"run_pipeline: detection failed: {final[1]}{done}", file=sys.stderr)
         return 130 if final[1] == "interrupted" else 2
     if total.stopped:  # one line says what, where, what is left and how to finish (as test.py does)
         print(f"error: {total.stopped}", file=sys.stderr)
@@ -194,6 +200,13 @@ class DetectedPhotos:
             if msg is not self._NOTHING:
                 self._early += msg
         return self._kept + (self._to_detect or 0)
+
+    @property
+    def failed(self) -> bool:
+        """Detection's last message came and says it failed."""
+        from detect.folder import DETECTION_FAILED
+
+        return self.final is not None and self.final[0] == DETECTION_FAILED
 
     def status(self) -> str:
         return f"{self._detected} of {self._to_detect or 0} photos detected"

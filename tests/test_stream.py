@@ -213,3 +213,48 @@ def test_run_pipeline_stops_at_once_on_ctrl_c_and_sigterm(standin, tmp_path, how
     written = [os.path.join(d, n) for sub in (out, folder / "detections") for d, _, ns in os.walk(sub) for n in ns]
     assert written and not [p for p in written if p.endswith(".part") or ".tmp" in os.path.basename(p)]
     assert 0 < len([p for p in written if p.endswith(".mat")]) < len(names) * 6
+
+
+def _detection_that_fails_at_once(folder, options, queue, report_path=None, fallback=None):
+    """A detection process whose set-up fails (as detect_to_queue reports it)."""
+    from detect.folder import DETECTION_FAILED
+
+    queue.put((DETECTION_FAILED, "ValueError: no engine could start"))
+
+
+def _detection_that_fails_after_one(folder, options, queue, report_path=None, fallback=None):
+    """A detection process that reports one photo, then fails."""
+    from detect.folder import DETECTION_FAILED
+
+    queue.put([])
+    queue.put(2)
+    queue.put(["000002.jpg"])
+    queue.put((DETECTION_FAILED, "RuntimeError: CUDA error: an illegal memory access"))
+
+
+@pytest.mark.parametrize("when", ["set_up", "mid_run"])
+def test_run_pipeline_reports_a_detection_failure(standin, tmp_path, capsys, when):
+    """Detection failing at its set-up: its one-line error, exit 2, no results folder (the model
+    was loaded meanwhile, nothing written). Failing mid-run: the faces of the photos detected
+    before are reconstructed and the line says where they are."""
+    import run_pipeline
+    from options.run_specs import run_spec
+    from options.test_options import parse_test_options
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg", "vd006.png"])
+    out = tmp_path / "out"
+    spec = run_spec(parse_test_options([f"--name={standin['name']}", "--epoch=20", f"--img_folder={folder}",
+                                        f"--bfm_folder={standin['bfm_folder']}",
+                                        f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={out}",
+                                        "--device=cpu", "--save_png=false", "--save_mesh=false"]))
+    fake = _detection_that_fails_at_once if when == "set_up" else _detection_that_fails_after_one
+    assert run_pipeline.run(spec, options=None, detection=fake) == 2
+    err = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if ln.strip() and not ln.startswith("reconstruct: ")]
+    assert len(err) == 1 and err[0].startswith("run_pipeline: detection failed: "), err
+    if when == "set_up":
+        assert err[0].endswith("ValueError: no engine could start") and not out.exists()
+    else:
+        assert err[0].endswith(f"an illegal memory access; the 1 face(s) of the photos detected before it are "
+                               f"written in {out}")
+        assert sorted(os.listdir(out)) == ["000002.mat"]
