@@ -108,8 +108,8 @@ class FaceFeed:
 
         self._stopped.set()
         try:
-            while True:
-                self.queue.get_nowait()
+            while True:  # a short wait: what the queue's own thread has not yet passed on goes too
+                self.queue.get(timeout=0.05)
         except (queue.Empty, OSError, ValueError):
             pass
         self._end()
