@@ -2,8 +2,8 @@
 
     python benchmarks/chain_cpu_costs.py [--faces tests/data/faces] [--bfm_folder standin/BFM]
 
-On one core (process time, best of --repeats passes over the photos of --faces, with their
-golden detections):
+On one core (process time, best of --repeats passes over the photos of --faces that have a
+golden detection in tests/data/faces_lm5.json):
 
   * detection's load (:func:`detect.analyze.load_photo`: read, decode, checks, shrink to
     ``--max_side``), what a detection engine's reading thread does per photo;
@@ -46,17 +46,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import cv2
 
+    from benchmarks.bench_inference import make_folder
     from data.image_folder import FaceEntry, load_face
     from detect.analyze import load_photo
-    from tests.conftest import make_photo_folder
     from util.detections_io import detection_path
     from util.preprocess import load_lm3d
 
     cv2.setNumThreads(1)
-    names = sorted(n for n in os.listdir(a.faces) if n.lower().endswith((".jpg", ".jpeg", ".png")))
     lm3d = load_lm3d(a.bfm_folder)
     with tempfile.TemporaryDirectory(prefix="chain_cpu_") as tmp:
-        folder = make_photo_folder(tmp, names)
+        n = len([f for f in os.listdir(a.faces) if f.lower().endswith((".jpg", ".jpeg", ".png"))])
+        folder = make_folder(tmp, n, a.faces)  # one copy of each photo with a golden detection
+        names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
         detect = cpu_ms_per_item(lambda n: load_photo(folder, n, {}, a.max_side, False), names, a.repeats)
         entries = [FaceEntry(os.path.join(folder, n), detection_path(folder, n), os.path.splitext(n)[0], "")
                    for n in names]
