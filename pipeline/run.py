@@ -112,7 +112,7 @@ def _cuda_thread_setup(device: torch.device, decode_on_device: bool):
 
 
 def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
-               model=None, only: set[str] | None = None, on_batch=None, source=None) -> RunSummary:
+               model=None, on_batch=None, source=None) -> RunSummary:
     """Reconstruct every detected face of ``spec.img_folder`` on ``device`` (this rank's share).
 
     The DataLoader's workers start first (they decode and align while the model loads), then the
@@ -125,9 +125,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
         device: where the network, face model and renderer run.
         rank, world: this process's share of the folder (every world-th photo from rank).
         progress: show a progress bar.
-        model: an already built model (run_pipeline's rounds); None: built here from ``spec.model``.
-        only: photos (paths relative to the folder, '/'-separated) to reconstruct; the others are
-            left out and not reported.
+        model: an already built model (run_pipeline's); None: built here from ``spec.model``.
         on_batch: ``on_batch(model, images, coeffs, batch)`` sees each batch's (B, 3, 224, 224)
             float crops and final (B, 257) coefficients with the collated batch
             (:class:`pipeline.image_sets.SetCollector`).
@@ -149,7 +147,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
 
     t0 = time.perf_counter()
     if source is None:
-        entries, summary = scan(spec, rank, world, only)
+        entries, summary = scan(spec, rank, world)
         n_faces = len(entries)
     else:
         summary, n_faces = RunSummary(out_dir=spec.out_dir, img_folder=spec.img_folder), source.expected

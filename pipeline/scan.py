@@ -128,8 +128,9 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
     Args:
         spec: the run (its folder, results folder, ``recursive``, ``skip_existing``, outputs).
         rank, world: this rank's share, every world-th photo from ``rank``.
-        only: photos (paths relative to the folder, '/'-separated) to keep; the others are left
-            out and not reported.
+        only: just these photos (paths relative to the folder, '/'-separated; run_pipeline's
+            detected photos), found without listing the folder (:func:`entries_of`; one rank:
+            ``rank`` and ``world`` are not used); the others are left out and not reported.
 
     Returns:
         (the :class:`data.image_folder.FaceEntry` list to do, a :class:`RunSummary` with the
@@ -145,13 +146,10 @@ def scan(spec: RunSpec, rank: int = 0, world: int = 1, only: set[str] | None = N
     if not os.path.isdir(folder):
         raise SetupError(f"--img_folder {folder} is not a folder; give the folder of photos "
                          "that ./process_images.sh prepared")
-    if only is not None and world == 1:  # run_pipeline's rounds: those photos only, no listing of the folder
+    if only is not None:
         entries, missing = entries_of(folder, only, lm68=spec.fit_steps > 0), []
     else:
         entries, missing = scan_folder(folder, spec.recursive, lm68=spec.fit_steps > 0, share=(rank, world))
-    if only is not None and world > 1:
-        prefix = os.path.join(folder, "")
-        entries, missing = [e for e in entries if e.image_path[len(prefix):] in only], []
     summary = RunSummary(out_dir=spec.out_dir, img_folder=folder, photos_without_detection=missing)
     if spec.skip_existing:
         entries, summary.faces_done_before = without_finished(entries, summary.out_dir, output_files(spec.outputs))

@@ -1,5 +1,5 @@
-"""run_pipeline's rounds: pipeline.scan.entries_of takes the photos the detection process reported
-without listing the folder, and gives the faces a full scan would."""
+"""run_pipeline's photos as detection reports them: pipeline.scan.entries_of (what the feed's
+scan(only=...) calls) takes them without listing the folder, and gives the faces a full scan would."""
 from __future__ import annotations
 
 import itertools
@@ -46,7 +46,7 @@ def test_the_reported_photos_give_the_faces_of_a_full_scan(tmp_path, lm68):
     assert [e.name for e in scan.entries_of(folder, {"z.jpg", "b.png"})] == ["b"]
 
 
-def test_a_round_does_not_list_the_folder(tmp_path, monkeypatch):
+def test_reported_photos_are_scanned_without_listing_the_folder(tmp_path, monkeypatch):
     from pipeline.settings import ModelSpec, RunSpec
 
     folder = make_folder(tmp_path)
@@ -54,7 +54,7 @@ def test_a_round_does_not_list_the_folder(tmp_path, monkeypatch):
                    recursive=True)
 
     def no_listing(*a, **k):
-        raise AssertionError("a round listed the whole folder")
+        raise AssertionError("the scan of reported photos listed the whole folder")
     monkeypatch.setattr(image_folder, "list_images", no_listing)
     entries, summary = scan.scan(spec, only={"sub/c.jpg", "b.png"})
     assert [(e.rel_dir, e.name) for e in entries] == [("", "b"), ("sub", "c"), ("sub", "c__face03")]
