@@ -230,9 +230,9 @@ class DetectedPhotos:
         try:
             msg = self._queue.get(timeout=IDLE_S) if block else self._queue.get_nowait()
         except queue_mod.Empty:
-            if not (block and not self._alive()):
+            if not block or self._alive():
                 return self._NOTHING
-            from detect.folder import DETECTION_FAILED
+            from detect.folder import DETECTION_FAILED  # waited in vain, and the process is gone
 
             msg = (DETECTION_FAILED, "the detection process ended without a word (killed?)")
         if isinstance(msg, tuple):

@@ -169,8 +169,10 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
         p.error(str(e))
     if not 0.0 <= o.ema < 1.0:
         p.error(f"--ema must be in [0, 1) (a decay such as 0.999; 0 = off), got {o.ema}")
+    from models.fitting import FIT_LOSSES
+
     losses = fit_losses(o.fit_loss)
-    if not losses or any(v not in ("front", "train") for v in losses) or len(set(losses)) != len(losses):
+    if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
         p.error(f"--fit_loss must be 'front' (test.py's fitting), 'train' (the training loss) or both separated by a "
                 f"comma, got {o.fit_loss!r}")
     if o.train_only and o.from_run:
