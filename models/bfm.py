@@ -26,6 +26,7 @@ from models.coeffs import COEFFS, CoeffLayout
 from util.assets import BFM_HELP, error_line, require_file
 from util.atomic_files import write_atomic
 from util.checks import check_shape
+from util.mat_cache import load_cached
 
 log = logging.getLogger(__name__)
 
@@ -250,95 +251,11 @@ def convert_bfm09(bfm_folder: str, out_name: str = "BFM_model_front.mat") -> str
     return out
 
 
-def cache_path(path: str) -> str:
-    """The load cache of a face model .mat: ``BFM_model_front.mat`` -> ``BFM_model_front.cache.npz``.
-
-    Args:
-        path: the .mat's path (any extension is replaced).
-
-    Returns:
-        The cache's path beside it.
-    """
-    return os.path.splitext(path)[0] + ".cache.npz"
-
-
-CACHE_FORMAT = 2  # 2: arrays stored in C order (1: as loadmat returns them, Fortran order)
-
-
-def _source_stamp(path: str) -> np.ndarray:
-    """(3,) int64: the .mat's size and modification time, and :data:`CACHE_FORMAT`."""
-    st = os.stat(path)
-    return np.array([st.st_size, st.st_mtime_ns, CACHE_FORMAT], dtype=np.int64)
-
-
-def _read_cache(path: str) -> dict[str, np.ndarray] | None:
-    """The cached arrays of ``path`` if the cache was made from this very file (same size and
-    modification time), else None."""
-    cache = cache_path(path)
-    if not os.path.isfile(cache):
-        return None
-    try:
-        arrays = _read_stored_npz(cache)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign cache is simply rebuilt
-        log.debug("ignoring face model cache %s (%s)", cache, e)
-        return None
-    if not np.array_equal(arrays.pop("__source__", None), _source_stamp(path)):
-        return None
-    return arrays
-
-
-def _read_stored_npz(path: str) -> dict[str, np.ndarray]:
-    """np.load of an uncompressed .npz, faster (docs/throughput.md): each member's .npy is read straight from
-    the file (``np.fromfile``) instead of through zipfile's reader and its checksum."""
-    import struct
-    import zipfile
-
-    out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
-                raise ValueError(f"{info.filename}: not a stored .npy member")
-            f.seek(info.header_offset)
-            head = f.read(30)  # local file header: signature ... name length, extra length
-            if head[:4] != b"PK\x03\x04":
-                raise ValueError(f"{info.filename}: bad local header")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            out[info.filename[:-len(".npy")]] = np.lib.format.read_array(f, allow_pickle=False)
-    return out
-
-
-def _write_cache(path: str, model: dict) -> None:
-    """Store the arrays of a loaded .mat beside it (uncompressed .npz), atomically; skipped
-    quietly where the folder is read-only or an entry is not a plain numeric array.
-
-    Arrays are stored in C order (loadmat's are Fortran order), which the face model's float32
-    buffers use as they are read, without a transposing copy. The cache gets the .mat's
-    permissions (within the umask), so whoever may read the .mat may read it."""
-    import stat
-
-    arrays = {k: v for k, v in model.items() if not k.startswith("__")}
-    if not all(isinstance(v, np.ndarray) and v.dtype.kind in "biufc" for v in arrays.values()):
-        return
-
-    def write(f) -> None:
-        np.savez(f, __source__=_source_stamp(path), **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-
-    try:
-        write_atomic(cache_path(path), write, mode=stat.S_IMODE(os.stat(path).st_mode))
-    except OSError as e:
-        log.debug("not caching %s (%s)", path, e)
-
-
 def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: bool = True) -> dict[str, np.ndarray]:
     """Load ``bfm_folder/name``, converting it from the BFM 2009 files on first use.
 
-    With ``cache``, the arrays are also kept in ``<name without .mat>.cache.npz`` beside it,
-    which loads faster than the .mat (and without scipy); the cache holds the same arrays
-    (dtype, shape, values, in C order; not the .mat's ``__header__`` entries) and is rebuilt
-    whenever the .mat's size or modification time differ from those it was made from, or it
-    was written in an older :data:`CACHE_FORMAT`. A cache that cannot be written (read-only
-    folder) is skipped quietly.
+    With ``cache``, the arrays are also kept in ``<name without .mat>.cache.npz`` beside it
+    (:mod:`util.mat_cache`), which loads faster than the .mat and without scipy.
 
     Args:
         bfm_folder: the face model's folder.
@@ -359,15 +276,7 @@ def load_front_model(bfm_folder: str, name: str = "BFM_model_front.mat", cache: 
         if name != "BFM_model_front.mat" and not os.path.isfile(os.path.join(bfm_folder, "01_MorphableModel.mat")):
             require_file(path, "Face model", BFM_HELP.format(folder=bfm_folder))
         convert_bfm09(bfm_folder, name)
-    model = _read_cache(path) if cache else None
-    if model is None:
-        model = _loadmat(path, FRONT_HELP)
-        check_front_model(model, path)
-        if cache:
-            _write_cache(path, model)
-    else:
-        check_front_model(model, path)
-    return model
+    return load_cached(path, lambda p: _loadmat(p, FRONT_HELP), lambda m: check_front_model(m, path), cache)
 
 
 # --------------------------------------------------------------------------- face model

@@ -100,7 +100,8 @@ def test_load_recon_net_does_not_import_dynamo(standin):
 def test_face_model_cache_is_c_ordered_and_readable_like_its_mat(tmp_path, tiny_model_dict):
     from scipy.io import savemat
 
-    from models.bfm import cache_path, load_front_model
+    from models.bfm import load_front_model
+    from util.mat_cache import cache_path
 
     path = str(tmp_path / "BFM_model_front.mat")
     savemat(path, {k: np.asfortranarray(v) for k, v in tiny_model_dict.items()})
@@ -117,14 +118,33 @@ def test_face_model_cache_of_an_older_format_is_rebuilt(tmp_path, tiny_model_dic
     from scipy.io import savemat
 
     from models import bfm
+    from util import mat_cache
 
     path = str(tmp_path / "BFM_model_front.mat")
     savemat(path, tiny_model_dict)
-    old = bfm._source_stamp(path)[:2]
-    np.savez(bfm.cache_path(path), __source__=old, **{k: np.asfortranarray(v) for k, v in tiny_model_dict.items()})
-    assert bfm._read_cache(path) is None
+    old = mat_cache.source_stamp(path)[:2]
+    np.savez(mat_cache.cache_path(path), __source__=old, **{k: np.asfortranarray(v) for k, v in tiny_model_dict.items()})
+    assert mat_cache.read_cache(path) is None
     bfm.load_front_model(str(tmp_path))
-    assert bfm._read_cache(path) is not None and bfm._read_cache(path)["idBase"].flags.c_contiguous
+    assert mat_cache.read_cache(path) is not None and mat_cache.read_cache(path)["idBase"].flags.c_contiguous
+
+
+def test_standard_landmarks_load_from_their_cache_without_scipy(tmp_path):
+    """load_lm3d caches similarity_Lm3D_all.mat beside it; a fresh process then reads the same
+    (5, 3) points without importing scipy (its import was on test.py's start-up path)."""
+    import shutil
+
+    from util.mat_cache import cache_path
+    from util.preprocess import load_lm3d
+
+    mat = shutil.copy(os.path.join(ROOT, "BFM", "similarity_Lm3D_all.mat"), tmp_path)
+    first = load_lm3d(str(tmp_path))  # from the .mat (scipy), writes the cache
+    assert os.path.isfile(cache_path(mat))
+    out = _python("import sys\nfrom util.preprocess import load_lm3d\n"
+                  f"print(load_lm3d({str(tmp_path)!r}).tobytes().hex())\nprint('scipy' in sys.modules)")
+    again, scipy_loaded = out.splitlines()
+    assert bytes.fromhex(again) == first.tobytes() and first.shape == (5, 3) and first.dtype == np.float32
+    assert scipy_loaded == "False"
 
 
 def test_test_py_logs_its_start_up(tmp_path, standin, caplog):

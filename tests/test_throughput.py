@@ -327,7 +327,8 @@ def test_run_with_processes_equals_run_in_the_main_process(standin, tmp_path):
 def test_face_model_cache_holds_the_same_arrays(tmp_path, tiny_model_dict):
     from scipy.io import loadmat, savemat
 
-    from models.bfm import cache_path, load_front_model
+    from models.bfm import load_front_model
+    from util.mat_cache import cache_path
 
     savemat(str(tmp_path / "BFM_model_front.mat"), tiny_model_dict)
     path = str(tmp_path / "BFM_model_front.mat")
@@ -359,6 +360,7 @@ def test_face_model_cache_in_a_read_only_folder(tmp_path, tiny_model_dict, monke
     from scipy.io import savemat
 
     from models import bfm
+    from util import mat_cache
 
     savemat(str(tmp_path / "BFM_model_front.mat"), tiny_model_dict)
 
@@ -367,7 +369,7 @@ def test_face_model_cache_in_a_read_only_folder(tmp_path, tiny_model_dict, monke
 
     monkeypatch.setattr("util.atomic_files.temp_path", refuse)  # the cache's temporary file cannot be made
     m = bfm.load_front_model(str(tmp_path))
-    assert not os.path.exists(bfm.cache_path(str(tmp_path / "BFM_model_front.mat")))
+    assert not os.path.exists(mat_cache.cache_path(str(tmp_path / "BFM_model_front.mat")))
     np.testing.assert_array_equal(m["tri"], tiny_model_dict["tri"])
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from util.assets import error_line, require_file
 from util.landmarks import lm68_to_5
+from util.mat_cache import load_cached
 
 TARGET_SIZE = 224
 RESCALE_FACTOR = 102.0
@@ -45,17 +46,24 @@ def load_lm3d(bfm_folder: str) -> np.ndarray:
         MissingAssetError: the file is missing.
         ValueError: it cannot be read, or ``lm`` is not 68 finite 3D float points.
     """
-    from scipy.io import loadmat
-
     how = "It ships with this project in BFM/; point --bfm_folder at a folder holding it."
     path = require_file(os.path.join(bfm_folder, "similarity_Lm3D_all.mat"), "Standard landmarks", how)
-    try:
-        lm = np.asarray(loadmat(path)["lm"])  # its own dtype (float32): the original's numbers
-    except Exception as e:  # noqa: BLE001 - truncated, not a .mat, no 'lm': one line, below
-        raise ValueError(f"cannot read the standard landmarks {path} ({error_line(e)}); {how}") from None
-    if lm.shape != (68, 3) or lm.dtype.kind != "f" or not np.all(np.isfinite(lm)):
-        raise ValueError(f"{path}: 'lm' should be 68 finite 3D points, found shape {lm.shape}; {how}")
-    return lm68_to_5(lm)
+
+    def read(p: str) -> dict:
+        from scipy.io import loadmat
+
+        try:
+            return {"lm": np.asarray(loadmat(p)["lm"])}  # its own dtype (float32): the original's numbers
+        except Exception as e:  # noqa: BLE001 - truncated, not a .mat, no 'lm': one line, below
+            raise ValueError(f"cannot read the standard landmarks {p} ({error_line(e)}); {how}") from None
+
+    def check(arrays: dict) -> None:
+        lm = np.asarray(arrays.get("lm", np.zeros(0)))
+        if lm.shape != (68, 3) or lm.dtype.kind != "f" or not np.all(np.isfinite(lm)):
+            raise ValueError(f"{path}: 'lm' should be 68 finite 3D points, found shape {lm.shape}; {how}")
+
+    # cached beside it (util.mat_cache): a run's start-up then needs no scipy
+    return lm68_to_5(load_cached(path, read, check)["lm"])
 
 
 def pos(xp: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
