@@ -21,7 +21,9 @@ Steps (--steps, comma list; each adds its figures to the JSON):
 - ``startup``: fresh ``python test.py`` processes on one photo (benchmarks/bench_inference.py's
   measure: to the first image's files and to the exit, median of --startup-runs; with and
   without a bytecode cache where the interpreter writes none), and ``-X importtime``'s 25
-  slowest imports of one run.
+  slowest imports of one run;
+- ``profile``: one start-up and one ``run_pipeline.sh`` on N copies with every process sampling
+  its Python stacks (benchmarks/sampler/): where each process's time goes, over time.
 
 The copies are hard links (``<i>_<name>``) of the photos of --faces (default tests/data/faces,
 else examples/). Reconstruction uses the stand-in (``python -m tools.standin``).
@@ -224,8 +226,44 @@ def step_startup(a, tmp: str, res: dict) -> None:
     res["startup"]["slowest_imports_us"] = sorted(rows, reverse=True)[:25]
 
 
+def sampled_env(folder: str, interval: float) -> dict:
+    """The environment that makes every Python process of a command sample itself into ``folder``
+    (benchmarks/sampler/sitecustomize.py)."""
+    path = os.path.join(ROOT, "benchmarks", "sampler")
+    return {**os.environ, "D3DFR_SAMPLE_DIR": folder, "D3DFR_SAMPLE_INTERVAL": str(interval), "D3DFR_SAMPLE_ROOT": ROOT,
+            "PYTHONPATH": os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def step_profile(a, tmp: str, res: dict) -> None:
+    """Where the time goes, by sampling every process's Python stacks (benchmarks/sampling_profile.py):
+    one ``test.py`` start-up on one photo (every millisecond), then one ``run_pipeline.sh`` on N
+    fresh copies (every 5 ms; a little slower than without the sampler). The summaries go into the
+    JSON and, as text, beside it (``<json>.profile_*.txt``)."""
+    from benchmarks.sampling_profile import summarize
+
+    out: dict = {}
+    one = make_copies(a.faces, os.path.join(tmp, "one_p"), 1)
+    timed(process_images(one, "--device", a.device))
+    runs = [("startup", 0.001, [sys.executable, os.path.join(ROOT, "test.py"),
+                                *standin_args(one, os.path.join(tmp, "r_one_p"), a.device), "--verbose"])]
+    folder = make_copies(a.faces, os.path.join(tmp, "chain_p"), a.n)
+    runs.append(("run_pipeline", 0.005, [os.path.join(ROOT, "run_pipeline.sh"), folder,
+                                         *standin_args(folder, os.path.join(tmp, "r_chain_p"), a.device),
+                                         f"--detect_device={a.device}", "--verbose"]))
+    for name, interval, cmd in runs:
+        samples = os.path.join(tmp, f"samples_{name}")
+        wall, tail = timed(cmd, env=sampled_env(samples, interval))
+        text = summarize(samples, 15, 1.0 if name == "run_pipeline" else 0.25)
+        out[name] = {"wall_s": round(wall, 2), "log": tail[-3000:], "summary": text}
+        print(f"profile {name}: {wall:.2f} s (sampled)\n{text}", flush=True)
+        if a.json:
+            with open(f"{a.json}.profile_{name}.txt", "w") as f:
+                f.write(f"{' '.join(cmd)}\n{wall:.2f} s with the sampler\n{tail[-3000:]}\n\n{text}\n")
+    res["profile"] = out
+
+
 STEPS = {"warm": step_warm, "detect": step_detect, "agreement": step_agreement, "chain": step_chain, "scaling": step_scaling,
-         "startup": step_startup}
+         "startup": step_startup, "profile": step_profile}
 
 
 def main(argv=None) -> int:
