@@ -25,7 +25,10 @@ Steps (--steps, comma list; each adds its figures to the JSON):
 - ``profile``: one start-up and one ``run_pipeline.sh`` on N copies with every process sampling
   its Python stacks (benchmarks/sampler/): where each process's time goes, over time.
 
-The copies are hard links (``<i>_<name>``) of the photos of --faces (default tests/data/faces,
+Where the environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE, as on the GPU hosts'
+image, whose packages ship uncompiled), every process would compile every module it imports,
+torch's included, from source: the commands then run with a bytecode cache (--bytecode-cache),
+filled by the warm step, as after a normal install. The copies are hard links (``<i>_<name>``) of the photos of --faces (default tests/data/faces,
 else examples/). Reconstruction uses the stand-in (``python -m tools.standin``).
 """
 from __future__ import annotations
@@ -78,8 +81,13 @@ def timed(cmd: list[str], timeout: float = 600, env: dict | None = None) -> tupl
     return wall, (r.stdout + r.stderr)[-20000:]
 
 
-def process_images(folder: str, *args: str) -> list[str]:
-    return [os.path.join(ROOT, "process_images.sh"), folder, "--no-progress", *args]
+def process_images(folder: str, *args: str, root: str = ROOT) -> list[str]:
+    return [os.path.join(root, "process_images.sh"), folder, "--no-progress", *args]
+
+
+def roots(a) -> list[tuple[str, str]]:
+    """(label, checkout) of the commands to time: this one, and --ab-root's (alternated with it)."""
+    return [("this", ROOT)] + ([("other", os.path.abspath(a.ab_root))] if a.ab_root else [])
 
 
 def standin_args(folder: str, out: str, device: str) -> list[str]:
@@ -92,21 +100,22 @@ def step_detect(a, tmp: str, res: dict) -> None:
     runs = []
     combos = [(int(b), w, wait, extra) for b in a.batch_sizes.split(",") for w in a.detect_workers.split(",")
               for wait in a.detect_wait.split(",") for extra in a.detect_env.split(",")]
+    combos = [(c, label, root) for c in combos for label, root in roots(a)]
     for r in range(a.detect_repeats):  # repeats alternate the configurations (the host's load drifts)
-        for i, (bs, workers, wait, extra) in enumerate(combos):
+        for i, ((bs, workers, wait, extra), label, root) in enumerate(combos):
             folder = make_copies(a.faces, os.path.join(tmp, f"detect_{r}_{i}_bs{bs}_w{workers}_{wait}"), a.n)
             env = {**os.environ, "D3DFR_WAIT_FOR_WORKERS": "1" if wait == "yes" else "0"}
             if extra:
                 name, _, value = extra.partition("=")
                 env[name] = value
             wall, tail = timed(process_images(folder, "--device", a.device, "--batch_size", str(bs), "--workers",
-                                              workers, "--verbose"), env=env)
+                                              workers, "--verbose", root=root), env=env)
             report = json.load(open(os.path.join(folder, "process_report.json")))
             timeline = [line for line in tail.splitlines() if "detect." in line and " s" in line]
-            runs.append({"batch_size": bs, "workers": workers, "wait_for_workers": wait, "env": extra, "n": a.n,
+            runs.append({"checkout": label, "batch_size": bs, "workers": workers, "wait_for_workers": wait, "env": extra, "n": a.n,
                          "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1), "ok": report["summary"]["ok"],
                          "summary": report["summary"], "timeline": timeline})
-            print(f"detect --device {a.device} --batch_size {bs} --workers {workers} (waiting for the workers: "
+            print(f"[{label}] detect --device {a.device} --batch_size {bs} --workers {workers} (waiting for the workers: "
                   f"{wait}{'; ' + extra if extra else ''}): {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
                   f"({report['summary']['ok']} with a face)", *timeline, sep="\n  ", flush=True)
             res["detect_folder"] = folder
@@ -122,6 +131,11 @@ def step_warm(a, tmp: str, res: dict) -> None:
     folder = make_copies(a.faces, os.path.join(tmp, "warm"), len(photo_names(a.faces)))
     wall, _ = timed(process_images(folder, "--device", a.device))
     res["warm_run_s"] = round(wall, 2)
+    if res.get("bytecode_cache"):  # every command once, so that the timed runs find their modules compiled
+        timed([sys.executable, os.path.join(ROOT, "test.py"), *standin_args(folder, os.path.join(tmp, "r_warm"), a.device)])
+        again = make_copies(a.faces, os.path.join(tmp, "warm_chain"), len(photo_names(a.faces)))
+        timed([os.path.join(ROOT, "run_pipeline.sh"), again, *standin_args(again, os.path.join(tmp, "r_warm_chain"),
+                                                                           a.device), f"--detect_device={a.device}"])
     if a.device.startswith("cuda"):
         wall, out = timed([sys.executable, "-m", "tools.build_nvdiffrast"])
         res["nvdiffrast_build"] = {"wall_s": round(wall, 2), "said": out.strip().splitlines()[-1:]}
@@ -164,29 +178,31 @@ def step_chain(a, tmp: str, res: dict) -> None:
     times, alternated (the host's load drifts), each on fresh copies."""
     out: dict = {"two_commands": [], "run_pipeline": []}
     for r in range(a.chain_repeats):
-        folder = make_copies(a.faces, os.path.join(tmp, f"chain_two_{r}"), a.n)
-        t0 = time.perf_counter()
-        w1, _ = timed(process_images(folder, "--device", a.device))
-        w2, _ = timed([sys.executable, os.path.join(ROOT, "test.py"),
-                       *standin_args(folder, os.path.join(tmp, f"r_two_{r}"), a.device)])
-        wall = time.perf_counter() - t0
-        out["two_commands"].append({"n": a.n, "detect_s": round(w1, 2), "test_py_s": round(w2, 2),
-                                    "wall_s": round(wall, 2), "photos_per_s": round(a.n / wall, 1)})
-        print(f"chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = {a.n / wall:.1f} "
-              "photos/s", flush=True)
-        for i, extra in enumerate(a.chain_variants.split(";")):
+        for label, root in roots(a) if a.chain_two == "yes" else []:
+            folder = make_copies(a.faces, os.path.join(tmp, f"chain_two_{r}_{label}"), a.n)
+            t0 = time.perf_counter()
+            w1, _ = timed(process_images(folder, "--device", a.device, root=root))
+            w2, _ = timed([sys.executable, os.path.join(root, "test.py"),
+                           *standin_args(folder, os.path.join(tmp, f"r_two_{r}_{label}"), a.device)])
+            wall = time.perf_counter() - t0
+            out["two_commands"].append({"checkout": label, "n": a.n, "detect_s": round(w1, 2),
+                                        "test_py_s": round(w2, 2), "wall_s": round(wall, 2),
+                                        "photos_per_s": round(a.n / wall, 1)})
+            print(f"[{label}] chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = "
+                  f"{a.n / wall:.1f} photos/s", flush=True)
+        for i, (extra, (label, root)) in enumerate((x, lr) for x in a.chain_variants.split(";") for lr in roots(a)):
             folder = make_copies(a.faces, os.path.join(tmp, f"chain_stream_{r}_{i}"), a.n)
             r_out = os.path.join(tmp, f"r_stream_{r}_{i}")
-            wall, tail = timed([os.path.join(ROOT, "run_pipeline.sh"), folder,
+            wall, tail = timed([os.path.join(root, "run_pipeline.sh"), folder,
                                 *standin_args(folder, r_out, a.device)[:-1], f"--device={a.device}",
                                 f"--detect_device={a.device}", "--verbose", *extra.split()])
             files = len(os.listdir(r_out)) if os.path.isdir(r_out) else 0
             timeline = [line for line in tail.splitlines()
                         if any(k in line for k in ("reconstruction ended", "detect.", "model ready", "detection process"))]
-            out["run_pipeline"].append({"args": extra, "n": a.n, "wall_s": round(wall, 2),
+            out["run_pipeline"].append({"checkout": label, "args": extra, "n": a.n, "wall_s": round(wall, 2),
                                         "photos_per_s": round(a.n / wall, 1), "files_written": files,
                                         "timeline": timeline, "tail": tail[-300:]})
-            print(f"chain, run_pipeline.sh {extra}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
+            print(f"[{label}] chain, run_pipeline.sh {extra}: {a.n} photos in {wall:.2f} s = {a.n / wall:.1f} photos/s "
                   f"({files} files)", *timeline, sep="\n  ", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(r_out, ignore_errors=True)
@@ -282,10 +298,17 @@ def main(argv=None) -> int:
     p.add_argument("--chain-repeats", type=int, default=1, help="chain step: runs of each way")
     p.add_argument("--chain-variants", default="", help="chain step: run_pipeline.sh's extra arguments to "
                    "alternate, a ';' list (an empty item: none), e.g. ';--num_threads 8'")
+    p.add_argument("--chain-two", choices=("yes", "no"), default="yes", help="chain step: also time the two "
+                   "commands (process_images.sh, then test.py)")
+    p.add_argument("--ab-root", default="", help="another checkout of this project (e.g. `git worktree add` of an "
+                   "older commit): the detect and chain steps alternate each run between its commands and these")
     p.add_argument("--workers-list", default="1,2,4,8,15")
     p.add_argument("--scaling-n", type=int, default=112)
     p.add_argument("--scaling-detector", default="torch")
     p.add_argument("--startup-runs", type=int, default=3)
+    p.add_argument("--bytecode-cache", choices=("auto", "yes", "no"), default="auto",
+                   help="run every command with a bytecode cache that the warm step fills (auto: where this "
+                   "environment forbids writing bytecode, as some images do; a normal install has one)")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
     import torch
@@ -295,6 +318,14 @@ def main(argv=None) -> int:
                           "load_average_at_start": os.getloadavg()}, "faces": a.faces,
                  "photos_in_faces": len(photo_names(a.faces))}
     tmp = tempfile.mkdtemp(prefix="bench_detect_")
+    if a.bytecode_cache == "yes" or (a.bytecode_cache == "auto" and (sys.flags.dont_write_bytecode
+                                                                     or os.environ.get("PYTHONDONTWRITEBYTECODE"))):
+        # as a normal install runs (pip compiles what it installs; Python caches the rest on first
+        # import): every command reads compiled modules, where this environment would have each
+        # process compile every module it imports (torch's included) from source
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+        res["bytecode_cache"] = os.environ["PYTHONPYCACHEPREFIX"]
     failed = 0
     try:
         for step in [s for s in a.steps.split(",") if s]:
