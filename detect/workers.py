@@ -183,39 +183,17 @@ def analyse_chunk(analyzer: Analyzer, rels: list[str]) -> list[dict]:
     return analyzer.analyse_batch(load_batch(analyzer.folder, analyzer.options, analyzer.settings, rels))
 
 
-def pack_batches(ctx, batches: list[list[str]]):
-    """The batches pickled into shared memory (a ``ctx.RawArray`` of bytes), to hand to spawned
-    engines: what a spawned process is given is written into a pipe (64 KiB) that it reads only
-    once its interpreter has started, so a list of thousands of paths in its arguments made each
-    engine's start wait for the one before (1-4 s for 6 engines on the H200 host); shared memory
-    goes across as a handle."""
-    import pickle
-
-    data = pickle.dumps(batches, protocol=pickle.HIGHEST_PROTOCOL)
-    packed = ctx.RawArray("B", len(data))
-    memoryview(packed).cast("B")[:] = data
-    return packed
-
-
-def unpack_batches(packed) -> list[list[str]]:
-    """The batches of :func:`pack_batches`."""
-    import pickle
-
-    return pickle.loads(memoryview(packed).cast("B"))
-
-
-def _engine_init(folder: str, options: PrepareOptions, min_score: float, threads: int, packed,
+def _engine_init(folder: str, options: PrepareOptions, min_score: float, threads: int, batches: list,
                  claimed, results) -> None:
-    """A batched engine's start: only what reading photos needs (the batches from shared memory,
-    :func:`pack_batches`); the detector (CUDA, the networks) is made by :func:`_engine_task` while
-    its first batch is read."""
+    """A batched engine's start: only what reading photos needs; the detector (CUDA, the
+    networks) is made by :func:`_engine_task` while its first batch is read."""
     from util.subprocesses import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)  # OpenCV's, for the reading thread; torch's once it is imported
-    _WORKER.update(run=(folder, options, min_score), threads=threads, batches=unpack_batches(packed),
-                   claimed=claimed, results=results)
+    _WORKER.update(run=(folder, options, min_score), threads=threads, batches=batches, claimed=claimed,
+                   results=results)
     atexit.register(_leave_at_once)
 
 
@@ -414,8 +392,7 @@ def start_engines(plan: Plan, batches: list[list[str]], workers: int) -> Started
     """
     ctx = multiprocessing.get_context("spawn")  # CUDA does not survive fork
     claimed, results = ctx.Value("l", 0), ctx.Queue()
-    packed = pack_batches(ctx, batches)
-    return _start_pool(plan, [None] * workers, _engine_task, workers, _engine_init, (packed, claimed, results),
+    return _start_pool(plan, [None] * workers, _engine_task, workers, _engine_init, (batches, claimed, results),
                        lambda pool: StartedEngines(pool, [], workers, batches=len(batches), claimed=claimed,
                                                    results=results))
 

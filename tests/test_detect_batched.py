@@ -230,33 +230,6 @@ def test_engines_share_the_batches_and_take_no_more_once_stopped(tmp_path):
     started.stop()
 
 
-def test_engines_get_their_batches_through_shared_memory():
-    """What a spawned engine is handed goes through a 64 KiB pipe that the engine reads only once
-    its interpreter has started: the batches of a 20000-photo run (about 1 MB of paths) go as a
-    shared-memory handle of a few hundred bytes, and come back equal."""
-    import multiprocessing
-    import pickle
-    from multiprocessing import context, reduction
-
-    batches = [[f"sub/dir/photo_{i:06d}_{j}.jpg" for j in range(32)] for i in range(625)]
-    ctx = multiprocessing.get_context("spawn")
-    packed = wk.pack_batches(ctx, batches)
-    assert wk.unpack_batches(packed) == batches
-
-    from multiprocessing.popen_spawn_posix import Popen
-
-    class SpawningPopen(Popen):  # what multiprocessing sets while it pickles a process for spawning
-        def __init__(self):
-            self._fds = []
-
-    context.set_spawning_popen(SpawningPopen())
-    try:
-        handed = reduction.ForkingPickler.dumps(packed)
-    finally:
-        context.set_spawning_popen(None)
-    assert len(pickle.dumps(batches)) > 500_000 and len(handed) < 2048, len(handed)
-
-
 def test_reading_threads_give_the_same_batch(tmp_path):
     """An engine's reading threads (several where it has several cores) load a batch as one
     thread does: same photos, same order, same pixels, same report fields."""
