@@ -263,11 +263,12 @@ def decode_accuracy(model, device, folder: str, lm3d: np.ndarray, bs: int) -> di
 
 
 def startup_seconds(folder1: str, out: str, device: str, runs: int,
-                    env: dict | None = None) -> tuple[float, float]:
+                    env: dict | None = None, root: str = ROOT) -> tuple[float, float]:
     """Fresh ``python test.py`` processes on one photo: the medians of the wall time from the
     launch to the photo's three files (.png, .obj, .mat) being on disk, watched from here every
-    millisecond (test.py renames each finished file into place), and to the process's exit."""
-    cmd = [sys.executable, os.path.join(ROOT, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder1}",
+    millisecond (test.py renames each finished file into place), and to the process's exit.
+    ``root``: the checkout whose test.py runs (the stand-in model is this one's)."""
+    cmd = [sys.executable, os.path.join(root, "test.py"), "--name=standin", "--epoch=20", f"--img_folder={folder1}",
            f"--bfm_folder={os.path.join(ROOT, 'standin', 'BFM')}",
            f"--checkpoints_dir={os.path.join(ROOT, 'checkpoints')}", f"--results_dir={out}", f"--device={device}"]
     stem = os.path.splitext(next(f for f in sorted(os.listdir(folder1)) if not f.startswith(".")

@@ -72,7 +72,9 @@ def start_decoder_warm_up(device: torch.device, decode_on_device: bool) -> threa
 
 def warm_up_network(model, batch_size: int, device: torch.device) -> None:
     """On CUDA, one forward pass of ``model``'s network on (batch_size, 3, 224, 224) zeros, so that
-    cuDNN picks its kernels before the first batch of photos; nothing elsewhere."""
+    cuDNN picks and loads its kernels before the first batch of photos (give that batch's size: a
+    run of fewer faces than a batch, e.g. one photo, then loads only the kernels it uses);
+    nothing elsewhere."""
     if device.type != "cuda":
         return
     with torch.inference_mode():

@@ -185,7 +185,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
             launch_writer_server()  # it imports the writers' modules while the model loads
         if model is None:
             model = build_model(spec.model, device, warm)
-            warm_up_network(model, batch_size, device)
+            warm_up_network(model, min(batch_size, max(1, n_faces)), device)  # the first batch's size
         tally.mark("model_ready")
         summary.created_dirs = make_results_dir(summary.out_dir)
         writer = ResultWriter(output_config(spec.outputs, spec.model, model.face_model.face_buf.cpu().numpy(),
