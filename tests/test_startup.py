@@ -168,3 +168,22 @@ def test_test_py_logs_its_start_up(tmp_path, standin, caplog):
     assert sorted(seconds) == sorted(main_thread + ["first_crops"])  # first_crops: the prefetch thread's
     assert [seconds[k] for k in main_thread] == sorted(seconds[k] for k in main_thread) and seconds["scanned"] >= 0
     assert seconds["scanned"] <= seconds["first_crops"] <= seconds["first_batch"]
+
+
+def test_a_one_photo_run_imports_no_scipy(tmp_path, standin):
+    """test.py on one photo (no worker processes: everything in its own process) reads the
+    standard landmarks from their cache, crops without scipy's sparse matrices and writes the
+    .mat with util.mat5: scipy, whose import cost 0.2-0.5 s of start-up, is never imported."""
+    folder = make_photo_folder(str(tmp_path / "one"), ["000002.jpg"])
+    argv = ["--name=standin", "--epoch=20", f"--img_folder={folder}", f"--bfm_folder={standin['bfm_folder']}",
+            f"--checkpoints_dir={standin['checkpoints_dir']}", f"--results_dir={tmp_path / 'out'}", "--device=cpu"]
+    from util.preprocess import load_lm3d
+
+    load_lm3d(standin["bfm_folder"])  # the landmarks' cache exists after any first run
+    out = _python(f"import sys, test\nassert test.main({argv!r}) == 0\n"
+                  "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('scipy')}))")
+    assert out.splitlines()[-1] == "[]"
+    from scipy.io import loadmat
+
+    m = loadmat(str(tmp_path / "out" / "000002.mat"))
+    assert m["id"].shape == (1, 80) and m["lm68"].shape == (1, 68, 2) and m["id"].dtype == np.float32

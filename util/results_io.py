@@ -18,11 +18,12 @@ The .png is encoded by :func:`util.png.png_chunks`: every row 'Up'-filtered with
 subtraction, then one zlib stream at level 1 (Pillow tries all five filters per row, which costs
 more than the compression itself; pixels identical, figures in docs/throughput.md).
 
-This module imports only numpy, zlib and scipy (and util helpers that do the same), so a writer
-process starts in a fraction of a second. A face's files are written to temporary names of the
-writing process (:func:`util.atomic_files.temp_path`: two runs sharing a results folder never
-collide) and renamed into place together: a face is complete or absent, never half written, and
-a write that fails is a failed face with its reason. A disk that is full or read-only ends the
+This module imports only numpy and zlib (and util helpers that do the same; the .mat is written
+by :mod:`util.mat5`, without scipy), so a writer process starts in a fraction of a second. A
+face's files are written to temporary names of the writing process
+(:func:`util.atomic_files.temp_path`: two runs sharing a results folder never collide) and
+renamed into place together: a face is complete or absent, never half written, and a write that
+fails is a failed face with its reason. A disk that is full or read-only ends the
 run (:class:`RunStop`) rather than failing every face in turn. Writer processes keep freed
 memory for reuse (:func:`keep_freed_memory`) instead of handing it back to the system between
 faces: the first touch of each fresh page costs a page fault (docs/throughput.md).
@@ -264,13 +265,9 @@ def mat_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, 
     Returns:
         [(``<base>.mat``, [the file's bytes])].
     """
-    import io
+    from util.mat5 import mat5_bytes  # savemat's bytes without importing scipy (util/mat5.py)
 
-    from scipy.io import savemat
-
-    buf = io.BytesIO()
-    savemat(buf, mat_dict(cfg, res), format="5")
-    return [(base + ".mat", [buf.getbuffer()])]
+    return [(base + ".mat", [mat5_bytes(mat_dict(cfg, res))])]
 
 
 def face_files(cfg: OutputConfig, res: FaceResult, base: str) -> list[tuple[str, list]]:
@@ -368,8 +365,7 @@ _WORKER_CFG: OutputConfig | None = None
 
 
 # what a writer process imports; a forkserver imports them once for all writers
-WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "scipy.io",
-                  "util.output_extras")
+WRITER_MODULES = ("util.results_io", "util.mesh_io", "util.visualize", "util.preprocess", "util.output_extras")
 
 
 def _init_worker(cfg: OutputConfig, run_pid: int) -> None:
