@@ -178,6 +178,7 @@ def step_chain(a, tmp: str, res: dict) -> None:
     """The two commands, then ``run_pipeline.sh`` once per --chain-variants item, --chain-repeats
     times, alternated (the host's load drifts), each on fresh copies."""
     out: dict = {"two_commands": [], "run_pipeline": []}
+    res["chain"] = out  # filled as the runs end: a failed run keeps the ones before
     for r in range(a.chain_repeats):
         for label, root in roots(a) if a.chain_two == "yes" else []:
             folder = make_copies(a.faces, os.path.join(tmp, f"chain_two_{r}_{label}"), a.n)
@@ -191,6 +192,8 @@ def step_chain(a, tmp: str, res: dict) -> None:
                                         "photos_per_s": round(a.n / wall, 1)})
             print(f"[{label}] chain, process_images.sh && test.py: {a.n} photos, {w1:.2f} + {w2:.2f} s = "
                   f"{a.n / wall:.1f} photos/s", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)  # all outputs of 4032 photos take ~17 GB
+            shutil.rmtree(os.path.join(tmp, f"r_two_{r}_{label}"), ignore_errors=True)
         for i, (extra, (label, root)) in enumerate((x, lr) for x in a.chain_variants.split(";") for lr in roots(a)):
             folder = make_copies(a.faces, os.path.join(tmp, f"chain_stream_{r}_{i}"), a.n)
             r_out = os.path.join(tmp, f"r_stream_{r}_{i}")
@@ -207,7 +210,6 @@ def step_chain(a, tmp: str, res: dict) -> None:
                   f"({files} files)", *timeline, sep="\n  ", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(r_out, ignore_errors=True)
-    res["chain"] = out
 
 
 def step_scaling(a, tmp: str, res: dict) -> None:
@@ -291,6 +293,8 @@ def step_profile(a, tmp: str, res: dict) -> None:
         if a.json:
             with open(f"{a.json}.profile_{name}.txt", "w") as f:
                 f.write(f"{' '.join(cmd)}\n{wall:.2f} s with the sampler\n{tail[-3000:]}\n\n{text}\n")
+    shutil.rmtree(folder, ignore_errors=True)  # all outputs of 4032 photos take ~17 GB
+    shutil.rmtree(os.path.join(tmp, "r_chain_p"), ignore_errors=True)
     res["profile"] = out
 
 
