@@ -9,6 +9,13 @@ stopped (Ctrl-C or SIGTERM); both hold the optimizer and scheduler state. Runnin
 again resumes where the run stopped (the original's automatic --continue_train). The resolved
 options go to checkpoints/<name>/train_opt.json, tensorboard logs to checkpoints/<name>/logs.
 Exit code: 0 done, 2 the run could not start (the message says what is missing), 130 stopped.
+
+Several GPUs (``--use_ddp True``, the default): ``--gpu_ids 0,1`` runs train.py under torchrun, one
+process per GPU (the original spawned them itself), or launch it yourself,
+``torchrun --nproc_per_node N train.py ...`` (also on the CPU, with gloo). Each rank takes its
+share of every batch of ``--batch_size`` (which stays the whole batch, as in the original), the
+gradients are averaged (DistributedDataParallel; on CUDA the batch-norm statistics too, with
+SyncBatchNorm), and rank 0 alone writes checkpoints, logs and validation figures.
 """
 from __future__ import annotations
 
@@ -97,11 +104,39 @@ def make_scheduler(optimizer, opt):
     return lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt.n_epochs, eta_min=0)
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A reproducible permutation per (seed, epoch), starting at ``start`` (to resume mid-epoch)."""
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a run of several processes (one per GPU, or torchrun's ranks).
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True):
+    Attributes:
+        rank, world: this process is rank ``rank`` of ``world``.
+        local_rank: its index on this machine (picks its GPU); None for a run of one process.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int | None = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files (checkpoints, logs): rank 0."""
+        return self.rank == 0
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A reproducible permutation per (seed, epoch), starting at ``start`` (to resume mid-epoch).
+
+    With ``world`` > 1 each rank yields its share of every whole batch of ``batch_size`` (all
+    ranks together) in turn: rank r the r-th of ``world`` consecutive parts, so the ranks'
+    batches together are the batches one process takes, and ``start`` counts whole batches' faces.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, batch_size: int = 1):
+        if world > 1 and batch_size % world:
+            raise ValueError(f"a batch of {batch_size} does not split into {world} equal parts")
         self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
+        self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def order(self) -> list[int]:
         if not self.shuffle:
@@ -109,11 +144,20 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def _mine(self) -> list[int]:
+        rest = self.order()[self.start:]
+        if self.world == 1:
+            return rest
+        part = self.batch_size // self.world
+        first = self.rank * part
+        return [i for b in range(0, len(rest) - self.batch_size + 1, self.batch_size)
+                for i in rest[b + first:b + first + part]]
+
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        return iter(self._mine())
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        return len(self._mine())
 
 
 @dataclass
@@ -185,22 +229,71 @@ def visuals(images: torch.Tensor, out, gt_lm: torch.Tensor, n: int = 4) -> np.nd
                           gt_lm[:k].detach().cpu().numpy())
 
 
-def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler=None):
-    """One optimisation step; returns the :class:`models.losses.HybridOutput`."""
+def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler=None, net=None):
+    """One optimisation step (``net``: the network's DistributedDataParallel wrapper, whose
+    backward averages the ranks' gradients); returns the :class:`models.losses.HybridOutput`."""
     from models.losses import backward_step
 
     model.net.train()
-    coeffs = model.predict_coeffs(images)
+    coeffs = model.predict_coeffs(images, net)
     out = loss_fn(coeffs, images, gt_lm, atten_mask=atten_mask)
     backward_step(out.terms.total, optimizer, scaler)
     return out
+
+
+# --------------------------------------------------------------------------- several processes
+def gpu_id_list(gpu_ids: str) -> list[int]:
+    """The GPU ids of ``--gpu_ids`` (``-1``: none)."""
+    return [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
+
+
+def torchrun_ranks() -> Ranks:
+    """This process's place as torchrun sets it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join_process_group(device: torch.device, ranks: Ranks) -> None:
+    """Join the run's process group (torchrun's rendezvous, from the environment): NCCL between
+    GPUs, gloo on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world)
+
+
+def torchrun_args(n: int, argv: list[str]) -> list[str]:
+    """torchrun's arguments for ``n`` processes of this script on this machine with ``argv``."""
+    return ["--standalone", "--nnodes", "1", "--nproc_per_node", str(n), os.path.abspath(__file__), *argv]
+
+
+def run_under_torchrun(n: int, argv: list[str]) -> int:
+    """``--gpu_ids`` with several GPUs: this command again under torchrun, one process per GPU
+    (the original spawned them itself); the ranks' worst exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    log.info("--gpu_ids with %d GPUs: one training process per GPU (torchrun)", n)
+    try:
+        torchrun(torchrun_args(n, argv))
+    except ChildFailedError as e:
+        return max((f.exitcode for f in e.failures.values()), default=1) or 1
+    except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on and the ranks stopped (and saved)
+        return 130
+    return 0
 
 
 # --------------------------------------------------------------------------- the run
 class Trainer:
     """Everything a run needs, built from options (errors before the first step)."""
 
-    def __init__(self, opt):
+    def __init__(self, opt, ranks: Ranks = Ranks()):
         from data.train_dataset import AugmentConfig, DataError, FaceTrainDataset, read_list
         from models.bfm import ParametricFaceModel
         from models.facerecon import FaceReconModel
@@ -211,14 +304,19 @@ class Trainer:
         from util.assets import MissingAssetError
         from util.preprocess import load_lm3d
 
-        self.opt = opt
+        self.opt, self.ranks = opt, ranks
         try:
-            self.device = resolve_device(opt.device, opt.gpu_ids)
+            self.device = resolve_device(opt.device, opt.gpu_ids, ranks.local_rank)
         except SetupError as e:
             raise TrainSetupError(str(e)) from None
-        if len([i for i in str(opt.gpu_ids).split(",") if i.strip() and int(i) >= 0]) > 1:
-            log.warning("--gpu_ids %s: train.py uses one device (%s); multi-GPU training is not implemented",
-                        opt.gpu_ids, self.device)
+        if ranks.world == 1 and len(gpu_id_list(opt.gpu_ids)) > 1:
+            log.warning("--gpu_ids %s with %s: training on %s only", opt.gpu_ids,
+                        "--use_ddp False" if not opt.use_ddp else f"--device {opt.device}", self.device)
+        if opt.batch_size % ranks.world:
+            raise TrainSetupError(f"--batch_size {opt.batch_size} does not split among {ranks.world} processes: "
+                                  f"give a multiple of {ranks.world}")
+        if ranks.world > 1:
+            join_process_group(self.device, ranks)
         torch.manual_seed(opt.seed)
         try:
             lm3d = load_lm3d(opt.bfm_folder)
@@ -247,6 +345,8 @@ class Trainer:
             load_init_weights(net, opt.init_path)
         else:
             log.warning("--init_path '': the backbone starts from random weights")
+        if ranks.world > 1 and self.device.type == "cuda":  # batch statistics over all ranks, as the original
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # (same state_dict keys as BatchNorm)
         self.recog = build_recog(opt)
         renderer = create_renderer(renderer_backend(self.device, opt.use_opengl), focal=opt.focal, center=opt.center,
                                    z_near=opt.z_near, z_far=opt.z_far, device=self.device)
@@ -263,6 +363,12 @@ class Trainer:
         path = resume_path(opt)
         if path is not None:
             self.state = resume(path, net, self.optimizer, self.scheduler)
+        self.ddp = None  # the network's DistributedDataParallel wrapper for the training steps
+        if ranks.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda"
+                                               else None)
         self.stop = False
 
     # -- helpers -------------------------------------------------------------------------
@@ -270,7 +376,7 @@ class Trainer:
         from torch.utils.data import DataLoader
 
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.opt.num_threads, pin_memory=self.device.type == "cuda",
+                          num_workers=self.opt.num_threads // self.ranks.world, pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
 
     def to_device(self, batch):
@@ -279,9 +385,21 @@ class Trainer:
                 batch["msks"].to(d, non_blocking=True))
 
     def save(self, tag: str, epoch_complete: bool) -> str:
+        """Write ``epoch_<tag>.pth`` (rank 0 only: the ranks' networks are the same); its path."""
         path = os.path.join(checkpoint_dir(self.opt), f"epoch_{tag}.pth")
-        save_checkpoint(path, self.model.net, self.optimizer, self.scheduler, self.state, epoch_complete)
+        if self.ranks.main:
+            save_checkpoint(path, self.model.net, self.optimizer, self.scheduler, self.state, epoch_complete)
         return path
+
+    def any_rank_stopping(self) -> bool:
+        """Whether this or any other rank was asked to stop (all ranks stop after the same step)."""
+        if self.ranks.world == 1:
+            return self.stop
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     @torch.no_grad()
     def evaluate(self, writer) -> dict[str, float]:
@@ -307,20 +425,22 @@ class Trainer:
     def run(self) -> int:
         from options.base_options import save_options
 
-        opt, st = self.opt, self.state
+        opt, st, ranks = self.opt, self.state, self.ranks
         folder = checkpoint_dir(opt)
-        os.makedirs(folder, exist_ok=True)
-        save_options(opt, os.path.join(folder, "train_opt.json"))
         writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if ranks.main:
+            os.makedirs(folder, exist_ok=True)
+            save_options(opt, os.path.join(folder, "train_opt.json"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(opt.log_dir or os.path.join(folder, "logs"), purge_step=st.total_iters or None)
-        except ImportError:
-            log.warning("tensorboard is not installed: no tensorboard logs")
+                writer = SummaryWriter(opt.log_dir or os.path.join(folder, "logs"), purge_step=st.total_iters or None)
+            except ImportError:
+                log.warning("tensorboard is not installed: no tensorboard logs")
         n_batches = len(self.train_set) // opt.batch_size
-        log.info("%d training faces, %d batches per epoch, epochs %d..%d, device %s", len(self.train_set),
-                 n_batches, st.epoch, opt.n_epochs, self.device)
+        log.info("%d training faces, %d batches per epoch, epochs %d..%d, device %s%s", len(self.train_set),
+                 n_batches, st.epoch, opt.n_epochs, self.device,
+                 f", {ranks.world} processes of {opt.batch_size // ranks.world} faces a batch" if ranks.world > 1 else "")
         t_last = time.perf_counter()
         last_total = math.inf
         if opt.max_steps and st.total_iters >= opt.max_steps:
@@ -330,10 +450,12 @@ class Trainer:
             while st.epoch <= opt.n_epochs and not self.stop:
                 self.train_set.set_epoch(st.epoch)
                 sampler = EpochSampler(len(self.train_set), opt.seed, st.epoch, st.epoch_iter * opt.batch_size,
-                                       shuffle=not opt.serial_batches)
-                for batch in self.loader(self.train_set, opt.batch_size, sampler):
+                                       shuffle=not opt.serial_batches, rank=ranks.rank, world=ranks.world,
+                                       batch_size=opt.batch_size)
+                for batch in self.loader(self.train_set, opt.batch_size // ranks.world, sampler):
                     images, lms, msks = self.to_device(batch)
-                    out = train_step(self.model, self.loss_fn, self.optimizer, images, lms, msks, self.scaler)
+                    out = train_step(self.model, self.loss_fn, self.optimizer, images, lms, msks, self.scaler,
+                                     self.ddp)
                     if opt.lr_policy == "plateau":
                         last_total = float(out.terms.total.detach())
                     st.epoch_iter += 1
@@ -352,7 +474,7 @@ class Trainer:
                             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], st.total_iters)
                     if writer is not None and opt.add_image and (first or st.total_iters % opt.display_freq == 0):
                         writer.add_images("train/vis", visuals(images, out, lms), st.total_iters, dataformats="NHWC")
-                    if self.val_set is not None and (first or st.total_iters % opt.evaluation_freq == 0):
+                    if self.val_set is not None and ranks.main and (first or st.total_iters % opt.evaluation_freq == 0):
                         val = self.evaluate(writer)
                         log.info("validation at step %d: %s", st.total_iters,
                                  " ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -364,6 +486,7 @@ class Trainer:
                         self.save(tag, epoch_complete=False)
                         if tag != "latest":
                             self.save("latest", epoch_complete=False)
+                    self.stop = self.any_rank_stopping()
                     if self.stop or (opt.max_steps and st.total_iters >= opt.max_steps):
                         self.stop = True
                         break
@@ -382,8 +505,9 @@ class Trainer:
         finally:
             if self.stop:
                 path = self.save("latest", epoch_complete=False)
-                log.warning("stopped at epoch %d batch %d (step %d); saved %s - run the same command to resume",
-                            st.epoch, st.epoch_iter, st.total_iters, path)
+                if ranks.main:
+                    log.warning("stopped at epoch %d batch %d (step %d); saved %s - run the same command to resume",
+                                st.epoch, st.epoch_iter, st.total_iters, path)
             if writer is not None:
                 writer.close()
         return 0
@@ -392,10 +516,25 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     from options.train_options import parse_train_options
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     opt = parse_train_options(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    ranks = torchrun_ranks()
+    logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING,  # rank 0 tells the run
+                        format="%(asctime)s %(levelname)s: %(message)s" if ranks.world == 1
+                        else f"%(asctime)s %(levelname)s rank {ranks.rank}: %(message)s")
+    ids = gpu_id_list(opt.gpu_ids)
+    if ranks.world > 1 and not opt.use_ddp:
+        print(f"error: --use_ddp False in a run of {ranks.world} processes (torchrun): each would train alone and "
+              "write the same checkpoints; drop --use_ddp False, or run train.py as one process", file=sys.stderr)
+        return 2
+    if ranks.world == 1 and opt.use_ddp and len(ids) > 1 and opt.device in ("auto", "cuda"):
+        if torch.cuda.device_count() < max(ids) + 1:
+            print(f"error: --gpu_ids {opt.gpu_ids} asks for GPU {max(ids)}, but torch sees "
+                  f"{torch.cuda.device_count()} CUDA device(s); give the GPUs this machine has", file=sys.stderr)
+            return 2
+        return run_under_torchrun(len(ids), argv)
     try:
-        trainer = Trainer(opt)
+        trainer = Trainer(opt, ranks)
     except TrainSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -413,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 130 if interrupted else code
 
 

@@ -73,11 +73,13 @@ class FaceReconModel(nn.Module):
             return precision.ieee_fp32(device)
         return contextlib.nullcontext()
 
-    def predict_coeffs(self, images: torch.Tensor) -> torch.Tensor:
+    def predict_coeffs(self, images: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
         """The network's coefficients.
 
         Args:
             images: (B, 3, 224, 224) aligned crops, RGB in 0..1.
+            net: run this module instead of ``self.net`` (train.py: its DistributedDataParallel
+                wrapper), with the same input format and precision.
 
         Returns:
             (B, 257) float32 coefficients.
@@ -85,7 +87,7 @@ class FaceReconModel(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.network_precision(images.device):
-            coeffs = self.net(images)
+            coeffs = (self.net if net is None else net)(images)
         return coeffs.float()
 
     def reconstruct(self, coeffs: torch.Tensor) -> Reconstruction:

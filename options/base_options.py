@@ -58,8 +58,9 @@ class BaseOptions:
     checkpoints_dir: str = opt("./checkpoints", "models are loaded from and results saved under here", group="model")
     vis_batch_nums: float = opt(1, "batch nums of images for visualization", group="training", train_only=True)
     eval_batch_nums: float = opt(math.inf, "batch nums of images for evaluation", group="training", train_only=True)
-    use_ddp: bool = opt(True, "ignored: accepted for the original's command lines (train.py trains on one device; "
-                              "no multi-GPU training)", group="training", train_only=True)
+    use_ddp: bool = opt(True, "train on several GPUs with DistributedDataParallel: one process per GPU of "
+                              "--gpu_ids (or each rank of torchrun), --batch_size split among them; False: "
+                              "the first GPU only", group="training", train_only=True)
     ddp_port: str = opt("12355", "port of the processes' rendezvous when --gpu_ids gives several GPUs (one machine)",
                         group="performance")
     display_per_batch: bool = opt(True, "ignored: accepted for the original's command lines (losses are logged every "

@@ -409,18 +409,129 @@ def test_loss_optimum_keeps_the_lower_end_per_face(workspace):
     assert info["from_truth"] == pytest.approx(float(kept_truth.float().mean()))
 
 
-def test_use_ddp_is_accepted_and_ignored():
-    """The original's --use_ddp and --display_per_batch parse, and --help no longer promises DDP."""
+def test_use_ddp_help_and_the_ranks_shares_of_a_batch():
+    """--use_ddp (the original's flag) now means DistributedDataParallel; each rank's sampler
+    yields its part of every whole batch, so the ranks together take the batches one process
+    takes (also when resuming mid-epoch), and a batch that does not split is refused."""
     from options.base_options import build_parser
     from options.train_options import TrainOptions, parse_train_options
+    from train import EpochSampler, torchrun_args
 
-    o = parse_train_options(["--use_ddp", "True", "--display_per_batch", "False"])
-    assert o.use_ddp is True
-    text = build_parser(TrainOptions).format_help()
-    assert "distributed data parallel" not in text.lower()
-    for flag in ("use_ddp", "display_per_batch"):
-        helps = [a.help for a in build_parser(TrainOptions)._actions if a.dest == flag]
-        assert helps and helps[0].startswith("ignored")
+    assert parse_train_options(["--use_ddp", "False"]).use_ddp is False
+    helps = [a.help for a in build_parser(TrainOptions)._actions if a.dest == "use_ddp"]
+    assert "DistributedDataParallel" in helps[0]
+    for start in (0, 8):
+        one = list(EpochSampler(22, 3, 2, start=start, batch_size=8))
+        parts = [list(EpochSampler(22, 3, 2, start=start, rank=r, world=2, batch_size=8)) for r in range(2)]
+        whole = (len(one) // 8) * 8  # only whole batches: each rank steps as often as the others
+        assert [len(p) for p in parts] == [whole // 2] * 2
+        for b in range(whole // 8):
+            assert parts[0][4 * b:4 * b + 4] + parts[1][4 * b:4 * b + 4] == one[8 * b:8 * b + 8]
+    with pytest.raises(ValueError, match="does not split"):
+        EpochSampler(22, 3, 2, rank=0, world=3, batch_size=8)
+    assert torchrun_args(2, ["--name", "x"])[:4] == ["--standalone", "--nnodes", "1", "--nproc_per_node"]
+
+
+def test_several_gpu_ids_without_those_gpus_is_a_clear_error(workspace, capsys):
+    from train import main
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    assert main(["--name", "x", "--gpu_ids", "0,1", "--init_path", ""]) == 2
+    assert "torch sees" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_average_their_gradients(workspace, tmp_path):
+    """torchrun --nproc_per_node 2 train.py on the CPU (gloo): one step on a batch of 4, each rank
+    taking 2 faces, gives the weights of one Adam step on the mean of the two halves' gradients
+    (computed here, in one process, each half from the same start), with rank 0's batch-norm
+    statistics; rank 0 alone wrote the checkpoint, which test.py's loader reads."""
+    import copy
+    import subprocess
+    import sys
+
+    from models.networks import load_recon_net
+    from options.train_options import parse_train_options
+    from train import EpochSampler, Trainer
+
+    ws = workspace
+    flist = prepare(ws)
+    common = ["--serial_batches", "True", "--use_aug", "False", "--max_steps", "1", "--gpu_ids", "-1"]
+    args = train_args(ws, flist, "ddp", "--batch_size", "4", *common)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                        "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes of 2 faces a batch" in r.stderr
+    folder = os.path.join(ws["root"], "ck", "ddp")
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".pth")) == ["epoch_latest.pth"]
+    got = ckpt(ws, "ddp", "latest")["net_recon"]
+    load_recon_net(os.path.join(folder, "epoch_latest.pth"), "resnet18")
+
+    # the same step in one process: each half's gradients from the same start, averaged
+    tr = Trainer(parse_train_options(train_args(ws, flist, "ref", "--batch_size", "2", *common)))
+    net = tr.model.net
+    start = copy.deepcopy(net.state_dict())
+    grads, rank0_buffers = [], None
+    for k, batch in enumerate(tr.loader(tr.train_set, 2, EpochSampler(N_PHOTOS, 0, 1, shuffle=False))):
+        net.load_state_dict(start)
+        net.train()
+        images, lms, msks = tr.to_device(batch)
+        out = tr.loss_fn(tr.model.predict_coeffs(images), images, lms, atten_mask=msks)
+        tr.optimizer.zero_grad(set_to_none=True)
+        out.terms.total.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        if k == 0:
+            rank0_buffers = {n: b.clone() for n, b in net.named_buffers()}
+    assert len(grads) == 2
+    def one_step(grad_of) -> dict:
+        net.load_state_dict(start)
+        tr.optimizer.state.clear()
+        for p, g0, g1 in zip(net.parameters(), *grads):
+            p.grad = grad_of(g0, g1)
+        tr.optimizer.step()
+        return {**copy.deepcopy(net.state_dict()), **rank0_buffers}
+
+    alone = one_step(lambda g0, g1: g0)  # what rank 0 would have done without DDP: told apart below
+    want = one_step(lambda g0, g1: (g0 + g1) / 2)
+    assert any(not torch.allclose(got[k].float(), alone[k].float(), atol=1e-6, rtol=1e-5) for k in want)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.allclose(got[k].float(), v.float(), atol=1e-6, rtol=1e-5), k
+    changed = [k for k in want if k.endswith("weight") and not torch.equal(want[k], start[k])]
+    assert changed  # the step moved the weights
+
+
+@pytest.mark.slow
+def test_several_processes_stop_together_on_ctrl_c(workspace):
+    """The launch that --gpu_ids 0,1 makes (train.py under torchrun), here with 2 CPU ranks:
+    Ctrl-C stops both ranks after the same step, rank 0 saves epoch_latest.pth (mid-epoch), and
+    the command exits with 130 without a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = workspace
+    flist = prepare(ws)
+    args = train_args(ws, flist, "stop", "--batch_size", "4", "--n_epochs", "500", "--gpu_ids", "-1")
+    code = f"import sys, train\nsys.exit(train.run_under_torchrun(2, {args!r}))"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, t0 = "", time.time()
+    while "step 3 " not in seen and time.time() - t0 < 240 and p.poll() is None:
+        seen += p.stdout.readline()
+    os.killpg(p.pid, signal.SIGINT)
+    seen += p.communicate(timeout=120)[0]
+    assert p.returncode == 130, seen[-3000:]
+    assert "Traceback" not in seen
+    stopped = [ln for ln in seen.splitlines() if "signal 2: stopping after this step" in ln]
+    assert {ln.split("rank ")[1][0] for ln in stopped} == {"0", "1"}
+    latest = ckpt(ws, "stop", "latest")
+    assert latest["epoch_complete"] is False and latest["total_iters"] >= 3
 
 
 def test_recovery_oracles_only(workspace, tmp_path):
