@@ -242,11 +242,6 @@ def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler
 
 
 # --------------------------------------------------------------------------- several processes
-def gpu_id_list(gpu_ids: str) -> list[int]:
-    """The GPU ids of ``--gpu_ids`` (``-1``: none)."""
-    return [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
-
-
 def torchrun_ranks() -> Ranks:
     """This process's place as torchrun sets it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -297,7 +292,7 @@ class Trainer:
         from data.train_dataset import AugmentConfig, DataError, FaceTrainDataset, read_list
         from models.bfm import ParametricFaceModel
         from models.facerecon import FaceReconModel
-        from pipeline.runtime import SetupError, renderer_backend, resolve_device
+        from pipeline.runtime import SetupError, gpu_id_list, renderer_backend, resolve_device
         from models.losses import HybridLoss
         from models.networks import ReconNet
         from models.renderer import create_renderer
@@ -522,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING,  # rank 0 tells the run
                         format="%(asctime)s %(levelname)s: %(message)s" if ranks.world == 1
                         else f"%(asctime)s %(levelname)s rank {ranks.rank}: %(message)s")
+    from pipeline.runtime import gpu_id_list
+
     ids = gpu_id_list(opt.gpu_ids)
     if ranks.world > 1 and not opt.use_ddp:
         print(f"error: --use_ddp False in a run of {ranks.world} processes (torchrun): each would train alone and "

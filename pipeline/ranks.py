@@ -10,7 +10,7 @@ import os
 import torch
 
 from pipeline.run import run_folder
-from pipeline.runtime import resolve_device
+from pipeline.runtime import gpu_id_list, resolve_device
 from pipeline.settings import RunSpec
 from pipeline.summary import RunSummary
 from util.interrupts import sigterm_as_interrupt
@@ -31,7 +31,7 @@ def run_ranks(spec: RunSpec) -> tuple[RunSummary, bool]:
     if world > 1:  # launched by torchrun
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         return run_rank(rank, world, spec, local_rank, spawned=False), rank == 0
-    ids = [i for i in spec.gpu_ids.split(",") if i.strip() and int(i) >= 0]
+    ids = gpu_id_list(spec.gpu_ids)
     if len(ids) > 1 and spec.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         return run_spawned(len(ids), spec), True
     return run_rank(0, 1, spec, None, spawned=False), True

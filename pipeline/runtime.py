@@ -16,6 +16,11 @@ class SetupError(RuntimeError):
     """The run cannot start (missing model files, bad options); the message says what to do."""
 
 
+def gpu_id_list(gpu_ids: str) -> list[int]:
+    """The GPU ids of ``--gpu_ids`` (comma-separated; ``-1``: none)."""
+    return [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
+
+
 def resolve_device(device: str, gpu_ids: str = "0", local_rank: int | None = None) -> torch.device:
     """The run's device from ``--device`` and ``--gpu_ids``.
 
@@ -32,7 +37,7 @@ def resolve_device(device: str, gpu_ids: str = "0", local_rank: int | None = Non
     Raises:
         SetupError: CUDA was asked for and torch sees none.
     """
-    ids = [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
+    ids = gpu_id_list(gpu_ids)
     if device == "auto":
         device = "cuda" if ids and torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
