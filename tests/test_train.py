@@ -441,6 +441,25 @@ def test_several_gpu_ids_without_those_gpus_is_a_clear_error(workspace, capsys):
     assert "torch sees" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
+def test_train_on_cuda_and_gpu_ids_beyond_the_machine(workspace, capsys):
+    """One process on the GPU: two steps, a checkpoint test.py's loader reads; --gpu_ids naming
+    more GPUs than the machine has is a one-line error (exit 2) before anything starts."""
+    from models.networks import load_recon_net
+    from train import main
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ws = workspace
+    flist = prepare(ws)
+    assert main(train_args(ws, flist, "gpu", "--device", "cuda", "--gpu_ids", "0", "--max_steps", "2")) == 0
+    load_recon_net(os.path.join(ws["root"], "ck", "gpu", "epoch_latest.pth"), "resnet18")
+    assert ckpt(ws, "gpu", "latest")["total_iters"] == 2
+    n = torch.cuda.device_count()
+    assert main(train_args(ws, flist, "gpus", "--device", "cuda", "--gpu_ids", ",".join(map(str, range(n + 1))))) == 2
+    assert f"asks for GPU {n}, but torch sees {n} CUDA device(s)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_ranks_average_their_gradients(workspace, tmp_path):
     """torchrun --nproc_per_node 2 train.py on the CPU (gloo): one step on a batch of 4, each rank
