@@ -252,14 +252,18 @@ def torchrun_ranks() -> Ranks:
 
 def join_process_group(device: torch.device, ranks: Ranks) -> None:
     """Join the run's process group (torchrun's rendezvous, from the environment): NCCL between
-    GPUs, gloo on the CPU."""
+    GPUs, gloo on the CPU. Its collectives may wait 2 hours (NCCL's default is 10 minutes): the
+    other ranks wait at the next step while rank 0 alone runs the validation."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world,
+                            timeout=datetime.timedelta(hours=2))
 
 
 def torchrun_args(n: int, argv: list[str]) -> list[str]:
