@@ -572,7 +572,7 @@ class AlignedFaces(Dataset):
     def __init__(self, entries: list[FaceEntry], lm3d: np.ndarray, resample_on_device: bool = False,
                  decode_on_device: bool = False):
         self.entries, self.lm3d = entries, lm3d
-        self.resample_on_device, self.decode_on_device = resample_on_device or decode_on_device, decode_on_device
+        self.resample_on_device, self.decode_on_device = resample_on_device, decode_on_device
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -583,7 +583,8 @@ class AlignedFaces(Dataset):
 
 def load_face(index: int, e: FaceEntry, lm3d: np.ndarray, resample_on_device: bool = False,
               decode_on_device: bool = False) -> dict:
-    """The :class:`AlignedFaces` item of face ``e`` (``index``: its place in the run); never raises."""
+    """The :class:`AlignedFaces` item of face ``e`` (``index``: its place in the run); never raises.
+    ``decode_on_device`` implies ``resample_on_device`` (here, and only here)."""
     item = dict(index=index, name=e.name, rel_dir=e.rel_dir, image_path=e.image_path, transform=None, error=None,
                 lm68=None)
     try:
@@ -616,7 +617,7 @@ class StreamedFaces(IterableDataset):
 
     def __init__(self, queue, lm3d: np.ndarray, resample_on_device: bool = False, decode_on_device: bool = False):
         self.queue, self.lm3d = queue, lm3d
-        self.resample_on_device, self.decode_on_device = resample_on_device or decode_on_device, decode_on_device
+        self.resample_on_device, self.decode_on_device = resample_on_device, decode_on_device
 
     def __iter__(self):
         while True:
