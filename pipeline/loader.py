@@ -42,7 +42,7 @@ def face_loader(spec: LoaderSpec, bfm_folder: str, entries: list, device: torch.
 
 
 def streamed_face_loader(spec: LoaderSpec, bfm_folder: str, queue, device: torch.device,
-                         expected: int) -> torch.utils.data.DataLoader:
+                         expected: int, batch_size: int) -> torch.utils.data.DataLoader:
     """The DataLoader of a run whose faces arrive as it goes (run_pipeline): batches of
     :class:`data.image_folder.StreamedFaces`, each as ``queue`` gives it (:class:`pipeline.stream.FaceFeed`),
     in the order they are ready, not the order fed.
@@ -51,6 +51,7 @@ def streamed_face_loader(spec: LoaderSpec, bfm_folder: str, queue, device: torch
         spec, bfm_folder, device: as :func:`face_loader`'s.
         queue: the multiprocessing queue of batches of faces (None at the end, once per reader).
         expected: faces expected (sizes the workers: :func:`pipeline.workers.loader_workers`).
+        batch_size: the faces of a batch (the feed's batches; sizes the workers too).
 
     Returns:
         the DataLoader; its ``num_workers`` readers (at least one) each need a None to end.
@@ -66,7 +67,7 @@ def streamed_face_loader(spec: LoaderSpec, bfm_folder: str, queue, device: torch
 
     dataset = StreamedFaces(queue, _lm3d(spec, bfm_folder), resample_on_device=spec.resample_on_device,
                             decode_on_device=spec.decode_on_device)
-    workers = loader_workers(spec.num_threads, expected, spec.batch_size_on(device))
+    workers = loader_workers(spec.num_threads, expected, batch_size)
     # a worker waiting for faces must not hold back the batches the others have ready (torch >= 2.6)
     unordered = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",

@@ -159,7 +159,7 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     if source is None:
         feed, loader = None, face_loader(spec.loader, spec.model.bfm_folder, entries, device, world)
     else:
-        feed, loader = _streamed_loader(spec, device, source)
+        feed, loader = _streamed_loader(spec, device, source, batch_size)
     # the CUDA context and renderer plugin load in a thread; the DataLoader forks its workers, so
     # that thread starts before the fork only when there are none (a fork beside a thread that
     # holds a lock can hang the child)
@@ -234,8 +234,9 @@ def run_folder(spec: RunSpec, device: torch.device, rank: int = 0, world: int = 
     return summary
 
 
-def _streamed_loader(spec: RunSpec, device: torch.device, source):
-    """(the :class:`pipeline.stream.FaceFeed` of ``source``'s photos, the DataLoader reading it)."""
+def _streamed_loader(spec: RunSpec, device: torch.device, source, batch_size: int):
+    """(the :class:`pipeline.stream.FaceFeed` of ``source``'s photos in batches of ``batch_size``,
+    the DataLoader reading it)."""
     from pipeline.loader import streamed_face_loader
     from pipeline.stream import FaceFeed
 
@@ -243,8 +244,9 @@ def _streamed_loader(spec: RunSpec, device: torch.device, source):
         entries, part = scan(spec, only=set(photos))
         return entries, part.faces_done_before
 
-    feed = FaceFeed(source, scan_photos, spec.loader.batch_size_on(device))
-    return feed, streamed_face_loader(spec.loader, spec.model.bfm_folder, feed.queue, device, source.expected)
+    feed = FaceFeed(source, scan_photos, batch_size)
+    return feed, streamed_face_loader(spec.loader, spec.model.bfm_folder, feed.queue, device, source.expected,
+                                      batch_size)
 
 
 def _progress_bar(total: int | None, rank: int, world: int):
