@@ -243,11 +243,11 @@ def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler
 
 # --------------------------------------------------------------------------- several processes
 def torchrun_ranks() -> Ranks:
-    """This process's place as torchrun sets it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    """This process's place as torchrun sets it (:func:`pipeline.runtime.torchrun_place`), else one process."""
+    from pipeline.runtime import torchrun_place
+
+    place = torchrun_place()
+    return Ranks() if place is None else Ranks(*place)
 
 
 def join_process_group(device: torch.device, ranks: Ranks) -> None:

@@ -10,7 +10,7 @@ import os
 import torch
 
 from pipeline.run import run_folder
-from pipeline.runtime import gpu_id_list, resolve_device
+from pipeline.runtime import gpu_id_list, resolve_device, torchrun_place
 from pipeline.settings import RunSpec
 from pipeline.summary import RunSummary
 from util.interrupts import sigterm_as_interrupt
@@ -27,9 +27,9 @@ def run_ranks(spec: RunSpec) -> tuple[RunSummary, bool]:
     Raises:
         SetupError: as :func:`pipeline.run.run_folder`, or no CUDA for a CUDA device.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # launched by torchrun
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    place = torchrun_place()
+    if place is not None:  # launched by torchrun
+        rank, world, local_rank = place
         return run_rank(rank, world, spec, local_rank, spawned=False), rank == 0
     ids = gpu_id_list(spec.gpu_ids)
     if len(ids) > 1 and spec.device in ("auto", "cuda") and torch.cuda.device_count() > 1:

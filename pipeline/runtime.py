@@ -16,6 +16,17 @@ class SetupError(RuntimeError):
     """The run cannot start (missing model files, bad options); the message says what to do."""
 
 
+def torchrun_place() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) as torchrun sets them (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``) for a run of several processes; None for one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def gpu_id_list(gpu_ids: str) -> list[int]:
     """The GPU ids of ``--gpu_ids`` (comma-separated; ``-1``: none)."""
     return [int(i) for i in str(gpu_ids).split(",") if i.strip() and int(i) >= 0]
