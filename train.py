@@ -157,7 +157,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self._mine())
 
     def __len__(self) -> int:
-        return len(self._mine())
+        rest = max(0, self.n - self.start)
+        return rest if self.world == 1 else rest // self.batch_size * (self.batch_size // self.world)
 
 
 @dataclass
