@@ -60,9 +60,10 @@ class TestOptions(ImageSetOptions, VideoOptions, OutputFormatOptions, BaseOption
                             "faces with landmarks/<name>.txt (process_images.sh --landmarks68) are fitted to those "
                             "68 points, the others to their 5 detected points", group="fitting")
     fit_loss: str = opt("front", "what that fitting minimises: front = the front-face triangles only, at rates "
-                                 "made for a few hundred steps; train = the training loss exactly, one slow rate, "
-                                 "for 1500-3000 steps (closer to the loss's optimum: docs/training.md)",
-                        choices=["front", "train"], group="fitting")
+                                 "made for a few hundred steps; train = the training loss exactly, one slow rate; "
+                                 "staged = a short front phase, then the training loss (0.003, then 0.005): for "
+                                 "3000 steps it reached the loss's optimum on synthetic faces (docs/training.md)",
+                        choices=["front", "train", "staged"], group="fitting")
 
 
 def parse_test_options(argv: list[str] | None = None) -> TestOptions:

@@ -134,3 +134,42 @@ def test_fit_minimises_the_loss_it_is_told(tiny, front_only, monkeypatch):
     monkeypatch.setattr(fitting, "HybridLoss", lambda *a, **kw: built.append(kw) or HybridLoss(*a, **kw))
     fit_coeffs(model, start, images, steps=1, lm68=lm68, config=cfg)
     assert [kw.get("front_only") for kw in built] == [front_only]
+
+
+def test_phases_run_one_after_the_other(tiny):
+    """A tuple of configs is fitted as phases: the same coefficients as fitting with the first
+    config for its share of the steps and then with the second from there (each call its own
+    Adam); the callback counts steps across the phases; the shares round, the last phase takes
+    the rest."""
+    from models.fitting import phase_steps
+
+    model, true, images, lm68 = tiny
+    start = true + 0.1 * torch.randn(true.shape, generator=torch.Generator().manual_seed(2))
+    first = FitConfig(lr=0.02, landmark_steps=1, share=0.4)
+    second = FitConfig(lr=0.005, landmark_steps=0, min_lr_ratio=0.0, front_only=False)
+    seen = []
+    both = fit_coeffs(model, start, images, steps=5, lm68=lm68, config=(first, second),
+                      callback=lambda step, c: seen.append(step))
+    by_hand = fit_coeffs(model, fit_coeffs(model, start, images, steps=2, lm68=lm68, config=first), images, steps=3,
+                         lm68=lm68, config=second)
+    assert torch.equal(both, by_hand) and not torch.equal(both, start)
+    assert seen == [0, 1, 2, 3, 4]
+    assert phase_steps(5, (first, second)) == [2, 3]
+    assert phase_steps(3000, (FitConfig(share=0.05), FitConfig(share=0.13), FitConfig())) == [150, 390, 2460]
+    assert phase_steps(1, (FitConfig(share=0.9), FitConfig())) == [1, 0]
+    assert torch.equal(fit_coeffs(model, start, images, steps=0, lm68=lm68, config=(first, second)), start)
+    with pytest.raises(ValueError, match="empty"):
+        fit_coeffs(model, start, images, steps=3, lm68=lm68, config=())
+
+
+def test_staged_plan_is_the_optimum_search_from_a_start():
+    """test.py --fit_loss staged: a short front-only phase, then the training loss exactly (one
+    rate, cosine to 0) at 0.003, then at 0.005."""
+    from models.fitting import fit_config
+
+    front, slow, train = fit_config("staged")
+    assert front.front_only and front.lr == 0.02 and front.share == 0.05
+    assert not slow.front_only and not train.front_only and (slow.lr, train.lr) == (0.003, 0.005)
+    assert {v for _, v in slow.lr_scale} == {v for _, v in train.lr_scale} == {1.0}
+    assert slow.landmark_steps == train.landmark_steps == 0 and slow.min_lr_ratio == train.min_lr_ratio == 0.0
+    assert train == fit_config("train")

@@ -445,8 +445,8 @@ def test_fitting_uses_68_landmarks_where_present(standin, tmp_path):
 
 def test_fit_loss_train_fits_the_training_loss(standin, tmp_path, monkeypatch, capsys):
     """test.py --fit_loss train hands fitting the training loss's settings (models.fitting.fit_config):
-    the whole face rendered, one rate for every group, no landmark-only stage; the default stays
-    test.py's front-only fitting; an unknown loss is a usage error."""
+    the whole face rendered, one rate for every group, no landmark-only stage; staged its three
+    phases; the default stays test.py's front-only fitting; an unknown loss is a usage error."""
     import models.fitting as fitting
 
     seen = []
@@ -456,8 +456,10 @@ def test_fit_loss_train_fits_the_training_loss(standin, tmp_path, monkeypatch, c
     flags = ("--save_mesh=false", "--save_png=false", "--fit_steps=2")
     assert run(standin, folder, str(tmp_path / "train"), *flags, "--fit_loss=train") == 0
     assert run(standin, folder, str(tmp_path / "front"), *flags) == 0
-    train, front = seen
+    assert run(standin, folder, str(tmp_path / "staged"), *flags, "--fit_loss=staged") == 0
+    train, front, staged = seen
     assert train == fitting.fit_config("train") and front == fitting.fit_config("front") == fitting.FitConfig()
+    assert staged == fitting.fit_config("staged") and staged[-1] == train
     assert not train.front_only and train.landmark_steps == 0 and train.min_lr_ratio == 0
     assert {f for _, f in train.lr_scale} == {1.0} and front.front_only
     a = loadmat(str(tmp_path / "train" / "000002.mat"))["id"]
@@ -468,6 +470,22 @@ def test_fit_loss_train_fits_the_training_loss(standin, tmp_path, monkeypatch, c
     assert e.value.code == 2 and "--fit_loss" in capsys.readouterr().err
     with pytest.raises(ValueError, match="front"):
         fitting.fit_config("back")
+
+
+@pytest.mark.gpu
+def test_staged_fitting_on_cuda(standin, tmp_path):
+    """test.py --fit_loss staged on CUDA (nvdiffrast's CUDA rasterizer): its three phases run and
+    move the coefficients; the results are finite."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"])
+    flags = ("--save_mesh=false", "--save_png=false", "--device=cuda")
+    assert run(standin, folder, str(tmp_path / "plain"), *flags) == 0
+    assert run(standin, folder, str(tmp_path / "staged"), *flags, "--fit_steps=40", "--fit_loss=staged") == 0
+    a = loadmat(str(tmp_path / "staged" / "000002.mat"))
+    b = loadmat(str(tmp_path / "plain" / "000002.mat"))
+    for key in ("id", "exp", "tex", "angle", "gamma", "trans"):
+        assert np.isfinite(a[key]).all() and not np.array_equal(a[key], b[key]), key
 
 
 def test_a_malformed_landmarks_file_fails_only_its_face(standin, tmp_path, capsys):
