@@ -65,6 +65,7 @@ WEIGHTS, SYNTHETIC = LossWeights(), SyntheticConfig()  # defaults defined once, 
 # the same run on the same faces; pose and landmarks absolute (degrees, pixels at 224)
 TARGETS = {"vertex_vs_optimum": 1.25, "pose_error_deg": 2.0, "lm_error_px": 2.0}
 FITTED_VERTEX_VS_OPTIMUM = 1.05  # with --fit_steps
+PLANNED_FIT_LOSSES = ("staged",)  # --fit_loss values fitted with test.py's plan as it is (no --fit_* rates)
 CURVE_KEYS = ("vertex_error_ratio", "pose_error_deg", "lm_error_px")  # the learning curve's figures
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # lr x (batch / 32) ** power
 
@@ -123,9 +124,14 @@ class RecoveryOptions:
     fit_landmark_share: float = opt(-1.0, "share of that fitting's steps on the landmark terms alone (-1: test.py's "
                                           "third)")
     fit_loss: str = opt("front", "the loss that fitting minimises: 'front' (test.py's: only the front-face triangles "
-                                 "rendered) or 'train' (the training loss exactly, whose optimum is the yardstick); "
-                                 "'train,front' fits with both from the same regressor (the first gives the verdict, "
-                                 "the second's counts are reported as 'front:N')")
+                                 "rendered) or 'train' (the training loss exactly, whose optimum is the yardstick), "
+                                 "each with the --fit_* settings below; 'staged': test.py's --fit_loss staged exactly "
+                                 "(models.fitting.fit_config; the --fit_* rates do not apply); a comma list "
+                                 "('train,staged') fits each from the same regressor (the first gives the verdict, "
+                                 "the others' counts are reported as 'staged:N')")
+    fit_mean_start: bool = opt(False, "also fit each face from the mean face (all coefficients 0) with the same "
+                                      "settings and keep, per face, the end with the lower training loss (reported "
+                                      "as '<key>+mean')")
     fit_uniform_rates: bool = opt(False, "one rate for every coefficient group in that fitting (test.py's fitting "
                                          "doubles it for identity, expression and albedo)")
     seed: int = opt(0, "seed of initialisation and training data (held-out data uses seed + 1000)")
@@ -173,8 +179,7 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
 
     losses = fit_losses(o.fit_loss)
     if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
-        p.error(f"--fit_loss must be 'front' (test.py's fitting), 'train' (the training loss) or both separated by a "
-                f"comma, got {o.fit_loss!r}")
+        p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
     if o.train_only and o.from_run:
         p.error("--train_only and --from_run are the two calls of one run: give one of them")
     if o.oracle_only and (o.train_only or o.from_run):
@@ -457,8 +462,8 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
     out = {"regressor": {k: regressor[k] for k in CURVE_KEYS}, "regressor_vertex_vs_optimum":
            regressor["vertex_error_ratio"] / v, "target": TARGETS["vertex_vs_optimum"]}
     if fitted:
-        by_steps = {n: {**{k: f[k] for k in CURVE_KEYS}, "vertex_vs_optimum": f["vertex_error_ratio"] / v}
-                    for n, f in fitted.items()}
+        by_steps = {n: {**{k: f[k] for k in (*CURVE_KEYS, "loss") if k in f},
+                        "vertex_vs_optimum": f["vertex_error_ratio"] / v} for n, f in fitted.items()}
         last = by_steps[max((n for n in by_steps if n.isdigit()), key=int)]  # the first --fit_loss's largest count
         out.update({"fitted": {k: last[k] for k in CURVE_KEYS}, "fitted_vertex_vs_optimum": last["vertex_vs_optimum"],
                     "fitted_target": FITTED_VERTEX_VS_OPTIMUM, "fitted_by_steps": by_steps})
@@ -467,7 +472,8 @@ def against_optimum(optimum: dict, regressor: dict, fitted: dict | None) -> dict
 
 def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float, start=None, faces: int = 0,
                    optimum_faces: int = 0, min_lr: float = 0.1, landmark_share: float = -1.0,
-                   front_only: bool = True, uniform_rates: bool = False) -> dict:
+                   front_only: bool = True, uniform_rates: bool = False, plan=None, loss_fn=None,
+                   mean_start: bool = False) -> dict:
     """Figures of the held-out faces after per-image fitting as ``test.py --fit_steps`` does it
     (:func:`models.fitting.fit_coeffs`, each face's true 68 landmarks as its ``landmarks/`` file).
 
@@ -485,12 +491,22 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
             landmark-only steps (negative: FitConfig's default, a third).
         front_only, uniform_rates: :class:`models.fitting.FitConfig`'s ``front_only``, and one
             rate for all groups instead of its ``lr_scale``.
+        plan: optional :data:`models.fitting.FitPlan` used as it is (``lr``, ``min_lr``,
+            ``landmark_share``, ``front_only`` and ``uniform_rates`` are then not used).
+        loss_fn: optional :class:`models.losses.HybridLoss` (the training loss): with it the mean
+            per-face loss of the fitted faces is reported (``loss``, and in ``on_optimum_faces``).
+        mean_start: also fit every face from the mean face (coefficients 0) and keep, per face, the
+            end with the lower ``loss_fn`` (which it needs); ``from_mean_face`` is the share of faces
+            that kept that end.
 
     Returns:
         The figures (:meth:`ErrorSums.figures`) of the first ``faces`` faces fitted, with ``steps``,
         ``lr``, ``seconds`` (of fitting, device synchronised) and ``start`` (the start's figures).
     """
     from models.fitting import FitConfig, fit_coeffs
+
+    if mean_start and loss_fn is None:
+        raise ValueError("fitted_figures(mean_start=True) needs loss_fn to choose each face's end")
 
     dev = test_set[0].images.device
     total = sum(b.coeffs.shape[0] for b in test_set)
@@ -500,7 +516,8 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                        landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
     if uniform_rates:
         config = dataclasses.replace(config, lr_scale=tuple((k, 1.0) for k, _ in config.lr_scale))
-    fitted, starts, seconds, done = [], [], 0.0, 0
+    config = config if plan is None else plan
+    fitted, starts, losses, seconds, done, from_mean = [], [], [], 0.0, 0, 0
     for b in test_set:
         if done >= n_fit:
             break
@@ -513,24 +530,47 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                 c0 = start(b)
         sync(dev)
         t = time.perf_counter()
-        fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=config))
+        if mean_start:  # both starts in one batch: each face's gradient is its own (fit_coeffs)
+            both = fit_coeffs(model, torch.cat([c0, torch.zeros_like(c0)]), b.images.repeat(2, 1, 1, 1),
+                              lm68=b.lm68.repeat(2, 1, 1), steps=steps, config=config)
+            k = c0.shape[0]
+            ends = per_face_loss(loss_fn, both, b.images.repeat(2, 1, 1, 1), b.lm68.repeat(2, 1, 1))
+            mean_won = ends[k:] < ends[:k]
+            fitted.append(torch.where(mean_won[:, None], both[k:], both[:k]))
+            from_mean += int(mean_won.sum())
+        else:
+            fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=config))
         sync(dev)
         seconds += time.perf_counter() - t
+        if loss_fn is not None:
+            losses.append(per_face_loss(loss_fn, fitted[-1], b.images, b.lm68))
         starts.append(c0)
         done += b.coeffs.shape[0]
     fitted, starts, truth = torch.cat(fitted), torch.cat(starts), first_faces(test_set, n_fit)
+    losses = torch.cat(losses) if losses else None
 
     def figures(coeffs: torch.Tensor, n: int) -> dict:
         sums = ErrorSums()
         sums.add(model.face_model, coeffs[:n], truth.coeffs[:n], truth.lm68[:n], lm_scale)
         return sums.figures()
 
-    out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3 if config.landmark_steps is None
-           else config.landmark_steps, "front_only": front_only, "uniform_rates": uniform_rates,
-           "seconds": round(seconds, 2), **figures(fitted, n_fig),
-           "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}}
+    if plan is None:
+        out = {"steps": steps, "lr": lr, "min_lr": min_lr, "landmark_steps": steps // 3
+               if config.landmark_steps is None else config.landmark_steps, "front_only": front_only,
+               "uniform_rates": uniform_rates}
+    else:
+        phases = plan if isinstance(plan, tuple) else (plan,)
+        out = {"steps": steps, "plan": [dataclasses.asdict(p) for p in phases]}
+    out.update({"seconds": round(seconds, 2), **figures(fitted, n_fig),
+                "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}})
+    if mean_start:
+        out["from_mean_face"] = from_mean / n_fit
+    if losses is not None:
+        out["loss"] = float(losses[:n_fig].mean())
     if optimum_faces > 0:
         out["on_optimum_faces"] = {k: v for k, v in figures(fitted, optimum_faces).items() if k in CURVE_KEYS}
+        if losses is not None:
+            out["on_optimum_faces"]["loss"] = float(losses[:optimum_faces].mean())
     return out
 
 
@@ -892,6 +932,8 @@ def _with_net(model, net: torch.nn.Module):
 def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_batch) -> dict:
     """The final figures of the trained ``s.model`` on the held-out faces: figures, landmark
     oracles, fitted figures for each ``--fit_steps`` count, ratios against ``optimum`` and verdicts."""
+    from models.fitting import fit_config
+
     counts = fit_counts(o.fit_steps)
     final = evaluate(s.model, s.test_set, s.lm_scale)
     oracle = oracle_figures(s.face_model, s.test_set, o.oracle_steps, s.lm_scale) if o.oracle_steps > 0 else None
@@ -899,14 +941,17 @@ def evaluate_trained(o: RecoveryOptions, s: Session, optimum: dict | None, opt_b
     losses = fit_losses(o.fit_loss)
     for loss in losses:
         for n in counts:
-            f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
-                               optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
-                               landmark_share=o.fit_landmark_share, front_only=loss == "front",
-                               uniform_rates=o.fit_uniform_rates)
-            fitted_by_steps[str(n) if loss == losses[0] else f"{loss}:{n}"] = f
-            if o.verbose:
-                log.info("fitting %d steps, %s loss (%.0f s): vertex %.3f pose %.2f deg lm %.2f px", n, loss,
-                         f["seconds"], f["vertex_error_ratio"], f["pose_error_deg"], f["lm_error_px"])
+            for mean_start in (False, True) if o.fit_mean_start else (False,):
+                f = fitted_figures(s.model, s.test_set, n, s.lm_scale, o.fit_lr, faces=o.fit_faces,
+                                   optimum_faces=o.optimum_faces if optimum is not None else 0, min_lr=o.fit_min_lr,
+                                   landmark_share=o.fit_landmark_share, front_only=loss == "front",
+                                   uniform_rates=o.fit_uniform_rates, loss_fn=s.loss_fn, mean_start=mean_start,
+                                   plan=fit_config(loss) if loss in PLANNED_FIT_LOSSES else None)
+                key = (str(n) if loss == losses[0] else f"{loss}:{n}") + ("+mean" if mean_start else "")
+                fitted_by_steps[key] = f
+                if o.verbose:
+                    log.info("fitting %s (%.0f s): vertex %.3f pose %.2f deg lm %.2f px loss %.4f", key,
+                             f["seconds"], f["vertex_error_ratio"], f["pose_error_deg"], f["lm_error_px"], f["loss"])
     fitted = fitted_by_steps[str(counts[-1])] if counts else None
     vs_optimum = None
     if optimum is not None:
@@ -949,7 +994,7 @@ CHECKPOINT_NAME = "regressor.pth"  # a --train_only run's checkpoint in its --ou
 # options a --from_run call takes from its own command line; every other one comes from the run
 EVAL_OPTIONS = ("bfm_folder", "bfm_model", "device", "renderer", "minutes", "eval_reserve_s", "eval_size",
                 "eval_batch", "oracle_only", "oracle_steps", "loss_oracle_steps", "fit_steps", "fit_faces", "fit_lr",
-                "fit_min_lr", "fit_landmark_share", "fit_loss", "fit_uniform_rates",
+                "fit_min_lr", "fit_landmark_share", "fit_loss", "fit_uniform_rates", "fit_mean_start",
                 "optimum_faces", "optimum_refine_steps", "optimum_steps", "optimum_rounds", "optimum_lr", "out",
                 "checkpoint", "train_only", "from_run", "verbose")
 
@@ -1052,7 +1097,8 @@ def print_oracles(oracles: dict | None) -> None:
 def print_fitted(label: str, f: dict) -> None:
     print(f"  {label} ({f['steps']} steps, true 68 landmarks, {f['faces']} faces, {f['seconds']:.1f} s): vertex ratio "
           f"{f['vertex_error_ratio']:.3f} (aligned {f['vertex_error_ratio_aligned']:.3f}), pose "
-          f"{f['pose_error_deg']:.2f} deg (orientation {f['orientation_error_deg']:.2f}), lm {f['lm_error_px']:.2f} px")
+          f"{f['pose_error_deg']:.2f} deg (orientation {f['orientation_error_deg']:.2f}), lm {f['lm_error_px']:.2f} px"
+          + (f", loss {f['loss']:.4f}" if "loss" in f else ""))
 
 
 def oracles_only(o: RecoveryOptions) -> dict:
@@ -1145,8 +1191,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(rigid share of the identity bases: {result['rigid_fraction']['id']:.2f})")
     print_oracles(result["landmark_oracle"])
     for n, fitted in (result["fitted_by_steps"] or {}).items():
-        print_fitted(f"regressor + per-image fitting, {'front-only' if fitted['front_only'] else 'training'} loss",
-                     fitted)
+        how = ("test.py's staged plan" if "plan" in fitted
+               else f"{'front-only' if fitted['front_only'] else 'training'} loss")
+        if "from_mean_face" in fitted:
+            how += f", best of it and the mean face's start ({fitted['from_mean_face']:.0%} kept the mean face's)"
+        print_fitted(f"regressor + per-image fitting {n}, {how}", fitted)
         if vs is not None:
             on_opt = vs["fitted_by_steps"][n]
             verdict = "ok" if on_opt["vertex_vs_optimum"] <= FITTED_VERTEX_VS_OPTIMUM else "MISSED"

@@ -2,8 +2,10 @@
 for missing data; data preparation and augmentation; the recovery experiment's smoke run."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -286,6 +288,36 @@ def test_recovery_in_two_calls(workspace, tmp_path):
     assert vs["fitted_vertex_vs_optimum"] == vs["fitted_by_steps"]["3"]["vertex_vs_optimum"]
     assert res["pass_fitted"]["vertex_vs_optimum"] == (vs["fitted_vertex_vs_optimum"] <= 1.05)
     assert sorted(os.listdir(eval_dir)) == ["learning_curve.png", "recovery.json", "samples.png"]
+
+
+def test_recovery_staged_plan_and_mean_start(workspace, tmp_path):
+    """--fit_loss staged fits with test.py's plan as it is (its phases recorded); --fit_mean_start
+    also fits from the mean face and keeps each face's lower-loss end, so its mean loss is at most
+    the prediction-only fit's (per face the lower of two ends; the prediction's end of the paired
+    fit equals the single fit up to the batch-wide photometric normalisation, which Adam ignores)."""
+    from experiments.recovery import main
+    from models.fitting import fit_config
+
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    assert main(tiny_recovery_args(workspace, run_dir, "--train_only", "true", "--max_steps", "2")) == 0
+    assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
+                 "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
+                 "--fit_loss", "staged,train", "--fit_mean_start", "true", "--optimum_faces", "2",
+                 "--optimum_refine_steps", "2", "--optimum_steps", "2", "--fit_steps", "20", "--fit_faces", "3"]) == 0
+    res = json.load(open(eval_dir / "recovery.json"))
+    by_steps = res["fitted_by_steps"]
+    assert set(by_steps) == {"20", "20+mean", "train:20", "train:20+mean"}
+    plan = [dataclasses.asdict(p) for p in fit_config("staged")]
+    assert json.loads(json.dumps(plan)) == by_steps["20"]["plan"] == by_steps["20+mean"]["plan"]
+    assert "plan" not in by_steps["train:20"] and by_steps["train:20"]["front_only"] is False
+    for key in ("20", "train:20"):
+        plain, both = by_steps[key], by_steps[key + "+mean"]
+        assert 0.0 <= both["from_mean_face"] <= 1.0 and "from_mean_face" not in plain
+        assert both["loss"] <= plain["loss"] * (1 + 1e-3)
+        assert plain["loss"] > 0 and math.isfinite(plain["loss"])
+    vs = res["vs_optimum"]["fitted_by_steps"]
+    assert all("loss" in f for f in vs.values())
+    assert res["fitted"] == by_steps["20"]  # the first --fit_loss's plain count gives the verdict
 
 
 def test_recovery_second_call_equals_one_call(workspace, tmp_path):
