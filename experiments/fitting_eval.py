@@ -45,8 +45,8 @@ class FittingEvalOptions:
     steps: int = opt(150, "fitting steps")
     landmark_steps: int = opt(100, "leading steps with landmark and regularisation terms only (no rendering)")
     lr: float = opt(0.05, "base learning rate of the fit")
-    loss: str = opt("", "'' = fit with --lr and --landmark_steps; front or train = test.py's --fit_loss settings "
-                        "(models.fitting.fit_config)", choices=["", "front", "train"])
+    loss: str = opt("", "'' = fit with --lr and --landmark_steps; front, train or staged = test.py's --fit_loss "
+                        "settings (models.fitting.fit_config)", choices=["", "front", "train", "staged"])
     batch_size: int = opt(8, "faces fitted at once")
     out: str = opt("docs/fitting", "folder for fitting_eval.json")
     image: str = opt("docs/images/fitting_before_after.png", "before/after picture ('' = none)")
@@ -134,6 +134,12 @@ def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel:
     grid.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
+def phase_record(cfg) -> dict:
+    """A fitting phase's settings for the JSON (:class:`models.fitting.FitConfig`, weights left out)."""
+    return {"lr": cfg.lr, "share": cfg.share, "landmark_steps": cfg.landmark_steps, "lr_scale": dict(cfg.lr_scale),
+            "min_lr_ratio": cfg.min_lr_ratio, "front_only": cfg.front_only}
+
+
 def run(o: FittingEvalOptions) -> dict:
     from models.fitting import FitConfig, fit_coeffs, fit_config
     from options.run_specs import model_spec
@@ -186,10 +192,8 @@ def run(o: FittingEvalOptions) -> dict:
         "faces": len(faces), "figures": figures, "target_px": 4.0,
         "per_face": {f["name"]: {k: round(v[i]["err68"], 3) for k, v in stages.items()} for i, f in enumerate(faces)},
         "device": str(device), "renderer": model.renderer.backend, "torch": torch.__version__,
-        "options": dataclasses.asdict(o), "fit_config": {"lr": cfg.lr, "steps": o.steps,
-                                                         "landmark_steps": cfg.landmark_steps,
-                                                         "lr_scale": dict(cfg.lr_scale),
-                                                         "min_lr_ratio": cfg.min_lr_ratio, "front_only": cfg.front_only},
+        "options": dataclasses.asdict(o), "fit_config": [phase_record(c) for c in (cfg if isinstance(cfg, tuple)
+                                                                                   else (cfg,))],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     os.makedirs(o.out, exist_ok=True)
