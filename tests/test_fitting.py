@@ -173,3 +173,34 @@ def test_staged_plan_is_the_optimum_search_from_a_start():
     assert {v for _, v in slow.lr_scale} == {v for _, v in train.lr_scale} == {1.0}
     assert slow.landmark_steps == train.landmark_steps == 0 and slow.min_lr_ratio == train.min_lr_ratio == 0.0
     assert train == fit_config("train")
+
+
+def test_fitting_eval_records_a_staged_plan(standin, tmp_path):
+    """experiments.fitting_eval --loss staged fits with test.py's three phases and records each
+    phase's settings; the fitted landmarks move towards the given 68 points."""
+    import json
+
+    import numpy as np
+
+    from conftest import golden_lm5, make_photo_folder
+    from experiments.fitting_eval import main
+    from models.fitting import fit_config
+    from util.detections_io import LANDMARKS_DIR, detection_path, write_points
+
+    folder = make_photo_folder(str(tmp_path / "photos"), ["000002.jpg"])
+    five = np.array(golden_lm5()["000002.jpg"], dtype=np.float64)
+    # 68 points spread around the detected 5 (any 68 points will do: the check is that fitting moves to them)
+    ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 68)), np.sin(np.linspace(0, 2 * np.pi, 68))], 1)
+    lm68 = five.mean(0) + ring * np.ptp(five, 0) * 0.6
+    write_points(detection_path(folder, "000002.jpg", subdir=LANDMARKS_DIR), lm68)
+    out = tmp_path / "out"
+    assert main(["--device", "cpu", "--img_folder", folder, "--targets", "68", "--steps", "20", "--loss", "staged",
+                 "--name", standin["name"], "--checkpoints_dir", standin["checkpoints_dir"],
+                 "--bfm_folder", standin["bfm_folder"], "--out", str(out), "--image", ""]) == 0
+    res = json.load(open(out / "fitting_eval.json"))
+    phases = fit_config("staged")
+    assert [p["lr"] for p in res["fit_config"]] == [p.lr for p in phases]
+    assert [p["share"] for p in res["fit_config"]] == [p.share for p in phases]
+    assert [p["front_only"] for p in res["fit_config"]] == [True, False, False]
+    before, fitted = res["per_face"]["000002"]["before"], res["per_face"]["000002"]["fit68"]
+    assert np.isfinite([before, fitted]).all() and fitted < before
