@@ -238,11 +238,8 @@ def write_group(base: str, face_model, records: list[PhotoRecord], confidence_na
     Raises:
         ValueError: an unknown ``mesh_format``. OSError: a file could not be written (none is then).
     """
-    import io
-
-    from scipy.io import savemat
-
     from util.atomic_files import write_files_atomic
+    from util.mat5 import mat5_bytes
     from util.mesh_formats import mesh_files, mesh_settings
     from util.mesh_io import obj_chunks
 
@@ -263,8 +260,6 @@ def write_group(base: str, face_model, records: list[PhotoRecord], confidence_na
                "landmark_residual": np.array([[r.landmark_residual for r in records]], np.float32),
                "photo_residual": np.array([[r.photo_residual for r in records]], np.float32),
                "confidence_name": confidence_name}
-    mat = io.BytesIO()
-    savemat(mat, content, format="5")
-    write_files_atomic(files + [(base + ".mat", [mat.getbuffer()])])
+    write_files_atomic(files + [(base + ".mat", [mat5_bytes(content)])])
     return agg
 

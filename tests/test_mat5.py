@@ -49,3 +49,34 @@ def test_scipy_reads_them_back():
 def test_other_dtypes_are_refused():
     with pytest.raises(TypeError, match="int64"):
         mat5_bytes({"n": np.arange(3)})
+    with pytest.raises(TypeError, match="cell arrays of strings"):
+        mat5_bytes({"c": np.array(["a", 1], dtype=object)})
+
+
+def _strings() -> dict:
+    """What an image-set run's .mat holds besides floats: a name and a list of photo paths."""
+    return {
+        "confidence_name": "landmark",  # 8 bytes of UTF-8: the normal element form
+        "short": "abc",  # 3 bytes: the small form
+        "empty": "",  # 0 x 0
+        "accents": "ré/€.jpg",  # characters, not bytes, give the dimensions
+        "astral": "a\U0001F600",  # a character outside the 16-bit range: 4 bytes of UTF-8
+        "photos": np.array(["a/1.jpg", "b/photo 2.png", "", "ünï.jpg"], dtype=object),  # a cell row
+        "grid": np.array([["a", "bc"], ["def", "g"]], dtype=object),  # 2-D: column-major
+        "none": np.array([], dtype=object),
+        "id": np.ones((1, 3), np.float32),  # mixed with floats
+    }
+
+
+def test_strings_and_cells_are_savemats_bytes_too():
+    ref = io.BytesIO()
+    savemat(ref, _strings(), format="5")
+    assert mat5_bytes(_strings())[116:] == ref.getvalue()[116:]
+
+
+def test_scipy_reads_strings_and_cells_back():
+    back = loadmat(io.BytesIO(mat5_bytes(_strings())))
+    assert str(back["confidence_name"][0]) == "landmark" and str(back["accents"][0]) == "ré/€.jpg"
+    assert back["empty"].size == 0 and back["none"].size == 0
+    assert [str(p[0]) if p.size else "" for p in back["photos"][0]] == ["a/1.jpg", "b/photo 2.png", "", "ünï.jpg"]
+    assert str(back["grid"][1, 0][0]) == "def" and str(back["grid"][0, 1][0]) == "bc"
