@@ -134,14 +134,8 @@ def picture(path: str, faces: list[dict], stages: list[tuple[str, list]], panel:
     grid.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def phase_record(cfg) -> dict:
-    """A fitting phase's settings for the JSON (:class:`models.fitting.FitConfig`, weights left out)."""
-    return {"lr": cfg.lr, "share": cfg.share, "landmark_steps": cfg.landmark_steps, "lr_scale": dict(cfg.lr_scale),
-            "min_lr_ratio": cfg.min_lr_ratio, "front_only": cfg.front_only}
-
-
 def run(o: FittingEvalOptions) -> dict:
-    from models.fitting import FitConfig, fit_coeffs, fit_config
+    from models.fitting import FitConfig, fit_coeffs, fit_config, plan_record
     from options.run_specs import model_spec
     from options.test_options import TestOptions
     from pipeline.model import build_model
@@ -192,8 +186,7 @@ def run(o: FittingEvalOptions) -> dict:
         "faces": len(faces), "figures": figures, "target_px": 4.0,
         "per_face": {f["name"]: {k: round(v[i]["err68"], 3) for k, v in stages.items()} for i, f in enumerate(faces)},
         "device": str(device), "renderer": model.renderer.backend, "torch": torch.__version__,
-        "options": dataclasses.asdict(o), "fit_config": [phase_record(c) for c in (cfg if isinstance(cfg, tuple)
-                                                                                   else (cfg,))],
+        "options": dataclasses.asdict(o), "fit_config": plan_record(cfg, o.steps),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     os.makedirs(o.out, exist_ok=True)

@@ -503,7 +503,7 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         The figures (:meth:`ErrorSums.figures`) of the first ``faces`` faces fitted, with ``steps``,
         ``lr``, ``seconds`` (of fitting, device synchronised) and ``start`` (the start's figures).
     """
-    from models.fitting import FitConfig, fit_coeffs
+    from models.fitting import FitConfig, fit_coeffs, plan_record
 
     if mean_start and loss_fn is None:
         raise ValueError("fitted_figures(mean_start=True) needs loss_fn to choose each face's end")
@@ -512,11 +512,12 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
     total = sum(b.coeffs.shape[0] for b in test_set)
     n_fig = min(faces, total) if faces > 0 else total
     n_fit = max(n_fig, min(optimum_faces, total))
-    config = FitConfig(lr=lr, min_lr_ratio=min_lr, front_only=front_only,
-                       landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
-    if uniform_rates:
-        config = dataclasses.replace(config, lr_scale=tuple((k, 1.0) for k, _ in config.lr_scale))
-    config = config if plan is None else plan
+    config = plan
+    if plan is None:
+        config = FitConfig(lr=lr, min_lr_ratio=min_lr, front_only=front_only,
+                           landmark_steps=None if landmark_share < 0 else int(round(landmark_share * steps)))
+        if uniform_rates:
+            config = dataclasses.replace(config, lr_scale=tuple((k, 1.0) for k, _ in config.lr_scale))
     fitted, starts, losses, seconds, done, from_mean = [], [], [], 0.0, 0, 0
     for b in test_set:
         if done >= n_fit:
@@ -531,18 +532,19 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
         sync(dev)
         t = time.perf_counter()
         if mean_start:  # both starts in one batch: each face's gradient is its own (fit_coeffs)
-            both = fit_coeffs(model, torch.cat([c0, torch.zeros_like(c0)]), b.images.repeat(2, 1, 1, 1),
-                              lm68=b.lm68.repeat(2, 1, 1), steps=steps, config=config)
-            k = c0.shape[0]
-            ends = per_face_loss(loss_fn, both, b.images.repeat(2, 1, 1, 1), b.lm68.repeat(2, 1, 1))
+            images2, lm2, k = b.images.repeat(2, 1, 1, 1), b.lm68.repeat(2, 1, 1), c0.shape[0]
+            both = fit_coeffs(model, torch.cat([c0, torch.zeros_like(c0)]), images2, lm68=lm2, steps=steps,
+                              config=config)
+            ends = per_face_loss(loss_fn, both, images2, lm2)
             mean_won = ends[k:] < ends[:k]
             fitted.append(torch.where(mean_won[:, None], both[k:], both[:k]))
+            losses.append(torch.minimum(ends[:k], ends[k:]))
             from_mean += int(mean_won.sum())
         else:
             fitted.append(fit_coeffs(model, c0, b.images, lm68=b.lm68, steps=steps, config=config))
         sync(dev)
         seconds += time.perf_counter() - t
-        if loss_fn is not None:
+        if loss_fn is not None and not mean_start:
             losses.append(per_face_loss(loss_fn, fitted[-1], b.images, b.lm68))
         starts.append(c0)
         done += b.coeffs.shape[0]
@@ -559,8 +561,7 @@ def fitted_figures(model, test_set: list, steps: int, lm_scale: float, lr: float
                if config.landmark_steps is None else config.landmark_steps, "front_only": front_only,
                "uniform_rates": uniform_rates}
     else:
-        phases = plan if isinstance(plan, tuple) else (plan,)
-        out = {"steps": steps, "plan": [dataclasses.asdict(p) for p in phases]}
+        out = {"steps": steps, "plan": plan_record(plan, steps)}
     out.update({"seconds": round(seconds, 2), **figures(fitted, n_fig),
                 "start": {k: v for k, v in figures(starts, n_fig).items() if k in CURVE_KEYS}})
     if mean_start:

@@ -129,6 +129,25 @@ def landmark_stage_loss(face_model, coeffs: torch.Tensor, target: torch.Tensor, 
             + w.w_gamma * gamma_loss(c["gamma"]) + w.w_reflc * reflectance_loss(tex, face_model.skin_mask))
 
 
+def plan_phases(plan: FitPlan | None) -> tuple[FitConfig, ...]:
+    """A plan as its phases: a tuple as it is, one config (None: the defaults) as one phase.
+
+    Raises:
+        ValueError: an empty tuple.
+    """
+    phases = plan if isinstance(plan, tuple) else (plan or FitConfig(),)
+    if not phases:
+        raise ValueError("a fitting plan needs at least one phase (got an empty tuple)")
+    return phases
+
+
+def plan_record(plan: FitPlan | None, steps: int) -> list[dict]:
+    """Each phase's settings for a results file, with the steps it takes of ``steps``
+    (:func:`phase_steps`) as its ``steps``."""
+    phases = plan_phases(plan)
+    return [dataclasses.asdict(dataclasses.replace(cfg, steps=n)) for cfg, n in zip(phases, phase_steps(steps, phases))]
+
+
 def phase_steps(steps: int, phases: tuple[FitConfig, ...]) -> list[int]:
     """How many of ``steps`` each phase takes: ``round(share * steps)`` in order, the last phase
     what is left (never below 0)."""
@@ -167,9 +186,7 @@ def fit_coeffs(model, coeffs: torch.Tensor, images: torch.Tensor, lm: torch.Tens
         ValueError: neither ``lm`` nor ``lm68`` is given; ``coeffs`` is not (B, 257); the batch sizes
             of coefficients, images and landmarks differ; ``config.groups`` names an unknown group.
     """
-    phases = config if isinstance(config, tuple) else (config or FitConfig(),)
-    if not phases:
-        raise ValueError("fit_coeffs was given an empty tuple of phases")
+    phases = plan_phases(config)
     target = lm68 if lm68 is not None else lm
     if target is None:
         raise ValueError("fit_coeffs needs landmarks: lm (B, 5, 2) or lm68 (B, 68, 2)")

@@ -202,5 +202,6 @@ def test_fitting_eval_records_a_staged_plan(standin, tmp_path):
     assert [p["lr"] for p in res["fit_config"]] == [p.lr for p in phases]
     assert [p["share"] for p in res["fit_config"]] == [p.share for p in phases]
     assert [p["front_only"] for p in res["fit_config"]] == [True, False, False]
+    assert [p["steps"] for p in res["fit_config"]] == [1, 3, 16]  # 5 % and 13 % of the 20 steps, the rest
     before, fitted = res["per_face"]["000002"]["before"], res["per_face"]["000002"]["fit68"]
     assert np.isfinite([before, fitted]).all() and fitted < before
