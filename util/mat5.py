@@ -49,26 +49,35 @@ def _row_shape(n: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, n) if len(shape) < 2 else shape
 
 
-def _matrix(name: str, a) -> bytes:
-    if isinstance(a, str):
-        body = _header(MX_CHAR_CLASS, _row_shape(len(a), ()), name) + _element(MI_UTF8, a.encode("utf-8"))
+def _char_body(name: str, text: str) -> bytes:
+    return _header(MX_CHAR_CLASS, _row_shape(len(text), ()), name) + _element(MI_UTF8, text.encode("utf-8"))
+
+
+def _cell_body(name: str, a: np.ndarray) -> bytes:
+    if not all(isinstance(v, str) for v in a.flat):
+        raise TypeError(f"{name}: object arrays are written here only as cell arrays of strings")
+    items = a.ravel(order="F")
+    return _header(MX_CELL_CLASS, _row_shape(items.size, a.shape), name) + b"".join(_matrix("", v) for v in items)
+
+
+def _float_body(name: str, a: np.ndarray) -> bytes:
+    dtype = a.dtype.newbyteorder("<")
+    if dtype not in CLASSES:
+        raise TypeError(f"{name}: {a.dtype} arrays are not written here (float32 or float64, strings and "
+                        "object arrays of strings only)")
+    if a.ndim < 2:  # as savemat's oned_as='row': a scalar is 1x1, a vector one row
+        a = a.reshape(1, -1)
+    mx_class, mi_type = CLASSES[dtype]
+    return _header(mx_class, a.shape, name) + _element(mi_type, np.asarray(a, dtype=dtype).tobytes(order="F"))
+
+
+def _matrix(name: str, value) -> bytes:
+    """One variable as a miMATRIX element: a string, an object array of strings or a float array."""
+    if isinstance(value, str):
+        body = _char_body(name, value)
     else:
-        a = np.asarray(a)
-        if a.dtype == object:
-            if not all(isinstance(v, str) for v in a.flat):
-                raise TypeError(f"{name}: object arrays are written here only as cell arrays of strings")
-            items = a.ravel(order="F")
-            body = _header(MX_CELL_CLASS, _row_shape(items.size, a.shape), name) + b"".join(
-                _matrix("", v) for v in items)
-        else:
-            dtype = a.dtype.newbyteorder("<")
-            if dtype not in CLASSES:
-                raise TypeError(f"{name}: {a.dtype} arrays are not written here (float32 or float64, strings and "
-                                "object arrays of strings only)")
-            if a.ndim < 2:  # as savemat's oned_as='row': a scalar is 1x1, a vector one row
-                a = a.reshape(1, -1)
-            mx_class, mi_type = CLASSES[dtype]
-            body = _header(mx_class, a.shape, name) + _element(mi_type, np.asarray(a, dtype=dtype).tobytes(order="F"))
+        a = np.asarray(value)
+        body = _cell_body(name, a) if a.dtype == object else _float_body(name, a)
     return struct.pack("<II", MI_MATRIX, len(body)) + body
 
 
