@@ -216,3 +216,27 @@ class SyntheticFaces:
             :class:`SyntheticBatch` of ``n`` faces at the renderer's image size.
         """
         return self.render(self.sample_coeffs(n, generator), generator)
+
+    def batches(self, n: int, generator: torch.Generator, chunk: int = 1):
+        """Endless batches of ``n`` fresh faces, drawn and rendered ``chunk`` batches at a time
+        (one render of ``chunk * n`` faces: fewer, larger kernel launches; the same distribution).
+
+        Args:
+            n: faces per batch.
+            generator: the random source, on the face model's device.
+            chunk: batches per draw (>= 1).
+
+        Yields:
+            :class:`SyntheticBatch` of ``n`` faces (views into the chunk's tensors).
+
+        Raises:
+            ValueError: ``chunk`` < 1.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        while True:
+            big = self.sample(n * chunk, generator)
+            for i in range(chunk):
+                part = slice(i * n, (i + 1) * n)
+                yield SyntheticBatch(images=big.images[part], coeffs=big.coeffs[part], lm68=big.lm68[part],
+                                     mask=big.mask[part])

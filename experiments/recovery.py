@@ -92,6 +92,11 @@ class RecoveryOptions:
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
                                  "(0 = the whole loss from the start)")
+    cuda_graph: bool = opt(False, "replay the network's training forward and backward from CUDA graphs (CUDA only; "
+                                  "models.networks.graphed_for_training): fewer kernel launches per step")
+    fused_adam: bool = opt(False, "Adam's fused CUDA implementation (one kernel for all parameters) instead of "
+                                  "PyTorch's default (foreach)")
+    data_chunk: int = opt(1, "draw and render the synthetic training faces this many batches at a time")
     warmup: float = opt(0.03, "fraction of the budget spent warming the learning rate up")
     amp: str = opt("none", "network precision: none (fp32; a bf16 run learnt no shape) | auto (bf16 on CUDA) "
                            "| bf16 | fp16", choices=["auto", "none", "bf16", "fp16"])
@@ -180,6 +185,10 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     losses = fit_losses(o.fit_loss)
     if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
         p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
+    if o.data_chunk < 1:
+        p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
+    if o.cuda_graph and o.device == "cpu" and not o.from_run:
+        p.error("--cuda_graph needs a CUDA device: drop it or give --device cuda")
     if o.train_only and o.from_run:
         p.error("--train_only and --from_run are the two calls of one run: give one of them")
     if o.oracle_only and (o.train_only or o.from_run):
@@ -614,15 +623,15 @@ def held_out_test_set(o, gen) -> list:
     return list(heldout(gen, o.eval_size, o.eval_batch, o.seed + 1000))
 
 
-def profiled_step(model, loss_fn, optimizer, gen, generator, batch_size: int, scaler=None) -> tuple:
-    """One training step (as :func:`train.train_step`) with the device synchronised between its
-    phases; returns (output, {phase: seconds})."""
+def profiled_step(model, loss_fn, optimizer, batches, scaler=None) -> tuple:
+    """One training step (as :func:`train.train_step`) on the next of ``batches`` (an iterator of
+    SyntheticBatch) with the device synchronised between its phases; returns (output, {phase: seconds})."""
     from models.losses import backward_step
 
-    dev = gen.device
+    dev = next(model.net.parameters()).device
     sync(dev)
     t = [time.perf_counter()]
-    batch = gen.sample(batch_size, generator)
+    batch = next(batches)
     sync(dev)
     t.append(time.perf_counter())
     model.net.train()
@@ -830,6 +839,8 @@ def make_session(o: RecoveryOptions) -> Session:
     from pipeline.runtime import resolve_device
 
     device = resolve_device(o.device)
+    if o.cuda_graph and device.type != "cuda" and not o.from_run:
+        raise ValueError(f"--cuda_graph needs a CUDA device, the run is on {device}")
     torch.manual_seed(o.seed)
     face_model, renderer, syn, gen = synthetic_setup(o, device)
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
@@ -855,11 +866,14 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
 
     weights, model, gen = training_weights(o), s.model, s.gen
     peak_lr = lr_for_batch(o)
-    optimizer = torch.optim.Adam(s.net.parameters(), lr=peak_lr)
+    optimizer = torch.optim.Adam(s.net.parameters(), lr=peak_lr, **({"fused": True} if o.fused_adam else {}))
     scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
-    ema = WeightEma(s.net, o.ema) if o.ema > 0 else None
+    ema = WeightEma(s.net, o.ema) if o.ema > 0 else None  # copied before any graph capture patches the network
     watched = model if ema is None else _with_net(model, ema.module)  # the curve follows the average
     g = torch.Generator(device=s.device).manual_seed(o.seed)
+    batches = gen.batches(o.batch_size, g, o.data_chunk)
+    if o.cuda_graph:
+        graph_network(s, o.batch_size, o.size)
     train_start = time.perf_counter()
     train_budget = max(1.0, deadline - train_start)
     curve, step, loss_acc, loss_n = [], 0, 0.0, 0
@@ -878,16 +892,16 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
             group["lr"] = peak_lr * max(lr_frac, 0.01)
         terms = None
         if frac < o.curriculum:
-            batch = gen.sample(o.batch_size, g)
+            batch = next(batches)
             loss = landmark_step(model, weights, optimizer, batch.images, batch.lm68, scaler)
             landmark_steps += 1
         elif o.profile_start <= step - landmark_steps < o.profile_start + o.profile_steps:
-            out, times = profiled_step(model, s.loss_fn, optimizer, gen, g, o.batch_size, scaler)
+            out, times = profiled_step(model, s.loss_fn, optimizer, batches, scaler)
             for k, v in times.items():
                 profile[k] = profile.get(k, 0.0) + v / o.profile_steps
             loss, terms = out.terms.total.detach(), out.terms
         else:
-            batch = gen.sample(o.batch_size, g)
+            batch = next(batches)
             out = train_step(model, s.loss_fn, optimizer, batch.images, batch.lm68, scaler=scaler)
             loss, terms = out.terms.total.detach(), out.terms
         if ema is not None:
@@ -921,6 +935,19 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
             "steps": step, "landmark_steps": landmark_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
             "synthetic": dataclasses.asdict(s.syn), "curve": curve}
+
+
+def graph_network(s: Session, batch_size: int, size: int) -> None:
+    """Capture ``s.net``'s training forward and backward as CUDA graphs for batches of
+    ``batch_size`` images of ``size`` (in the model's input format and precision; CUDA only, as
+    :func:`models.networks.graphed_for_training`)."""
+    from models.networks import graphed_for_training
+
+    example = torch.rand(batch_size, 3, size, size, device=s.device)
+    if s.channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.amp or "")
+    graphed_for_training(s.net, example, dtype)
 
 
 def _with_net(model, net: torch.nn.Module):

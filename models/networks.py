@@ -297,3 +297,48 @@ def load_recon_net(path: str, net_recon: str = "resnet50", use_last_fc: bool = F
         raise CheckpointError(f"{path} does not fit --net_recon {net_recon} --use_last_fc {use_last_fc}: "
                               + " ".join(lines[1:3])[:300]) from None
     return net.eval()
+
+
+def graphed_for_training(net: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replay ``net``'s training-mode forward and backward from CUDA graphs (fewer kernel launches).
+
+    Wraps :func:`torch.cuda.make_graphed_callables`: ``net`` is patched in place and returned.
+    While ``net.training`` is True each call copies its input into the graph's static input and
+    replays the captured kernels (gradients reach the parameters through autograd as usual); in
+    eval mode the module runs eagerly, as before. The capture's warm-up passes would move the
+    batch-norm statistics: every buffer is restored to its value before the capture.
+
+    Args:
+        net: a module on a CUDA device whose parameters are never replaced afterwards (an
+            optimizer updating them in place is fine); no hooks.
+        example: (B, ...) an input of the exact shape, dtype and memory format of every training
+            call (other batch sizes fail at the copy).
+        autocast_dtype: the autocast dtype the module runs under (bf16/fp16), captured with
+            autocast's weight cache off as CUDA graphs require; None: full precision.
+
+    Returns:
+        ``net`` itself (already graphed for inputs of ``example``'s shape: unchanged).
+
+    Raises:
+        ValueError: ``example`` is not on a CUDA device, or ``net`` was graphed for another shape.
+    """
+    import contextlib
+
+    if example.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
+    shape = getattr(net, "graphed_input_shape", None)
+    if shape is not None:
+        if shape != tuple(example.shape):
+            raise ValueError(f"the network is already graphed for inputs of shape {shape}, not {tuple(example.shape)}")
+        return net
+    saved = [b.detach().clone() for b in net.buffers()]
+    net.train()
+    ctx = (torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        torch.cuda.make_graphed_callables(net, (example,))
+    with torch.no_grad():
+        for b, v in zip(net.buffers(), saved):
+            b.copy_(v)
+    net.graphed_input_shape = tuple(example.shape)
+    return net

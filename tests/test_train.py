@@ -751,3 +751,99 @@ def test_train_with_an_identity_network(workspace, tmp_path, caplog):
     line = next(r.message for r in caplog.records if "step 1 " in r.message)
     assert float(line.split(" feat ")[1].split()[0]) > 0
     assert main(train_args(ws, prepare(ws), "ident2", "--net_recog_path", str(tmp_path / "nothere.pth"))) == 2
+
+
+def test_synthetic_batches_drawn_in_chunks(workspace):
+    """SyntheticFaces.batches(n, g, chunk): batches of n fresh faces, each chunk the same draw and
+    render as one sample of chunk * n faces from the same seed (no face repeated)."""
+    from experiments.recovery import parse_recovery_options, synthetic_setup
+
+    o = parse_recovery_options(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "32"])
+    _, _, _, gen = synthetic_setup(o, torch.device("cpu"))
+    stream = gen.batches(3, torch.Generator().manual_seed(5), chunk=2)
+    got = [next(stream) for _ in range(4)]  # two chunks
+    g = torch.Generator().manual_seed(5)
+    want = [gen.sample(6, g), gen.sample(6, g)]
+    for i, b in enumerate(got):
+        w, part = want[i // 2], slice(3 * (i % 2), 3 * (i % 2) + 3)
+        assert b.images.shape == (3, 3, 32, 32) and b.lm68.shape == (3, 68, 2)
+        torch.testing.assert_close(b.images, w.images[part])
+        torch.testing.assert_close(b.coeffs, w.coeffs[part])
+        torch.testing.assert_close(b.lm68, w.lm68[part])
+    coeffs = torch.cat([b.coeffs for b in got])
+    assert torch.cdist(coeffs, coeffs).add(torch.eye(12) * 1e9).min() > 1.0  # 12 different faces
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        next(gen.batches(3, torch.Generator(), chunk=0))
+
+
+def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
+    """--data_chunk and --fused_adam train on the CPU; --cuda_graph on the CPU is a one-line
+    error before anything runs, as is a chunk below 1; graphing a module needs a CUDA input."""
+    from experiments.recovery import main
+    from models.networks import ReconNet, graphed_for_training
+
+    out = tmp_path / "rec"
+    assert main(tiny_recovery_args(workspace, out, "--max_steps", "3", "--data_chunk", "2", "--fused_adam", "true",
+                                   "--train_only", "true")) == 0
+    res = json.load(open(out / "recovery.json"))
+    assert res["steps"] == 3 and res["options"]["data_chunk"] == 2 and res["options"]["fused_adam"] is True
+    assert all(np.isfinite(p["loss"]) for p in res["curve"])
+    for bad, msg in ((["--cuda_graph", "true"], "--cuda_graph needs a CUDA device"),
+                     (["--data_chunk", "0"], "--data_chunk must be >= 1")):
+        with pytest.raises(SystemExit):
+            main(tiny_recovery_args(workspace, tmp_path / "bad", *bad))
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA input"):
+        graphed_for_training(ReconNet("resnet18"), torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_network_equals_the_eager_one():
+    """graphed_for_training: in training mode the replayed forward and backward give the eager
+    network's outputs, gradients and batch-norm statistics (same weights, same batch), on a
+    second batch too (the static input is refilled); eval mode runs eagerly; the capture leaves
+    the batch-norm statistics as they were."""
+    import copy
+
+    from models.networks import ReconNet, graphed_for_training
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    eager = ReconNet("resnet18").to_empty(device=dev)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0, 0.05)
+        for name, b in eager.named_buffers():
+            b.fill_(1 if name.endswith("running_var") else 0)
+    graphed = copy.deepcopy(eager)
+    before = [b.clone() for b in graphed.buffers()]
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        graphed_for_training(graphed, torch.rand(4, 3, 224, 224, device=dev))
+        for a, b in zip(graphed.buffers(), before):
+            torch.testing.assert_close(a, b)
+        assert graphed_for_training(graphed, torch.rand(4, 3, 224, 224, device=dev)) is graphed  # once only
+        with pytest.raises(ValueError, match="already graphed for inputs of shape"):
+            graphed_for_training(graphed, torch.rand(2, 3, 224, 224, device=dev))
+        for seed in (1, 2):
+            x = torch.rand(4, 3, 224, 224, device=dev, generator=torch.Generator(dev).manual_seed(seed))
+            outs = []
+            for net in (eager, graphed):
+                net.train()
+                net.zero_grad(set_to_none=True)
+                y = net(x)
+                (y * torch.linspace(-1, 1, y.shape[1], device=dev)).sum().backward()
+                outs.append((y.detach().clone(), [p.grad.clone() for p in net.parameters()],
+                             [b.clone() for b in net.buffers()]))
+            (y0, g0, b0), (y1, g1, b1) = outs
+            torch.testing.assert_close(y1, y0, rtol=1e-3, atol=1e-4)
+            for a, b in zip(g1, g0):
+                torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
+            for a, b in zip(b1, b0):
+                torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+    graphed.eval()
+    eager.eval()
+    with torch.no_grad():
+        x = torch.rand(2, 3, 224, 224, device=dev)  # another batch size: only the eager path takes it
+        torch.testing.assert_close(graphed(x), eager(x), rtol=1e-3, atol=1e-4)
