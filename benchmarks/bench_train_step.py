@@ -2,7 +2,7 @@
 (not collected by pytest).
 
     python benchmarks/bench_train_step.py --device cuda --json bench_train.json
-    python benchmarks/bench_train_step.py --device cuda --variants "base=;graph=--cuda_graph true"
+    python benchmarks/bench_train_step.py --device cuda --variants "eager=--cuda_graph false;graph=--cuda_graph true"
     python benchmarks/bench_train_step.py --device cpu --size 64 --batch_size 4 --steps 5 --warm 2   # smoke run
 
 Each variant is a set of ``experiments.recovery`` options added to the common ones (the
@@ -32,7 +32,8 @@ sys.path.insert(0, ROOT)
 
 from experiments import recovery  # noqa: E402
 
-VARIANTS = ("base=;fused=--fused_adam true;chunk8=--data_chunk 8;graph=--cuda_graph true;"
+OFF = "--fused_adam false --data_chunk 1 --cuda_graph false"  # the experiment before session 33
+VARIANTS = (f"base={OFF};fused={OFF} --fused_adam true;chunk8={OFF} --data_chunk 8;graph={OFF} --cuda_graph true;"
             "all=--fused_adam true --data_chunk 8 --cuda_graph true")
 
 

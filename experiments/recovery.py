@@ -92,11 +92,13 @@ class RecoveryOptions:
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
                                  "(0 = the whole loss from the start)")
-    cuda_graph: bool = opt(False, "replay the network's training forward and backward from CUDA graphs (CUDA only; "
-                                  "models.networks.graphed_for_training): fewer kernel launches per step")
-    fused_adam: bool = opt(False, "Adam's fused CUDA implementation (one kernel for all parameters) instead of "
-                                  "PyTorch's default (foreach)")
-    data_chunk: int = opt(1, "draw and render the synthetic training faces this many batches at a time")
+    cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
+                                  "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
+                                  "auto (on CUDA) | true (CUDA only) | false", choices=["auto", "true", "false"])
+    fused_adam: str = opt("auto", "Adam's fused implementation (one kernel for all parameters) instead of PyTorch's "
+                                  "default (foreach): auto (on CUDA) | true | false", choices=["auto", "true", "false"])
+    data_chunk: int = opt(8, "draw and render the synthetic training faces this many batches at a time (1: one "
+                             "batch per step, as before session 33)")
     warmup: float = opt(0.03, "fraction of the budget spent warming the learning rate up")
     amp: str = opt("none", "network precision: none (fp32; a bf16 run learnt no shape) | auto (bf16 on CUDA) "
                            "| bf16 | fp16", choices=["auto", "none", "bf16", "fp16"])
@@ -187,7 +189,7 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
         p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
-    if o.cuda_graph and o.device == "cpu" and not o.from_run:
+    if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
         p.error("--cuda_graph needs a CUDA device: drop it or give --device cuda")
     if o.train_only and o.from_run:
         p.error("--train_only and --from_run are the two calls of one run: give one of them")
@@ -826,6 +828,8 @@ class Session:
     loss_fn: object  # HybridLoss (the training's terms and weights)
     amp: str | None
     channels_last: bool
+    cuda_graph: bool  # --cuda_graph resolved for the device
+    fused_adam: bool
     lm_scale: float
     curve_set: list
     test_set: list
@@ -839,12 +843,13 @@ def make_session(o: RecoveryOptions) -> Session:
     from pipeline.runtime import resolve_device
 
     device = resolve_device(o.device)
-    if o.cuda_graph and device.type != "cuda" and not o.from_run:
+    if o.cuda_graph == "true" and device.type != "cuda" and not o.from_run:
         raise ValueError(f"--cuda_graph needs a CUDA device, the run is on {device}")
     torch.manual_seed(o.seed)
     face_model, renderer, syn, gen = synthetic_setup(o, device)
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
-    channels_last = device.type == "cuda" if o.channels_last == "auto" else o.channels_last == "true"
+    channels_last, cuda_graph, fused_adam = (device.type == "cuda" if v == "auto" else v == "true"
+                                             for v in (o.channels_last, o.cuda_graph, o.fused_adam))
     net = ReconNet(o.net_recon)
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=channels_last).to(device)
     if channels_last:
@@ -855,8 +860,8 @@ def make_session(o: RecoveryOptions) -> Session:
         torch.backends.cudnn.allow_tf32 = True
     loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
     curve_set = list(heldout(gen, o.curve_size, o.eval_batch, o.seed + 2000))
-    return Session(device, face_model, renderer, syn, gen, net, model, loss_fn, amp, channels_last, 224.0 / o.size,
-                   curve_set, held_out_test_set(o, gen))
+    return Session(device, face_model, renderer, syn, gen, net, model, loss_fn, amp, channels_last, cuda_graph,
+                   fused_adam, 224.0 / o.size, curve_set, held_out_test_set(o, gen))
 
 
 def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
@@ -866,13 +871,13 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
 
     weights, model, gen = training_weights(o), s.model, s.gen
     peak_lr = lr_for_batch(o)
-    optimizer = torch.optim.Adam(s.net.parameters(), lr=peak_lr, **({"fused": True} if o.fused_adam else {}))
+    optimizer = torch.optim.Adam(s.net.parameters(), lr=peak_lr, **({"fused": True} if s.fused_adam else {}))
     scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
     ema = WeightEma(s.net, o.ema) if o.ema > 0 else None  # copied before any graph capture patches the network
     watched = model if ema is None else _with_net(model, ema.module)  # the curve follows the average
     g = torch.Generator(device=s.device).manual_seed(o.seed)
     batches = gen.batches(o.batch_size, g, o.data_chunk)
-    if o.cuda_graph:
+    if s.cuda_graph:
         graph_network(s, o.batch_size, o.size)
     train_start = time.perf_counter()
     train_budget = max(1.0, deadline - train_start)
@@ -931,7 +936,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
                   (curve[-1]["loss"] if curve else math.nan),
                   **{k: v for k, v in evaluate(model, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS}})
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
-            "channels_last": s.channels_last, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
+            "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
+            "data_chunk": o.data_chunk, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
             "steps": step, "landmark_steps": landmark_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
             "synthetic": dataclasses.asdict(s.syn), "curve": curve}

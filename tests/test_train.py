@@ -786,7 +786,8 @@ def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
     assert main(tiny_recovery_args(workspace, out, "--max_steps", "3", "--data_chunk", "2", "--fused_adam", "true",
                                    "--train_only", "true")) == 0
     res = json.load(open(out / "recovery.json"))
-    assert res["steps"] == 3 and res["options"]["data_chunk"] == 2 and res["options"]["fused_adam"] is True
+    assert res["steps"] == 3 and res["data_chunk"] == 2 and res["fused_adam"] is True
+    assert res["cuda_graph"] is False  # auto: off on the CPU
     assert all(np.isfinite(p["loss"]) for p in res["curve"])
     for bad, msg in ((["--cuda_graph", "true"], "--cuda_graph needs a CUDA device"),
                      (["--data_chunk", "0"], "--data_chunk must be >= 1")):
