@@ -71,7 +71,9 @@ def time_variant(common: list[str], extra: list[str], warm: int, steps: int, cur
 
 
 def kernel_table(o, s, steps: int, rows: int) -> dict:
-    """The ``rows`` CUDA kernels and host operators with the most total time over ``steps`` steps."""
+    """The ``rows`` entries with the most device time (kernels, and the operators and graph
+    replays that launch them: nested entries overlap, so the rows do not add up to a step) and
+    the ``rows`` host operators with the most self time, per step over ``steps`` steps."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
@@ -88,8 +90,7 @@ def kernel_table(o, s, steps: int, rows: int) -> dict:
 
     device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     return {"kernels": top(device_key, lambda e: getattr(e, device_key) > 0),
-            "host_ops": top("self_cpu_time_total", lambda e: "::" in e.key),
-            "device_ms_per_step": round(sum(getattr(e, device_key) for e in events) / 1000 / steps, 3)}
+            "host_ops": top("self_cpu_time_total", lambda e: "::" in e.key)}
 
 
 def main(argv: list[str] | None = None) -> int:
