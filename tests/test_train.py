@@ -848,3 +848,23 @@ def test_cuda_graphed_network_equals_the_eager_one():
     with torch.no_grad():
         x = torch.rand(2, 3, 224, 224, device=dev)  # another batch size: only the eager path takes it
         torch.testing.assert_close(graphed(x), eager(x), rtol=1e-3, atol=1e-4)
+
+
+def test_train_step_benchmark_runs_each_variant(workspace, tmp_path):
+    """benchmarks/bench_train_step.py on the CPU at a tiny size: one record per variant with the
+    steps it timed and ms/step consistent with its seconds; a variant without '=' is an error."""
+    spec = importlib.util.spec_from_file_location("bench_train_step",
+                                                  os.path.join(ROOT, "benchmarks", "bench_train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--bfm_folder", workspace["bfm"], "--size", "32", "--batch_size", "2",
+                       "--warm", "1", "--steps", "2", "--variants", "old=--data_chunk 1;new=--data_chunk 2",
+                       "--json", str(out)]) == 0
+    res = json.load(open(out))
+    assert list(res["variants"]) == ["old", "new"]
+    for r in res["variants"].values():
+        assert r["steps"] == 2 and r["ms_per_step"] == pytest.approx(1000 * r["seconds"] / 2, rel=0.01)
+    assert res["variants"]["new"]["options"] == ["--data_chunk", "2"]
+    with pytest.raises(ValueError, match="name=options"):
+        bench.parse_variants("base")
