@@ -94,7 +94,8 @@ class RecoveryOptions:
                                  "(0 = the whole loss from the start)")
     cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
                                   "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
-                                  "auto (on CUDA) | true (CUDA only) | false", choices=["auto", "true", "false"])
+                                  "auto (on CUDA with --amp none, as measured) | true (CUDA only; with --amp the "
+                                  "capture runs under autocast, not measured) | false", choices=["auto", "true", "false"])
     fused_adam: str = opt("auto", "Adam's fused implementation (one kernel for all parameters) instead of PyTorch's "
                                   "default (foreach): auto (on CUDA) | true | false", choices=["auto", "true", "false"])
     data_chunk: int = opt(8, "draw and render the synthetic training faces this many batches at a time (1: one "
@@ -850,6 +851,7 @@ def make_session(o: RecoveryOptions) -> Session:
     amp = ("bf16" if device.type == "cuda" else None) if o.amp == "auto" else (None if o.amp == "none" else o.amp)
     channels_last, cuda_graph, fused_adam = (device.type == "cuda" if v == "auto" else v == "true"
                                              for v in (o.channels_last, o.cuda_graph, o.fused_adam))
+    cuda_graph = cuda_graph and (amp is None or o.cuda_graph == "true")  # auto: measured in float32 only
     net = ReconNet(o.net_recon)
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=channels_last).to(device)
     if channels_last:
