@@ -954,8 +954,7 @@ def graph_network(s: Session, batch_size: int, size: int) -> None:
     example = torch.rand(batch_size, 3, size, size, device=s.device)
     if s.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.amp or "")
-    graphed_for_training(s.net, example, dtype)
+    graphed_for_training(s.net, example, s.model.amp_dtype)
 
 
 def _with_net(model, net: torch.nn.Module):

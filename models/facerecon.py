@@ -56,6 +56,13 @@ class FaceReconModel(nn.Module):
         self.channels_last = channels_last
         self.ieee_fp32 = ieee_fp32
 
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The network's autocast dtype: bfloat16 or float16 with ``amp``, else None (float32)."""
+        if self.amp is None:
+            return None
+        return torch.bfloat16 if self.amp == "bf16" else torch.float16
+
     def network_precision(self, device: torch.device):
         """The context the network runs in on ``device``.
 
@@ -67,8 +74,7 @@ class FaceReconModel(nn.Module):
             ``ieee_fp32`` (:func:`util.precision.ieee_fp32`), else a null context (PyTorch's settings).
         """
         if self.amp is not None:
-            dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-            return torch.autocast(device_type=device.type, dtype=dtype)
+            return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
         if self.ieee_fp32:
             return precision.ieee_fp32(device)
         return contextlib.nullcontext()
