@@ -92,6 +92,10 @@ class RecoveryOptions:
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
                                  "(0 = the whole loss from the start)")
+    curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
+                                      "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
+                                      "a smooth start keeps Adam's step size, tuned to the landmark stage's small "
+                                      "gradients, from jumping when the photometric term joins)")
     cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
                                   "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
                                   "auto (on CUDA with --amp none, as measured) | true (CUDA only; with --amp the "
@@ -188,6 +192,9 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     losses = fit_losses(o.fit_loss)
     if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
         p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
+    if not 0.0 <= o.curriculum_ramp < 1.0 or not 0.0 <= o.curriculum < 1.0:
+        p.error(f"--curriculum and --curriculum_ramp are fractions of the training budget in [0, 1), got "
+                f"{o.curriculum} and {o.curriculum_ramp}")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
     if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
@@ -768,6 +775,15 @@ def lr_for_batch(o: RecoveryOptions) -> float:
     return o.lr * (o.batch_size / 32.0) ** LR_RULES[o.lr_rule]
 
 
+def photometric_scale(frac: float, curriculum: float, ramp: float) -> float:
+    """The photometric term's weight, as a fraction of ``--w_color``, at ``frac`` of the training
+    budget: 0 in the landmark stage (``frac < curriculum``), rising linearly over the next ``ramp``
+    of the budget, then 1."""
+    if frac < curriculum:
+        return 0.0
+    return 1.0 if ramp <= 0 else min(1.0, (frac - curriculum) / ramp)
+
+
 def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, lm68: torch.Tensor,
                   scaler=None) -> torch.Tensor:
     """One training step of the curriculum's first stage: the loss without its image terms
@@ -898,6 +914,11 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * max(lr_frac, 0.01)
         terms = None
+        scale = photometric_scale(frac, o.curriculum, o.curriculum_ramp)
+        if scale < 1.0:  # the ramp (the landmark stage does not use the loss)
+            s.loss_fn.weights = dataclasses.replace(weights, w_color=weights.w_color * scale)
+        elif s.loss_fn.weights is not weights:
+            s.loss_fn.weights = weights
         if frac < o.curriculum:
             batch = next(batches)
             loss = landmark_step(model, weights, optimizer, batch.images, batch.lm68, scaler)
@@ -919,6 +940,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         if now - last_curve >= o.curve_every_s or step == 1:
             point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
                      "lr": optimizer.param_groups[0]["lr"], "stage": "landmarks" if terms is None else "all",
+                     "w_color_scale": scale,
                      **(terms.as_floats() if terms is not None else {})}
             point.update({k: v for k, v in evaluate(watched, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS})
             curve.append(point)
@@ -931,6 +953,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
                 log.info("step %d (%.0f s): loss %.4f vertex %.3f pose %.2f deg lm %.2f px", step, point["seconds"],
                          point["loss"], point["vertex_error_ratio"], point["pose_error_deg"], point["lm_error_px"])
     train_seconds = time.perf_counter() - train_start
+    s.loss_fn.weights = weights  # what evaluation and fitting measure: the whole loss
     sync(s.device)
     if ema is not None:  # from here on the network is the average
         s.net.load_state_dict(ema.module.state_dict())

@@ -798,6 +798,34 @@ def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
         graphed_for_training(ReconNet("resnet18"), torch.zeros(1, 3, 64, 64))
 
 
+def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
+    """--curriculum_ramp: the photometric weight is 0 in the landmark stage, rises linearly over
+    the ramp, then stays at --w_color; a run inside the ramp records its scale on the curve and
+    leaves the loss with its whole weights for evaluation; fractions outside [0, 1) are errors."""
+    import time
+
+    from experiments.recovery import (main, make_session, parse_recovery_options, photometric_scale, train,
+                                      training_weights)
+
+    assert [photometric_scale(f, 0.3, 0.2) for f in (0.0, 0.29, 0.3, 0.35, 0.4, 0.5, 0.9)] == \
+        pytest.approx([0, 0, 0, 0.25, 0.5, 1, 1])
+    assert photometric_scale(0.3, 0.3, 0.0) == 1.0 and photometric_scale(0.0, 0.0, 0.0) == 1.0
+    o = parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "r", "--max_steps", "2", "--curriculum_ramp",
+                                                  "0.99", "--curve_every_s", "0"))
+    s = make_session(o)
+    rec = train(o, s, time.perf_counter() + 600)
+    points = [p for p in rec["curve"] if "w_color_scale" in p]
+    assert rec["steps"] == 2 and len(points) == 2 and all(p["stage"] == "all" for p in points)
+    assert all(0.0 <= p["w_color_scale"] < 0.01 for p in points)  # 2 steps into a 10-minute ramp
+    # the photometric term is scaled with it (an image distance of 0..1 colours stays below 2)
+    assert all(0 <= p["color"] <= 2 * 1.92 * p["w_color_scale"] for p in points)
+    assert s.loss_fn.weights == training_weights(o) and s.loss_fn.weights.w_color == 1.92
+    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"]):
+        with pytest.raises(SystemExit):
+            main(tiny_recovery_args(workspace, tmp_path / "bad", *bad))
+        assert "fractions of the training budget in [0, 1)" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_cuda_graphed_network_equals_the_eager_one():
     """graphed_for_training: in training mode the replayed forward and backward give the eager
