@@ -92,6 +92,10 @@ class RecoveryOptions:
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
                                  "(0 = the whole loss from the start)")
+    appearance_stage: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget in which "
+                                       "the photometric term trains only the appearance (texture and lighting "
+                                       "coefficients: the render's geometry is detached, landmarks and "
+                                       "regularisation still train it), the whole loss after (0 = none)")
     curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
                                       "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
                                       "a smooth start keeps Adam's step size, tuned to the landmark stage's small "
@@ -192,9 +196,10 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     losses = fit_losses(o.fit_loss)
     if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
         p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
-    if not 0.0 <= o.curriculum_ramp < 1.0 or not 0.0 <= o.curriculum < 1.0:
-        p.error(f"--curriculum and --curriculum_ramp are fractions of the training budget in [0, 1), got "
-                f"{o.curriculum} and {o.curriculum_ramp}")
+    fractions = (o.curriculum, o.appearance_stage, o.curriculum_ramp)
+    if not all(0.0 <= f < 1.0 for f in fractions) or o.curriculum + o.appearance_stage >= 1.0:
+        p.error(f"--curriculum, --appearance_stage and --curriculum_ramp are fractions of the training budget in "
+                f"[0, 1), the first two summing below 1, got {', '.join(map(str, fractions))}")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
     if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
@@ -797,6 +802,36 @@ def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, 
     return loss.detach()
 
 
+GEOMETRY = ("id", "exp", "angle", "trans")  # what the appearance stage's photometric term does not train
+
+
+def detach_geometry(coeffs: torch.Tensor) -> torch.Tensor:
+    """(B, 257) ``coeffs`` with the geometry groups (:data:`GEOMETRY`) detached: the same values,
+    gradients only to texture and lighting."""
+    from models.coeffs import COEFFS
+
+    mask = torch.zeros(COEFFS.total, dtype=torch.bool, device=coeffs.device)
+    for name in GEOMETRY:
+        mask[COEFFS.slices()[name]] = True
+    return torch.where(mask, coeffs.detach(), coeffs)
+
+
+def appearance_step(model, loss_fn, optimizer, images: torch.Tensor, lm68: torch.Tensor, scaler=None):
+    """One step of the appearance stage: the landmark stage's terms
+    (:func:`models.fitting.landmark_stage_loss`) plus ``loss_fn``'s photometric term on a render
+    whose geometry is detached (:func:`detach_geometry`). Returns (() loss detached, LossTerms
+    whose ``color`` is that term and the rest the render's, as the whole loss would weigh them)."""
+    from models.fitting import landmark_stage_loss
+    from models.losses import backward_step
+
+    model.net.train()
+    coeffs = model.predict_coeffs(images).float()
+    terms = loss_fn(detach_geometry(coeffs), images, lm68).terms
+    loss = landmark_stage_loss(model.face_model, coeffs, lm68, loss_fn.weights) + terms.color
+    backward_step(loss, optimizer, scaler)
+    return loss.detach(), terms
+
+
 class WeightEma:
     """Exponential moving average of a network's weights: after each :meth:`update`,
     ``avg = decay * avg + (1 - decay) * current`` for every parameter and floating-point buffer
@@ -903,7 +938,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     last_curve = -math.inf
     diverged = False
     profile: dict[str, float] = {}
-    landmark_steps = 0
+    landmark_steps = appearance_steps = 0
     while True:
         now = time.perf_counter()
         frac = (now - train_start) / train_budget
@@ -923,7 +958,11 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
             batch = next(batches)
             loss = landmark_step(model, weights, optimizer, batch.images, batch.lm68, scaler)
             landmark_steps += 1
-        elif o.profile_start <= step - landmark_steps < o.profile_start + o.profile_steps:
+        elif frac < o.curriculum + o.appearance_stage:
+            batch = next(batches)
+            loss, terms = appearance_step(model, s.loss_fn, optimizer, batch.images, batch.lm68, scaler)
+            appearance_steps += 1
+        elif o.profile_start <= step - landmark_steps - appearance_steps < o.profile_start + o.profile_steps:
             out, times = profiled_step(model, s.loss_fn, optimizer, batches, scaler)
             for k, v in times.items():
                 profile[k] = profile.get(k, 0.0) + v / o.profile_steps
@@ -939,7 +978,9 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         step += 1
         if now - last_curve >= o.curve_every_s or step == 1:
             point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
-                     "lr": optimizer.param_groups[0]["lr"], "stage": "landmarks" if terms is None else "all",
+                     "lr": optimizer.param_groups[0]["lr"],
+                     "stage": "landmarks" if terms is None else "appearance" if landmark_steps + appearance_steps == step
+                     else "all",
                      "w_color_scale": scale,
                      **(terms.as_floats() if terms is not None else {})}
             point.update({k: v for k, v in evaluate(watched, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS})
@@ -963,7 +1004,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
             "data_chunk": o.data_chunk, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
-            "steps": step, "landmark_steps": landmark_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
+            "steps": step, "landmark_steps": landmark_steps,
+            "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
             "synthetic": dataclasses.asdict(s.syn), "curve": curve}
 

@@ -820,10 +820,48 @@ def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
     # the photometric term is scaled with it (an image distance of 0..1 colours stays below 2)
     assert all(0 <= p["color"] <= 2 * 1.92 * p["w_color_scale"] for p in points)
     assert s.loss_fn.weights == training_weights(o) and s.loss_fn.weights.w_color == 1.92
-    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"]):
+    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"], ["--curriculum", "0.6", "--appearance_stage", "0.4"]):
         with pytest.raises(SystemExit):
             main(tiny_recovery_args(workspace, tmp_path / "bad", *bad))
         assert "fractions of the training budget in [0, 1)" in capsys.readouterr().err
+
+
+def test_appearance_stage_trains_texture_and_lighting_only_through_the_render(workspace, tmp_path):
+    """--appearance_stage: detach_geometry keeps the values and passes gradients to texture and
+    lighting only; an appearance step's loss is the landmark stage's terms plus the photometric
+    term; a run in that stage labels its curve points "appearance" and counts its steps."""
+    import time
+
+    from experiments.recovery import (appearance_step, detach_geometry, make_session, parse_recovery_options,
+                                      train)
+    from models.coeffs import COEFFS
+    from models.fitting import landmark_stage_loss
+
+    c = torch.randn(2, 257, requires_grad=True)
+    d = detach_geometry(c)
+    assert torch.equal(d, c)
+    d.sum().backward()
+    sl = COEFFS.slices()
+    for name, passes in (("id", 0), ("exp", 0), ("tex", 1), ("angle", 0), ("gamma", 1), ("trans", 0)):
+        assert torch.all(c.grad[:, sl[name]] == passes), name
+
+    o = parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "r", "--max_steps", "2", "--curriculum", "0.5",
+                                                  "--appearance_stage", "0.45", "--curriculum_ramp", "0",
+                                                  "--curve_every_s", "0"))
+    s = make_session(o)
+    batch = next(s.gen.batches(2, torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.SGD(s.net.parameters(), lr=0.0)  # lr 0: the step leaves the network as it is
+    loss, terms = appearance_step(s.model, s.loss_fn, optimizer, batch.images, batch.lm68)
+    with torch.no_grad():
+        s.net.train()
+        coeffs = s.model.predict_coeffs(batch.images).float()
+        want = landmark_stage_loss(s.face_model, coeffs, batch.lm68, s.loss_fn.weights) + \
+            s.loss_fn(coeffs, batch.images, batch.lm68).terms.color
+    assert float(loss) == pytest.approx(float(want), rel=1e-4) and float(terms.color.detach()) > 0
+    o = dataclasses.replace(o, curriculum=0.0, appearance_stage=0.99)
+    rec = train(o, s, time.perf_counter() + 600)
+    assert rec["appearance_steps"] == 2 and rec["landmark_steps"] == 0
+    assert [p["stage"] for p in rec["curve"] if "stage" in p] == ["appearance", "appearance"]
 
 
 @pytest.mark.gpu
