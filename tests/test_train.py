@@ -864,6 +864,31 @@ def test_appearance_stage_trains_texture_and_lighting_only_through_the_render(wo
     assert [p["stage"] for p in rec["curve"] if "stage" in p] == ["appearance", "appearance"]
 
 
+def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(workspace, tmp_path):
+    """experiments.gradient_balance on a checkpoint whose texture and lighting heads are zero: the
+    photometric term reaches the backbone through geometry only (its appearance share is exactly
+    0), the landmark terms' own row is 1x with cosine 1; a missing checkpoint is a one-line error."""
+    from experiments.gradient_balance import main
+    from models.networks import ReconNet
+
+    torch.manual_seed(0)
+    net = ReconNet("resnet18")
+    with torch.no_grad():
+        for i, head in enumerate(net.final_layers):  # heads: id, exp, tex, angle, gamma, txy, tz
+            head.weight.normal_(0, 0.0 if i in (2, 4) else 0.01)
+    ckpt, out = tmp_path / "reg.pth", tmp_path / "gb.json"
+    torch.save({"net_recon": net.state_dict()}, ckpt)
+    assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--checkpoint", str(ckpt),
+                 "--faces", "4", "--eval_batch", "2", "--out", str(out)]) == 0
+    g = json.load(open(out))["gradients"]
+    assert g["landmarks"]["x_landmarks"] == pytest.approx(1) and g["landmarks"]["cosine_with_landmarks"] == \
+        pytest.approx(1)
+    assert g["landmarks"]["norm"] > 0 and g["photometric_geometry"]["norm"] > 0
+    assert g["photometric_appearance"]["norm"] == 0
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "none.pth")])
+
+
 @pytest.mark.gpu
 def test_cuda_graphed_network_equals_the_eager_one():
     """graphed_for_training: in training mode the replayed forward and backward give the eager

@@ -1,0 +1,121 @@
+"""How the loss's terms pull on the regressor's shared backbone: gradient sizes and directions.
+
+    python -m experiments.gradient_balance --bfm_folder standin/BFM --device cpu \
+        --checkpoint run/regressor.pth --faces 32 --out docs/recovery/gradient_balance.json
+
+For a trained regressor (a recovery run's checkpoint) on ``--faces`` held-out synthetic faces, in
+training mode (batch statistics, as a training step sees them), three gradients of the backbone's
+parameters (everything but the coefficient heads), each over the same batches:
+
+  * ``landmarks``: the landmark stage's terms (landmark, regularisation, gamma, reflectance;
+    :func:`models.fitting.landmark_stage_loss`), what trains the geometry in ``--curriculum``;
+  * ``photometric_appearance``: the photometric term through the texture and lighting
+    coefficients only (the render's geometry detached, as ``--appearance_stage`` trains);
+  * ``photometric_geometry``: the photometric term through identity, expression, pose and
+    translation only (the whole photometric gradient minus the previous one: the chain rule
+    splits it exactly by coefficient group).
+
+For each: its norm, its norm as a multiple of the landmark terms', and its cosine with the landmark
+terms' gradient. Adam scales each parameter's step by the running size of its own gradient, so a
+term whose gradient is many times the landmark terms' and nearly orthogonal to it moves the shared
+features in directions the landmark terms did not ask for. Writes ``--out`` (JSON) and prints a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from experiments.recovery import RecoveryOptions, detach_geometry, heldout, synthetic_setup, training_weights
+from options.base_options import build_parser, opt
+
+GRADIENTS = ("landmarks", "photometric_appearance", "photometric_geometry")
+
+
+@dataclass
+class BalanceOptions(RecoveryOptions):
+    faces: int = opt(32, "held-out faces (in batches of --eval_batch)")
+    eval_batch: int = opt(16, "faces per batch (batch statistics are those of a batch of this size)")
+    checkpoint: str = opt("", "the regressor (a recovery run's regressor.pth or any checkpoint of --net_recon in the "
+                              "original format); required: the zero-initialised heads of a fresh network pass no "
+                              "gradient to the backbone")
+    out: str = opt("docs/recovery/gradient_balance.json", "the JSON written")
+
+
+def parse(argv: list[str] | None = None) -> BalanceOptions:
+    p = build_parser(BalanceOptions, description=__doc__.splitlines()[0])
+    o = BalanceOptions(**vars(p.parse_args(argv)))
+    if not o.checkpoint:
+        p.error("--checkpoint is required (a recovery run's regressor.pth: python -m experiments.recovery "
+                "--train_only true --out run writes run/regressor.pth)")
+    if not os.path.isfile(o.checkpoint):
+        p.error(f"--checkpoint {o.checkpoint} does not exist")
+    return o
+
+
+def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params, flattened into one vector (zeros where a parameter gets none)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def balance(o: BalanceOptions) -> dict:
+    from models.facerecon import FaceReconModel
+    from models.fitting import landmark_stage_loss
+    from models.losses import HybridLoss
+    from models.networks import ReconNet
+    from pipeline.runtime import resolve_device
+
+    t0 = time.perf_counter()
+    device = resolve_device(o.device)
+    face_model, renderer, syn, gen = synthetic_setup(o, device)
+    net = ReconNet(o.net_recon)
+    net.load_state_dict(torch.load(o.checkpoint, map_location="cpu", weights_only=True)["net_recon"], strict=True)
+    model = FaceReconModel(net, face_model, renderer).to(device)
+    loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
+    params = [p for p in net.backbone.parameters() if p.requires_grad]
+    sums = {k: None for k in GRADIENTS}
+    net.train()
+    for batch in heldout(gen, o.faces, o.eval_batch, o.seed + 1000):
+        coeffs = model.predict_coeffs(batch.images)
+        lm = landmark_stage_loss(face_model, coeffs, batch.lm68, loss_fn.weights)
+        app = loss_fn(detach_geometry(coeffs), batch.images, batch.lm68).terms.color
+        whole = loss_fn(coeffs, batch.images, batch.lm68).terms.color
+        g = {"landmarks": flat_grad(lm, params), "photometric_appearance": flat_grad(app, params)}
+        g["photometric_geometry"] = flat_grad(whole, params) - g["photometric_appearance"]
+        w = batch.images.shape[0] / o.faces  # the mean over all faces, batch by batch
+        for k in GRADIENTS:
+            sums[k] = w * g[k] if sums[k] is None else sums[k] + w * g[k]
+    sums = {k: v.double() for k, v in sums.items()}  # sums over ~10^7 entries
+    ref = sums["landmarks"]
+    out = {k: {"norm": float(v.norm()), "x_landmarks": float(v.norm() / ref.norm()),
+               "cosine_with_landmarks": float(torch.nn.functional.cosine_similarity(v, ref, dim=0))}
+           for k, v in sums.items()}
+    return {"checkpoint": o.checkpoint, "net_recon": o.net_recon, "faces": o.faces, "batch": o.eval_batch,
+            "size": o.size, "device": str(device), "backbone_parameters": int(ref.numel()),
+            "weights": dataclasses.asdict(training_weights(o)), "gradients": out,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse(argv)
+    res = balance(o)
+    print(f"{res['faces']} faces at {res['size']} px on {res['device']} ({res['seconds']:.0f} s), "
+          f"backbone gradients of {o.checkpoint}:")
+    print(f"  {'':24s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")
+    for k, v in res["gradients"].items():
+        print(f"  {k:24s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} {v['cosine_with_landmarks']:8.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(o.out)) or ".", exist_ok=True)
+    with open(o.out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1)
+    print(f"results in {o.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
