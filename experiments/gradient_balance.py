@@ -18,7 +18,8 @@ parameters (everything but the coefficient heads), each over the same batches:
 For each: its norm, its norm as a multiple of the landmark terms', and its cosine with the landmark
 terms' gradient. Adam scales each parameter's step by the running size of its own gradient, so a
 term whose gradient is many times the landmark terms' and nearly orthogonal to it moves the shared
-features in directions the landmark terms did not ask for. Writes ``--out`` (JSON) and prints a table.
+features in directions the landmark terms did not ask for. ``--appearance_grad`` shows the same
+with the recovery experiment's scaling of the appearance heads' gradient. Writes ``--out`` (JSON) and prints a table.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from experiments.recovery import RecoveryOptions, detach_geometry, heldout, synthetic_setup, training_weights
+from experiments.recovery import (RecoveryOptions, detach_geometry, heldout, scale_appearance_gradient, synthetic_setup,
+                                  training_weights)
 from options.base_options import build_parser, opt
 
 GRADIENTS = ("landmarks", "photometric_appearance", "photometric_geometry")
@@ -76,6 +78,8 @@ def balance(o: BalanceOptions) -> dict:
     face_model, renderer, syn, gen = synthetic_setup(o, device)
     net = ReconNet(o.net_recon)
     net.load_state_dict(torch.load(o.checkpoint, map_location="cpu", weights_only=True)["net_recon"], strict=True)
+    if o.appearance_grad != 1.0:  # as the training with --appearance_grad sees it
+        scale_appearance_gradient(net, o.appearance_grad)
     model = FaceReconModel(net, face_model, renderer).to(device)
     loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
     params = [p for p in net.backbone.parameters() if p.requires_grad]
@@ -97,7 +101,8 @@ def balance(o: BalanceOptions) -> dict:
                "cosine_with_landmarks": float(torch.nn.functional.cosine_similarity(v, ref, dim=0))}
            for k, v in sums.items()}
     return {"checkpoint": o.checkpoint, "net_recon": o.net_recon, "faces": o.faces, "batch": o.eval_batch,
-            "size": o.size, "device": str(device), "backbone_parameters": int(ref.numel()),
+            "size": o.size, "device": str(device), "appearance_grad": o.appearance_grad,
+            "backbone_parameters": int(ref.numel()),
             "weights": dataclasses.asdict(training_weights(o)), "gradients": out,
             "seconds": round(time.perf_counter() - t0, 1)}
 

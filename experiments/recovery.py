@@ -96,6 +96,9 @@ class RecoveryOptions:
                                        "the photometric term trains only the appearance (texture and lighting "
                                        "coefficients: the render's geometry is detached, landmarks and "
                                        "regularisation still train it), the whole loss after (0 = none)")
+    appearance_grad: float = opt(1.0, "scale of the gradient that the texture and lighting heads pass back into the "
+                                      "shared backbone (1 = the original's training; 0 = those heads read features "
+                                      "that only the geometry's gradients train); not measured on the GPU yet")
     curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
                                       "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
                                       "a smooth start keeps Adam's step size, tuned to the landmark stage's small "
@@ -200,6 +203,8 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     if not all(0.0 <= f < 1.0 for f in fractions) or o.curriculum + o.appearance_stage >= 1.0:
         p.error(f"--curriculum, --appearance_stage and --curriculum_ramp are fractions of the training budget in "
                 f"[0, 1), the first two summing below 1, got {', '.join(map(str, fractions))}")
+    if o.appearance_grad < 0:
+        p.error(f"--appearance_grad must be >= 0 (1 = the original's training), got {o.appearance_grad}")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
     if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
@@ -816,6 +821,29 @@ def detach_geometry(coeffs: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, coeffs.detach(), coeffs)
 
 
+def scale_appearance_gradient(net: torch.nn.Module, alpha: float) -> list:
+    """Make the texture and lighting heads of a :class:`models.networks.ReconNet` pass ``alpha``
+    times their gradient back to the backbone, whichever term it comes from (the photometric
+    term, and the texture, gamma and reflectance regularisers); forward values unchanged, the
+    heads' own weights get their whole gradient. Forward pre-hooks on those heads, registered before any graph
+    capture; returns their handles (``.remove()`` undoes it).
+
+    Raises:
+        ValueError: ``net`` has no per-group heads (``use_last_fc``).
+    """
+    from models.coeffs import COEFFS
+
+    heads = getattr(net, "final_layers", None)
+    if heads is None:
+        raise ValueError("--appearance_grad needs the network's per-group heads (not --use_last_fc)")
+
+    def hook(_module, args):
+        (x,) = args
+        return (x * alpha + x.detach() * (1.0 - alpha),)
+
+    return [heads[COEFFS.names.index(name)].register_forward_pre_hook(hook) for name in ("tex", "gamma")]
+
+
 def appearance_step(model, loss_fn, optimizer, images: torch.Tensor, lm68: torch.Tensor, scaler=None):
     """One step of the appearance stage: the landmark stage's terms
     (:func:`models.fitting.landmark_stage_loss`) plus ``loss_fn``'s photometric term on a render
@@ -930,6 +958,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     watched = model if ema is None else _with_net(model, ema.module)  # the curve follows the average
     g = torch.Generator(device=s.device).manual_seed(o.seed)
     batches = gen.batches(o.batch_size, g, o.data_chunk)
+    if o.appearance_grad != 1.0:
+        scale_appearance_gradient(s.net, o.appearance_grad)
     if s.cuda_graph:
         graph_network(s, o.batch_size, o.size)
     train_start = time.perf_counter()
@@ -979,8 +1009,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         if now - last_curve >= o.curve_every_s or step == 1:
             point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
                      "lr": optimizer.param_groups[0]["lr"],
-                     "stage": "landmarks" if terms is None else "appearance" if landmark_steps + appearance_steps == step
-                     else "all",
+                     "stage": ("landmarks" if terms is None
+                               else "appearance" if landmark_steps + appearance_steps == step else "all"),
                      "w_color_scale": scale,
                      **(terms.as_floats() if terms is not None else {})}
             point.update({k: v for k, v in evaluate(watched, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS})
@@ -1003,7 +1033,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
                   **{k: v for k, v in evaluate(model, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS}})
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
-            "data_chunk": o.data_chunk, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
+            "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad, "peak_lr": peak_lr, "ema": o.ema,
+            "torch": torch.__version__,
             "steps": step, "landmark_steps": landmark_steps,
             "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),

@@ -777,16 +777,16 @@ def test_synthetic_batches_drawn_in_chunks(workspace):
 
 
 def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
-    """--data_chunk and --fused_adam train on the CPU; --cuda_graph on the CPU is a one-line
+    """--data_chunk, --fused_adam and --appearance_grad train on the CPU; --cuda_graph on the CPU is a one-line
     error before anything runs, as is a chunk below 1; graphing a module needs a CUDA input."""
     from experiments.recovery import main
     from models.networks import ReconNet, graphed_for_training
 
     out = tmp_path / "rec"
     assert main(tiny_recovery_args(workspace, out, "--max_steps", "3", "--data_chunk", "2", "--fused_adam", "true",
-                                   "--train_only", "true")) == 0
+                                   "--appearance_grad", "0.5", "--train_only", "true")) == 0
     res = json.load(open(out / "recovery.json"))
-    assert res["steps"] == 3 and res["data_chunk"] == 2 and res["fused_adam"] is True
+    assert res["steps"] == 3 and res["data_chunk"] == 2 and res["fused_adam"] is True and res["appearance_grad"] == 0.5
     assert res["cuda_graph"] is False  # auto: off on the CPU
     assert all(np.isfinite(p["loss"]) for p in res["curve"])
     for bad, msg in ((["--cuda_graph", "true"], "--cuda_graph needs a CUDA device"),
@@ -820,7 +820,8 @@ def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
     # the photometric term is scaled with it (an image distance of 0..1 colours stays below 2)
     assert all(0 <= p["color"] <= 2 * 1.92 * p["w_color_scale"] for p in points)
     assert s.loss_fn.weights == training_weights(o) and s.loss_fn.weights.w_color == 1.92
-    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"], ["--curriculum", "0.6", "--appearance_stage", "0.4"]):
+    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"],
+                ["--curriculum", "0.6", "--appearance_stage", "0.4"]):
         with pytest.raises(SystemExit):
             main(tiny_recovery_args(workspace, tmp_path / "bad", *bad))
         assert "fractions of the training budget in [0, 1)" in capsys.readouterr().err
@@ -887,6 +888,43 @@ def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(works
     assert g["photometric_appearance"]["norm"] == 0
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "none.pth")])
+
+
+def test_appearance_grad_scales_what_the_appearance_heads_pass_to_the_backbone(workspace, tmp_path, capsys):
+    """--appearance_grad a: the photometric gradient reaching the backbone through texture and
+    lighting is a times the unscaled one (gradient_balance, same faces), the one through geometry
+    is unchanged, the predictions are the same; a < 0 is a one-line error."""
+    from experiments.gradient_balance import main
+    from experiments.recovery import main as recovery_main, scale_appearance_gradient
+    from models.networks import ReconNet
+
+    torch.manual_seed(0)
+    net = ReconNet("resnet18")
+    with torch.no_grad():
+        for head in net.final_layers:
+            head.weight.normal_(0, 0.01)
+    ckpt = tmp_path / "reg.pth"
+    torch.save({"net_recon": net.state_dict()}, ckpt)
+    runs = {}
+    for a in ("1", "0.25"):
+        out = tmp_path / f"gb{a}.json"
+        assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--checkpoint", str(ckpt),
+                     "--faces", "2", "--eval_batch", "2", "--appearance_grad", a, "--out", str(out)]) == 0
+        runs[a] = json.load(open(out))["gradients"]
+    assert runs["0.25"]["photometric_appearance"]["norm"] == pytest.approx(
+        0.25 * runs["1"]["photometric_appearance"]["norm"], rel=1e-4)
+    # through the geometry unchanged (the landmark stage's terms include the texture and lighting
+    # regularisers, which pass through those heads too)
+    assert runs["0.25"]["photometric_geometry"]["norm"] == pytest.approx(runs["1"]["photometric_geometry"]["norm"],
+                                                                          rel=1e-5)
+    x = torch.rand(2, 3, 64, 64)
+    net.eval()
+    before = net(x)
+    handles = scale_appearance_gradient(net, 0.0)
+    assert torch.allclose(net(x), before, atol=1e-7) and len(handles) == 2
+    with pytest.raises(SystemExit):
+        recovery_main(tiny_recovery_args(workspace, tmp_path / "bad", "--appearance_grad", "-1"))
+    assert "--appearance_grad must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
