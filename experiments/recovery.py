@@ -785,13 +785,15 @@ def lr_for_batch(o: RecoveryOptions) -> float:
     return o.lr * (o.batch_size / 32.0) ** LR_RULES[o.lr_rule]
 
 
-def photometric_scale(frac: float, curriculum: float, ramp: float) -> float:
-    """The photometric term's weight, as a fraction of ``--w_color``, at ``frac`` of the training
-    budget: 0 in the landmark stage (``frac < curriculum``), rising linearly over the next ``ramp``
-    of the budget, then 1."""
+def stage_at(frac: float, curriculum: float, appearance: float, ramp: float) -> tuple[str, float]:
+    """The training stage at ``frac`` of the budget and the photometric weight, as a fraction of
+    ``--w_color``: ``"landmarks"`` (weight 0) before ``curriculum``, then ``"appearance"`` for
+    ``appearance`` of the budget, then ``"all"``; after the landmark stage the weight rises
+    linearly over ``ramp`` of the budget (at once when 0), then stays 1."""
     if frac < curriculum:
-        return 0.0
-    return 1.0 if ramp <= 0 else min(1.0, (frac - curriculum) / ramp)
+        return "landmarks", 0.0
+    scale = 1.0 if ramp <= 0 else min(1.0, (frac - curriculum) / ramp)
+    return ("appearance" if frac < curriculum + appearance else "all"), scale
 
 
 def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, lm68: torch.Tensor,
@@ -979,16 +981,13 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * max(lr_frac, 0.01)
         terms = None
-        scale = photometric_scale(frac, o.curriculum, o.curriculum_ramp)
-        if scale < 1.0:  # the ramp (the landmark stage does not use the loss)
-            s.loss_fn.weights = dataclasses.replace(weights, w_color=weights.w_color * scale)
-        elif s.loss_fn.weights is not weights:
-            s.loss_fn.weights = weights
-        if frac < o.curriculum:
+        stage, scale = stage_at(frac, o.curriculum, o.appearance_stage, o.curriculum_ramp)
+        s.loss_fn.weights = weights if scale == 1.0 else dataclasses.replace(weights, w_color=weights.w_color * scale)
+        if stage == "landmarks":
             batch = next(batches)
             loss = landmark_step(model, weights, optimizer, batch.images, batch.lm68, scaler)
             landmark_steps += 1
-        elif frac < o.curriculum + o.appearance_stage:
+        elif stage == "appearance":
             batch = next(batches)
             loss, terms = appearance_step(model, s.loss_fn, optimizer, batch.images, batch.lm68, scaler)
             appearance_steps += 1
@@ -1008,10 +1007,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
         step += 1
         if now - last_curve >= o.curve_every_s or step == 1:
             point = {"step": step, "seconds": round(now - train_start, 1), "loss": float(loss_acc) / max(1, loss_n),
-                     "lr": optimizer.param_groups[0]["lr"],
-                     "stage": ("landmarks" if terms is None
-                               else "appearance" if landmark_steps + appearance_steps == step else "all"),
-                     "w_color_scale": scale,
+                     "lr": optimizer.param_groups[0]["lr"], "stage": stage, "w_color_scale": scale,
                      **(terms.as_floats() if terms is not None else {})}
             point.update({k: v for k, v in evaluate(watched, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS})
             curve.append(point)

@@ -800,16 +800,16 @@ def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
 
 def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
     """--curriculum_ramp: the photometric weight is 0 in the landmark stage, rises linearly over
-    the ramp, then stays at --w_color; a run inside the ramp records its scale on the curve and
+    the ramp, then stays at --w_color (stage_at, with the appearance stage's place); a run inside the ramp records its scale on the curve and
     leaves the loss with its whole weights for evaluation; fractions outside [0, 1) are errors."""
     import time
 
-    from experiments.recovery import (main, make_session, parse_recovery_options, photometric_scale, train,
-                                      training_weights)
+    from experiments.recovery import main, make_session, parse_recovery_options, stage_at, train, training_weights
 
-    assert [photometric_scale(f, 0.3, 0.2) for f in (0.0, 0.29, 0.3, 0.35, 0.4, 0.5, 0.9)] == \
-        pytest.approx([0, 0, 0, 0.25, 0.5, 1, 1])
-    assert photometric_scale(0.3, 0.3, 0.0) == 1.0 and photometric_scale(0.0, 0.0, 0.0) == 1.0
+    at = [stage_at(f, 0.3, 0.1, 0.2) for f in (0.0, 0.29, 0.3, 0.35, 0.4, 0.5, 0.9)]
+    assert [a[0] for a in at] == ["landmarks", "landmarks", "appearance", "appearance", "all", "all", "all"]
+    assert [a[1] for a in at] == pytest.approx([0, 0, 0, 0.25, 0.5, 1, 1])
+    assert stage_at(0.3, 0.3, 0.0, 0.0) == ("all", 1.0) and stage_at(0.0, 0.0, 0.0, 0.0) == ("all", 1.0)
     o = parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "r", "--max_steps", "2", "--curriculum_ramp",
                                                   "0.99", "--curve_every_s", "0"))
     s = make_session(o)
