@@ -24,7 +24,6 @@ with the recovery experiment's scaling of the appearance heads' gradient. Writes
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from experiments.recovery import (RecoveryOptions, detach_geometry, heldout, scale_appearance_gradient, synthetic_setup,
-                                  training_weights)
+                                  training_weights, write_json)
 from options.base_options import build_parser, opt
 
 GRADIENTS = ("landmarks", "photometric_appearance", "photometric_geometry")
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'':24s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")
     for k, v in res["gradients"].items():
         print(f"  {k:24s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} {v['cosine_with_landmarks']:8.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(o.out)) or ".", exist_ok=True)
-    with open(o.out, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
+    write_json(o.out, res, indent=1)
     print(f"results in {o.out}")
     return 0
 

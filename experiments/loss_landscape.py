@@ -23,8 +23,6 @@ training time. Writes ``--out`` (JSON) and prints a table.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from experiments.recovery import (ErrorSums, RecoveryOptions, held_out_test_set, synthetic_setup, training_loss_oracle,
-                                  training_weights)
+                                  training_weights, write_json)
 from options.base_options import build_parser, opt
 
 
@@ -116,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in rows:
         print(f"  {name:22s} {f['vertex_error_ratio']:7.3f} {f['pose_error_deg']:6.2f} {f['lm_error_px']:6.2f} "
               f"{f['loss_all']:7.4f} {f['loss_color']:7.4f} {f['loss_reg']:7.4f} {f['loss_reflc']:7.4f}")
-    os.makedirs(os.path.dirname(os.path.abspath(o.out)) or ".", exist_ok=True)
-    with open(o.out, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1)
+    write_json(o.out, res, indent=1)
     print(f"results in {o.out}")
     return 0
 

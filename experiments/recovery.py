@@ -70,6 +70,13 @@ CURVE_KEYS = ("vertex_error_ratio", "pose_error_deg", "lm_error_px")  # the lear
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # lr x (batch / 32) ** power
 
 
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Write an experiment's results to ``path`` (its folder made as needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+
+
 @dataclass
 class RecoveryOptions:
     bfm_folder: str = opt("standin/BFM", "face model folder (python -m tools.standin builds standin/BFM)")
@@ -1194,8 +1201,7 @@ def run(o: RecoveryOptions) -> dict:
     if not o.train_only:
         samples_picture(os.path.join(o.out, "samples.png"), s.model, s.curve_set[0])
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    with open(os.path.join(o.out, "recovery.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(o.out, "recovery.json"), result)
     return result
 
 
@@ -1258,9 +1264,7 @@ def oracles_only(o: RecoveryOptions) -> dict:
         result["fitting_from_mean_face"] = fitted_figures(
             SimpleNamespace(face_model=face_model, renderer=renderer), test_set, counts[-1], lm_scale,
             o.fit_lr, start=lambda b: torch.zeros_like(b.coeffs, dtype=torch.float32), faces=o.fit_faces)
-    os.makedirs(o.out, exist_ok=True)
-    with open(os.path.join(o.out, "oracles.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(o.out, "oracles.json"), result)
     return result
 
 
