@@ -68,6 +68,7 @@ FITTED_VERTEX_VS_OPTIMUM = 1.05  # with --fit_steps
 PLANNED_FIT_LOSSES = ("staged",)  # --fit_loss values fitted with test.py's plan as it is (no --fit_* rates)
 CURVE_KEYS = ("vertex_error_ratio", "pose_error_deg", "lm_error_px")  # the learning curve's figures
 LR_RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # lr x (batch / 32) ** power
+GEOMETRY = ("id", "exp", "angle", "trans")  # what the appearance stage's photometric term does not train
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:
@@ -99,6 +100,9 @@ class RecoveryOptions:
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
                                  "(0 = the whole loss from the start)")
+    curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
+                                      "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
+                                      "in session 34 it did not prevent the shape's rise when that term joins)")
     appearance_stage: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget in which "
                                        "the photometric term trains only the appearance (texture and lighting "
                                        "coefficients: the render's geometry is detached, landmarks and "
@@ -106,10 +110,6 @@ class RecoveryOptions:
     appearance_grad: float = opt(1.0, "scale of the gradient that the texture and lighting heads pass back into the "
                                       "shared backbone (1 = the original's training; 0 = those heads read features "
                                       "that only the geometry's gradients train); not measured on the GPU yet")
-    curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
-                                      "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
-                                      "a smooth start keeps Adam's step size, tuned to the landmark stage's small "
-                                      "gradients, from jumping when the photometric term joins)")
     cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
                                   "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
                                   "auto (on CUDA with --amp none, as measured) | true (CUDA only; with --amp the "
@@ -816,9 +816,6 @@ def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, 
     return loss.detach()
 
 
-GEOMETRY = ("id", "exp", "angle", "trans")  # what the appearance stage's photometric term does not train
-
-
 def detach_geometry(coeffs: torch.Tensor) -> torch.Tensor:
     """(B, 257) ``coeffs`` with the geometry groups (:data:`GEOMETRY`) detached: the same values,
     gradients only to texture and lighting."""
@@ -834,8 +831,8 @@ def scale_appearance_gradient(net: torch.nn.Module, alpha: float) -> list:
     """Make the texture and lighting heads of a :class:`models.networks.ReconNet` pass ``alpha``
     times their gradient back to the backbone, whichever term it comes from (the photometric
     term, and the texture, gamma and reflectance regularisers); forward values unchanged, the
-    heads' own weights get their whole gradient. Forward pre-hooks on those heads, registered before any graph
-    capture; returns their handles (``.remove()`` undoes it).
+    heads' own weights get their whole gradient. Forward pre-hooks on those heads, registered
+    before any graph capture; returns their handles (``.remove()`` undoes it).
 
     Raises:
         ValueError: ``net`` has no per-group heads (``use_last_fc``).
@@ -1037,8 +1034,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
             "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad, "peak_lr": peak_lr, "ema": o.ema,
-            "torch": torch.__version__,
-            "steps": step, "landmark_steps": landmark_steps,
+            "torch": torch.__version__, "steps": step, "landmark_steps": landmark_steps,
             "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
             "synthetic": dataclasses.asdict(s.syn), "curve": curve}
