@@ -16,10 +16,12 @@ parameters (everything but the coefficient heads), each over the same batches:
     splits it exactly by coefficient group).
 
 For each: its norm, its norm as a multiple of the landmark terms', and its cosine with the landmark
-terms' gradient. Adam scales each parameter's step by the running size of its own gradient, so a
+terms' gradient; the same for each part of the backbone (``by_part``: conv1, bn1, layer1 ...
+layer4). Adam scales each parameter's step by the running size of its own gradient, so a
 term whose gradient is many times the landmark terms' and nearly orthogonal to it moves the shared
 features in directions the landmark terms did not ask for. ``--appearance_grad`` shows the same
-with the recovery experiment's scaling of the appearance heads' gradient. Writes ``--out`` (JSON) and prints a table.
+with the recovery experiment's scaling of the appearance heads' gradient. Writes ``--out`` (JSON)
+and prints a table.
 """
 from __future__ import annotations
 
@@ -65,6 +67,27 @@ def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
 
 
+def backbone_parts(backbone: torch.nn.Module) -> dict[str, slice]:
+    """Where each top-level part of the backbone (``conv1``, ``bn1``, ``layer1`` ... ``layer4``)
+    sits in the flattened gradient of its trainable parameters, in ``parameters()`` order."""
+    out, start = {}, 0
+    for name, p in backbone.named_parameters():
+        if p.requires_grad:
+            part = name.split(".")[0]
+            first = out.get(part, slice(start, start)).start
+            out[part] = slice(first, start + p.numel())
+            start += p.numel()
+    return out
+
+
+def compare(grads: dict[str, torch.Tensor]) -> dict:
+    """For each of :data:`GRADIENTS`: its norm, as a multiple of the landmark terms', and its cosine with theirs."""
+    ref = grads["landmarks"]
+    cos = torch.nn.functional.cosine_similarity
+    return {k: {"norm": float(v.norm()), "x_landmarks": float(v.norm() / ref.norm()),
+                "cosine_with_landmarks": float(cos(v, ref, dim=0))} for k, v in grads.items()}
+
+
 def balance(o: BalanceOptions) -> dict:
     from models.facerecon import FaceReconModel
     from models.fitting import landmark_stage_loss
@@ -82,6 +105,7 @@ def balance(o: BalanceOptions) -> dict:
     model = FaceReconModel(net, face_model, renderer).to(device)
     loss_fn = HybridLoss(face_model, renderer, training_weights(o), use_crop_face=True)
     params = [p for p in net.backbone.parameters() if p.requires_grad]
+    parts = backbone_parts(net.backbone)
     sums = {k: None for k in GRADIENTS}
     net.train()
     for batch in heldout(gen, o.faces, o.eval_batch, o.seed + 1000):
@@ -95,14 +119,12 @@ def balance(o: BalanceOptions) -> dict:
         for k in GRADIENTS:
             sums[k] = w * g[k] if sums[k] is None else sums[k] + w * g[k]
     sums = {k: v.double() for k, v in sums.items()}  # sums over ~10^7 entries
-    ref = sums["landmarks"]
-    out = {k: {"norm": float(v.norm()), "x_landmarks": float(v.norm() / ref.norm()),
-               "cosine_with_landmarks": float(torch.nn.functional.cosine_similarity(v, ref, dim=0))}
-           for k, v in sums.items()}
+    out = compare(sums)
+    by_part = {name: compare({k: v[sl] for k, v in sums.items()}) for name, sl in parts.items()}
     return {"checkpoint": o.checkpoint, "net_recon": o.net_recon, "faces": o.faces, "batch": o.eval_batch,
             "size": o.size, "device": str(device), "appearance_grad": o.appearance_grad,
-            "backbone_parameters": int(ref.numel()),
-            "weights": dataclasses.asdict(training_weights(o)), "gradients": out,
+            "backbone_parameters": int(sums["landmarks"].numel()),
+            "weights": dataclasses.asdict(training_weights(o)), "gradients": out, "by_part": by_part,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -111,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     res = balance(o)
     print(f"{res['faces']} faces at {res['size']} px on {res['device']} ({res['seconds']:.0f} s), "
           f"backbone gradients of {o.checkpoint}:")
-    print(f"  {'':24s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")
-    for k, v in res["gradients"].items():
-        print(f"  {k:24s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} {v['cosine_with_landmarks']:8.3f}")
+    print(f"  {'':32s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")
+    for part, rows in {"backbone": res["gradients"], **res["by_part"]}.items():
+        for k, v in rows.items():
+            print(f"  {part + ' ' + k:32s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} {v['cosine_with_landmarks']:8.3f}")
     write_json(o.out, res, indent=1)
     print(f"results in {o.out}")
     return 0

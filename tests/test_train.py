@@ -868,7 +868,8 @@ def test_appearance_stage_trains_texture_and_lighting_only_through_the_render(wo
 def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(workspace, tmp_path):
     """experiments.gradient_balance on a checkpoint whose texture and lighting heads are zero: the
     photometric term reaches the backbone through geometry only (its appearance share is exactly
-    0), the landmark terms' own row is 1x with cosine 1; a missing checkpoint is a one-line error."""
+    0, in every part of the backbone), the landmark terms' own row is 1x with cosine 1, the parts'
+    squared norms add up to the whole's; a missing checkpoint is a one-line error."""
     from experiments.gradient_balance import main
     from models.networks import ReconNet
 
@@ -881,7 +882,13 @@ def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(works
     torch.save({"net_recon": net.state_dict()}, ckpt)
     assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--checkpoint", str(ckpt),
                  "--faces", "4", "--eval_batch", "2", "--out", str(out)]) == 0
-    g = json.load(open(out))["gradients"]
+    res = json.load(open(out))
+    g, parts = res["gradients"], res["by_part"]
+    assert list(parts) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    # the parts split the backbone's gradient: their squared norms add up to the whole one's
+    for k in g:
+        assert sum(parts[p][k]["norm"] ** 2 for p in parts) == pytest.approx(g[k]["norm"] ** 2, rel=1e-6)
+    assert all(parts[p]["photometric_appearance"]["norm"] == 0 for p in parts)
     assert g["landmarks"]["x_landmarks"] == pytest.approx(1) and g["landmarks"]["cosine_with_landmarks"] == \
         pytest.approx(1)
     assert g["landmarks"]["norm"] > 0 and g["photometric_geometry"]["norm"] > 0
