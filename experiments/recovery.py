@@ -676,7 +676,23 @@ def profiled_step(model, loss_fn, optimizer, batches, scaler=None) -> tuple:
 
 
 # --------------------------------------------------------------------------- learning curve picture
-def plot_curves(path: str, curve: list[dict], lines: dict, title: str = "") -> None:
+def stage_changes(curve: list[dict]) -> list[tuple[int, str]]:
+    """``(step, stage)`` of each curve point whose ``stage`` differs from the previous point's
+    (the first point, and points without a stage, excluded): where a curriculum's stages begin,
+    to the curve's resolution."""
+    out, last = [], None
+    for c in curve:
+        stage = c.get("stage")
+        if stage is None:
+            continue
+        if last is not None and stage != last:
+            out.append((c["step"], stage))
+        last = stage
+    return out
+
+
+def plot_curves(path: str, curve: list[dict], lines: dict, title: str = "",
+                stages: list[tuple[int, str]] = ()) -> None:
     """A small PNG with one panel per series (loss, vertex ratio, pose, landmarks) against step.
 
     Drawn with PIL (no plotting library needed).
@@ -687,6 +703,7 @@ def plot_curves(path: str, curve: list[dict], lines: dict, title: str = "") -> N
         lines: per series key, horizontal dashed lines ``[(value, label, (r, g, b)), ...]``
             (targets, the loss's optimum).
         title: a line of text on top.
+        stages: vertical dotted lines in every panel, ``[(step, label), ...]`` (:func:`stage_changes`).
     """
     from PIL import Image, ImageDraw
 
@@ -724,6 +741,11 @@ def plot_curves(path: str, curve: list[dict], lines: dict, title: str = "") -> N
             for xs in range(ox + pad, ox + w - 12, 10):
                 draw.line([(xs, ty), (xs + 5, ty)], fill=colour)
             draw.text((ox + w - 130, ty - 12), f"{text} {value:.3g}", fill=colour)
+        for step, text in stages:
+            sx = xy(step, lo if not logy else 10 ** lo)[0]
+            for ys_ in range(oy + 20, oy + h - 30, 6):
+                draw.line([(sx, ys_), (sx, ys_ + 2)], fill=(120, 120, 120))
+            draw.text((sx + 3, oy + 22), text, fill=(120, 120, 120))
         draw.line([xy(s, v) for s, v in pts] if len(pts) > 1 else [xy(*pts[0]), xy(*pts[0])], fill=(0, 70, 200), width=2)
         for v in (lo, hi):
             val = 10 ** v if logy else v
@@ -1213,7 +1235,8 @@ def write_figures_picture(o: RecoveryOptions, result: dict) -> None:
         v = result["optimum"]["vertex_error_ratio"]
         lines["vertex_error_ratio"] = [(v, "loss optimum", (0, 140, 0)),
                                        (TARGETS["vertex_vs_optimum"] * v, "target 1.25x", (200, 0, 0))]
-    plot_curves(os.path.join(o.out, "learning_curve.png"), result["curve"], lines, title)
+    plot_curves(os.path.join(o.out, "learning_curve.png"), result["curve"], lines, title,
+                stages=stage_changes(result["curve"]))
 
 
 def print_oracles(oracles: dict | None) -> None:

@@ -800,12 +800,17 @@ def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
 
 def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
     """--curriculum_ramp: the photometric weight is 0 in the landmark stage, rises linearly over
-    the ramp, then stays at --w_color (stage_at, with the appearance stage's place); a run inside the ramp records its scale on the curve and
+    the ramp, then stays at --w_color (stage_at, with the appearance stage's place; stage_changes
+    finds where stages begin on a curve, for the picture); a run inside the ramp records its scale on the curve and
     leaves the loss with its whole weights for evaluation; fractions outside [0, 1) are errors."""
     import time
 
-    from experiments.recovery import main, make_session, parse_recovery_options, stage_at, train, training_weights
+    from experiments.recovery import (main, make_session, parse_recovery_options, stage_at, stage_changes, train,
+                                      training_weights)
 
+    curve = [{"step": 1, "stage": "landmarks"}, {"step": 5, "stage": "landmarks"}, {"step": 9, "stage": "appearance"},
+             {"step": 12, "stage": "all"}, {"step": 15, "stage": "all"}, {"step": 16}]
+    assert stage_changes(curve) == [(9, "appearance"), (12, "all")]
     at = [stage_at(f, 0.3, 0.1, 0.2) for f in (0.0, 0.29, 0.3, 0.35, 0.4, 0.5, 0.9)]
     assert [a[0] for a in at] == ["landmarks", "landmarks", "appearance", "appearance", "all", "all", "all"]
     assert [a[1] for a in at] == pytest.approx([0, 0, 0, 0.25, 0.5, 1, 1])
