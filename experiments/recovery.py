@@ -843,10 +843,7 @@ def detach_geometry(coeffs: torch.Tensor) -> torch.Tensor:
     gradients only to texture and lighting."""
     from models.coeffs import COEFFS
 
-    mask = torch.zeros(COEFFS.total, dtype=torch.bool, device=coeffs.device)
-    for name in GEOMETRY:
-        mask[COEFFS.slices()[name]] = True
-    return torch.where(mask, coeffs.detach(), coeffs)
+    return COEFFS.merge({k: v.detach() if k in GEOMETRY else v for k, v in COEFFS.split(coeffs).items()})
 
 
 def scale_appearance_gradient(net: torch.nn.Module, alpha: float) -> list:
