@@ -10,10 +10,13 @@ parameters (everything but the coefficient heads), each over the same batches:
   * ``landmarks``: the landmark stage's terms (landmark, regularisation, gamma, reflectance;
     :func:`models.fitting.landmark_stage_loss`), what trains the geometry in ``--curriculum``;
   * ``photometric_appearance``: the photometric term through the texture and lighting
-    coefficients only (the render's geometry detached, as ``--appearance_stage`` trains);
+    coefficients only (what ``--appearance_stage`` trains);
   * ``photometric_geometry``: the photometric term through identity, expression, pose and
-    translation only (the whole photometric gradient minus the previous one: the chain rule
-    splits it exactly by coefficient group).
+    translation only.
+
+The two photometric gradients come from one render: the term's gradient with respect to the
+coefficients is split by group and each part carried back through the network (the chain rule:
+the two add up to the whole photometric gradient).
 
 For each: its norm, its norm as a multiple of the landmark terms', and its cosine with the landmark
 terms' gradient; the same for each part of the backbone (``by_part``: conv1, bn1, layer1 ...
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from experiments.recovery import (RecoveryOptions, detach_geometry, heldout, scale_appearance_gradient, synthetic_setup,
+from experiments.recovery import (GEOMETRY, RecoveryOptions, heldout, scale_appearance_gradient, synthetic_setup,
                                   training_weights, write_json)
 from options.base_options import build_parser, opt
 
@@ -61,9 +64,10 @@ def parse(argv: list[str] | None = None) -> BalanceOptions:
     return o
 
 
-def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """d loss / d params, flattened into one vector (zeros where a parameter gets none)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+def flat_grad(out: torch.Tensor, params: list[torch.Tensor], grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """d out / d params (``out`` a () loss, or any tensor with ``grad_out``, the gradient arriving
+    at it), flattened into one vector (zeros where a parameter gets none)."""
+    grads = torch.autograd.grad(out, params, grad_out, retain_graph=True, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
 
 
@@ -89,6 +93,7 @@ def compare(grads: dict[str, torch.Tensor]) -> dict:
 
 
 def balance(o: BalanceOptions) -> dict:
+    from models.coeffs import COEFFS
     from models.facerecon import FaceReconModel
     from models.fitting import landmark_stage_loss
     from models.losses import HybridLoss
@@ -111,10 +116,11 @@ def balance(o: BalanceOptions) -> dict:
     for batch in heldout(gen, o.faces, o.eval_batch, o.seed + 1000):
         coeffs = model.predict_coeffs(batch.images)
         lm = landmark_stage_loss(face_model, coeffs, batch.lm68, loss_fn.weights)
-        app = loss_fn(detach_geometry(coeffs), batch.images, batch.lm68).terms.color
-        whole = loss_fn(coeffs, batch.images, batch.lm68).terms.color
-        g = {"landmarks": flat_grad(lm, params), "photometric_appearance": flat_grad(app, params)}
-        g["photometric_geometry"] = flat_grad(whole, params) - g["photometric_appearance"]
+        color = loss_fn(coeffs, batch.images, batch.lm68).terms.color
+        d_color = torch.autograd.grad(color, coeffs, retain_graph=True)[0]  # (B, 257): split by group below
+        d_geo = COEFFS.merge({k: v if k in GEOMETRY else torch.zeros_like(v) for k, v in COEFFS.split(d_color).items()})
+        g = {"landmarks": flat_grad(lm, params), "photometric_appearance": flat_grad(coeffs, params, d_color - d_geo),
+             "photometric_geometry": flat_grad(coeffs, params, d_geo)}
         w = batch.images.shape[0] / o.faces  # the mean over all faces, batch by batch
         for k in GRADIENTS:
             sums[k] = w * g[k] if sums[k] is None else sums[k] + w * g[k]
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'':32s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")
     for part, rows in {"backbone": res["gradients"], **res["by_part"]}.items():
         for k, v in rows.items():
-            print(f"  {part + ' ' + k:32s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} {v['cosine_with_landmarks']:8.3f}")
+            print(f"  {part + ' ' + k:32s} {v['norm']:10.3e} {v['x_landmarks']:12.2f} "
+                  f"{v['cosine_with_landmarks']:8.3f}")
     write_json(o.out, res, indent=1)
     print(f"results in {o.out}")
     return 0
