@@ -19,7 +19,6 @@ the prediction). With ``--kernels N`` the last variant's steps also run under
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -48,6 +47,15 @@ def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def run_steps(o, s, steps: int) -> dict:
+    """``steps`` steps of the experiment's training loop on session ``s``, the device synchronised
+    at the end; returns the training's record."""
+    o.max_steps = steps
+    rec = recovery.train(o, s, deadline=time.perf_counter() + 3600.0)
+    recovery.sync(s.device)
+    return rec
+
+
 def time_variant(common: list[str], extra: list[str], warm: int, steps: int, curriculum: bool) -> dict:
     """Build a session for ``common + extra`` and time ``steps`` training steps after ``warm``."""
     argv = [*common, *extra, "--curve_every_s", "1e9", "--profile_steps", "0", "--verbose", "false",
@@ -56,14 +64,9 @@ def time_variant(common: list[str], extra: list[str], warm: int, steps: int, cur
         argv += ["--curriculum", "1.0"]
     o = recovery.parse_recovery_options(argv)
     s = recovery.make_session(o)
-    far = time.perf_counter() + 3600.0
-    o.max_steps = warm
-    recovery.train(o, s, deadline=far)
-    recovery.sync(s.device)
-    o.max_steps = steps
+    run_steps(o, s, warm)
     t0 = time.perf_counter()
-    rec = recovery.train(o, s, deadline=far)
-    recovery.sync(s.device)
+    rec = run_steps(o, s, steps)
     seconds = time.perf_counter() - t0
     return {"options": extra, "steps": rec["steps"], "seconds": round(seconds, 3),
             "ms_per_step": round(1000 * seconds / rec["steps"], 2),
@@ -77,10 +80,8 @@ def kernel_table(o, s, steps: int, rows: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
-    o.max_steps = steps
     with profile(activities=acts) as prof:
-        recovery.train(o, s, deadline=time.perf_counter() + 3600.0)
-        recovery.sync(s.device)
+        run_steps(o, s, steps)
     events = prof.key_averages()
 
     def top(key: str, keep) -> list[dict]:
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in out["profile"]["kernels"]:
             print(f"  {k['total_ms_per_step']:7.3f} ms/step  {k['calls']:6d}  {k['name']}")
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        recovery.write_json(a.json, out)
     return 0
 
 
