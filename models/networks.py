@@ -310,7 +310,8 @@ def graphed_for_training(net: nn.Module, example: torch.Tensor, autocast_dtype: 
 
     Args:
         net: a module on a CUDA device whose parameters are never replaced afterwards (an
-            optimizer updating them in place is fine); no hooks.
+            optimizer updating them in place is fine); no hooks on ``net`` itself (hooks on its
+            submodules run during the capture and are replayed with it).
         example: (B, ...) an input of the exact shape, dtype and memory format of every training
             call (other batch sizes fail at the copy).
         autocast_dtype: the autocast dtype the module runs under (bf16/fp16), captured with
