@@ -97,14 +97,13 @@ def balance(o: BalanceOptions) -> dict:
     from models.facerecon import FaceReconModel
     from models.fitting import landmark_stage_loss
     from models.losses import HybridLoss
-    from models.networks import ReconNet
+    from models.networks import load_recon_net
     from pipeline.runtime import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(o.device)
     face_model, renderer, syn, gen = synthetic_setup(o, device)
-    net = ReconNet(o.net_recon)
-    net.load_state_dict(torch.load(o.checkpoint, map_location="cpu", weights_only=True)["net_recon"], strict=True)
+    net = load_recon_net(o.checkpoint, o.net_recon)
     if o.appearance_grad != 1.0:  # as the training with --appearance_grad sees it
         scale_appearance_gradient(net, o.appearance_grad)
     model = FaceReconModel(net, face_model, renderer).to(device)
@@ -135,8 +134,14 @@ def balance(o: BalanceOptions) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.networks import CheckpointError
+
     o = parse(argv)
-    res = balance(o)
+    try:
+        res = balance(o)
+    except CheckpointError as e:  # unreadable, not a checkpoint, or not of --net_recon
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{res['faces']} faces at {res['size']} px on {res['device']} ({res['seconds']:.0f} s), "
           f"backbone gradients of {o.checkpoint}:")
     print(f"  {'':32s} {'norm':>10s} {'x landmarks':>12s} {'cosine':>8s}")

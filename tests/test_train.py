@@ -870,11 +870,12 @@ def test_appearance_stage_trains_texture_and_lighting_only_through_the_render(wo
     assert [p["stage"] for p in rec["curve"] if "stage" in p] == ["appearance", "appearance"]
 
 
-def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(workspace, tmp_path):
+def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(workspace, tmp_path, capsys):
     """experiments.gradient_balance on a checkpoint whose texture and lighting heads are zero: the
     photometric term reaches the backbone through geometry only (its appearance share is exactly
     0, in every part of the backbone), the landmark terms' own row is 1x with cosine 1, the parts'
-    squared norms add up to the whole's; a missing checkpoint is a one-line error."""
+    squared norms add up to the whole's; a missing, unreadable or other-architecture checkpoint is
+    a one-line error."""
     from experiments.gradient_balance import main
     from models.networks import ReconNet
 
@@ -900,6 +901,12 @@ def test_gradient_balance_splits_the_photometric_pull_by_coefficient_group(works
     assert g["photometric_appearance"]["norm"] == 0
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path / "none.pth")])
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for path, msg in ((bad, "cannot read checkpoint"), (ckpt, "does not fit --net_recon resnet50")):
+        assert main(["--bfm_folder", workspace["bfm"], "--device", "cpu", "--size", "64", "--checkpoint", str(path),
+                     "--net_recon", "resnet50", "--faces", "2", "--eval_batch", "2", "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_appearance_grad_scales_what_the_appearance_heads_pass_to_the_backbone(workspace, tmp_path, capsys):
