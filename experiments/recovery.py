@@ -109,7 +109,13 @@ class RecoveryOptions:
                                        "regularisation still train it), the whole loss after (0 = none)")
     appearance_grad: float = opt(1.0, "scale of the gradient that the texture and lighting heads pass back into the "
                                       "shared backbone (1 = the original's training; 0 = those heads read features "
-                                      "that only the geometry's gradients train); not measured on the GPU yet")
+                                      "that only the geometry's gradients train; in session 35 it learnt no "
+                                      "appearance and lost the shape)")
+    appearance_net: str = opt("shared", "shared: one backbone predicts all coefficients (the original) | separate: "
+                                        "texture and lighting come from a second backbone of --net_recon "
+                                        "(SplitReconNet), so the photometric term's appearance gradient never reaches "
+                                        "the geometry's features (an experiment's checkpoint, not test.py's format)",
+                              choices=["shared", "separate"])
     cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
                                   "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
                                   "auto (on CUDA with --amp none, as measured) | true (CUDA only; with --amp the "
@@ -212,6 +218,9 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
                 f"[0, 1), the first two summing below 1, got {', '.join(map(str, fractions))}")
     if o.appearance_grad < 0:
         p.error(f"--appearance_grad must be >= 0 (1 = the original's training), got {o.appearance_grad}")
+    if o.appearance_grad != 1.0 and o.appearance_net == "separate":
+        p.error("--appearance_grad scales what shared texture and lighting heads pass to the backbone: with "
+                "--appearance_net separate nothing is shared, drop one of them")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
     if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
@@ -869,6 +878,33 @@ def scale_appearance_gradient(net: torch.nn.Module, alpha: float) -> list:
     return [heads[COEFFS.names.index(name)].register_forward_pre_hook(hook) for name in ("tex", "gamma")]
 
 
+class SplitReconNet(torch.nn.Module):
+    """Two regressors of one architecture: the geometry groups (:data:`GEOMETRY`) from
+    :attr:`geometry`, texture and lighting from :attr:`appearance`. Each is trained only by the
+    terms of its own groups; the unused heads of each get no gradient.
+
+    forward: (B, 3, H, W) RGB in 0..1 -> (B, 257) coefficients in :data:`models.coeffs.COEFFS` order.
+
+    Args:
+        net_recon: 'resnet18' | 'resnet34' | 'resnet50'.
+    """
+
+    def __init__(self, net_recon: str):
+        from models.coeffs import COEFFS
+        from models.networks import ReconNet
+
+        super().__init__()
+        self.geometry, self.appearance = ReconNet(net_recon), ReconNet(net_recon)
+        mask = torch.zeros(COEFFS.total, dtype=torch.bool)
+        for name, where in COEFFS.slices().items():
+            mask[where] = name not in GEOMETRY
+        self.register_buffer("appearance_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 257)."""
+        return torch.where(self.appearance_mask, self.appearance(x), self.geometry(x))
+
+
 def appearance_step(model, loss_fn, optimizer, images: torch.Tensor, lm68: torch.Tensor, scaler=None):
     """One step of the appearance stage: the landmark stage's terms
     (:func:`models.fitting.landmark_stage_loss`) plus ``loss_fn``'s photometric term on a render
@@ -956,7 +992,7 @@ def make_session(o: RecoveryOptions) -> Session:
     channels_last, cuda_graph, fused_adam = (device.type == "cuda" if v == "auto" else v == "true"
                                              for v in (o.channels_last, o.cuda_graph, o.fused_adam))
     cuda_graph = cuda_graph and (amp is None or o.cuda_graph == "true")  # auto: measured in float32 only
-    net = ReconNet(o.net_recon)
+    net = ReconNet(o.net_recon) if o.appearance_net == "shared" else SplitReconNet(o.net_recon)
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=channels_last).to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -1052,7 +1088,8 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
                   **{k: v for k, v in evaluate(model, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS}})
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
-            "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad, "peak_lr": peak_lr, "ema": o.ema,
+            "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad,
+            "appearance_net": o.appearance_net, "peak_lr": peak_lr, "ema": o.ema,
             "torch": torch.__version__, "steps": step, "landmark_steps": landmark_steps,
             "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),

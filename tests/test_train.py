@@ -946,6 +946,54 @@ def test_appearance_grad_scales_what_the_appearance_heads_pass_to_the_backbone(w
     assert "--appearance_grad must be >= 0" in capsys.readouterr().err
 
 
+def test_split_recon_net_gives_each_backbone_only_its_own_groups():
+    """SplitReconNet: geometry groups from the geometry network, texture and lighting from the
+    appearance network; a loss on texture and lighting moves only the appearance network's
+    parameters, one on the geometry only the geometry network's."""
+    from experiments.recovery import GEOMETRY, SplitReconNet
+    from models.coeffs import COEFFS
+
+    torch.manual_seed(0)
+    net = SplitReconNet("resnet18").eval()
+    with torch.no_grad():
+        for head in (*net.geometry.final_layers, *net.appearance.final_layers):
+            head.weight.normal_(0, 0.01)
+            head.bias.normal_(0, 0.1)
+    x = torch.rand(2, 3, 64, 64)
+    out, geo, app = (COEFFS.split(f(x)) for f in (net, net.geometry, net.appearance))
+    for name in COEFFS.names:
+        assert torch.equal(out[name], (geo if name in GEOMETRY else app)[name])
+    for names, moved, still in ((("tex", "gamma"), net.appearance, net.geometry),
+                                (GEOMETRY, net.geometry, net.appearance)):
+        net.zero_grad(set_to_none=True)
+        sum(COEFFS.split(net(x))[n].square().sum() for n in names).backward()
+        assert all(p.grad is None or not p.grad.any() for p in still.parameters())
+        assert moved.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_recovery_with_a_separate_appearance_network(workspace, tmp_path, capsys):
+    """--appearance_net separate trains (appearance stage, then the whole loss), saves both
+    networks and a --from_run call evaluates them; with --appearance_grad it is a one-line error."""
+    from experiments.recovery import main
+
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    assert main(tiny_recovery_args(workspace, run_dir, "--train_only", "true", "--max_steps", "3",
+                                   "--appearance_net", "separate", "--appearance_stage", "0.5", "--profile_start",
+                                   "0")) == 0
+    part = json.load(open(run_dir / "recovery.json"))
+    assert part["appearance_net"] == "separate" and part["steps"] == 3 and part["appearance_steps"] >= 1
+    state = torch.load(run_dir / "regressor.pth", weights_only=True)["net_recon"]
+    assert {k.split(".")[0] for k in state} == {"geometry", "appearance"}
+    assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
+                 "--eval_batch", "2", "--oracle_steps", "0", "--out", str(eval_dir), "--verbose", "false",
+                 *EVAL_ARGS]) == 0
+    res = json.load(open(eval_dir / "recovery.json"))
+    assert res["options"]["appearance_net"] == "separate" and np.isfinite(res["figures"]["vertex_error_ratio"])
+    with pytest.raises(SystemExit):
+        main(tiny_recovery_args(workspace, tmp_path / "bad", "--appearance_net", "separate", "--appearance_grad", "0"))
+    assert "with --appearance_net separate nothing is shared" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_cuda_graphed_network_equals_the_eager_one():
     """graphed_for_training: in training mode the replayed forward and backward give the eager
