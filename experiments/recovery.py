@@ -750,11 +750,11 @@ def plot_curves(path: str, curve: list[dict], lines: dict, title: str = "",
             for xs in range(ox + pad, ox + w - 12, 10):
                 draw.line([(xs, ty), (xs + 5, ty)], fill=colour)
             draw.text((ox + w - 130, ty - 12), f"{text} {value:.3g}", fill=colour)
-        for step, text in stages:
+        for i, (step, text) in enumerate(stages):  # labels on alternate rows: short stages' do not overlap
             sx = xy(step, lo if not logy else 10 ** lo)[0]
             for ys_ in range(oy + 20, oy + h - 30, 6):
                 draw.line([(sx, ys_), (sx, ys_ + 2)], fill=(120, 120, 120))
-            draw.text((sx + 3, oy + 22), text, fill=(120, 120, 120))
+            draw.text((sx + 3, oy + 22 + 12 * (i % 2)), text, fill=(120, 120, 120))
         draw.line([xy(s, v) for s, v in pts] if len(pts) > 1 else [xy(*pts[0]), xy(*pts[0])], fill=(0, 70, 200), width=2)
         for v in (lo, hi):
             val = 10 ** v if logy else v
