@@ -242,6 +242,25 @@ def train_step(model, loss_fn, optimizer, images, gt_lm, atten_mask=None, scaler
     return out
 
 
+def landmark_step(model, weights, optimizer, images, gt_lm, scaler=None, net=None) -> torch.Tensor:
+    """One step of a curriculum's first stage: the loss without its image terms
+    (:func:`models.fitting.landmark_stage_loss`: landmark, regularisation, gamma and reflectance,
+    ``weights``' weights; no render). ``net`` as :func:`train_step`. Returns the () loss, detached."""
+    from models.fitting import landmark_stage_loss
+    from models.losses import backward_step
+
+    model.net.train()
+    loss = landmark_stage_loss(model.face_model, model.predict_coeffs(images, net).float(), gt_lm, weights)
+    backward_step(loss, optimizer, scaler)
+    return loss.detach()
+
+
+def curriculum_steps(fraction: float, max_steps: int, n_epochs: int, batches_per_epoch: int) -> int:
+    """How many leading steps ``--curriculum fraction`` gives the landmark stage: that fraction of
+    the run's steps (``--max_steps`` when set, else every epoch's batches), rounded down."""
+    return int(fraction * (max_steps or n_epochs * batches_per_epoch))
+
+
 # --------------------------------------------------------------------------- several processes
 def torchrun_ranks() -> Ranks:
     """This process's place as torchrun sets it (:func:`pipeline.runtime.torchrun_place`), else one process."""
@@ -312,6 +331,9 @@ class Trainer:
         if ranks.world == 1 and len(gpu_id_list(opt.gpu_ids)) > 1:
             log.warning("--gpu_ids %s with %s: training on %s only", opt.gpu_ids,
                         "--use_ddp False" if not opt.use_ddp else f"--device {opt.device}", self.device)
+        if not 0.0 <= opt.curriculum < 1.0:
+            raise TrainSetupError(f"--curriculum is a fraction of the training steps in [0, 1) (0 = the original's "
+                                  f"training), got {opt.curriculum}")
         if opt.batch_size % ranks.world:
             raise TrainSetupError(f"--batch_size {opt.batch_size} does not split among {ranks.world} processes: "
                                   f"give a multiple of {ranks.world}")
@@ -352,6 +374,7 @@ class Trainer:
                                    z_near=opt.z_near, z_far=opt.z_far, device=self.device)
         self.model = FaceReconModel(net, face_model, renderer, amp=opt.amp).to(self.device)
         weights = loss_weights(opt)
+        self.weights = weights
         self.loss_fn = HybridLoss(face_model, renderer, weights, recog=self.recog, use_crop_face=opt.use_crop_face,
                                   use_predef_M=opt.use_predef_M)
         if self.recog is not None:
@@ -441,6 +464,10 @@ class Trainer:
         log.info("%d training faces, %d batches per epoch, epochs %d..%d, device %s%s", len(self.train_set),
                  n_batches, st.epoch, opt.n_epochs, self.device,
                  f", {ranks.world} processes of {opt.batch_size // ranks.world} faces a batch" if ranks.world > 1 else "")
+        landmark_steps = curriculum_steps(opt.curriculum, opt.max_steps, opt.n_epochs, n_batches)
+        if st.total_iters < landmark_steps:
+            log.info("--curriculum %g: steps 1-%d train the landmark, regularisation, gamma and reflectance terms "
+                     "alone (no render), the whole loss after", opt.curriculum, landmark_steps)
         t_last = time.perf_counter()
         last_total = math.inf
         if opt.max_steps and st.total_iters >= opt.max_steps:
@@ -454,15 +481,24 @@ class Trainer:
                                        batch_size=opt.batch_size)
                 for batch in self.loader(self.train_set, opt.batch_size // ranks.world, sampler):
                     images, lms, msks = self.to_device(batch)
-                    out = train_step(self.model, self.loss_fn, self.optimizer, images, lms, msks, self.scaler,
-                                     self.ddp)
+                    if st.total_iters < landmark_steps:  # the curriculum's first stage: nothing rendered
+                        out = None
+                        total = landmark_step(self.model, self.weights, self.optimizer, images, lms, self.scaler,
+                                              self.ddp)
+                    else:
+                        if st.total_iters == landmark_steps > 0:
+                            log.info("step %d: the landmark stage is over, training with the whole loss",
+                                     st.total_iters + 1)
+                        out = train_step(self.model, self.loss_fn, self.optimizer, images, lms, msks, self.scaler,
+                                         self.ddp)
+                        total = out.terms.total.detach()
                     if opt.lr_policy == "plateau":
-                        last_total = float(out.terms.total.detach())
+                        last_total = float(total)
                     st.epoch_iter += 1
                     st.total_iters += 1
                     first = st.total_iters == 1
                     if first or st.total_iters % opt.print_freq == 0:
-                        losses = out.terms.as_floats()
+                        losses = out.terms.as_floats() if out is not None else {"landmark_stage": float(total)}
                         now = time.perf_counter()
                         log.info("epoch %d batch %d/%d step %d (%.3f s/step) %s", st.epoch, st.epoch_iter, n_batches,
                                  st.total_iters, (now - t_last) / (1 if first else opt.print_freq),
@@ -472,7 +508,8 @@ class Trainer:
                             for k, v in losses.items():
                                 writer.add_scalar(f"train/loss_{k}", v, st.total_iters)
                             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], st.total_iters)
-                    if writer is not None and opt.add_image and (first or st.total_iters % opt.display_freq == 0):
+                    if (writer is not None and opt.add_image and out is not None
+                            and (first or st.total_iters % opt.display_freq == 0)):
                         writer.add_images("train/vis", visuals(images, out, lms), st.total_iters, dataformats="NHWC")
                     if self.val_set is not None and ranks.main and (first or st.total_iters % opt.evaluation_freq == 0):
                         val = self.evaluate(writer)

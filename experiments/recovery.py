@@ -834,19 +834,6 @@ def stage_at(frac: float, curriculum: float, appearance: float, ramp: float) -> 
     return ("appearance" if frac < curriculum + appearance else "all"), scale
 
 
-def landmark_step(model, weights: LossWeights, optimizer, images: torch.Tensor, lm68: torch.Tensor,
-                  scaler=None) -> torch.Tensor:
-    """One training step of the curriculum's first stage: the loss without its image terms
-    (:func:`models.fitting.landmark_stage_loss`); returns the () loss, detached."""
-    from models.fitting import landmark_stage_loss
-    from models.losses import backward_step
-
-    model.net.train()
-    loss = landmark_stage_loss(model.face_model, model.predict_coeffs(images).float(), lm68, weights)
-    backward_step(loss, optimizer, scaler)
-    return loss.detach()
-
-
 def detach_geometry(coeffs: torch.Tensor) -> torch.Tensor:
     """(B, 257) ``coeffs`` with the geometry groups (:data:`GEOMETRY`) detached: the same values,
     gradients only to texture and lighting."""
@@ -1009,7 +996,7 @@ def make_session(o: RecoveryOptions) -> Session:
 def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     """Train ``s.net`` until ``deadline`` (perf_counter seconds) or ``--max_steps``; with ``--ema``
     ``s.net`` ends holding the average. Returns the training's record (curve, steps, timings)."""
-    from train import train_step
+    from train import landmark_step, train_step
 
     weights, model, gen = training_weights(o), s.model, s.gen
     peak_lr = lr_for_batch(o)

@@ -70,6 +70,10 @@ class TrainOptions(BaseOptions):
                    choices=["none", "bf16", "fp16"])
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
     max_steps: int = opt(0, "stop after this many steps in total (0 = run all epochs)")
+    curriculum: float = opt(0.0, "fraction of the run's steps (--max_steps, else all epochs') that train the "
+                                 "landmark, regularisation, gamma and reflectance terms alone, without rendering; "
+                                 "the whole loss after (0 = the original's training; 0.5 gave the best regressor "
+                                 "on synthetic faces, docs/training.md)")
     log_dir: str = opt("", "tensorboard folder; default checkpoints/<name>/logs")
 
     isTrain = True

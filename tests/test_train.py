@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -179,6 +180,33 @@ def test_interrupted_run_resumes_mid_epoch(workspace):
     whole = ckpt(ws, "whole", 1)
     for k, v in whole["net_recon"].items():
         assert torch.allclose(v.float(), done["net_recon"][k].float(), atol=1e-5), k
+
+
+def test_train_curriculum_trains_landmarks_first_without_rendering(workspace, caplog, capsys, monkeypatch):
+    """--curriculum 0.5 over 2 epochs of 2 batches: steps 1-2 train the landmark stage's terms
+    without a render (HybridLoss never called), steps 3-4 the whole loss; the run saves and
+    resumes as usual. Outside [0, 1) it is a one-line error before training."""
+    from models.losses import HybridLoss
+    from train import curriculum_steps, main
+
+    ws = workspace
+    flist = prepare(ws)
+    calls = []
+    forward = HybridLoss.forward
+    monkeypatch.setattr(HybridLoss, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    with caplog.at_level("INFO", logger="train"):
+        assert main(train_args(ws, flist, "cur", "--n_epochs", "2", "--curriculum", "0.5")) == 0
+    steps = {int(m.group(1)): r.message for r in caplog.records if (m := re.search(r" step (\d+) \(", r.message))}
+    assert sorted(steps) == [1, 2, 3, 4] and len(calls) == 2
+    assert all("landmark_stage" in steps[k] and "color" not in steps[k] for k in (1, 2))
+    assert all("color" in steps[k] and "landmark_stage" not in steps[k] for k in (3, 4))
+    assert sum("step 3: the landmark stage is over" in r.message for r in caplog.records) == 1
+    first, second = ckpt(ws, "cur", 1), ckpt(ws, "cur", 2)
+    assert (first["total_iters"], second["total_iters"]) == (2, 4)
+    assert not torch.equal(second["net_recon"]["backbone.conv1.weight"], first["net_recon"]["backbone.conv1.weight"])
+    assert curriculum_steps(0.5, 0, 20, 7) == 70 and curriculum_steps(0.3, 10, 20, 7) == 3
+    assert main(train_args(ws, flist, "cur_bad", "--curriculum", "1")) == 2
+    assert "--curriculum is a fraction of the training steps in [0, 1)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- recovery experiment
