@@ -466,8 +466,8 @@ class Trainer:
                  f", {ranks.world} processes of {opt.batch_size // ranks.world} faces a batch" if ranks.world > 1 else "")
         landmark_steps = curriculum_steps(opt.curriculum, opt.max_steps, opt.n_epochs, n_batches)
         if st.total_iters < landmark_steps:
-            log.info("--curriculum %g: steps 1-%d train the landmark, regularisation, gamma and reflectance terms "
-                     "alone (no render), the whole loss after", opt.curriculum, landmark_steps)
+            log.info("--curriculum %g: the first %d step(s) train the landmark, regularisation, gamma and "
+                     "reflectance terms alone (no render), the whole loss after", opt.curriculum, landmark_steps)
         t_last = time.perf_counter()
         last_total = math.inf
         if opt.max_steps and st.total_iters >= opt.max_steps:
