@@ -116,6 +116,9 @@ class RecoveryOptions:
                                         "(SplitReconNet), so the photometric term's appearance gradient never reaches "
                                         "the geometry's features (an experiment's checkpoint, not test.py's format)",
                               choices=["shared", "separate"])
+    appearance_downscale: int = opt(1, "with --appearance_net separate: the appearance backbone reads the image "
+                                       "averaged over NxN pixel blocks (2: 112 px of 224, about a quarter of its "
+                                       "cost; texture and lighting are smooth); not measured on the GPU yet")
     cuda_graph: str = opt("auto", "replay the network's training forward and backward from CUDA graphs "
                                   "(models.networks.graphed_for_training; the same gradients, fewer kernel launches): "
                                   "auto (on CUDA with --amp none, as measured) | true (CUDA only; with --amp the "
@@ -221,6 +224,9 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     if o.appearance_grad != 1.0 and o.appearance_net == "separate":
         p.error("--appearance_grad scales what shared texture and lighting heads pass to the backbone: with "
                 "--appearance_net separate nothing is shared, drop one of them")
+    if o.appearance_downscale < 1 or (o.appearance_downscale > 1 and o.appearance_net != "separate"):
+        p.error(f"--appearance_downscale must be >= 1, and above 1 only with --appearance_net separate, got "
+                f"{o.appearance_downscale} with --appearance_net {o.appearance_net}")
     if o.data_chunk < 1:
         p.error(f"--data_chunk must be >= 1 (batches drawn at a time), got {o.data_chunk}")
     if o.cuda_graph == "true" and o.device == "cpu" and not o.from_run:
@@ -874,13 +880,16 @@ class SplitReconNet(torch.nn.Module):
 
     Args:
         net_recon: 'resnet18' | 'resnet34' | 'resnet50'.
+        appearance_downscale: the appearance network reads the image averaged over blocks of this
+            many pixels a side (1: the image itself; H and W divisible by it).
     """
 
-    def __init__(self, net_recon: str):
+    def __init__(self, net_recon: str, appearance_downscale: int = 1):
         from models.coeffs import COEFFS
         from models.networks import ReconNet
 
         super().__init__()
+        self.appearance_downscale = int(appearance_downscale)
         self.geometry, self.appearance = ReconNet(net_recon), ReconNet(net_recon)
         mask = torch.zeros(COEFFS.total, dtype=torch.bool)
         for name, where in COEFFS.slices().items():
@@ -889,7 +898,9 @@ class SplitReconNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 257)."""
-        return torch.where(self.appearance_mask, self.appearance(x), self.geometry(x))
+        d = self.appearance_downscale
+        small = x if d == 1 else torch.nn.functional.avg_pool2d(x, d)
+        return torch.where(self.appearance_mask, self.appearance(small), self.geometry(x))
 
 
 def appearance_step(model, loss_fn, optimizer, images: torch.Tensor, lm68: torch.Tensor, scaler=None):
@@ -979,7 +990,8 @@ def make_session(o: RecoveryOptions) -> Session:
     channels_last, cuda_graph, fused_adam = (device.type == "cuda" if v == "auto" else v == "true"
                                              for v in (o.channels_last, o.cuda_graph, o.fused_adam))
     cuda_graph = cuda_graph and (amp is None or o.cuda_graph == "true")  # auto: measured in float32 only
-    net = ReconNet(o.net_recon) if o.appearance_net == "shared" else SplitReconNet(o.net_recon)
+    net = (ReconNet(o.net_recon) if o.appearance_net == "shared"
+           else SplitReconNet(o.net_recon, o.appearance_downscale))
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=channels_last).to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -1076,7 +1088,7 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
             "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad,
-            "appearance_net": o.appearance_net, "peak_lr": peak_lr, "ema": o.ema,
+            "appearance_net": o.appearance_net, "appearance_downscale": o.appearance_downscale, "peak_lr": peak_lr, "ema": o.ema,
             "torch": torch.__version__, "steps": step, "landmark_steps": landmark_steps,
             "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),

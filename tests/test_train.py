@@ -997,6 +997,13 @@ def test_split_recon_net_gives_each_backbone_only_its_own_groups():
         sum(COEFFS.split(net(x))[n].square().sum() for n in names).backward()
         assert all(p.grad is None or not p.grad.any() for p in still.parameters())
         assert moved.backbone.conv1.weight.grad.abs().sum() > 0
+    # downscaled by 2, the appearance network reads the 2x2 block means, the geometry the image
+    half = SplitReconNet("resnet18", appearance_downscale=2).eval()
+    half.load_state_dict(net.state_dict())
+    blocks = x.reshape(2, 3, 32, 2, 32, 2).mean(dim=(3, 5))
+    got, app_small = COEFFS.split(half(x)), COEFFS.split(net.appearance(blocks))
+    for name in COEFFS.names:
+        assert torch.allclose(got[name], (geo if name in GEOMETRY else app_small)[name], atol=1e-6)
 
 
 def test_recovery_with_a_separate_appearance_network(workspace, tmp_path, capsys):
@@ -1007,9 +1014,10 @@ def test_recovery_with_a_separate_appearance_network(workspace, tmp_path, capsys
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     assert main(tiny_recovery_args(workspace, run_dir, "--train_only", "true", "--max_steps", "3",
                                    "--appearance_net", "separate", "--appearance_stage", "0.5", "--profile_start",
-                                   "0")) == 0
+                                   "0", "--appearance_downscale", "2")) == 0
     part = json.load(open(run_dir / "recovery.json"))
     assert part["appearance_net"] == "separate" and part["steps"] == 3 and part["appearance_steps"] >= 1
+    assert part["appearance_downscale"] == 2
     state = torch.load(run_dir / "regressor.pth", weights_only=True)["net_recon"]
     assert {k.split(".")[0] for k in state} == {"geometry", "appearance"}
     assert main(["--from_run", str(run_dir), "--bfm_folder", workspace["bfm"], "--device", "cpu", "--eval_size", "4",
@@ -1020,6 +1028,9 @@ def test_recovery_with_a_separate_appearance_network(workspace, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(tiny_recovery_args(workspace, tmp_path / "bad", "--appearance_net", "separate", "--appearance_grad", "0"))
     assert "with --appearance_net separate nothing is shared" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(tiny_recovery_args(workspace, tmp_path / "bad", "--appearance_downscale", "2"))
+    assert "above 1 only with --appearance_net separate" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
