@@ -523,46 +523,62 @@ def test_train_on_cuda_and_gpu_ids_beyond_the_machine(workspace, capsys):
 
 
 @pytest.mark.slow
-def test_two_ranks_average_their_gradients(workspace, tmp_path):
+@pytest.mark.parametrize("stage", ["whole", "landmarks"])
+def test_two_ranks_average_their_gradients(workspace, tmp_path, stage):
     """torchrun --nproc_per_node 2 train.py on the CPU (gloo): one step on a batch of 4, each rank
     taking 2 faces, gives the weights of one Adam step on the mean of the two halves' gradients
     (computed here, in one process, each half from the same start), with rank 0's batch-norm
-    statistics; rank 0 alone wrote the checkpoint, which test.py's loader reads."""
+    statistics; rank 0 alone wrote the checkpoint, which test.py's loader reads. The same for the
+    first step of ``--curriculum`` (the landmark stage's terms, no render): epoch 1 of 2."""
     import copy
     import subprocess
     import sys
 
+    from models.fitting import landmark_stage_loss
     from models.networks import load_recon_net
     from options.train_options import parse_train_options
     from train import EpochSampler, Trainer
 
     ws = workspace
     flist = prepare(ws)
-    common = ["--serial_batches", "True", "--use_aug", "False", "--max_steps", "1", "--gpu_ids", "-1"]
-    args = train_args(ws, flist, "ddp", "--batch_size", "4", *common)
+    # the landmark stage sees aligned landmarks, alike in every photo: augmented (reproducibly per
+    # seed, epoch and index) the two halves' gradients differ enough for Adam's first step to tell
+    common = ["--serial_batches", "True", "--use_aug", str(stage == "landmarks"), "--gpu_ids", "-1"]
+    common += ["--max_steps", "1"] if stage == "whole" else ["--n_epochs", "2", "--curriculum", "0.5"]
+    name = f"ddp_{stage}"
+    args = train_args(ws, flist, name, "--batch_size", "4", *common)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                         "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes of 2 faces a batch" in r.stderr
-    folder = os.path.join(ws["root"], "ck", "ddp")
-    assert sorted(f for f in os.listdir(folder) if f.endswith(".pth")) == ["epoch_latest.pth"]
-    got = ckpt(ws, "ddp", "latest")["net_recon"]
-    load_recon_net(os.path.join(folder, "epoch_latest.pth"), "resnet18")
+    folder = os.path.join(ws["root"], "ck", name)
+    saved = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    if stage == "whole":
+        assert saved == ["epoch_latest.pth"]
+    else:  # step 1 the landmark stage (epoch_1.pth), step 2 the whole loss
+        assert saved == ["epoch_1.pth", "epoch_2.pth", "epoch_latest.pth"]
+        assert "step 1 (" in r.stderr and "landmark_stage" in r.stderr and "step 2: the landmark stage is over" in r.stderr
+    tag = "latest" if stage == "whole" else "1"
+    got = ckpt(ws, name, tag)["net_recon"]
+    load_recon_net(os.path.join(folder, f"epoch_{tag}.pth"), "resnet18")
 
     # the same step in one process: each half's gradients from the same start, averaged
     tr = Trainer(parse_train_options(train_args(ws, flist, "ref", "--batch_size", "2", *common)))
     net = tr.model.net
+    tr.train_set.set_epoch(1)  # as the run's first epoch
     start = copy.deepcopy(net.state_dict())
     grads, rank0_buffers = [], None
     for k, batch in enumerate(tr.loader(tr.train_set, 2, EpochSampler(N_PHOTOS, 0, 1, shuffle=False))):
         net.load_state_dict(start)
         net.train()
         images, lms, msks = tr.to_device(batch)
-        out = tr.loss_fn(tr.model.predict_coeffs(images), images, lms, atten_mask=msks)
+        coeffs = tr.model.predict_coeffs(images)
+        loss = (tr.loss_fn(coeffs, images, lms, atten_mask=msks).terms.total if stage == "whole"
+                else landmark_stage_loss(tr.model.face_model, coeffs, lms, tr.loss_fn.weights))
         tr.optimizer.zero_grad(set_to_none=True)
-        out.terms.total.backward()
+        loss.backward()
         grads.append([p.grad.clone() for p in net.parameters()])
         if k == 0:
             rank0_buffers = {n: b.clone() for n, b in net.named_buffers()}
