@@ -1117,5 +1117,12 @@ def test_train_step_benchmark_runs_each_variant(workspace, tmp_path):
     for r in res["variants"].values():
         assert r["steps"] == 2 and r["ms_per_step"] == pytest.approx(1000 * r["seconds"] / 2, rel=0.01)
     assert res["variants"]["new"]["options"] == ["--data_chunk", "2"]
+    assert all(r["landmark_steps"] == 0 for r in res["variants"].values())
+    # --landmark_steps: every timed step is one of the curriculum's landmark-only steps
+    assert bench.main(["--device", "cpu", "--bfm_folder", workspace["bfm"], "--size", "32", "--batch_size", "2",
+                       "--warm", "1", "--steps", "2", "--variants", "lm=--data_chunk 1", "--landmark_steps",
+                       "--json", str(out)]) == 0
+    lm = json.load(open(out))
+    assert lm["landmark_steps"] is True and lm["variants"]["lm"]["landmark_steps"] == lm["variants"]["lm"]["steps"] == 2
     with pytest.raises(ValueError, match="name=options"):
         bench.parse_variants("base")
