@@ -992,6 +992,8 @@ def make_session(o: RecoveryOptions) -> Session:
     cuda_graph = cuda_graph and (amp is None or o.cuda_graph == "true")  # auto: measured in float32 only
     net = (ReconNet(o.net_recon) if o.appearance_net == "shared"
            else SplitReconNet(o.net_recon, o.appearance_downscale))
+    if o.appearance_grad != 1.0:  # once, where the network is built: train() may run more than once on it
+        scale_appearance_gradient(net, o.appearance_grad)
     model = FaceReconModel(net, face_model, renderer, amp=amp, channels_last=channels_last).to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -1018,8 +1020,6 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
     watched = model if ema is None else _with_net(model, ema.module)  # the curve follows the average
     g = torch.Generator(device=s.device).manual_seed(o.seed)
     batches = gen.batches(o.batch_size, g, o.data_chunk)
-    if o.appearance_grad != 1.0:
-        scale_appearance_gradient(s.net, o.appearance_grad)
     if s.cuda_graph:
         graph_network(s, o.batch_size, o.size)
     train_start = time.perf_counter()
@@ -1087,9 +1087,9 @@ def train(o: RecoveryOptions, s: Session, deadline: float) -> dict:
                   **{k: v for k, v in evaluate(model, s.curve_set, s.lm_scale).items() if k in CURVE_KEYS}})
     return {"hardware": hardware(s.device), "renderer": s.renderer.backend, "amp": s.amp or "none",
             "channels_last": s.channels_last, "cuda_graph": s.cuda_graph, "fused_adam": s.fused_adam,
-            "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad,
-            "appearance_net": o.appearance_net, "appearance_downscale": o.appearance_downscale, "peak_lr": peak_lr, "ema": o.ema,
-            "torch": torch.__version__, "steps": step, "landmark_steps": landmark_steps,
+            "data_chunk": o.data_chunk, "appearance_grad": o.appearance_grad, "appearance_net": o.appearance_net,
+            "appearance_downscale": o.appearance_downscale, "peak_lr": peak_lr, "ema": o.ema, "torch": torch.__version__,
+            "steps": step, "landmark_steps": landmark_steps,
             "appearance_steps": appearance_steps, "diverged": diverged, "faces_seen": step * o.batch_size,
             "step_ms": {k: round(1000 * v, 2) for k, v in profile.items()}, "train_seconds": round(train_seconds, 1),
             "synthetic": dataclasses.asdict(s.syn), "curve": curve}

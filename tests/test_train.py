@@ -559,7 +559,8 @@ def test_two_ranks_average_their_gradients(workspace, tmp_path, stage):
         assert saved == ["epoch_latest.pth"]
     else:  # step 1 the landmark stage (epoch_1.pth), step 2 the whole loss
         assert saved == ["epoch_1.pth", "epoch_2.pth", "epoch_latest.pth"]
-        assert "step 1 (" in r.stderr and "landmark_stage" in r.stderr and "step 2: the landmark stage is over" in r.stderr
+        assert "step 1 (" in r.stderr and "landmark_stage" in r.stderr
+        assert "step 2: the landmark stage is over" in r.stderr
     tag = "latest" if stage == "whole" else "1"
     got = ckpt(ws, name, tag)["net_recon"]
     load_recon_net(os.path.join(folder, f"epoch_{tag}.pth"), "resnet18")
@@ -840,6 +841,23 @@ def test_recovery_speed_options_on_the_cpu(workspace, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA input"):
         graphed_for_training(ReconNet("resnet18"), torch.zeros(1, 3, 64, 64))
+
+
+def test_appearance_grad_hooks_are_registered_once_per_session(workspace, tmp_path):
+    """--appearance_grad's hooks go on the network where the session builds it: training the same
+    session twice (as bench_train_step's warm-up and timed steps do) leaves one hook per head."""
+    import time
+
+    from experiments.recovery import make_session, parse_recovery_options, train
+    from models.coeffs import COEFFS
+
+    o = parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "r", "--max_steps", "1", "--appearance_grad",
+                                                  "0.5", "--optimum_faces", "0"))
+    s = make_session(o)
+    heads = [s.net.final_layers[COEFFS.names.index(n)] for n in ("tex", "gamma")]
+    for _ in range(2):
+        assert train(o, s, deadline=time.perf_counter() + 60)["steps"] == 1
+        assert [len(h._forward_pre_hooks) for h in heads] == [1, 1]
 
 
 def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
