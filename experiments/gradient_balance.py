@@ -61,6 +61,9 @@ def parse(argv: list[str] | None = None) -> BalanceOptions:
                 "--train_only true --out run writes run/regressor.pth)")
     if not os.path.isfile(o.checkpoint):
         p.error(f"--checkpoint {o.checkpoint} does not exist")
+    if o.appearance_net != "shared":
+        p.error("--appearance_net separate: its two backbones share nothing to balance; this measures the terms' "
+                "pull on one shared backbone (a --appearance_net shared checkpoint)")
     return o
 
 

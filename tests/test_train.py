@@ -1006,6 +1006,9 @@ def test_appearance_grad_scales_what_the_appearance_heads_pass_to_the_backbone(w
     with pytest.raises(SystemExit):
         recovery_main(tiny_recovery_args(workspace, tmp_path / "bad", "--appearance_grad", "-1"))
     assert "--appearance_grad must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--bfm_folder", workspace["bfm"], "--checkpoint", str(ckpt), "--appearance_net", "separate"])
+    assert "share nothing to balance" in capsys.readouterr().err
 
 
 def test_split_recon_net_gives_each_backbone_only_its_own_groups():
