@@ -99,14 +99,17 @@ class RecoveryOptions:
                                      "true | false", choices=["auto", "true", "false"])
     curriculum: float = opt(0.0, "fraction of the training budget spent on the landmark, regularisation, gamma and "
                                  "reflectance terms alone (no render of the prediction), the photometric term after "
-                                 "(0 = the whole loss from the start)")
+                                 "(0 = the whole loss from the start; 1 = landmarks only, texture and lighting "
+                                 "untrained: in session 36 the best shape of any run)")
     curriculum_ramp: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget over which "
                                       "the photometric term's weight rises linearly from 0 to --w_color (0 = at once; "
                                       "in session 34 it did not prevent the shape's rise when that term joins)")
     appearance_stage: float = opt(0.0, "after --curriculum's landmark stage, fraction of the training budget in which "
                                        "the photometric term trains only the appearance (texture and lighting "
                                        "coefficients: the render's geometry is detached, landmarks and "
-                                       "regularisation still train it), the whole loss after (0 = none)")
+                                       "regularisation still train it), the whole loss after (0 = none; "
+                                       "--curriculum + this = 1: no whole-loss stage, the photometric term never "
+                                       "trains the geometry)")
     appearance_grad: float = opt(1.0, "scale of the gradient that the texture and lighting heads pass back into the "
                                       "shared backbone (1 = the original's training; 0 = those heads read features "
                                       "that only the geometry's gradients train; in session 35 it learnt no "
@@ -216,9 +219,11 @@ def parse_recovery_options(argv: list[str] | None = None) -> RecoveryOptions:
     if not losses or any(v not in FIT_LOSSES for v in losses) or len(set(losses)) != len(losses):
         p.error(f"--fit_loss must be one or more of {', '.join(FIT_LOSSES)} separated by commas, got {o.fit_loss!r}")
     fractions = (o.curriculum, o.appearance_stage, o.curriculum_ramp)
-    if not all(0.0 <= f < 1.0 for f in fractions) or o.curriculum + o.appearance_stage >= 1.0:
-        p.error(f"--curriculum, --appearance_stage and --curriculum_ramp are fractions of the training budget in "
-                f"[0, 1), the first two summing below 1, got {', '.join(map(str, fractions))}")
+    if not (all(f >= 0.0 for f in fractions) and o.curriculum + o.appearance_stage <= 1.0 + 1e-9
+            and o.curriculum_ramp < 1.0):
+        p.error(f"--curriculum, --appearance_stage and --curriculum_ramp are fractions of the training budget: "
+                f"the first two in [0, 1] and summing to at most 1 (1: no whole-loss stage), the ramp in [0, 1), "
+                f"got {', '.join(map(str, fractions))}")
     if o.appearance_grad < 0:
         p.error(f"--appearance_grad must be >= 0 (1 = the original's training), got {o.appearance_grad}")
     if o.appearance_grad != 1.0 and o.appearance_net == "separate":

@@ -887,11 +887,21 @@ def test_photometric_ramp_after_the_landmark_stage(workspace, tmp_path, capsys):
     # the photometric term is scaled with it (an image distance of 0..1 colours stays below 2)
     assert all(0 <= p["color"] <= 2 * 1.92 * p["w_color_scale"] for p in points)
     assert s.loss_fn.weights == training_weights(o) and s.loss_fn.weights.w_color == 1.92
-    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"],
-                ["--curriculum", "0.6", "--appearance_stage", "0.4"]):
+    for bad in (["--curriculum_ramp", "1"], ["--curriculum", "-0.1"], ["--curriculum", "1.1"],
+                ["--curriculum", "0.6", "--appearance_stage", "0.5"]):
         with pytest.raises(SystemExit):
             main(tiny_recovery_args(workspace, tmp_path / "bad", *bad))
-        assert "fractions of the training budget in [0, 1)" in capsys.readouterr().err
+        assert "fractions of the training budget: the first two in [0, 1]" in capsys.readouterr().err
+    # the two stages may fill the budget: no step of the whole loss (a last 1% of it undid session 36's
+    # landmark-only run); the loop ends when the budget is spent, so frac never reaches 1
+    assert stage_at(0.999, 1.0, 0.0, 0.0) == ("landmarks", 0.0)
+    assert stage_at(0.999, 0.6, 0.4, 0.0) == ("appearance", 1.0)
+    o = parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "lm", "--max_steps", "3", "--curriculum", "1",
+                                                  "--curve_every_s", "0"))
+    rec = train(o, make_session(o), time.perf_counter() + 600)
+    assert rec["steps"] == rec["landmark_steps"] == 3 and rec["appearance_steps"] == 0
+    assert parse_recovery_options(tiny_recovery_args(workspace, tmp_path / "ap", "--curriculum", "0.6",
+                                                     "--appearance_stage", "0.4")).appearance_stage == 0.4
 
 
 def test_appearance_stage_trains_texture_and_lighting_only_through_the_render(workspace, tmp_path):
