@@ -73,7 +73,8 @@ class TrainOptions(BaseOptions):
     curriculum: float = opt(0.0, "fraction of the run's steps (--max_steps, else all epochs') that train the "
                                  "landmark, regularisation, gamma and reflectance terms alone, without rendering; "
                                  "the whole loss after (0 = the original's training; 0.5 gave the best regressor "
-                                 "on synthetic faces, docs/training.md)")
+                                 "that also learnt texture and lighting on synthetic faces; the shape gets worse "
+                                 "for a while when the whole loss starts; docs/training.md)")
     log_dir: str = opt("", "tensorboard folder; default checkpoints/<name>/logs")
 
     isTrain = True
