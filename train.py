@@ -374,7 +374,6 @@ class Trainer:
                                    z_near=opt.z_near, z_far=opt.z_far, device=self.device)
         self.model = FaceReconModel(net, face_model, renderer, amp=opt.amp).to(self.device)
         weights = loss_weights(opt)
-        self.weights = weights
         self.loss_fn = HybridLoss(face_model, renderer, weights, recog=self.recog, use_crop_face=opt.use_crop_face,
                                   use_predef_M=opt.use_predef_M)
         if self.recog is not None:
@@ -483,8 +482,8 @@ class Trainer:
                     images, lms, msks = self.to_device(batch)
                     if st.total_iters < landmark_steps:  # the curriculum's first stage: nothing rendered
                         out = None
-                        total = landmark_step(self.model, self.weights, self.optimizer, images, lms, self.scaler,
-                                              self.ddp)
+                        total = landmark_step(self.model, self.loss_fn.weights, self.optimizer, images, lms,
+                                              self.scaler, self.ddp)
                     else:
                         if st.total_iters == landmark_steps > 0:
                             log.info("step %d: the landmark stage is over, training with the whole loss",
